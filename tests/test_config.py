@@ -1,0 +1,172 @@
+"""Configuration from MAILER_* variables: defaults, parsing, and every problem at once."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from trio_mailer.config import (
+    Config,
+    ConfigError,
+    TlsMode,
+    load_config,
+    parse_host_port,
+    shipped_templates_dir,
+)
+
+MINIMAL = {"MAILER_REMOTE_HOST": "smtp.example.com:465", "MAILER_FROM": "noreply@example.com"}
+
+
+def test_minimal_config_gets_the_documented_defaults() -> None:
+    """Only the two required variables: everything else takes its default."""
+    config = load_config(MINIMAL)
+    assert config == Config(
+        relay_host="smtp.example.com",
+        relay_port=465,
+        smtp_tls=TlsMode.IMPLICIT,
+        mail_from="noreply@example.com",
+        service_name="trio-mailer",
+        smtp_user=None,
+        smtp_password=None,
+        smtp_ca_file=None,
+        smtp_timeout_s=30.0,
+        serve_host="127.0.0.1",
+        serve_port=20100,
+        queue_size=10,
+        templates_dir=shipped_templates_dir(),
+        shutdown_grace_s=10.0,
+    )
+
+
+def test_shipped_templates_are_found() -> None:
+    """The default templates directory holds the two mail templates."""
+    assert (shipped_templates_dir() / "mail" / "password.msg").is_file()
+    assert (shipped_templates_dir() / "mail" / "retrieve.msg").is_file()
+
+
+@pytest.mark.parametrize(
+    ("tls", "port"), [("implicit", 465), ("starttls", 587), ("none", 25), ("STARTTLS", 587)]
+)
+def test_relay_without_port_gets_the_tls_modes_port(tls: str, port: int) -> None:
+    """A relay given without a port gets 465, 587 or 25 by TLS mode."""
+    config = load_config({**MINIMAL, "MAILER_REMOTE_HOST": "relay.example", "MAILER_SMTP_TLS": tls})
+    assert (config.relay_host, config.relay_port) == ("relay.example", port)
+
+
+def test_every_variable_is_read() -> None:
+    """Each documented variable lands in its field."""
+    config = load_config(
+        {
+            "MAILER_REMOTE_HOST": "[::1]:2525",
+            "MAILER_FROM": "bot@example.org",
+            "MAILER_SERVICENAME": "Acme Accounts",
+            "MAILER_USER": "bot",
+            "MAILER_PASSWORD": " s3cret ",
+            "MAILER_SERVE_HOST": "0.0.0.0",
+            "MAILER_SERVE_PORT": "0",
+            "MAILER_QUEUE_SIZE": "250",
+            "MAILER_SMTP_TLS": "starttls",
+            "MAILER_SMTP_CA_FILE": __file__,
+            "MAILER_SMTP_TIMEOUT_S": "2.5",
+            "MAILER_TEMPLATES_DIR": str(Path(__file__).parent),
+            "MAILER_SHUTDOWN_GRACE_S": "0",
+        }
+    )
+    assert (config.relay_host, config.relay_port) == ("::1", 2525)
+    assert config.service_name == "Acme Accounts"
+    assert (config.smtp_user, config.smtp_password) == ("bot", " s3cret ")
+    assert (config.serve_host, config.serve_port, config.queue_size) == ("0.0.0.0", 0, 250)
+    assert config.smtp_tls is TlsMode.STARTTLS
+    assert config.smtp_ca_file == Path(__file__)
+    assert config.smtp_timeout_s == 2.5
+    assert config.templates_dir == Path(__file__).parent
+    assert config.shutdown_grace_s == 0.0
+
+
+def test_all_problems_are_reported_together() -> None:
+    """A bad environment yields one error listing every missing or invalid variable."""
+    with pytest.raises(ConfigError) as info:
+        load_config(
+            {
+                "MAILER_FROM": '"a"@evil.com',
+                "MAILER_USER": "bot",
+                "MAILER_SMTP_TLS": "ssl",
+                "MAILER_SERVE_PORT": "70000",
+                "MAILER_QUEUE_SIZE": "0",
+                "MAILER_SMTP_TIMEOUT_S": "0",
+                "MAILER_SHUTDOWN_GRACE_S": "-1",
+                "MAILER_SMTP_CA_FILE": "/nonexistent/ca.pem",
+                "MAILER_TEMPLATES_DIR": "/nonexistent/templates",
+                "MAILER_SERVICENAME": "Evil\r\nBcc: x@evil.com",
+            }
+        )
+    assert info.value.problems == [
+        "MAILER_SMTP_TLS: expected one of implicit, starttls, none, got 'ssl'",
+        "MAILER_REMOTE_HOST: required (the SMTP relay as host:port), but not set",
+        "MAILER_FROM: expected a plain local part (letters, digits and !#$%&'*+/=?^_`{|}~- "
+        "separated by single dots; no quotes, spaces or comments), got '\"a\"'",
+        "MAILER_SERVICENAME: control character '\\r' is not allowed",
+        "MAILER_USER and MAILER_PASSWORD: set both (AUTH) or neither (no AUTH), "
+        "got only MAILER_USER",
+        "MAILER_SMTP_CA_FILE: expected a readable file, got '/nonexistent/ca.pem'",
+        "MAILER_TEMPLATES_DIR: expected a directory, got '/nonexistent/templates'",
+        "MAILER_SMTP_TIMEOUT_S: expected a number of seconds, more than 0 and at most 3600, "
+        "got '0'",
+        "MAILER_SERVE_PORT: expected a whole number from 0 to 65535, got '70000'",
+        "MAILER_QUEUE_SIZE: expected a whole number from 1 to 100000, got '0'",
+        "MAILER_SHUTDOWN_GRACE_S: expected a number of seconds, at least 0 and at most 3600, "
+        "got '-1'",
+    ]
+    assert str(info.value).startswith("invalid configuration:\n  - MAILER_SMTP_TLS")
+
+
+def test_missing_from_is_reported() -> None:
+    """MAILER_FROM is required."""
+    with pytest.raises(ConfigError) as info:
+        load_config({"MAILER_REMOTE_HOST": "relay.example"})
+    assert info.value.problems == [
+        "MAILER_FROM: required (the sender address, e.g. noreply@example.com), but not set"
+    ]
+
+
+def test_password_never_appears_in_repr_or_description() -> None:
+    """The password is kept out of repr() and the start-up log line."""
+    config = load_config({**MINIMAL, "MAILER_USER": "bot", "MAILER_PASSWORD": "hunter2-secret"})
+    assert "hunter2-secret" not in repr(config)
+    assert "hunter2-secret" not in config.describe()
+    assert "password=***" in config.describe()
+
+
+@pytest.mark.parametrize(
+    ("text", "default", "expected"),
+    [
+        ("host:25", None, ("host", 25)),
+        ("host", 465, ("host", 465)),
+        ("10.0.0.1:2525", None, ("10.0.0.1", 2525)),
+        ("[2001:db8::1]:587", None, ("2001:db8::1", 587)),
+        ("[2001:db8::1]", 465, ("2001:db8::1", 465)),
+    ],
+)
+def test_parse_host_port(text: str, default: int | None, expected: tuple[str, int]) -> None:
+    """host[:port] and [IPv6][:port] forms parse."""
+    assert parse_host_port(text, default) == expected
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("host:0", "expected a whole number from 1 to 65535"),
+        ("host:smtp", "expected a whole number from 1 to 65535"),
+        ("host", "expected host:port, the port is missing"),
+        ("2001:db8::1", "expected host:port (write an IPv6 address as [addr]:port)"),
+        ("[2001:db8::1", "expected [IPv6]:port, the ']' is missing"),
+        (":25", "expected host:port with a host name or address"),
+        ("user@host:25", "expected host:port with a host name or address"),
+    ],
+)
+def test_parse_host_port_rejects(text: str, message: str) -> None:
+    """Malformed relay addresses say what was expected."""
+    with pytest.raises(ValueError, match=None) as info:
+        parse_host_port(text, None)
+    assert str(info.value) == message

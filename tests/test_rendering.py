@@ -1,0 +1,95 @@
+"""Mail templates: loaded and checked at start-up, rendered per request."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from trio_mailer.config import shipped_templates_dir
+from trio_mailer.rendering import MailKind, MailTemplates, RenderError, TemplateError
+
+VARS = {"code": "739201", "to": "user@example.com", "service_name": "Acme"}
+
+
+def write_templates(root: Path, **texts: str) -> Path:
+    (root / "mail").mkdir(parents=True, exist_ok=True)
+    for name, text in texts.items():
+        (root / "mail" / f"{name}.msg").write_text(text)
+    return root
+
+
+GOOD = "{% block subject %}Code for {{ service_name }}{% endblock %}\n{% block body %}\n{{ code }} for {{ to }}\n{% endblock %}\n"
+
+
+def test_shipped_password_template_renders_subject_and_body() -> None:
+    """The shipped password mail carries the code, the address and the service name."""
+    rendered = MailTemplates.load(shipped_templates_dir()).render(MailKind.PASSWORD, VARS)
+    assert rendered.subject == "Your Acme password code"
+    assert "    739201\n" in rendered.body
+    assert "user@example.com" in rendered.body
+    assert rendered.body.startswith("Hello,\n")
+    assert rendered.body.endswith("Acme\n")
+
+
+def test_shipped_retrieve_template_renders() -> None:
+    """The shipped account-retrieval mail has its own subject and carries the code."""
+    rendered = MailTemplates.load(shipped_templates_dir()).render(MailKind.RETRIEVE, VARS)
+    assert rendered.subject == "Recover your Acme account"
+    assert "    739201\n" in rendered.body
+
+
+def test_custom_templates_render_exactly(tmp_path: Path) -> None:
+    """A template's blocks render to exactly the subject and body it defines."""
+    templates = MailTemplates.load(write_templates(tmp_path, password=GOOD, retrieve=GOOD))
+    rendered = templates.render(MailKind.RETRIEVE, VARS)
+    assert rendered.subject == "Code for Acme"
+    assert rendered.body == "739201 for user@example.com\n"
+
+
+def test_missing_and_broken_templates_are_all_reported(tmp_path: Path) -> None:
+    """Start-up lists every missing or broken template at once."""
+    write_templates(tmp_path, password="{% block subject %}x{% endblock %}{% block body %}{{ code ")
+    with pytest.raises(TemplateError) as info:
+        MailTemplates.load(tmp_path)
+    problems = info.value.problems
+    assert len(problems) == 2
+    assert problems[0].startswith(f"{tmp_path / 'mail/password.msg'}:1: syntax error:")
+    assert problems[1] == f"{tmp_path / 'mail/retrieve.msg'}: not found"
+
+
+@pytest.mark.parametrize(
+    ("text", "problem"),
+    [
+        ("{% block body %}x{% endblock %}", "missing block(s) subject"),
+        ("no blocks at all", "missing block(s) subject, body"),
+        (
+            "{% block subject %}{{ nmae }}{% endblock %}{% block body %}x{% endblock %}",
+            "does not render with sample values: 'nmae' is undefined",
+        ),
+        (
+            "{% block subject %}{% endblock %}{% block body %}x{% endblock %}",
+            "does not render with sample values: the subject is empty",
+        ),
+        (
+            "{% block subject %}a\nb{{ code }}{% endblock %}{% block body %}x{% endblock %}",
+            "does not render with sample values: the subject spans more than one line",
+        ),
+    ],
+)
+def test_unusable_templates_stop_start_up(tmp_path: Path, text: str, problem: str) -> None:
+    """Missing blocks, undefined variables and bad subjects are caught at load time."""
+    write_templates(tmp_path, password=text, retrieve=GOOD)
+    with pytest.raises(TemplateError) as info:
+        MailTemplates.load(tmp_path)
+    assert info.value.problems == [f"{tmp_path / 'mail/password.msg'}: {problem}"]
+
+
+def test_render_error_for_values_that_break_the_subject(tmp_path: Path) -> None:
+    """A value that makes the subject too long fails this render, not the service."""
+    subject_with_code = GOOD.replace("Code for {{ service_name }}", "Code {{ code }}")
+    templates = MailTemplates.load(
+        write_templates(tmp_path, password=subject_with_code, retrieve=GOOD)
+    )
+    with pytest.raises(RenderError, match="the subject is 205 characters, over 200"):
+        templates.render(MailKind.PASSWORD, {**VARS, "code": "x" * 200})

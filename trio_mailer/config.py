@@ -1,0 +1,259 @@
+"""Configuration: the ``MAILER_*`` environment variables, parsed into one frozen object.
+
+Pure. ``load_config`` reads every variable, collects every problem, and raises one
+``ConfigError`` that lists them all, so an operator fixes a bad deployment in one go.
+"""
+
+from __future__ import annotations
+
+import enum
+import math
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import TypeVar
+
+import attrs
+
+from .errors import InvalidRequest
+from .validation import reject_unsafe_header_text, validate_address
+
+T = TypeVar("T")
+
+MAX_SERVICE_NAME_CHARS = 64
+MAX_QUEUE_SIZE = 100_000
+
+
+class TlsMode(enum.Enum):
+    """How the SMTP session is protected."""
+
+    IMPLICIT = "implicit"  # TLS from the first byte (port 465, RFC 8314)
+    STARTTLS = "starttls"  # plaintext greeting, then STARTTLS is required (port 587)
+    NONE = "none"  # plaintext: only when the operator sets it explicitly
+
+    @property
+    def default_port(self) -> int:
+        return {TlsMode.IMPLICIT: 465, TlsMode.STARTTLS: 587, TlsMode.NONE: 25}[self]
+
+
+class ConfigError(Exception):
+    """Start-up configuration is unusable; ``problems`` lists every one."""
+
+    def __init__(self, problems: list[str]) -> None:
+        super().__init__(
+            "invalid configuration:\n" + "\n".join(f"  - {problem}" for problem in problems)
+        )
+        self.problems = problems
+
+
+def shipped_templates_dir() -> Path:
+    """The templates shipped with the package, wherever it was installed from.
+
+    A wheel carries them as ``trio_mailer/templates`` (hatchling ``force-include``); a source
+    checkout (editable install, or running from the tree) has them at the top level.
+    """
+    package_dir = Path(__file__).resolve().parent
+    installed = package_dir / "templates"
+    if installed.is_dir():
+        return installed
+    return package_dir.parent / "templates"
+
+
+@attrs.frozen
+class Config:
+    relay_host: str
+    relay_port: int
+    smtp_tls: TlsMode
+    mail_from: str
+    service_name: str = "trio-mailer"
+    smtp_user: str | None = None
+    smtp_password: str | None = attrs.field(default=None, repr=False)  # never logged
+    smtp_ca_file: Path | None = None
+    smtp_timeout_s: float = 30.0
+    serve_host: str = "127.0.0.1"
+    serve_port: int = 20100
+    queue_size: int = 10
+    templates_dir: Path = attrs.field(factory=shipped_templates_dir)
+    shutdown_grace_s: float = 10.0
+
+    def describe(self) -> str:
+        """The effective configuration for the start-up log line, without secrets."""
+        auth = f"user={self.smtp_user!r} password=***" if self.smtp_user else "no AUTH"
+        return (
+            f"relay={self.relay_host}:{self.relay_port} tls={self.smtp_tls.value} {auth} "
+            f"ca_file={self.smtp_ca_file or 'system store'} from={self.mail_from} "
+            f"service_name={self.service_name!r} listen={self.serve_host}:{self.serve_port} "
+            f"queue_size={self.queue_size} smtp_timeout_s={self.smtp_timeout_s:g} "
+            f"shutdown_grace_s={self.shutdown_grace_s:g} templates={self.templates_dir}"
+        )
+
+
+class _Reader:
+    """Reads variables from ``env`` and collects problems instead of stopping at the first."""
+
+    def __init__(self, env: Mapping[str, str]) -> None:
+        self.env = env
+        self.problems: list[str] = []
+
+    def raw(self, name: str) -> str | None:
+        value = self.env.get(name)
+        if value is None or value.strip() == "":
+            return None
+        return value.strip()
+
+    def required(self, name: str, what: str) -> str | None:
+        value = self.raw(name)
+        if value is None:
+            self.problems.append(f"{name}: required ({what}), but not set")
+        return value
+
+    def parse(self, name: str, default: T, convert: Callable[[str], T]) -> T:
+        value = self.raw(name)
+        if value is None:
+            return default
+        try:
+            return convert(value)
+        except ValueError as exc:
+            self.problems.append(f"{name}: {exc}, got {value!r}")
+            return default
+
+
+def _int_in(low: int, high: int) -> Callable[[str], int]:
+    def convert(text: str) -> int:
+        try:
+            number = int(text)
+        except ValueError:
+            raise ValueError(f"expected a whole number from {low} to {high}") from None
+        if not low <= number <= high:
+            raise ValueError(f"expected a whole number from {low} to {high}")
+        return number
+
+    return convert
+
+
+def _seconds(low: float, high: float, *, low_inclusive: bool) -> Callable[[str], float]:
+    bound = f"{'at least' if low_inclusive else 'more than'} {low:g} and at most {high:g}"
+
+    def convert(text: str) -> float:
+        try:
+            number = float(text)
+        except ValueError:
+            raise ValueError(f"expected a number of seconds, {bound}") from None
+        too_low = number < low if low_inclusive else number <= low
+        if not math.isfinite(number) or too_low or number > high:
+            raise ValueError(f"expected a number of seconds, {bound}")
+        return number
+
+    return convert
+
+
+def _tls_mode(text: str) -> TlsMode:
+    try:
+        return TlsMode(text.lower())
+    except ValueError:
+        raise ValueError("expected one of implicit, starttls, none") from None
+
+
+def parse_host_port(text: str, default_port: int | None) -> tuple[str, int]:
+    """Split ``host[:port]`` or ``[v6addr][:port]``.
+
+    Raises:
+        ValueError: with a message saying what was expected.
+    """
+    host, port_text = text, None
+    if text.startswith("["):
+        end = text.find("]")
+        if end == -1:
+            raise ValueError("expected [IPv6]:port, the ']' is missing")
+        host, rest = text[1:end], text[end + 1 :]
+        if rest:
+            if not rest.startswith(":"):
+                raise ValueError("expected [IPv6]:port")
+            port_text = rest[1:]
+    elif text.count(":") == 1:
+        host, port_text = text.split(":")
+    elif text.count(":") > 1:
+        raise ValueError("expected host:port (write an IPv6 address as [addr]:port)")
+    if not host or any(c.isspace() for c in host) or "/" in host or "@" in host:
+        raise ValueError("expected host:port with a host name or address")
+    if port_text is None:
+        if default_port is None:
+            raise ValueError("expected host:port, the port is missing")
+        return host, default_port
+    return host, _int_in(1, 65535)(port_text)
+
+
+def load_config(env: Mapping[str, str]) -> Config:
+    """Build the ``Config`` from environment variables.
+
+    Raises:
+        ConfigError: listing every missing or invalid variable.
+    """
+    r = _Reader(env)
+    tls = r.parse("MAILER_SMTP_TLS", TlsMode.IMPLICIT, _tls_mode)
+
+    relay_host, relay_port = "", tls.default_port
+    remote = r.required("MAILER_REMOTE_HOST", "the SMTP relay as host:port")
+    if remote is not None:
+        try:
+            relay_host, relay_port = parse_host_port(remote, tls.default_port)
+        except ValueError as exc:
+            r.problems.append(f"MAILER_REMOTE_HOST: {exc}, got {remote!r}")
+
+    mail_from = r.required("MAILER_FROM", "the sender address, e.g. noreply@example.com") or ""
+    if mail_from:
+        try:
+            validate_address("MAILER_FROM", mail_from)
+        except InvalidRequest as exc:
+            r.problems.append(exc.message)
+
+    service_name = r.raw("MAILER_SERVICENAME") or "trio-mailer"
+    try:
+        reject_unsafe_header_text("MAILER_SERVICENAME", service_name)
+        if len(service_name) > MAX_SERVICE_NAME_CHARS:
+            r.problems.append(
+                f"MAILER_SERVICENAME: expected at most {MAX_SERVICE_NAME_CHARS} characters, "
+                f"got {len(service_name)}"
+            )
+    except InvalidRequest as exc:
+        r.problems.append(exc.message)
+
+    # Not stripped: a password may legitimately begin or end with a space.
+    user = env.get("MAILER_USER") or None
+    password = env.get("MAILER_PASSWORD") or None
+    if (user is None) != (password is None):
+        r.problems.append(
+            "MAILER_USER and MAILER_PASSWORD: set both (AUTH) or neither (no AUTH), "
+            f"got only {'MAILER_USER' if user else 'MAILER_PASSWORD'}"
+        )
+
+    ca_file = r.parse("MAILER_SMTP_CA_FILE", None, Path)
+    if ca_file is not None and not ca_file.is_file():
+        r.problems.append(f"MAILER_SMTP_CA_FILE: expected a readable file, got {str(ca_file)!r}")
+
+    templates_dir = r.parse("MAILER_TEMPLATES_DIR", shipped_templates_dir(), Path)
+    if not templates_dir.is_dir():
+        r.problems.append(f"MAILER_TEMPLATES_DIR: expected a directory, got {str(templates_dir)!r}")
+
+    smtp_timeout_s = r.parse("MAILER_SMTP_TIMEOUT_S", 30.0, _seconds(0, 3600, low_inclusive=False))
+    serve_host = r.raw("MAILER_SERVE_HOST") or "127.0.0.1"
+    serve_port = r.parse("MAILER_SERVE_PORT", 20100, _int_in(0, 65535))
+    queue_size = r.parse("MAILER_QUEUE_SIZE", 10, _int_in(1, MAX_QUEUE_SIZE))
+    grace_s = r.parse("MAILER_SHUTDOWN_GRACE_S", 10.0, _seconds(0, 3600, low_inclusive=True))
+    if r.problems:
+        raise ConfigError(r.problems)
+    return Config(
+        relay_host=relay_host,
+        relay_port=relay_port,
+        smtp_tls=tls,
+        mail_from=mail_from,
+        service_name=service_name,
+        smtp_user=user,
+        smtp_password=password,
+        smtp_ca_file=ca_file,
+        smtp_timeout_s=smtp_timeout_s,
+        serve_host=serve_host,
+        serve_port=serve_port,
+        queue_size=queue_size,
+        templates_dir=templates_dir,
+        shutdown_grace_s=grace_s,
+    )

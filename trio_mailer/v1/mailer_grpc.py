@@ -1,0 +1,59 @@
+import purerpc
+import trio_mailer.v1.mailer_pb2 as trio_mailer_dot_v1_dot_mailer__pb2
+
+
+class MailerServicer(purerpc.Servicer):
+    async def SendPass(self, input_message):
+        raise NotImplementedError()
+
+    async def SendRetrieve(self, input_message):
+        raise NotImplementedError()
+
+    @property
+    def service(self) -> purerpc.Service:
+        service_obj = purerpc.Service(
+            "trio_mailer.v1.Mailer"
+        )
+        service_obj.add_method(
+            "SendPass",
+            self.SendPass,
+            purerpc.RPCSignature(
+                purerpc.Cardinality.UNARY_UNARY,
+                trio_mailer_dot_v1_dot_mailer__pb2.MsgRequest,
+                trio_mailer_dot_v1_dot_mailer__pb2.MsgReply,
+            )
+        )
+        service_obj.add_method(
+            "SendRetrieve",
+            self.SendRetrieve,
+            purerpc.RPCSignature(
+                purerpc.Cardinality.UNARY_UNARY,
+                trio_mailer_dot_v1_dot_mailer__pb2.MsgRequest,
+                trio_mailer_dot_v1_dot_mailer__pb2.MsgReply,
+            )
+        )
+        return service_obj
+
+
+class MailerStub:
+    def __init__(self, channel):
+        self._client = purerpc.Client(
+            "trio_mailer.v1.Mailer",
+            channel
+        )
+        self.SendPass = self._client.get_method_stub(
+            "SendPass",
+            purerpc.RPCSignature(
+                purerpc.Cardinality.UNARY_UNARY,
+                trio_mailer_dot_v1_dot_mailer__pb2.MsgRequest,
+                trio_mailer_dot_v1_dot_mailer__pb2.MsgReply,
+            )
+        )
+        self.SendRetrieve = self._client.get_method_stub(
+            "SendRetrieve",
+            purerpc.RPCSignature(
+                purerpc.Cardinality.UNARY_UNARY,
+                trio_mailer_dot_v1_dot_mailer__pb2.MsgRequest,
+                trio_mailer_dot_v1_dot_mailer__pb2.MsgReply,
+            )
+        )
