@@ -19,7 +19,10 @@ def write_templates(root: Path, **texts: str) -> Path:
     return root
 
 
-GOOD = "{% block subject %}Code for {{ service_name }}{% endblock %}\n{% block body %}\n{{ code }} for {{ to }}\n{% endblock %}\n"
+GOOD = (
+    "{% block subject %}Code for {{ service_name }}{% endblock %}\n"
+    "{% block body %}\n{{ code }} for {{ to }}\n{% endblock %}\n"
+)
 
 
 def test_shipped_password_template_renders_subject_and_body() -> None:

@@ -1,0 +1,221 @@
+"""The ``trio-mailer`` command as a user runs it: a subprocess, signals, exit statuses."""
+
+from __future__ import annotations
+
+import re
+import signal
+import socket
+import ssl
+import subprocess
+import sys
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+
+import attrs
+import trio
+
+from trio_mailer.capture_smtp import CaptureSMTPServer, Fault
+from trio_mailer.client import open_channel
+from trio_mailer.v1.mailer_grpc import MailerStub
+from trio_mailer.v1.mailer_pb2 import MsgRequest
+
+from .conftest import relay_env, subprocess_env
+
+LISTENING = re.compile(rb"listening on 127\.0\.0\.1:(\d+)")
+
+
+@attrs.define
+class Service:
+    """A ``python -m trio_mailer`` child process and everything it wrote to stderr so far."""
+
+    process: trio.Process
+    stderr: bytearray = attrs.Factory(bytearray)
+
+    async def read_until(self, pattern: re.Pattern[bytes]) -> re.Match[bytes]:
+        """Read stderr until ``pattern`` matches (or the process closes it)."""
+        assert self.process.stderr is not None
+        while (match := pattern.search(self.stderr)) is None:
+            chunk = await self.process.stderr.receive_some()
+            if not chunk:
+                raise AssertionError(f"stderr ended without {pattern.pattern!r}:\n{self.text}")
+            self.stderr += chunk
+        return match
+
+    async def finish(self) -> int:
+        """Wait for exit, collecting the rest of stderr."""
+        assert self.process.stderr is not None
+        while chunk := await self.process.stderr.receive_some():
+            self.stderr += chunk
+        return await self.process.wait()
+
+    @property
+    def text(self) -> str:
+        return self.stderr.decode(errors="replace")
+
+
+@asynccontextmanager
+async def start_service(args: list[str], env: dict[str, str], cwd: Path) -> AsyncIterator[Service]:
+    """Run ``python -m trio_mailer ARGS``; killed on the way out if the test left it running."""
+    process = await trio.lowlevel.open_process(
+        [sys.executable, "-m", "trio_mailer", *args],
+        env=env,
+        cwd=cwd,
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
+    try:
+        yield Service(process)
+    finally:
+        with trio.CancelScope(shield=True):
+            if process.returncode is None:
+                process.kill()
+                await process.wait()
+            assert process.stderr is not None
+            await process.stderr.aclose()
+
+
+def assert_quiet_shutdown(text: str) -> None:
+    assert "Traceback" not in text
+    assert "dispatch loop" not in text
+    assert "Got exception" not in text
+
+
+async def test_sigterm_drains_the_queue_and_exits_0(
+    relay_tls: ssl.SSLContext, ca_file: Path, tmp_path: Path
+) -> None:
+    """SIGTERM: queued mail is delivered within the grace period, QUIT, exit 0, no traceback."""
+    relay = CaptureSMTPServer(ssl_context=relay_tls)
+    relay.add_fault(Fault("DOT", delay_s=0.2, reply="250 2.0.0 queued", times=-1))
+    with trio.fail_after(30):
+        async with trio.open_nursery() as nursery:
+            relay_port = await nursery.start(relay.serve, "127.0.0.1", 0)
+            env = subprocess_env(**relay_env(relay_port, ca_file))
+            async with start_service(["serve"], env, tmp_path) as service:
+                port = int((await service.read_until(LISTENING)).group(1))
+                async with open_channel("127.0.0.1", port) as channel:
+                    stub = MailerStub(channel)
+                    ids = []
+                    for n in range(4):
+                        request = MsgRequest(to="user@example.com", code=str(n))
+                        reply = await stub.SendPass(request)
+                        assert reply.sent
+                        ids.append(reply.message_id)
+                service.process.send_signal(signal.SIGTERM)
+                assert await service.finish() == 0, service.text
+            nursery.cancel_scope.cancel()
+    assert len(relay.received) == 4
+    assert all(
+        message_id.encode() in m.data for message_id, m in zip(ids, relay.received, strict=True)
+    )
+    assert relay.commands[-1][1] == "QUIT"
+    assert "received SIGTERM" in service.text
+    assert_quiet_shutdown(service.text)
+
+
+async def test_bad_configuration_exits_2_listing_every_problem(tmp_path: Path) -> None:
+    """Missing and invalid variables: exit 2, one message naming each, no traceback."""
+    env = subprocess_env(MAILER_SERVE_PORT="http", MAILER_SMTP_TLS="tls")
+    with trio.fail_after(30):
+        result = await trio.run_process(
+            [sys.executable, "-m", "trio_mailer", "serve"],
+            env=env,
+            cwd=tmp_path,
+            capture_stdout=True,
+            capture_stderr=True,
+            check=False,
+        )
+    stderr = result.stderr.decode()
+    assert result.returncode == 2
+    assert "trio-mailer: invalid configuration:" in stderr
+    for name in ("MAILER_REMOTE_HOST", "MAILER_FROM", "MAILER_SERVE_PORT", "MAILER_SMTP_TLS"):
+        assert f"  - {name}: " in stderr
+    assert "Traceback" not in stderr
+
+
+async def test_port_taken_exits_2(ca_file: Path, free_port: int, tmp_path: Path) -> None:
+    """A port another process listens on: exit 2 with a clear error, no traceback."""
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        env = subprocess_env(**relay_env(free_port, ca_file, MAILER_SERVE_PORT=str(port)))
+        with trio.fail_after(30):
+            result = await trio.run_process(
+                [sys.executable, "-m", "trio_mailer", "serve"],
+                env=env,
+                cwd=tmp_path,
+                capture_stderr=True,
+                check=False,
+            )
+    stderr = result.stderr.decode()
+    assert result.returncode == 2, stderr
+    assert f"trio-mailer: cannot listen on 127.0.0.1:{port}: Address already in use" in stderr
+    assert "Traceback" not in stderr
+
+
+async def test_dev_captures_mail_sent_with_the_send_command(tmp_path: Path) -> None:
+    """``dev`` + ``send``: the mail lands as an .eml file; bad input is refused; SIGINT exits 0."""
+    outbox = tmp_path / "captured"
+    with trio.fail_after(60):
+        env = subprocess_env(MAILER_SERVE_PORT="0")
+        async with start_service(["dev", "--outbox", str(outbox)], env, tmp_path) as service:
+            port = int((await service.read_until(LISTENING)).group(1))
+            send = [sys.executable, "-m", "trio_mailer", "send", "--server", f"127.0.0.1:{port}"]
+            ok = await trio.run_process(
+                [*send, "--to", "user@example.com", "--code", "424242", "--kind", "retrieve"],
+                capture_stdout=True,
+                capture_stderr=True,
+                check=False,
+            )
+            assert ok.returncode == 0, ok.stderr
+            match = re.fullmatch(rb"sent=true message_id=(<[^>]+>)\n", ok.stdout)
+            assert match is not None, ok.stdout
+            await service.read_until(re.compile(re.escape(b"delivered " + match.group(1))))
+
+            bad = await trio.run_process(
+                [*send, "--to", "a@example.com, b@example.com", "--code", "1"],
+                capture_stdout=True,
+                capture_stderr=True,
+                check=False,
+            )
+            assert bad.returncode == 1
+            assert (
+                bad.stderr
+                == b"error: INVALID_ARGUMENT: to: expected one address, got a list of 2\n"
+            )
+
+            service.process.send_signal(signal.SIGINT)
+            assert await service.finish() == 0, service.text
+    [eml] = outbox.glob("*.eml")
+    data = eml.read_bytes()
+    assert b"Message-ID: " + match.group(1) in data
+    assert b"Subject: Recover your trio-mailer account" in data
+    assert b"424242" in data
+    assert_quiet_shutdown(service.text)
+
+
+async def test_send_to_nothing_listening_fails_clearly(free_port: int) -> None:
+    """``send`` to a port with no service: exit 1 and UNAVAILABLE, no traceback."""
+    with trio.fail_after(30):
+        result = await trio.run_process(
+            [
+                sys.executable,
+                "-m",
+                "trio_mailer",
+                "send",
+                "--server",
+                f"127.0.0.1:{free_port}",
+                "--to",
+                "user@example.com",
+                "--code",
+                "1",
+            ],
+            capture_stderr=True,
+            check=False,
+        )
+    assert result.returncode == 1
+    assert result.stderr.decode().startswith(
+        f"error: UNAVAILABLE: cannot reach 127.0.0.1:{free_port}"
+    )

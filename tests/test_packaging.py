@@ -1,0 +1,87 @@
+"""The wheel carries the templates, so ``pip install .`` works from any directory."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_wheel_contains_package_templates_and_generated_code(tmp_path: Path) -> None:
+    """Building the wheel puts templates/ at trio_mailer/templates/ beside the code."""
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "wheel",
+            "--no-deps",
+            "--no-build-isolation",
+            "--wheel-dir",
+            str(tmp_path),
+            str(ROOT),
+        ],
+        check=True,
+        capture_output=True,
+        timeout=300,
+    )
+    [wheel] = tmp_path.glob("trio_mailer-*.whl")
+    names = set(zipfile.ZipFile(wheel).namelist())
+    assert {
+        "trio_mailer/templates/mail/password.msg",
+        "trio_mailer/templates/mail/retrieve.msg",
+        "trio_mailer/v1/mailer_pb2.py",
+        "trio_mailer/v1/mailer_grpc.py",
+        "trio_mailer/cli.py",
+    } <= names
+    entry_points = next(n for n in names if n.endswith("entry_points.txt"))
+    assert "trio-mailer = trio_mailer.cli:main_entry" in (
+        zipfile.ZipFile(wheel).read(entry_points).decode()
+    )
+
+
+def test_installed_wheel_finds_its_templates_from_any_directory(tmp_path: Path) -> None:
+    """Installed from the wheel (not the source tree), the default templates load."""
+    wheels, target, elsewhere = tmp_path / "wheels", tmp_path / "site", tmp_path / "cwd"
+    elsewhere.mkdir()
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "wheel",
+            "--no-deps",
+            "--no-build-isolation",
+            "--wheel-dir",
+            str(wheels),
+            str(ROOT),
+        ],
+        check=True,
+        capture_output=True,
+        timeout=300,
+    )
+    [wheel] = wheels.glob("trio_mailer-*.whl")
+    subprocess.run(
+        [sys.executable, "-m", "pip", "install", "--no-deps", "--target", str(target), str(wheel)],
+        check=True,
+        capture_output=True,
+        timeout=300,
+    )
+    probe = (
+        "from trio_mailer.config import shipped_templates_dir as d;"
+        "from trio_mailer.rendering import MailTemplates as T;"
+        "T.load(d()); print(d())"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", probe],
+        cwd=elsewhere,
+        env={"PYTHONPATH": str(target), "PATH": "/usr/bin:/bin"},
+        check=True,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.stdout.strip() == str(target / "trio_mailer" / "templates")

@@ -1,0 +1,159 @@
+"""The composition root: build the parts from the config, run them in one nursery, drain.
+
+``MailerApp.run`` opens the nursery that holds the sender task and the gRPC server, and owns
+the shutdown sequence:
+
+1. ``request_shutdown()`` (SIGINT/SIGTERM in the CLI): the handlers answer UNAVAILABLE and the
+   queue is closed, so nothing new is accepted.
+2. The sender delivers what is queued, then says QUIT, within ``shutdown_grace_s``.
+3. Past the grace period (or at a second ``request_shutdown(force=True)``) the sender is
+   cancelled; a blocked socket call is unblocked from the Trio side. Every mail not delivered is
+   logged by Message-ID at ERROR.
+4. The gRPC server stops. ``run`` returns the exit status: 0 when everything accepted was
+   handled, 1 when mail was left behind.
+"""
+
+from __future__ import annotations
+
+import logging
+import ssl
+
+import attrs
+import trio
+
+from .backoff import ReconnectBackoff
+from .config import Config, TlsMode
+from .grpc_server import bound_port, open_grpc_listener, serve_grpc
+from .grpc_service import MailerService
+from .mail_queue import MailQueue
+from .message import MailComposer, OutgoingMail
+from .rendering import MailTemplates
+from .sender import Connector, Sender, SmtpSession
+from .smtp_session import RelaySettings, ThreadedSmtpSession, make_relay_ssl_context
+
+log = logging.getLogger(__name__)
+
+EXIT_OK = 0
+EXIT_MAIL_LEFT_BEHIND = 1
+
+
+def relay_connector(config: Config, ssl_context: ssl.SSLContext | None) -> Connector:
+    """Connect real smtplib sessions to the configured relay."""
+    settings = RelaySettings.from_config(config)
+
+    async def connect() -> SmtpSession:
+        return await ThreadedSmtpSession.connect(settings, ssl_context)
+
+    return connect
+
+
+@attrs.define
+class MailerApp:
+    config: Config
+    templates: MailTemplates
+    connect: Connector
+    backoff: ReconnectBackoff = attrs.field(factory=ReconnectBackoff)
+    queue: MailQueue = attrs.field(init=False)
+    sender: Sender = attrs.field(init=False)
+    service: MailerService = attrs.field(init=False)
+    _shutdown: trio.Event = attrs.field(init=False, factory=trio.Event)
+    _force: trio.Event = attrs.field(init=False, factory=trio.Event)
+
+    def __attrs_post_init__(self) -> None:
+        self.queue = MailQueue.open(self.config.queue_size)
+        self.sender = Sender(connect=self.connect, backoff=self.backoff)
+        composer = MailComposer(
+            templates=self.templates,
+            from_address=self.config.mail_from,
+            service_name=self.config.service_name,
+        )
+        self.service = MailerService(composer, self.queue)
+
+    @classmethod
+    def from_config(cls, config: Config) -> MailerApp:
+        """Load the templates and the relay's TLS context, and wire the real SMTP sessions.
+
+        Raises:
+            TemplateError: a template is missing or broken.
+            ssl.SSLError, OSError: the CA file cannot be loaded.
+        """
+        templates = MailTemplates.load(config.templates_dir)
+        ssl_context = None
+        if config.smtp_tls is TlsMode.NONE:
+            log.warning(
+                "MAILER_SMTP_TLS=none: mail and SMTP credentials travel in plaintext to %s:%d",
+                config.relay_host,
+                config.relay_port,
+            )
+        else:
+            ssl_context = make_relay_ssl_context(config.smtp_ca_file)
+        return cls(config, templates, relay_connector(config, ssl_context))
+
+    def request_shutdown(self, *, force: bool = False) -> None:
+        """Begin the drain; with ``force``, give up on the grace period too."""
+        self._shutdown.set()
+        if force:
+            self._force.set()
+
+    async def run(self, *, task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED) -> int:
+        """Serve until ``request_shutdown``, then drain; returns the exit status.
+
+        Reports the bound gRPC port through ``task_status.started(port)``.
+
+        Raises:
+            BindError: the gRPC port cannot be bound.
+        """
+        config = self.config
+        sender_done = trio.Event()
+        sender_scope = trio.CancelScope()
+
+        async def run_sender() -> None:
+            with sender_scope:
+                await self.sender.run(self.queue.receive)
+            sender_done.set()
+
+        # Bound before anything starts, so a taken port fails plainly and early.
+        listener = await open_grpc_listener(config.serve_host, config.serve_port)
+        port = bound_port(listener)
+        async with trio.open_nursery() as nursery:
+            await nursery.start(serve_grpc, listener, [self.service.service])
+            nursery.start_soon(run_sender)
+            log.info("listening on %s:%d", config.serve_host, port)
+            task_status.started(port)
+
+            await self._shutdown.wait()
+            log.info(
+                "shutting down: draining %d queued mail(s), grace %gs",
+                self.queue.statistics().queued + (self.sender.in_flight is not None),
+                config.shutdown_grace_s,
+            )
+            self.service.draining = True
+            self.queue.close()
+            with trio.move_on_after(config.shutdown_grace_s):
+                async with trio.open_nursery() as waiters:
+
+                    async def on_force() -> None:
+                        await self._force.wait()
+                        waiters.cancel_scope.cancel()
+
+                    waiters.start_soon(on_force)
+                    await sender_done.wait()
+                    waiters.cancel_scope.cancel()
+            sender_scope.cancel()
+            await sender_done.wait()
+            nursery.cancel_scope.cancel()
+
+        left_behind = self._left_behind()
+        for mail in left_behind:
+            log.error("not delivered at shutdown: %s", mail.message_id)
+        log.info(
+            "stopped: %d delivered, %d failed, %d left behind",
+            self.sender.statistics().delivered,
+            self.sender.statistics().failed,
+            len(left_behind),
+        )
+        return EXIT_MAIL_LEFT_BEHIND if left_behind else EXIT_OK
+
+    def _left_behind(self) -> list[OutgoingMail]:
+        in_flight = [self.sender.in_flight] if self.sender.in_flight is not None else []
+        return in_flight + self.queue.take_leftovers()

@@ -1,0 +1,68 @@
+"""``trio-mailer send``: call a running service and print its reply."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import AsyncExitStack, asynccontextmanager
+from typing import TypeVar
+
+import anyio
+import attrs
+import purerpc
+from purerpc.grpc_proto import GRPCProtoSocket
+from purerpc.grpclib.config import GRPCConfiguration
+
+from .rendering import MailKind
+from .v1.mailer_grpc import MailerStub
+from .v1.mailer_pb2 import MsgReply, MsgRequest
+
+
+@attrs.frozen
+class SendFailed(Exception):
+    """The call failed with a gRPC status (or could not be made at all)."""
+
+    status: str
+    detail: str
+
+
+E = TypeVar("E", bound=BaseException)
+
+
+@asynccontextmanager
+async def open_channel(host: str, port: int) -> AsyncIterator[purerpc.client._Channel]:
+    """A purerpc channel that, unlike ``purerpc.insecure_channel``, closes its socket."""
+    async with AsyncExitStack() as stack:
+        stream = await anyio.connect_tcp(host, port)
+        stack.push_async_callback(stream.aclose)
+        channel = purerpc.client._Channel(host, port)
+        channel._grpc_socket = await stack.enter_async_context(
+            GRPCProtoSocket(GRPCConfiguration(client_side=True), stream)
+        )
+        yield channel
+
+
+async def send(host: str, port: int, kind: MailKind, to: str, code: str) -> MsgReply:
+    """Ask the service at ``host:port`` for a ``kind`` mail.
+
+    Raises:
+        SendFailed: with the gRPC status name and its message.
+    """
+    # purerpc's client runs the call in a task group, so errors arrive inside exception groups.
+    try:
+        async with open_channel(host, port) as channel:
+            stub = MailerStub(channel)
+            method = stub.SendPass if kind is MailKind.PASSWORD else stub.SendRetrieve
+            reply: MsgReply = await method(MsgRequest(to=to, code=code))
+            return reply
+    except* purerpc.RpcFailedError as group:
+        status = _first(group).status
+        raise SendFailed(status.status_code.name, status.status_message) from None
+    except* OSError as group:
+        error = _first(group)
+        detail = f"cannot reach {host}:{port}: {error.strerror or error}"
+        raise SendFailed("UNAVAILABLE", detail) from None
+
+
+def _first(group: BaseExceptionGroup[E]) -> E:
+    first = group.exceptions[0]
+    return _first(first) if isinstance(first, BaseExceptionGroup) else first

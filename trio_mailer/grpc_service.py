@@ -1,0 +1,80 @@
+"""The ``trio_mailer.v1.Mailer`` gRPC handlers: validate, render, queue, answer.
+
+Thin: the work is in ``message.MailComposer`` (pure) and ``mail_queue.MailQueue``. This is also
+where errors become gRPC statuses: a ``MailerError`` maps to its own status and message; a
+rendering failure to INVALID_ARGUMENT; anything else to INTERNAL with a generic message, its
+detail logged and never sent to the client.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from datetime import UTC, datetime
+
+import purerpc
+import trio
+
+from .errors import MailerError, MessageBuildError, ShuttingDown
+from .logs import printable
+from .mail_queue import MailQueue
+from .message import MailComposer
+from .rendering import MailKind, RenderError
+from .v1.mailer_grpc import MailerServicer
+from .v1.mailer_pb2 import MsgReply, MsgRequest
+
+log = logging.getLogger(__name__)
+
+QUEUE_FULL_REASON = "queue full"
+
+
+def _rpc_error(status: purerpc.StatusCode, message: str) -> purerpc.RpcFailedError:
+    return purerpc.RpcFailedError(purerpc.Status(status, message))
+
+
+class MailerService(MailerServicer):  # type: ignore[misc]  # generated, untyped base
+    def __init__(
+        self,
+        composer: MailComposer,
+        queue: MailQueue,
+        *,
+        now: Callable[[], datetime] = lambda: datetime.now(UTC),
+    ) -> None:
+        self._composer = composer
+        self._queue = queue
+        self._now = now
+        self.draining = False
+
+    async def SendPass(self, message: MsgRequest) -> MsgReply:
+        return self._submit(MailKind.PASSWORD, message)
+
+    async def SendRetrieve(self, message: MsgRequest) -> MsgReply:
+        return self._submit(MailKind.RETRIEVE, message)
+
+    def _submit(self, kind: MailKind, request: MsgRequest) -> MsgReply:
+        try:
+            if self.draining:
+                raise ShuttingDown()
+            mail = self._composer.compose(kind, request.to, request.code, self._now())
+            try:
+                self._queue.put_nowait(mail)
+            except trio.WouldBlock:
+                log.warning("refused a %s mail: queue full", kind.value)
+                return MsgReply(sent=False, reason=QUEUE_FULL_REASON)
+        except MessageBuildError as exc:
+            log.error("message failed its safety check: %s", printable(exc.detail))
+            raise _rpc_error(purerpc.StatusCode.INTERNAL, exc.message) from None
+        except MailerError as exc:
+            log.info("refused %s request: %s", kind.value, printable(exc.message))
+            raise _rpc_error(purerpc.StatusCode(exc.grpc_status.value), exc.message) from None
+        except RenderError as exc:
+            log.warning("rendering failed for a %s request: %s", kind.value, printable(str(exc)))
+            raise _rpc_error(
+                purerpc.StatusCode.INVALID_ARGUMENT,
+                "request: the values cannot be rendered into the mail",
+            ) from None
+        except Exception:
+            log.exception("unexpected error while accepting a %s mail", kind.value)
+            raise _rpc_error(purerpc.StatusCode.INTERNAL, "internal error") from None
+        log.info("accepted %s mail %s", kind.value, mail.message_id)
+        return MsgReply(sent=True, message_id=mail.message_id)
