@@ -318,3 +318,42 @@ def _fields(config: object) -> dict[str, object]:
     import attrs
 
     return attrs.asdict(config, recurse=False)  # type: ignore[arg-type]
+
+
+class _BrokenComposer:
+    def compose(self, *args: object) -> object:
+        raise RuntimeError("secret internal detail /etc/passwd")
+
+
+async def test_unexpected_error_is_internal_with_a_generic_message(start_harness, caplog) -> None:
+    """An unexpected exception reaches the client as INTERNAL 'internal error', no repr."""
+    caplog.set_level(logging.ERROR, "trio_mailer")
+    with trio.fail_after(10):
+        async with start_harness() as h:
+            h.app.service._composer = _BrokenComposer()  # type: ignore[assignment]
+            with pytest.raises(purerpc.RpcFailedError) as info:
+                await h.stub.SendPass(MsgRequest(to="user@example.com", code="1"))
+    status = info.value.status
+    assert (status.status_code, status.status_message) == (
+        purerpc.StatusCode.INTERNAL,
+        "internal error",
+    )
+    assert "secret internal detail" in caplog.text  # the detail goes to the log only
+
+
+async def test_password_code_and_body_never_reach_the_logs(start_harness, caplog) -> None:
+    """A full run with AUTH logs neither the SMTP password nor the code nor the body."""
+    caplog.set_level(logging.DEBUG)
+    password, code = "pw-Zq8x1-very-secret", "CODE-771133"
+    with trio.fail_after(10):
+        async with start_harness(
+            credentials=("bot", password),
+            require_auth=True,
+            env={"MAILER_USER": "bot", "MAILER_PASSWORD": password},
+        ) as h:
+            await send_pass(h, code=code)
+            await h.relay.wait_for_mails(1)
+            assert await h.shutdown() == 0
+    assert "delivered <" in caplog.text
+    for secret in (password, code, "Your password code for"):
+        assert secret not in caplog.text
