@@ -36,6 +36,11 @@ def test_minimal_config_gets_the_documented_defaults() -> None:
         queue_size=10,
         templates_dir=shipped_templates_dir(),
         shutdown_grace_s=10.0,
+        retry_base_s=1.0,
+        retry_max_s=60.0,
+        max_attempts=8,
+        message_ttl_s=600.0,
+        retry_capacity=100,
     )
 
 
@@ -71,6 +76,11 @@ def test_every_variable_is_read() -> None:
             "MAILER_SMTP_TIMEOUT_S": "2.5",
             "MAILER_TEMPLATES_DIR": str(Path(__file__).parent),
             "MAILER_SHUTDOWN_GRACE_S": "0",
+            "MAILER_RETRY_BASE_S": "0.5",
+            "MAILER_RETRY_MAX_S": "30",
+            "MAILER_MAX_ATTEMPTS": "3",
+            "MAILER_MESSAGE_TTL_S": "120",
+            "MAILER_RETRY_CAPACITY": "7",
         }
     )
     assert (config.relay_host, config.relay_port) == ("::1", 2525)
@@ -82,6 +92,8 @@ def test_every_variable_is_read() -> None:
     assert config.smtp_timeout_s == 2.5
     assert config.templates_dir == Path(__file__).parent
     assert config.shutdown_grace_s == 0.0
+    assert (config.retry_base_s, config.retry_max_s) == (0.5, 30.0)
+    assert (config.max_attempts, config.message_ttl_s, config.retry_capacity) == (3, 120.0, 7)
 
 
 def test_all_problems_are_reported_together() -> None:
@@ -99,6 +111,11 @@ def test_all_problems_are_reported_together() -> None:
                 "MAILER_SMTP_CA_FILE": "/nonexistent/ca.pem",
                 "MAILER_TEMPLATES_DIR": "/nonexistent/templates",
                 "MAILER_SERVICENAME": "Evil\r\nBcc: x@evil.com",
+                "MAILER_RETRY_BASE_S": "10",
+                "MAILER_RETRY_MAX_S": "5",
+                "MAILER_MAX_ATTEMPTS": "0",
+                "MAILER_MESSAGE_TTL_S": "forever",
+                "MAILER_RETRY_CAPACITY": "-1",
             }
         )
     assert info.value.problems == [
@@ -117,6 +134,11 @@ def test_all_problems_are_reported_together() -> None:
         "MAILER_QUEUE_SIZE: expected a whole number from 1 to 100000, got '0'",
         "MAILER_SHUTDOWN_GRACE_S: expected a number of seconds, at least 0 and at most 3600, "
         "got '-1'",
+        "MAILER_RETRY_MAX_S: expected at least MAILER_RETRY_BASE_S (10), got 5",
+        "MAILER_MAX_ATTEMPTS: expected a whole number from 1 to 100, got '0'",
+        "MAILER_MESSAGE_TTL_S: expected a number of seconds, more than 0 and at most 604800, "
+        "got 'forever'",
+        "MAILER_RETRY_CAPACITY: expected a whole number from 1 to 100000, got '-1'",
     ]
     assert str(info.value).startswith("invalid configuration:\n  - MAILER_SMTP_TLS")
 

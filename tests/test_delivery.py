@@ -154,9 +154,10 @@ async def test_rejected_recipient_is_logged_and_the_session_reset(start_harness,
             delivered = await send_pass(h, to="user@example.com")
             await h.relay.wait_for_mails(1)
             assert [parsed(m.data)["Message-ID"] for m in h.relay.received] == [delivered]
-            assert f"failed {rejected} (attempts=1): RCPT rejected: 550 5.1.1 no such user" in (
-                caplog.text
-            )
+            assert (
+                f"failed {rejected} (attempts=1, last reply: RCPT rejected: 550 5.1.1 no such "
+                "user): permanent failure"
+            ) in caplog.text
             verbs = [verb for _, verb in h.relay.commands]
             assert verbs[verbs.index("RCPT") + 1] == "RSET"
 
@@ -230,7 +231,10 @@ async def test_mail_left_at_shutdown_is_logged_by_message_id(
             ids = [await send_pass(h, code=str(n)) for n in range(3)]
             assert await h.shutdown() == 1
     errors = [r.getMessage() for r in caplog.records if r.levelno == logging.ERROR]
-    assert errors == [f"not delivered at shutdown: {message_id}" for message_id in ids]
+    assert errors == [
+        f"not delivered at shutdown: {message_id} (attempts=0, last reply: none)"
+        for message_id in ids
+    ]
 
 
 @pytest.mark.parametrize(

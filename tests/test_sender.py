@@ -7,6 +7,7 @@ skip the sender's own sleeps (reconnect backoff), which is exactly what is measu
 from __future__ import annotations
 
 import itertools
+import logging
 
 import attrs
 import pytest
@@ -14,10 +15,11 @@ import trio
 import trio.lowlevel
 import trio.testing
 
-from trio_mailer.backoff import ReconnectBackoff
+from trio_mailer.mail_queue import MailQueue
 from trio_mailer.message import OutgoingMail
 from trio_mailer.rendering import MailKind
-from trio_mailer.sender import Sender
+from trio_mailer.retry_policy import ReconnectBackoff, RetryPolicy
+from trio_mailer.sender import FinishedMail, Sender
 from trio_mailer.smtp_session import ConnectFailed, Delivered, Rejected, Reply, SessionLost
 
 
@@ -39,6 +41,7 @@ class FakeRelay:
     """Scripted relay: connect failures, probe answers and send outcomes, in order."""
 
     connect_failures: int = 0
+    connect_error: ConnectFailed = attrs.Factory(lambda: ConnectFailed("connection refused"))
     probe_answers: list[bool] = attrs.Factory(list)
     send_outcomes: list[Outcome] = attrs.Factory(list)
     reset_ok: bool = True
@@ -54,7 +57,7 @@ class FakeRelay:
         if self.connect_failures > 0:
             self.connect_failures -= 1
             self.log("connect failed")
-            raise ConnectFailed("connection refused")
+            raise self.connect_error
         self.sessions += 1
         self.log(f"connect #{self.sessions}")
         return FakeSession(self, self.sessions)
@@ -96,16 +99,25 @@ class FakeSession:
         self.relay.log("quit" if quit else "close")
 
 
-async def run_sender(relay: FakeRelay, mails: list[OutgoingMail], **kwargs: object) -> Sender:
-    """Feed ``mails`` through a sender until the channel ends."""
-    sender = Sender(connect=relay.connect, **kwargs)  # type: ignore[arg-type]
-    send, receive = trio.open_memory_channel[OutgoingMail](len(mails) or 1)
+async def run_sender(
+    relay: FakeRelay, mails: list[OutgoingMail], **kwargs: object
+) -> tuple[Sender, list[FinishedMail]]:
+    """Feed ``mails`` through a sender until the queue has no more work."""
+    finished: list[FinishedMail] = []
+    kwargs.setdefault("backoff", ReconnectBackoff(base_s=0.5, cap_s=30))
+    sender = Sender(
+        connect=relay.connect,
+        random=lambda: 1.0,  # the top of every jitter range: deterministic delays
+        on_finished=finished.append,
+        **kwargs,  # type: ignore[arg-type]
+    )
+    queue = MailQueue.open(capacity=max(len(mails), 1), retry_capacity=10)
     for m in mails:
-        send.send_nowait(m)
-    send.close()
+        queue.put_nowait(m)
+    queue.close()
     with trio.fail_after(3600):
-        await sender.run(receive)
-    return sender
+        await sender.run(queue)
+    return sender, finished
 
 
 async def test_one_session_carries_many_mails_with_a_probe_before_each_reuse(
@@ -113,7 +125,7 @@ async def test_one_session_carries_many_mails_with_a_probe_before_each_reuse(
 ) -> None:
     """Mails share one session; NOOP precedes every mail but the first; QUIT at the end."""
     relay = FakeRelay()
-    sender = await run_sender(relay, [mail(1), mail(2), mail(3)])
+    sender, _ = await run_sender(relay, [mail(1), mail(2), mail(3)])
     assert relay.names() == [
         "connect #1",
         "send <1@example.com> on #1: Delivered",
@@ -174,7 +186,7 @@ async def test_session_lost_before_the_dot_sends_the_same_mail_again(
 ) -> None:
     """A lost connection means reconnect and send the same mail again, after a short pause."""
     relay = FakeRelay(send_outcomes=[SessionLost("MAIL: reset", after_data_end=False)])
-    sender = await run_sender(relay, [mail(1), mail(2)], backoff=ReconnectBackoff(0.5, 30))
+    sender, _ = await run_sender(relay, [mail(1), mail(2)])
     assert relay.names() == [
         "connect #1",
         "send <1@example.com> on #1: SessionLost",
@@ -193,8 +205,8 @@ async def test_rejected_mail_is_reported_and_the_session_reset_for_the_next(
     autojump_clock: trio.testing.MockClock,
 ) -> None:
     """A 5xx is reported as failed, RSET cleans the session, and the next mail uses it."""
-    relay = FakeRelay(send_outcomes=[Rejected("RCPT", Reply(550, "no such user"))])
-    sender = await run_sender(relay, [mail(1), mail(2)])
+    relay = FakeRelay(send_outcomes=[Rejected("RCPT", Reply(550, "5.1.1 no such user"))])
+    sender, finished = await run_sender(relay, [mail(1), mail(2)])
     assert relay.names() == [
         "connect #1",
         "send <1@example.com> on #1: Rejected",
@@ -204,6 +216,14 @@ async def test_rejected_mail_is_reported_and_the_session_reset_for_the_next(
         "quit",
     ]
     assert (sender.statistics().delivered, sender.statistics().failed) == (1, 1)
+    assert finished[0] == FinishedMail(
+        attrs.evolve(
+            finished[0].delivery, attempts=1, last_reply="RCPT rejected: 550 5.1.1 no such user"
+        ),
+        delivered=False,
+        reason="permanent failure",
+    )
+    assert finished[0].delivery.message_id == "<1@example.com>"
 
 
 async def test_session_is_replaced_when_rset_fails(autojump_clock: trio.testing.MockClock) -> None:
@@ -225,7 +245,9 @@ async def test_a_mail_that_always_loses_the_session_fails_after_max_attempts(
     """Sending again is bounded: the mail is reported failed, and the next one still goes."""
     lost = [SessionLost("DATA: reset", after_data_end=False) for _ in range(3)]
     relay = FakeRelay(send_outcomes=lost)
-    sender = await run_sender(relay, [mail(1), mail(2)], max_attempts=3)
+    sender, finished = await run_sender(
+        relay, [mail(1), mail(2)], policy=RetryPolicy(max_attempts=3)
+    )
     sends = [what for what in relay.names() if what.startswith("send")]
     assert sends == [
         "send <1@example.com> on #1: SessionLost",
@@ -234,6 +256,8 @@ async def test_a_mail_that_always_loses_the_session_fails_after_max_attempts(
         "send <2@example.com> on #4: Delivered",
     ]
     assert (sender.statistics().delivered, sender.statistics().failed) == (1, 1)
+    assert finished[0].reason == "gave up after 3 attempts"
+    assert finished[0].delivery.last_reply == "session lost at DATA: reset"
 
 
 async def test_cancelled_sender_keeps_the_in_flight_mail_and_closes_the_session(
@@ -242,20 +266,149 @@ async def test_cancelled_sender_keeps_the_in_flight_mail_and_closes_the_session(
     """Cancellation mid-send leaves in_flight set (for the shutdown report) and closes."""
     relay = FakeRelay()
     sender = Sender(connect=relay.connect)
-    send, receive = trio.open_memory_channel[OutgoingMail](1)
-    send.send_nowait(mail(1))
+    queue = MailQueue.open(capacity=1, retry_capacity=1)
+    queue.put_nowait(mail(1))
     with trio.move_on_after(0.005):  # shorter than one send
-        await sender.run(receive)
-    assert sender.in_flight == mail(1)
+        await sender.run(queue)
+    assert sender.in_flight is not None and sender.in_flight.mail == mail(1)
     assert relay.names() == ["connect #1", "close"]
     assert not sender.statistics().session_up
 
 
-@pytest.mark.parametrize("after_data_end", [False, True])
-async def test_lost_after_the_dot_is_sent_again(
-    autojump_clock: trio.testing.MockClock, after_data_end: bool
+async def test_lost_after_the_dot_is_sent_again_as_a_possible_duplicate(
+    autojump_clock: trio.testing.MockClock, caplog: pytest.LogCaptureFixture
 ) -> None:
-    """Lost before or after the final '.', the mail is sent again (at least once)."""
-    relay = FakeRelay(send_outcomes=[SessionLost("DOT: timed out", after_data_end=after_data_end)])
-    await run_sender(relay, [mail(1)])
+    """Outcome unknown: the same mail goes again and its delivery is flagged."""
+    caplog.set_level(logging.INFO, "trio_mailer")
+    relay = FakeRelay(send_outcomes=[SessionLost("DOT: timed out", after_data_end=True)])
+    _, finished = await run_sender(relay, [mail(1)])
     assert relay.delivered == ["<1@example.com>"]
+    assert finished[0].delivered and finished[0].delivery.possible_duplicate
+    assert finished[0].delivery.attempts == 2
+    assert "possible duplicate: the relay may already have it" in caplog.text
+    assert "delivered <1@example.com> (attempts=2, reply: 250 ok) (possible duplicate)" in (
+        caplog.text
+    )
+
+
+async def test_lost_before_the_dot_is_not_a_duplicate(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """Lost before the final '.': sent again, not flagged."""
+    relay = FakeRelay(send_outcomes=[SessionLost("MAIL: reset", after_data_end=False)])
+    _, finished = await run_sender(relay, [mail(1)])
+    assert finished[0].delivered and not finished[0].delivery.possible_duplicate
+
+
+async def test_transient_reply_is_retried_after_backoff_without_blocking_others(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """A 451 defers that mail by the backoff; the mails behind it go meanwhile."""
+    relay = FakeRelay(send_outcomes=[Rejected("RCPT", Reply(451, "4.7.1 greylisted"))])
+    start = trio.current_time()
+    _, finished = await run_sender(
+        relay, [mail(1), mail(2), mail(3)], policy=RetryPolicy(base_s=10, max_s=60)
+    )
+    assert relay.delivered == ["<2@example.com>", "<3@example.com>", "<1@example.com>"]
+    retry_time = next(
+        t for t, what in relay.events if what == "send <1@example.com> on #1: Delivered"
+    )
+    assert retry_time - start == pytest.approx(10.0, abs=0.1)  # rand=1.0: base * 2**0
+    assert [f.delivery.attempts for f in finished] == [1, 1, 2]
+
+
+async def test_transient_replies_back_off_exponentially_until_attempts_run_out(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """452 after 452: waits 1, 2, 4, 8 s (rand=1) and gives up after max_attempts."""
+    deferrals = [Rejected("MAIL", Reply(452, "4.3.1 out of storage")) for _ in range(5)]
+    relay = FakeRelay(send_outcomes=deferrals)
+    start = trio.current_time()
+    _, finished = await run_sender(
+        relay, [mail(1)], policy=RetryPolicy(base_s=1, max_s=60, max_attempts=5)
+    )
+    send_times = [t - start for t, what in relay.events if what.startswith("send")]
+    assert send_times == pytest.approx([0.01, 1.02, 3.03, 7.04, 15.05], abs=0.005)
+    assert finished == [
+        FinishedMail(finished[0].delivery, delivered=False, reason="gave up after 5 attempts")
+    ]
+    assert finished[0].delivery.last_reply == "MAIL rejected: 452 4.3.1 out of storage"
+
+
+async def test_ttl_expiring_during_backoff_fails_the_mail_at_once(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """A retry that would start after the time to live is not scheduled: failed now."""
+    relay = FakeRelay(send_outcomes=[Rejected("RCPT", Reply(450, "mailbox busy"))])
+    start = trio.current_time()
+    _, finished = await run_sender(
+        relay, [mail(1)], policy=RetryPolicy(base_s=100, max_s=100, ttl_s=50)
+    )
+    assert len(relay.delivered) == 0
+    assert finished[0].reason == "time to live (50s) would pass before the next attempt"
+    assert trio.current_time() - start < 1
+
+
+async def test_ttl_passing_while_the_relay_is_down_fails_the_mail_at_its_deadline(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """With the relay unreachable, the mail is reported failed when its time to live ends."""
+    relay = FakeRelay(connect_failures=1000)
+    start = trio.current_time()
+    _, finished = await run_sender(
+        relay,
+        [mail(1)],
+        policy=RetryPolicy(ttl_s=45),
+        backoff=ReconnectBackoff(base_s=1, cap_s=10),
+    )
+    assert finished[0].reason == "time to live (45s) passed while the relay was unavailable"
+    assert trio.current_time() - start == pytest.approx(45, abs=0.01)
+
+
+async def test_configuration_errors_back_off_at_the_cap_and_log_once(
+    autojump_clock: trio.testing.MockClock, caplog: pytest.LogCaptureFixture
+) -> None:
+    """AUTH 535: every retry waits the full cap, and the error is logged once, at ERROR."""
+    caplog.set_level(logging.INFO, "trio_mailer")
+    relay = FakeRelay(
+        connect_failures=3,
+        connect_error=ConnectFailed("AUTH refused: 535 5.7.8 bad credentials", config_error=True),
+    )
+    start = trio.current_time()
+    await run_sender(relay, [mail(1)], backoff=ReconnectBackoff(base_s=1, cap_s=20))
+    connect_times = [t - start for t, what in relay.events if what.startswith("connect")]
+    assert connect_times == pytest.approx([0, 20, 40, 60])
+    errors = [r for r in caplog.records if "refuses our configuration" in r.getMessage()]
+    assert len(errors) == 1 and errors[0].levelname == "ERROR"
+    assert "relay reachable again (after 3 failures)" in caplog.text
+
+
+async def test_transient_connect_failures_are_logged_once_per_state_change(
+    autojump_clock: trio.testing.MockClock, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Ten refused connects give one WARNING, then one INFO when the relay is back."""
+    relay = FakeRelay(connect_failures=10)
+    await run_sender(relay, [mail(1)])
+    warnings = [r for r in caplog.records if r.levelname == "WARNING"]
+    assert [r.getMessage() for r in warnings] == [
+        "relay unavailable: connection refused; retrying with backoff (up to 30s)"
+    ]
+
+
+async def test_jitter_spreads_reconnects(autojump_clock: trio.testing.MockClock) -> None:
+    """With rand=0 the reconnect waits half a step: never zero, never a tight loop."""
+    relay = FakeRelay(connect_failures=3)
+    start = trio.current_time()
+    finished: list[FinishedMail] = []
+    sender = Sender(
+        connect=relay.connect,
+        backoff=ReconnectBackoff(base_s=2, cap_s=60),
+        random=lambda: 0.0,
+        on_finished=finished.append,
+    )
+    queue = MailQueue.open(1, 1)
+    queue.put_nowait(mail(1))
+    queue.close()
+    await sender.run(queue)
+    connect_times = [t - start for t, what in relay.events if what.startswith("connect")]
+    assert connect_times == pytest.approx([0, 1, 3, 7])

@@ -17,18 +17,19 @@ from __future__ import annotations
 
 import logging
 import ssl
+from collections.abc import Callable
 
 import attrs
 import trio
 
-from .backoff import ReconnectBackoff
 from .config import Config, TlsMode
 from .grpc_server import bound_port, open_grpc_listener, serve_grpc
 from .grpc_service import MailerService
-from .mail_queue import MailQueue
-from .message import MailComposer, OutgoingMail
+from .mail_queue import Delivery, MailQueue
+from .message import MailComposer
 from .rendering import MailTemplates
-from .sender import Connector, Sender, SmtpSession
+from .retry_policy import ReconnectBackoff, RetryPolicy
+from .sender import Connector, FinishedMail, Sender, SmtpSession
 from .smtp_session import RelaySettings, ThreadedSmtpSession, make_relay_ssl_context
 
 log = logging.getLogger(__name__)
@@ -52,7 +53,7 @@ class MailerApp:
     config: Config
     templates: MailTemplates
     connect: Connector
-    backoff: ReconnectBackoff = attrs.field(factory=ReconnectBackoff)
+    on_finished: Callable[[FinishedMail], None] | None = None
     queue: MailQueue = attrs.field(init=False)
     sender: Sender = attrs.field(init=False)
     service: MailerService = attrs.field(init=False)
@@ -60,8 +61,20 @@ class MailerApp:
     _force: trio.Event = attrs.field(init=False, factory=trio.Event)
 
     def __attrs_post_init__(self) -> None:
-        self.queue = MailQueue.open(self.config.queue_size)
-        self.sender = Sender(connect=self.connect, backoff=self.backoff)
+        config = self.config
+        self.queue = MailQueue.open(config.queue_size, config.retry_capacity)
+        self.sender = Sender(
+            connect=self.connect,
+            policy=RetryPolicy(
+                base_s=config.retry_base_s,
+                max_s=config.retry_max_s,
+                max_attempts=config.max_attempts,
+                ttl_s=config.message_ttl_s,
+            ),
+            backoff=ReconnectBackoff(base_s=config.retry_base_s, cap_s=config.retry_max_s),
+        )
+        if self.on_finished is not None:
+            self.sender.on_finished = self.on_finished
         composer = MailComposer(
             templates=self.templates,
             from_address=self.config.mail_from,
@@ -89,6 +102,10 @@ class MailerApp:
             ssl_context = make_relay_ssl_context(config.smtp_ca_file)
         return cls(config, templates, relay_connector(config, ssl_context))
 
+    def _held(self) -> int:
+        stats = self.queue.statistics()
+        return stats.queued + stats.retry_waiting + stats.in_flight
+
     def request_shutdown(self, *, force: bool = False) -> None:
         """Begin the drain; with ``force``, give up on the grace period too."""
         self._shutdown.set()
@@ -109,7 +126,7 @@ class MailerApp:
 
         async def run_sender() -> None:
             with sender_scope:
-                await self.sender.run(self.queue.receive)
+                await self.sender.run(self.queue)
             sender_done.set()
 
         # Bound before anything starts, so a taken port fails plainly and early.
@@ -124,7 +141,7 @@ class MailerApp:
             await self._shutdown.wait()
             log.info(
                 "shutting down: draining %d queued mail(s), grace %gs",
-                self.queue.statistics().queued + (self.sender.in_flight is not None),
+                self._held(),
                 config.shutdown_grace_s,
             )
             self.service.draining = True
@@ -145,7 +162,12 @@ class MailerApp:
 
         left_behind = self._left_behind()
         for mail in left_behind:
-            log.error("not delivered at shutdown: %s", mail.message_id)
+            log.error(
+                "not delivered at shutdown: %s (attempts=%d, last reply: %s)",
+                mail.message_id,
+                mail.attempts,
+                mail.last_reply or "none",
+            )
         log.info(
             "stopped: %d delivered, %d failed, %d left behind",
             self.sender.statistics().delivered,
@@ -154,6 +176,6 @@ class MailerApp:
         )
         return EXIT_MAIL_LEFT_BEHIND if left_behind else EXIT_OK
 
-    def _left_behind(self) -> list[OutgoingMail]:
+    def _left_behind(self) -> list[Delivery]:
         in_flight = [self.sender.in_flight] if self.sender.in_flight is not None else []
         return in_flight + self.queue.take_leftovers()

@@ -74,6 +74,11 @@ class Config:
     queue_size: int = 10
     templates_dir: Path = attrs.field(factory=shipped_templates_dir)
     shutdown_grace_s: float = 10.0
+    retry_base_s: float = 1.0
+    retry_max_s: float = 60.0
+    max_attempts: int = 8
+    message_ttl_s: float = 600.0
+    retry_capacity: int = 100
 
     def describe(self) -> str:
         """The effective configuration for the start-up log line, without secrets."""
@@ -83,7 +88,10 @@ class Config:
             f"ca_file={self.smtp_ca_file or 'system store'} from={self.mail_from} "
             f"service_name={self.service_name!r} listen={self.serve_host}:{self.serve_port} "
             f"queue_size={self.queue_size} smtp_timeout_s={self.smtp_timeout_s:g} "
-            f"shutdown_grace_s={self.shutdown_grace_s:g} templates={self.templates_dir}"
+            f"shutdown_grace_s={self.shutdown_grace_s:g} templates={self.templates_dir} "
+            f"retry_base_s={self.retry_base_s:g} retry_max_s={self.retry_max_s:g} "
+            f"max_attempts={self.max_attempts} message_ttl_s={self.message_ttl_s:g} "
+            f"retry_capacity={self.retry_capacity}"
         )
 
 
@@ -239,6 +247,16 @@ def load_config(env: Mapping[str, str]) -> Config:
     serve_port = r.parse("MAILER_SERVE_PORT", 20100, _int_in(0, 65535))
     queue_size = r.parse("MAILER_QUEUE_SIZE", 10, _int_in(1, MAX_QUEUE_SIZE))
     grace_s = r.parse("MAILER_SHUTDOWN_GRACE_S", 10.0, _seconds(0, 3600, low_inclusive=True))
+    retry_base_s = r.parse("MAILER_RETRY_BASE_S", 1.0, _seconds(0, 3600, low_inclusive=False))
+    retry_max_s = r.parse("MAILER_RETRY_MAX_S", 60.0, _seconds(0, 86400, low_inclusive=False))
+    if retry_max_s < retry_base_s:
+        r.problems.append(
+            f"MAILER_RETRY_MAX_S: expected at least MAILER_RETRY_BASE_S ({retry_base_s:g}), "
+            f"got {retry_max_s:g}"
+        )
+    max_attempts = r.parse("MAILER_MAX_ATTEMPTS", 8, _int_in(1, 100))
+    ttl_s = r.parse("MAILER_MESSAGE_TTL_S", 600.0, _seconds(0, 7 * 86400, low_inclusive=False))
+    retry_capacity = r.parse("MAILER_RETRY_CAPACITY", 100, _int_in(1, MAX_QUEUE_SIZE))
     if r.problems:
         raise ConfigError(r.problems)
     return Config(
@@ -256,4 +274,9 @@ def load_config(env: Mapping[str, str]) -> Config:
         queue_size=queue_size,
         templates_dir=templates_dir,
         shutdown_grace_s=grace_s,
+        retry_base_s=retry_base_s,
+        retry_max_s=retry_max_s,
+        max_attempts=max_attempts,
+        message_ttl_s=ttl_s,
+        retry_capacity=retry_capacity,
     )

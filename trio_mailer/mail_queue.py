@@ -1,11 +1,30 @@
-"""The bounded outbound queue between the gRPC handlers and the sender.
+"""The outbound queue: admission in front, retries behind, and a bound on both.
 
-A ``trio.open_memory_channel(size)``: the handlers put with ``put_nowait`` and never wait; a full
-queue is the caller's signal to back off (``sent=false, reason="queue full"``), which keeps
-memory bounded when the relay is slow or down.
+Theory of operation
+-------------------
+Accepted mail enters through a ``trio.open_memory_channel(queue_size)`` with ``put_nowait``: the
+gRPC handler never waits, and a full channel is the caller's signal to back off
+(``sent=false, reason="queue full"``).
+
+Mail that must be tried again later waits in a heap ordered by due time (``retry_at``). A sender
+asks ``next_due()`` for work and gets, in this order: a retry whose time has come; else a new mail
+from the channel, but only while the retry heap has room for every mail in flight (so a failed
+attempt always finds a place and nothing is dropped); else it waits until either becomes
+possible. A mail deferred with a 4xx therefore never holds up the mails behind it.
+
+Mail held in memory is bounded: at most ``capacity`` in the channel plus ``retry_capacity``
+waiting for a retry or in flight. When the heap is full, the senders stop taking new mail, the
+channel fills, and callers are refused at once: that is the backpressure.
+
+``close()`` (shutdown) stops admission; ``next_due()`` returns ``None`` once the channel is
+drained, no retry is waiting and no mail is in flight anywhere.
 """
 
 from __future__ import annotations
+
+import heapq
+import itertools
+import math
 
 import attrs
 import trio
@@ -15,52 +34,129 @@ from .message import OutgoingMail
 
 
 @attrs.frozen
+class Delivery:
+    """An accepted mail and its delivery history so far."""
+
+    mail: OutgoingMail
+    accepted_at_s: float  # trio clock
+    attempts: int = 0
+    last_reply: str = ""  # the last SMTP reply or failure, for the log
+    possible_duplicate: bool = False  # a session broke after the final "." once
+
+    @property
+    def message_id(self) -> str:
+        return self.mail.message_id
+
+
+@attrs.frozen
 class QueueStatistics:
-    queued: int
+    queued: int  # accepted, not yet taken by a sender
+    retry_waiting: int
+    in_flight: int
     capacity: int
+    retry_capacity: int
     closed: bool
 
 
 @attrs.define
 class MailQueue:
-    _send: trio.MemorySendChannel[OutgoingMail]
-    receive: trio.MemoryReceiveChannel[OutgoingMail]
+    _send: trio.MemorySendChannel[Delivery]
+    _receive: trio.MemoryReceiveChannel[Delivery]
     capacity: int
+    retry_capacity: int
+    _retries: list[tuple[float, int, Delivery]] = attrs.Factory(list)
+    _sequence: itertools.count[int] = attrs.Factory(itertools.count)
+    _in_flight: int = 0
+    _channel_drained: bool = False
+    _waiters: set[trio.CancelScope] = attrs.Factory(set)
 
     @classmethod
-    def open(cls, capacity: int) -> MailQueue:
-        send, receive = trio.open_memory_channel[OutgoingMail](capacity)
-        return cls(send, receive, capacity)
+    def open(cls, capacity: int, retry_capacity: int) -> MailQueue:
+        send, receive = trio.open_memory_channel[Delivery](capacity)
+        return cls(send, receive, capacity, retry_capacity)
 
-    def put_nowait(self, mail: OutgoingMail) -> None:
-        """Queue ``mail`` without waiting.
+    # ---- the gRPC side ----
+
+    def put_nowait(self, mail: OutgoingMail) -> Delivery:
+        """Accept ``mail`` without waiting.
 
         Raises:
             trio.WouldBlock: the queue is full.
             ShuttingDown: the queue was closed for shutdown.
         """
+        delivery = Delivery(mail, accepted_at_s=trio.current_time())
         try:
-            self._send.send_nowait(mail)
+            self._send.send_nowait(delivery)
         except (trio.ClosedResourceError, trio.BrokenResourceError):
             raise ShuttingDown() from None
+        return delivery
 
     def close(self) -> None:
-        """Take no more mail; the sender drains what is queued, then sees the end."""
+        """Take no more mail; the senders finish what is queued or waiting."""
         self._send.close()
+        self._wake()
 
-    def take_leftovers(self) -> list[OutgoingMail]:
-        """Remove and return whatever is still queued (for reporting at shutdown)."""
-        leftovers = []
+    # ---- the sender side ----
+
+    async def next_due(self) -> Delivery | None:
+        """The next mail to attempt, or None when there is no more work at all."""
+        while True:
+            now = trio.current_time()
+            if self._retries and self._retries[0][0] <= now:
+                _, _, delivery = heapq.heappop(self._retries)
+                self._in_flight += 1
+                return delivery
+            if self._channel_drained and not self._retries and self._in_flight == 0:
+                return None
+            deadline = self._retries[0][0] if self._retries else math.inf
+            room = len(self._retries) + self._in_flight < self.retry_capacity
+            with trio.move_on_at(deadline) as scope:
+                self._waiters.add(scope)
+                try:
+                    if room and not self._channel_drained:
+                        delivery = await self._receive.receive()
+                        self._in_flight += 1
+                        return delivery
+                    await trio.sleep_forever()
+                except trio.EndOfChannel:
+                    self._channel_drained = True
+                finally:
+                    self._waiters.discard(scope)
+
+    def retry_at(self, delivery: Delivery, at_s: float) -> None:
+        """Put an in-flight ``delivery`` back, due at ``at_s`` (trio clock)."""
+        heapq.heappush(self._retries, (at_s, next(self._sequence), delivery))
+        self._in_flight -= 1
+        self._wake()
+
+    def finish(self, delivery: Delivery) -> None:
+        """An in-flight ``delivery`` reached its outcome (delivered or failed)."""
+        self._in_flight -= 1
+        self._wake()
+
+    def _wake(self) -> None:
+        # A waiter re-examines the state: a retry due sooner, room for new mail, or the end.
+        for scope in self._waiters:
+            scope.cancel()
+
+    # ---- reporting ----
+
+    def take_leftovers(self) -> list[Delivery]:
+        """Remove and return what is still queued or waiting (for the shutdown report)."""
+        leftovers = [delivery for _, _, delivery in sorted(self._retries)]
+        self._retries.clear()
         while True:
             try:
-                leftovers.append(self.receive.receive_nowait())
+                leftovers.append(self._receive.receive_nowait())
             except (trio.WouldBlock, trio.EndOfChannel, trio.ClosedResourceError):
                 return leftovers
 
     def statistics(self) -> QueueStatistics:
-        stats = self._send.statistics()
         return QueueStatistics(
-            queued=stats.current_buffer_used,
+            queued=self._send.statistics().current_buffer_used,
+            retry_waiting=len(self._retries),
+            in_flight=self._in_flight,
             capacity=self.capacity,
-            closed=stats.open_send_channels == 0,
+            retry_capacity=self.retry_capacity,
+            closed=self._send.statistics().open_send_channels == 0,
         )

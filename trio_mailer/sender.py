@@ -1,41 +1,46 @@
-"""The sender task: takes mails off the queue and delivers them over one reused session.
+"""The sender task: takes mail from the queue and delivers it over one reused session.
 
 Theory of operation
 -------------------
-One task, started in the service's nursery, owns at most one SMTP session at a time and handles
-one mail at a time, so no session ever carries two transactions at once.
+A sender owns at most one SMTP session and handles one mail at a time, so no session ever
+carries two transactions at once. For each mail that ``MailQueue.next_due()`` hands it:
 
-For each mail:
+1. A mail whose time to live has passed is reported failed without an attempt.
+2. Get a usable session. Without one, connect, waiting first for the reconnect backoff
+   (``ReconnectBackoff``: grows while sessions keep failing, jumps to the cap on a configuration
+   error such as a refused password or certificate). Relay trouble is logged once per change of
+   state, not once per try. If the mail's time to live would pass while waiting, it is reported
+   failed at that moment.
+3. A session that has already carried a mail is probed with NOOP first; anything but 250 (the
+   relay dropped it while idle, or said 421) means replace it before sending.
+4. Send, and let ``RetryPolicy`` decide what follows a failure: the mail is put back into the
+   queue's retry heap (at once after a lost session, after a jittered backoff after a 4xx), or
+   reported failed. After a rejected MAIL, RCPT, DATA or "." the session is reset with RSET, or
+   replaced when RSET fails.
 
-1. Make sure there is a session. Connecting waits first for ``ReconnectBackoff.delay_s(n)``
-   where ``n`` counts consecutive failures (failed connects and sessions lost mid-send), so a
-   relay that is down is tried with a growing pause instead of in a tight loop; the count goes
-   back to zero once a mail is delivered or a probe succeeds.
-2. Probe a session that has already carried a mail with NOOP: anything but 250 (a relay that
-   dropped the idle session, or answers 421) means close it and connect again before sending.
-   A session opened for this very mail is not probed.
-3. Send. ``Delivered``: log it, done. ``Rejected`` (4xx/5xx to MAIL, RCPT, DATA or "."): log the
-   reply with the Message-ID, report the mail as failed, and RSET the session (replace it when
-   RSET fails) before it carries another mail. ``SessionLost``: the mail goes again on a new
-   session, up to ``MAX_SEND_ATTEMPTS``; when the final "." had been sent the relay may already
-   have taken it, so the retry is logged as a possible duplicate.
+Every accepted mail ends in exactly one log line: ``delivered`` or ``failed``, with its
+Message-ID, the number of attempts and the last reply, and ``on_finished`` is told. A mail whose
+session broke after the final "." was sent may already be with the relay: it is sent again with
+the same Message-ID and marked as a possible duplicate.
 
-The queue's end (closed at shutdown) ends the loop after every queued mail was handled; the
-session then says QUIT. Cancellation (shutdown past its grace period) leaves ``in_flight`` set
-so the caller can report it.
+When the queue reports no more work (closed and drained at shutdown) the session says QUIT.
+Cancellation (shutdown past its grace period) leaves ``in_flight`` set for the shutdown report.
 """
 
 from __future__ import annotations
 
 import logging
+import random
 from collections.abc import Awaitable, Callable
 from typing import Protocol
 
 import attrs
 import trio
 
-from .backoff import MAX_SEND_ATTEMPTS, ReconnectBackoff
+from .logs import printable
+from .mail_queue import Delivery, MailQueue
 from .message import OutgoingMail
+from .retry_policy import AttemptResult, GiveUp, ReconnectBackoff, RetryPolicy
 from .smtp_session import ConnectFailed, Delivered, Rejected, SessionLost
 
 log = logging.getLogger(__name__)
@@ -56,57 +61,165 @@ Connector = Callable[[], Awaitable[SmtpSession]]
 
 
 @attrs.frozen
+class FinishedMail:
+    """A mail's terminal outcome."""
+
+    delivery: Delivery
+    delivered: bool
+    reason: str  # why it failed; "" when delivered
+
+
+@attrs.frozen
 class SenderStatistics:
     delivered: int
     failed: int
+    retries: int
     connects: int
     session_up: bool
     in_flight: str | None  # the Message-ID being sent, if any
 
 
+def _ignore(_: FinishedMail) -> None:
+    pass
+
+
 @attrs.define
 class Sender:
     connect: Connector
+    policy: RetryPolicy = attrs.field(factory=RetryPolicy)
     backoff: ReconnectBackoff = attrs.field(factory=ReconnectBackoff)
-    max_attempts: int = MAX_SEND_ATTEMPTS
-    in_flight: OutgoingMail | None = None
+    random: Callable[[], float] = random.random
+    on_finished: Callable[[FinishedMail], None] = _ignore
+    in_flight: Delivery | None = None
     _session: SmtpSession | None = None
     _session_used: bool = False
     _failures: int = 0
+    _config_error: bool = False
+    _relay_problem: str | None = None
     _delivered: int = 0
     _failed: int = 0
+    _retries: int = 0
     _connects: int = 0
 
     def statistics(self) -> SenderStatistics:
         return SenderStatistics(
             delivered=self._delivered,
             failed=self._failed,
+            retries=self._retries,
             connects=self._connects,
             session_up=self._session is not None,
             in_flight=self.in_flight.message_id if self.in_flight else None,
         )
 
     async def run(
-        self,
-        mails: trio.MemoryReceiveChannel[OutgoingMail],
-        *,
-        task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
+        self, queue: MailQueue, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
     ) -> None:
-        """Deliver every mail from ``mails`` until the channel ends, then QUIT."""
+        """Deliver mail from ``queue`` until it has no more work, then QUIT."""
         task_status.started()
         try:
-            async for mail in mails:
-                self.in_flight = mail
-                await self._deliver(mail)
+            while (delivery := await queue.next_due()) is not None:
+                self.in_flight = delivery
+                await self._attempt(queue, delivery)
                 self.in_flight = None
             await self._drop_session(quit=True)
         finally:
             await self._drop_session(quit=False)
 
-    async def _deliver(self, mail: OutgoingMail) -> None:
-        attempts = 0
+    async def _attempt(self, queue: MailQueue, delivery: Delivery) -> None:
+        deadline = self.policy.deadline_s(delivery.accepted_at_s)
+        if trio.current_time() >= deadline:
+            self._finish(queue, delivery, f"time to live ({self.policy.ttl_s:g}s) passed")
+            return
+        session = await self._usable_session(deadline)
+        if session is None:
+            self._finish(
+                queue,
+                delivery,
+                f"time to live ({self.policy.ttl_s:g}s) passed while the relay was unavailable",
+            )
+            return
+        attempts = delivery.attempts + 1
+        try:
+            outcome = await session.send(delivery.mail)
+        except SessionLost as lost:
+            self._failures += 1
+            await self._drop_session(quit=False)
+            result = (
+                AttemptResult.OUTCOME_UNKNOWN if lost.after_data_end else AttemptResult.SESSION_LOST
+            )
+            reply = f"session lost at {lost.reason}"
+        else:
+            if isinstance(outcome, Delivered):
+                self._failures = 0
+                delivered = attrs.evolve(delivery, attempts=attempts, last_reply=str(outcome.reply))
+                self._finish(queue, delivered, "")
+                return
+            code = outcome.reply.code
+            result = AttemptResult.TRANSIENT if 400 <= code < 500 else AttemptResult.PERMANENT
+            reply = f"{outcome.command} rejected: {outcome.reply}"
+            if not await session.reset():
+                await self._drop_session(quit=False)
+
+        delivery = attrs.evolve(
+            delivery,
+            attempts=attempts,
+            last_reply=reply,
+            possible_duplicate=delivery.possible_duplicate
+            or result is AttemptResult.OUTCOME_UNKNOWN,
+        )
+        now = trio.current_time()
+        decision = self.policy.after_failure(
+            result,
+            attempts=attempts,
+            accepted_at_s=delivery.accepted_at_s,
+            now_s=now,
+            rand=self.random(),
+        )
+        if isinstance(decision, GiveUp):
+            self._finish(queue, delivery, decision.reason)
+            return
+        self._retries += 1
+        log.warning(
+            "retry %s in %.1fs: attempt %d failed (%s)%s",
+            delivery.message_id,
+            decision.at_s - now,
+            attempts,
+            reply,
+            "; possible duplicate: the relay may already have it"
+            if result is AttemptResult.OUTCOME_UNKNOWN
+            else "",
+        )
+        queue.retry_at(delivery, decision.at_s)
+
+    def _finish(self, queue: MailQueue, delivery: Delivery, failure: str) -> None:
+        queue.finish(delivery)
+        if failure:
+            self._failed += 1
+            log.error(
+                "failed %s (attempts=%d, last reply: %s): %s",
+                delivery.message_id,
+                delivery.attempts,
+                delivery.last_reply or "none",
+                failure,
+            )
+        else:
+            self._delivered += 1
+            log.info(
+                "delivered %s (attempts=%d, reply: %s)%s",
+                delivery.message_id,
+                delivery.attempts,
+                delivery.last_reply,
+                " (possible duplicate)" if delivery.possible_duplicate else "",
+            )
+        self.on_finished(FinishedMail(delivery, delivered=not failure, reason=failure))
+
+    async def _usable_session(self, deadline: float) -> SmtpSession | None:
+        """A session ready for a mail, or None if ``deadline`` passed while waiting for one."""
         while True:
-            session = await self._open_session()
+            if self._session is None and not await self._connect_before(deadline):
+                return None
+            session = self._session
+            assert session is not None
             if self._session_used:
                 if not await session.probe():
                     log.info("session probe failed (NOOP not 250); reconnecting")
@@ -114,64 +227,52 @@ class Sender:
                     continue
                 self._failures = 0
             self._session_used = True
-            attempts += 1
-            try:
-                result = await session.send(mail)
-            except SessionLost as lost:
-                self._failures += 1
-                await self._drop_session(quit=False)
-                if attempts >= self.max_attempts:
-                    self._report_failed(mail, attempts, f"session lost: {lost.reason}")
-                    return
-                log.warning(
-                    "session lost while sending %s (attempt %d): %s; sending again on a new "
-                    "session%s",
-                    mail.message_id,
-                    attempts,
-                    lost.reason,
-                    " (possible duplicate: the final '.' had been sent)"
-                    if lost.after_data_end
-                    else "",
-                )
-                continue
-            if isinstance(result, Delivered):
-                self._failures = 0
-                self._delivered += 1
-                log.info(
-                    "delivered %s to the relay (attempts=%d, reply: %s)",
-                    mail.message_id,
-                    attempts,
-                    result.reply,
-                )
-                return
-            self._report_failed(mail, attempts, f"{result.command} rejected: {result.reply}")
-            if not await session.reset():
-                await self._drop_session(quit=False)
-            return
+            return session
 
-    def _report_failed(self, mail: OutgoingMail, attempts: int, why: str) -> None:
-        self._failed += 1
-        log.error("failed %s (attempts=%d): %s", mail.message_id, attempts, why)
-
-    async def _open_session(self) -> SmtpSession:
+    async def _connect_before(self, deadline: float) -> bool:
         while self._session is None:
-            delay = self.backoff.delay_s(self._failures)
+            delay = self.backoff.delay_s(
+                self._failures, self.random(), config_error=self._config_error
+            )
             if delay > 0:
+                if trio.current_time() + delay >= deadline:
+                    await trio.sleep_until(deadline)
+                    return False
                 await trio.sleep(delay)
             try:
                 self._session = await self.connect()
             except ConnectFailed as exc:
                 self._failures += 1
-                log.warning(
-                    "relay unavailable: %s; next try in %.1fs",
-                    exc.reason,
-                    self.backoff.delay_s(self._failures),
-                )
+                self._config_error = exc.config_error
+                self._report_relay_problem(exc)
                 continue
             self._connects += 1
             self._session_used = False
+            self._config_error = False
+            if self._relay_problem is not None:
+                log.info("relay reachable again (after %d failures)", self._failures)
+                self._relay_problem = None
             log.info("SMTP session up (connect #%d)", self._connects)
-        return self._session
+        return True
+
+    def _report_relay_problem(self, exc: ConnectFailed) -> None:
+        """Log relay trouble once per change of state, not once per try."""
+        if exc.reason == self._relay_problem:
+            log.debug("relay still unavailable: %s", printable(exc.reason))
+            return
+        self._relay_problem = exc.reason
+        if exc.config_error:
+            log.error(
+                "relay refuses our configuration: %s; retrying every %gs until it is fixed",
+                printable(exc.reason),
+                self.backoff.cap_s,
+            )
+        else:
+            log.warning(
+                "relay unavailable: %s; retrying with backoff (up to %gs)",
+                printable(exc.reason),
+                self.backoff.cap_s,
+            )
 
     async def _drop_session(self, *, quit: bool) -> None:
         session = self._session

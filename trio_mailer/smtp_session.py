@@ -15,11 +15,20 @@ blocked thread's read fail at once; the limiter stays held until that thread has
 nothing else touches the connection meanwhile. That shutdown is the one thing done to the
 connection from outside its thread.
 
-Outcomes of ``send``: ``Delivered`` (2xx after the final "."), ``Rejected`` (a 4xx/5xx reply to
-MAIL, RCPT, DATA or the final "."; the session stays usable after a RSET), or the exception
-``SessionLost`` (connection closed, timed out, garbled, or a 421 "closing" reply): the session is
-gone, and ``after_data_end`` says whether the final "." had been sent, in which case the relay
-may have taken the mail.
+Every call also has an overall watchdog on the Trio side: the configured timeout times the
+number of round trips the call makes. smtplib's per-operation timeouts catch a relay that goes
+silent; the watchdog also catches one that trickles a byte at a time. On expiry the socket is
+shut down (as on cancellation) and the call fails as "timed out".
+
+Outcomes of ``send`` (replies classified by ``smtp_replies.classify``): ``Delivered`` (2xx after
+the final "."), ``Rejected`` (a 4xx/5xx reply to MAIL, RCPT, DATA or the final "."; the session
+stays usable after a RSET), or the exception ``SessionLost`` (connection closed, timed out, a
+garbled or out-of-place reply, or 421 "closing"): the session is gone, and ``after_data_end``
+says whether the final "." had been sent without a clear answer, in which case the relay may
+have taken the mail.
+
+``ConnectFailed.config_error`` marks failures that retrying soon will not fix: a certificate that
+does not verify, or credentials the relay refuses (AUTH 535 and kin).
 """
 
 from __future__ import annotations
@@ -38,6 +47,7 @@ import trio
 from .config import Config, TlsMode
 from .logs import printable
 from .message import OutgoingMail
+from .smtp_replies import ReplyClass, classify, is_auth_config_error
 
 R = TypeVar("R")
 
@@ -105,9 +115,10 @@ class Rejected:
 class ConnectFailed(Exception):
     """No usable session: refused, timed out, TLS failed, STARTTLS missing, AUTH refused."""
 
-    def __init__(self, reason: str) -> None:
+    def __init__(self, reason: str, *, config_error: bool = False) -> None:
         super().__init__(reason)
         self.reason = reason
+        self.config_error = config_error
 
 
 class SessionLost(Exception):
@@ -144,6 +155,10 @@ class BlockingSmtp:
         self._settings = settings
         self._ssl_context = ssl_context
         self._smtp: smtplib.SMTP | None = None
+        self._aborted = False
+        # Set just before the final "." is written; read from the Trio side after the socket
+        # was shut down, when it can no longer change from False to a sent ".".
+        self.data_end_sent = False
 
     def connect(self) -> None:
         """Open the session: connect, TLS, EHLO, AUTH.
@@ -168,9 +183,14 @@ class BlockingSmtp:
                 )
         except (OSError, smtplib.SMTPException) as exc:
             raise ConnectFailed(
-                f"cannot connect to {s.host}:{s.port}: {_describe_error(exc)}"
+                f"cannot connect to {s.host}:{s.port}: {_describe_error(exc)}",
+                config_error=isinstance(exc, ssl.SSLCertVerificationError),
             ) from exc
         self._smtp = smtp
+        if self._aborted:
+            # The Trio side gave up on this connect while it was under way.
+            self.close()
+            raise ConnectFailed("connect abandoned")
         try:
             self._ehlo(smtp)
             if s.tls is TlsMode.STARTTLS:
@@ -187,9 +207,18 @@ class BlockingSmtp:
         except ConnectFailed:
             self.close()
             raise
+        except smtplib.SMTPAuthenticationError as exc:
+            self.close()
+            raise ConnectFailed(
+                f"AUTH refused: {_describe_error(exc)}",
+                config_error=is_auth_config_error(exc.smtp_code),
+            ) from exc
         except (OSError, smtplib.SMTPException) as exc:
             self.close()
-            raise ConnectFailed(f"session set-up failed: {_describe_error(exc)}") from exc
+            raise ConnectFailed(
+                f"session set-up failed: {_describe_error(exc)}",
+                config_error=isinstance(exc, ssl.SSLCertVerificationError),
+            ) from exc
 
     @staticmethod
     def _ehlo(smtp: smtplib.SMTP) -> None:
@@ -227,42 +256,53 @@ class BlockingSmtp:
         if smtp is None:
             raise SessionLost("no session", after_data_end=False)
         command = "MAIL"
-        data_end_sent = False
+        self.data_end_sent = False
         try:
             code, text = smtp.mail(mail.envelope_from)
-            if code != 250:
-                return self._rejected(command, code, text)
+            if classify(command, code) is not ReplyClass.SUCCESS:
+                return self._not_accepted(command, code, text)
             command = "RCPT"
             code, text = smtp.rcpt(mail.envelope_to)
-            if code not in (250, 251):
-                return self._rejected(command, code, text)
+            if classify(command, code) is not ReplyClass.SUCCESS:
+                return self._not_accepted(command, code, text)
             command = "DATA"
             code, text = smtp.docmd("DATA")
-            if code != 354:
-                return self._rejected(command, code, text)
+            if classify(command, code) is not ReplyClass.INTERMEDIATE:
+                return self._not_accepted(command, code, text)
             command = "DOT"
             payload = _LEADING_DOT.sub(b"..", mail.data)
             if not payload.endswith(b"\r\n"):
                 payload += b"\r\n"
             # From here on the relay may take the mail even if we never hear its reply.
-            data_end_sent = True
+            self.data_end_sent = True
             smtp.send(payload + b".\r\n")
             code, text = smtp.getreply()
         except (OSError, smtplib.SMTPException) as exc:
             self.close()
             raise SessionLost(
-                f"{command}: {_describe_error(exc)}", after_data_end=data_end_sent
+                f"{command}: {_describe_error(exc)}", after_data_end=self.data_end_sent
             ) from exc
-        if 200 <= code < 300:
+        if classify(command, code) is ReplyClass.SUCCESS:
             return Delivered(_reply(code, text))
-        return self._rejected(command, code, text)
+        return self._not_accepted(command, code, text)
 
-    def _rejected(self, command: str, code: int, text: bytes) -> Rejected:
-        if code == 421:
-            # RFC 5321 3.8: the relay is closing the channel; the mail was not taken.
-            self.close()
+    def _not_accepted(self, command: str, code: int, text: bytes) -> Rejected:
+        """A reply other than the expected one: a rejection, or the end of the session.
+
+        Raises:
+            SessionLost: 421 (closing; the mail was not taken) or a protocol error (after the
+                final "." the relay's intent is then unknown).
+        """
+        kind = classify(command, code)
+        if kind in (ReplyClass.TRANSIENT, ReplyClass.PERMANENT):
+            return Rejected(command, _reply(code, text))
+        self.close()
+        if kind is ReplyClass.CLOSING:
             raise SessionLost(f"{command}: {_reply(code, text)}", after_data_end=False)
-        return Rejected(command, _reply(code, text))
+        raise SessionLost(
+            f"{command}: unexpected reply {_reply(code, text)}",
+            after_data_end=command == "DOT",
+        )
 
     def quit(self) -> None:
         """Say QUIT and close; errors are irrelevant at this point."""
@@ -285,6 +325,7 @@ class BlockingSmtp:
         ``close()`` would not wake a blocked ``recv``; ``shutdown`` does. The base-class method is
         used so that an ``SSLSocket`` does not drop its TLS state under the other thread.
         """
+        self._aborted = True
         smtp = self._smtp
         sock = getattr(smtp, "sock", None)
         if sock is not None:
@@ -294,11 +335,18 @@ class BlockingSmtp:
                 pass
 
 
+# Round trips per call, for the watchdog: greeting, EHLO, STARTTLS, EHLO, AUTH (up to 3 for
+# LOGIN); MAIL, RCPT, DATA, the data and its reply.
+CONNECT_ROUND_TRIPS = 8
+SEND_ROUND_TRIPS = 4
+
+
 class ThreadedSmtpSession:
     """The async face of ``BlockingSmtp``: each call runs in a worker thread."""
 
-    def __init__(self, blocking: BlockingSmtp) -> None:
+    def __init__(self, blocking: BlockingSmtp, timeout_s: float) -> None:
         self._blocking = blocking
+        self._timeout_s = timeout_s
         self._limiter = trio.CapacityLimiter(1)
 
     @classmethod
@@ -310,27 +358,48 @@ class ThreadedSmtpSession:
         Raises:
             ConnectFailed: with the reason.
         """
-        session = cls(BlockingSmtp(settings, ssl_context))
-        await session._call(session._blocking.connect)
+        session = cls(BlockingSmtp(settings, ssl_context), settings.timeout_s)
+        try:
+            await session._call(session._blocking.connect, round_trips=CONNECT_ROUND_TRIPS)
+        except _WatchdogExpired:
+            raise ConnectFailed("session set-up timed out") from None
         return session
 
-    async def _call(self, fn: Callable[..., R], *args: object) -> R:
-        try:
-            return await trio.to_thread.run_sync(
-                fn, *args, limiter=self._limiter, abandon_on_cancel=True
-            )
-        except trio.Cancelled:
-            self._blocking.shutdown_socket()
-            raise
+    async def _call(self, fn: Callable[..., R], *args: object, round_trips: int = 1) -> R:
+        with trio.move_on_after(self._timeout_s * round_trips):
+            try:
+                return await trio.to_thread.run_sync(
+                    fn, *args, limiter=self._limiter, abandon_on_cancel=True
+                )
+            except trio.Cancelled:
+                self._blocking.shutdown_socket()
+                raise
+        raise _WatchdogExpired()
 
     async def probe(self) -> bool:
-        return await self._call(self._blocking.noop)
+        try:
+            return await self._call(self._blocking.noop)
+        except _WatchdogExpired:
+            return False
 
     async def reset(self) -> bool:
-        return await self._call(self._blocking.reset)
+        try:
+            return await self._call(self._blocking.reset)
+        except _WatchdogExpired:
+            return False
 
     async def send(self, mail: OutgoingMail) -> Delivered | Rejected:
-        return await self._call(self._blocking.send, mail)
+        try:
+            return await self._call(self._blocking.send, mail, round_trips=SEND_ROUND_TRIPS)
+        except _WatchdogExpired:
+            raise SessionLost("timed out", after_data_end=self._blocking.data_end_sent) from None
 
     async def close(self, *, quit: bool) -> None:
-        await self._call(self._blocking.quit if quit else self._blocking.close)
+        try:
+            await self._call(self._blocking.quit if quit else self._blocking.close)
+        except _WatchdogExpired:
+            pass
+
+
+class _WatchdogExpired(Exception):
+    """A call ran past its overall time budget; its socket has been shut down."""

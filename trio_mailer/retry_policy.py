@@ -1,0 +1,115 @@
+"""When to try a mail again, when to give up, and how long to wait for the relay.
+
+Pure: every function takes the current time and a random number in [0, 1] as arguments, so the
+policy is tested without I/O, clocks or luck.
+
+Theory of operation
+-------------------
+A mail gets at most ``max_attempts`` attempts and never outlives its time to live
+(``ttl_s`` after it was accepted): a password code an hour late is worse than a clear failure.
+
+After a failed attempt (``after_failure``):
+
+- ``PERMANENT`` (a 5xx reply): give up at once.
+- ``TRANSIENT`` (a 4xx reply about this mail, e.g. 450/451/452): wait with exponential backoff
+  and full jitter, uniform in ``[0, min(max_s, base_s * 2**(attempts-1))]``, so that many mails
+  deferred together do not come back together. Other mails go meanwhile.
+- ``SESSION_LOST`` (the connection broke, timed out or said 421 before the relay's answer to the
+  final "."), and ``OUTCOME_UNKNOWN`` (it broke after the final "." was sent, so the relay may
+  have the mail): try again at once on a new session. The pacing comes from the reconnect
+  backoff, which grows while sessions keep failing.
+- Either way: give up when the attempts are used up, or when the next attempt would start after
+  the time to live.
+
+The reconnect backoff (``ReconnectBackoff``) paces relay-wide trouble (cannot connect, TLS
+failure, 421, timeouts, AUTH 454): zero after a success, then doubling with "equal jitter"
+(between half and all of the step, so it never collapses to a tight loop), capped. A
+configuration error (bad credentials, an untrusted certificate) will not fix itself by retrying
+quickly, so it waits the full cap at once.
+"""
+
+from __future__ import annotations
+
+import enum
+
+import attrs
+
+
+class AttemptResult(enum.Enum):
+    """How one attempt to send a mail ended, as far as the retry policy cares."""
+
+    DELIVERED = "delivered"
+    PERMANENT = "permanent"  # 5xx
+    TRANSIENT = "transient"  # 4xx about this mail
+    SESSION_LOST = "session lost"  # before the final ".": the relay did not take it
+    OUTCOME_UNKNOWN = "outcome unknown"  # after the final ".": it may have
+
+
+@attrs.frozen
+class RetryAt:
+    """Try again when the clock reads ``at_s``."""
+
+    at_s: float
+
+
+@attrs.frozen
+class GiveUp:
+    """Report the mail as failed for ``reason``."""
+
+    reason: str
+
+
+@attrs.frozen
+class RetryPolicy:
+    base_s: float = 1.0
+    max_s: float = 60.0
+    max_attempts: int = 8
+    ttl_s: float = 600.0
+
+    def backoff_s(self, attempts: int, rand: float) -> float:
+        """Full-jitter delay after ``attempts`` transient failures; ``rand`` in [0, 1]."""
+        exponent = min(max(attempts - 1, 0), 64)  # 2.0 ** 2000 overflows a float
+        return rand * min(self.max_s, self.base_s * 2.0**exponent)
+
+    def deadline_s(self, accepted_at_s: float) -> float:
+        """The time after which the mail is not worth sending any more."""
+        return accepted_at_s + self.ttl_s
+
+    def after_failure(
+        self,
+        result: AttemptResult,
+        *,
+        attempts: int,
+        accepted_at_s: float,
+        now_s: float,
+        rand: float,
+    ) -> RetryAt | GiveUp:
+        """Decide what follows a failed attempt (``attempts`` counts it)."""
+        if result is AttemptResult.PERMANENT:
+            return GiveUp("permanent failure")
+        if attempts >= self.max_attempts:
+            return GiveUp(f"gave up after {attempts} attempts")
+        delay = self.backoff_s(attempts, rand) if result is AttemptResult.TRANSIENT else 0.0
+        if now_s + delay >= self.deadline_s(accepted_at_s):
+            return GiveUp(f"time to live ({self.ttl_s:g}s) would pass before the next attempt")
+        return RetryAt(now_s + delay)
+
+
+@attrs.frozen
+class ReconnectBackoff:
+    """Delay before reconnecting after ``n`` consecutive session failures."""
+
+    base_s: float = 1.0
+    cap_s: float = 60.0
+
+    def delay_s(
+        self, consecutive_failures: int, rand: float, *, config_error: bool = False
+    ) -> float:
+        """Seconds to wait before the next connect; ``rand`` in [0, 1]."""
+        if consecutive_failures <= 0:
+            return 0.0
+        if config_error:
+            return self.cap_s
+        exponent = min(consecutive_failures - 1, 64)
+        step = min(self.cap_s, self.base_s * 2.0**exponent)
+        return step / 2 + rand * step / 2
