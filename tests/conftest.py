@@ -17,6 +17,7 @@ from trio_mailer.app import MailerApp
 from trio_mailer.capture_smtp import CaptureSMTPServer
 from trio_mailer.client import open_channel
 from trio_mailer.config import Config, load_config
+from trio_mailer.sender import FinishedMail
 from trio_mailer.v1.mailer_grpc import MailerStub
 
 
@@ -72,6 +73,18 @@ class Harness:
     nursery: trio.Nursery
     exit_status: list[int]
     stopped: trio.Event
+    finished: list[FinishedMail] = attrs.Factory(list)
+    _finished_lot: trio.lowlevel.ParkingLot = attrs.Factory(trio.lowlevel.ParkingLot)
+
+    def record_finished(self, mail: FinishedMail) -> None:
+        self.finished.append(mail)
+        self._finished_lot.unpark_all()
+
+    async def wait_finished(self, count: int) -> list[FinishedMail]:
+        """Wait until ``count`` mails have reached their outcome (delivered or failed)."""
+        while len(self.finished) < count:
+            await self._finished_lot.park()
+        return self.finished
 
     async def shutdown(self, *, force: bool = False) -> int:
         """Ask for the drain and wait for ``run`` to return its exit status."""
@@ -122,6 +135,7 @@ def start_harness(
                     exit_status,
                     stopped,
                 )
+                app.sender.on_finished = harness.record_finished
                 yield harness
             await harness.shutdown()
             nursery.cancel_scope.cancel()

@@ -141,6 +141,12 @@ class Fault:
     """Close the connection instead of replying (after `delay_s`)."""
     times: int = attrs.field(default=1, validator=_check_times)
     """How many times it fires; -1 means forever."""
+    stall_mid_reply_s: float = attrs.field(default=0.0, validator=_check_delay)
+    """Write the first half of the reply, wait this long, then the rest (a relay that stalls
+    mid-line)."""
+    trickle_s: float = attrs.field(default=0.0, validator=_check_delay)
+    """Write the reply one byte at a time, this long apart (a relay that is never quite
+    silent, yet never done)."""
 
 
 @attrs.frozen
@@ -221,6 +227,8 @@ class _Session:
     mail_from: str | None = None
     rcpt_to: list[str] = attrs.field(factory=list)
     command_count: int = 0
+    stall_next_reply_s: float = 0.0
+    trickle_next_reply_s: float = 0.0
 
     def reset_envelope(self) -> None:
         self.mail_from = None
@@ -284,6 +292,8 @@ class CaptureSMTPServer:
         idle_timeout_s: budget for each read, write and TLS handshake; then 421 and close.
         history_limit: if set, `received` and `commands` keep only about this many newest
             entries, so a long-running `dev` relay does not grow without bound.
+        chaos: asked for a fault for every command that no scripted fault matches (the soak
+            test's seeded random failures); None means no fault.
 
     Raises:
         ValueError: `tls_mode` is unknown, or needs an `ssl_context` that is missing.
@@ -304,6 +314,7 @@ class CaptureSMTPServer:
         max_message_bytes: int = MAX_MESSAGE_BYTES,
         idle_timeout_s: float = IDLE_TIMEOUT_S,
         history_limit: int | None = None,
+        chaos: Callable[[str], Fault | None] | None = None,
     ) -> None:
         if tls_mode not in TLS_MODES:
             raise ValueError(f"tls_mode: expected one of {', '.join(TLS_MODES)}, got {tls_mode!r}")
@@ -325,6 +336,7 @@ class CaptureSMTPServer:
         self._max_message_bytes = max_message_bytes
         self._idle_timeout_s = idle_timeout_s
         self._history_limit = history_limit
+        self._chaos = chaos
 
         self.received: list[ReceivedMail] = []
         self.faults: list[Fault] = []
@@ -465,7 +477,7 @@ class CaptureSMTPServer:
     async def _converse(self, session: _Session) -> None:
         greeting = f"220 {self._hostname} ESMTP trio-mailer capture"
         fault = self._take_fault("GREETING")
-        await self._fire(fault)
+        await self._fire(session, fault)
         await self._send(session, _resolve(greeting, fault)[0])
         while True:
             line = await self._read_line(session)
@@ -480,7 +492,7 @@ class CaptureSMTPServer:
                 await self._send(session, "502 5.5.2 Command not recognized")
                 continue
             fault = self._take_fault(verb)
-            await self._fire(fault)
+            await self._fire(session, fault)
             await handler(session, argument.strip(), fault)
 
     async def _read_line(self, session: _Session) -> bytes:
@@ -494,7 +506,20 @@ class CaptureSMTPServer:
     async def _send(self, session: _Session, reply: str) -> None:
         lines = [line.rstrip("\r") for line in reply.split("\n")]
         payload = ("\r\n".join(lines) + "\r\n").encode("utf-8")
-        with trio.move_on_after(self._idle_timeout_s) as scope:
+        stall_s, session.stall_next_reply_s = session.stall_next_reply_s, 0.0
+        trickle_s, session.trickle_next_reply_s = session.trickle_next_reply_s, 0.0
+        budget = self._idle_timeout_s + stall_s + trickle_s * len(payload)
+        with trio.move_on_after(budget) as scope:
+            if stall_s > 0:
+                half = len(payload) // 2
+                await session.stream.send_all(payload[:half])
+                await trio.sleep(stall_s)
+                payload = payload[half:]
+            if trickle_s > 0:
+                for byte in payload[:-1]:
+                    await session.stream.send_all(bytes([byte]))
+                    await trio.sleep(trickle_s)
+                payload = payload[-1:]
             await session.stream.send_all(payload)
         if scope.cancelled_caught:
             raise _EndSession("client stopped reading replies")
@@ -513,12 +538,14 @@ class CaptureSMTPServer:
                 elif fault.times > 1:
                     self.faults[index] = attrs.evolve(fault, times=fault.times - 1)
                 return fault
-        return None
+        return self._chaos(command) if self._chaos is not None else None
 
-    async def _fire(self, fault: Fault | None) -> None:
+    async def _fire(self, session: _Session, fault: Fault | None) -> None:
         """Runs the parts of `fault` that come before the reply: delay, then drop."""
         if fault is None:
             return
+        session.stall_next_reply_s = fault.stall_mid_reply_s
+        session.trickle_next_reply_s = fault.trickle_s
         if fault.delay_s > 0:
             await trio.sleep(fault.delay_s)
         if fault.drop:
@@ -747,7 +774,7 @@ class CaptureSMTPServer:
         session.reset_envelope()
 
         fault = self._take_fault("DOT")
-        await self._fire(fault)
+        await self._fire(session, fault)
         number = next(self._mail_numbers)
         if size > self._max_message_bytes:
             normal = "552 5.3.4 Message size exceeds fixed limit"
