@@ -21,6 +21,16 @@ from trio_mailer.sender import FinishedMail
 from trio_mailer.v1.mailer_grpc import MailerStub
 
 
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption(
+        "--soak-mails",
+        type=int,
+        default=300,
+        help="how many mails the soak test sends (default 300; try 5000 for a long run)",
+    )
+    parser.addoption("--soak-seed", type=int, default=20261127, help="the soak test's seed")
+
+
 @pytest.fixture(scope="session")
 def ca() -> trustme.CA:
     return trustme.CA()

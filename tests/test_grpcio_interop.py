@@ -68,3 +68,45 @@ async def test_unknown_method_is_unimplemented(start_harness) -> None:
             with pytest.raises(grpc.RpcError) as info:
                 await call(h, "SendNothing", "user@example.com", "1")
             assert info.value.code() == grpc.StatusCode.UNIMPLEMENTED
+
+
+def _call_on(channel: grpc.Channel, code: str) -> MsgReply:
+    call = channel.unary_unary(
+        "/trio_mailer.v1.Mailer/SendPass",
+        request_serializer=MsgRequest.SerializeToString,
+        response_deserializer=MsgReply.FromString,
+    )
+    reply: MsgReply = call(MsgRequest(to="user@example.com", code=code), timeout=5)
+    return reply
+
+
+def oversized_between_good_calls(port: int) -> tuple[MsgReply, grpc.StatusCode, MsgReply]:
+    """A good client, then a client sending 100 KiB, then the good client again."""
+    own_pool = [("grpc.use_local_subchannel_pool", 1)]  # a connection of its own per channel
+    with grpc.insecure_channel(f"127.0.0.1:{port}", options=own_pool) as good:
+        before = _call_on(good, "1")
+        with grpc.insecure_channel(f"127.0.0.1:{port}", options=own_pool) as bad:
+            try:
+                _call_on(bad, "x" * 100_000)
+            except grpc.RpcError as exc:
+                status = exc.code()
+            else:
+                raise AssertionError("an oversized request was accepted")
+        after = _call_on(good, "2")
+    return before, status, after
+
+
+async def test_oversized_request_is_refused_without_hurting_other_clients(
+    start_harness, caplog
+) -> None:
+    """100 KiB (limit 4 KiB): that connection is closed; other clients keep working."""
+    with trio.fail_after(20):
+        async with start_harness(env={"MAILER_QUEUE_SIZE": "5"}) as h:
+            before, status, after = await trio.to_thread.run_sync(
+                oversized_between_good_calls, h.grpc_port
+            )
+            await h.relay.wait_for_mails(2)
+    assert before.sent and after.sent
+    assert status == grpc.StatusCode.UNAVAILABLE
+    assert len(h.relay.received) == 2  # nothing from the oversized request
+    assert "closed a gRPC connection: a request was larger than 4096 bytes" in caplog.text

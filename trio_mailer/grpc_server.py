@@ -23,7 +23,7 @@ import trio
 from purerpc.grpc_proto import GRPCProtoSocket, GRPCProtoStream
 from purerpc.grpclib.connection import GRPCConfiguration
 from purerpc.grpclib.events import RequestReceived
-from purerpc.grpclib.exceptions import RpcFailedError
+from purerpc.grpclib.exceptions import MessageTooLargeError, RpcFailedError
 from purerpc.rpc import Cardinality
 from purerpc.wrappers import (
     call_server_stream_stream,
@@ -34,8 +34,9 @@ from purerpc.wrappers import (
 
 log = logging.getLogger(__name__)
 
-# The largest request message accepted; this API's requests are a few hundred bytes.
-MAX_MESSAGE_BYTES = 64 * 1024
+# The largest request message accepted: this API's requests are a few hundred bytes (to at most
+# 254 characters, code at most 128), so anything bigger is a client bug or an attack.
+MAX_MESSAGE_BYTES = 4 * 1024
 
 _CALLERS = {
     Cardinality.UNARY_UNARY: call_server_unary_unary,
@@ -63,8 +64,14 @@ class _ConnectionHandler:
                 async with anyio.create_task_group() as task_group:
                     async for call in grpc_socket.listen():
                         task_group.start_soon(self._serve_call, call)
-        except Exception as exc:  # a broken or misbehaving client ends only its own connection
-            log.debug("gRPC connection ended: %r", exc)
+        except* MessageTooLargeError:
+            # purerpc fails the whole connection, not just the call: the client sees
+            # UNAVAILABLE ("Stream removed"). Its other connections, and other clients, go on.
+            log.warning(
+                "closed a gRPC connection: a request was larger than %d bytes", MAX_MESSAGE_BYTES
+            )
+        except* Exception as group:  # a broken or misbehaving client ends only its own connection
+            log.debug("gRPC connection ended: %r", group)
 
     async def _serve_call(self, stream: GRPCProtoStream) -> None:
         try:

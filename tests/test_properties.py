@@ -1,0 +1,115 @@
+"""Property tests: whatever a caller sends, the service refuses it or builds a safe message.
+
+For any ``to`` and ``code``: either ``InvalidRequest`` (INVALID_ARGUMENT), or the serialized
+message has exactly the expected header names, one recipient, and parses back to the same To
+and body. Includes the CVE-2024-6923 shape (an encoded word that refolds into a new header line)
+and the CVE-2023-27043 shapes (quoted local parts, lists).
+"""
+
+from __future__ import annotations
+
+import email
+import email.policy
+from datetime import UTC, datetime
+
+import pytest
+from hypothesis import example, given, settings
+from hypothesis import strategies as st
+
+from trio_mailer.config import shipped_templates_dir
+from trio_mailer.errors import InvalidRequest
+from trio_mailer.message import EXPECTED_HEADERS, MailComposer
+from trio_mailer.rendering import MailKind, MailTemplates
+
+NOW = datetime(2026, 11, 27, 12, 0, tzinfo=UTC)
+TEMPLATES = MailTemplates.load(shipped_templates_dir())
+COMPOSER = MailComposer(TEMPLATES, "noreply@example.com", "Acme")
+
+# Characters that matter to headers and address parsing, mixed with anything at all.
+TRICKY = st.sampled_from(
+    [
+        "\r",
+        "\n",
+        "\r\n",
+        "\x00",
+        "=?",
+        "?=",
+        "@",
+        ",",
+        ";",
+        '"',
+        "<",
+        ">",
+        "(",
+        ")",
+        "\\",
+        " ",
+        "\t",
+        ":",
+        ".",
+        "..",
+        "\u2028",
+        "\x85",
+        "é",
+        "=?utf-8?q?",
+        "?=\r\n",
+        "Bcc: x@evil.com",
+    ]
+)
+TEXT = st.lists(st.one_of(TRICKY, st.text(max_size=8)), max_size=12).map("".join)
+ATOM = st.from_regex(r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]{1,10}", fullmatch=True)
+LABEL = st.from_regex(r"[A-Za-z0-9]([A-Za-z0-9-]{0,8}[A-Za-z0-9])?", fullmatch=True)
+PLAIN_ADDRESS = st.builds(
+    lambda local, labels: f"{'.'.join(local)}@{'.'.join(labels)}",
+    st.lists(ATOM, min_size=1, max_size=3),
+    st.lists(LABEL, min_size=2, max_size=4),
+)
+ADDRESS = st.one_of(PLAIN_ADDRESS, st.emails(), TEXT, st.builds("{}@{}".format, TEXT, TEXT))
+CODE = st.one_of(st.text(max_size=140), TEXT, st.from_regex(r"[0-9A-Z]{4,12}", fullmatch=True))
+
+
+@settings(max_examples=400, deadline=None)
+@given(to=ADDRESS, code=CODE, kind=st.sampled_from(MailKind))
+@example(
+    to="user@example.com", code="=?utf-8?q?x?=\r\nBcc: evil@example.com", kind=MailKind.PASSWORD
+)  # CVE-2024-6923
+@example(
+    to="user@example.com",
+    code="=?utf-8?b?" + "QQ==" * 30 + "?= \n Bcc: evil@example.com",
+    kind=MailKind.PASSWORD,
+)
+@example(to='"a@b.c"@evil.com', code="1", kind=MailKind.PASSWORD)  # CVE-2023-27043
+@example(to="a@b.c, c@d.e", code="1", kind=MailKind.PASSWORD)
+@example(to="alice@example.com\r\nBcc: eve@example.com", code="1", kind=MailKind.PASSWORD)
+@example(to="user@example.com", code="ok-" + "é" * 60, kind=MailKind.PASSWORD)
+@example(to="a" * 64 + "@" + "b" * 63 + ".example.com", code="1", kind=MailKind.PASSWORD)
+def test_refused_or_exactly_one_safe_message(to: str, code: str, kind: MailKind) -> None:
+    """INVALID_ARGUMENT, or the expected headers, one recipient, same To and body."""
+    try:
+        mail = COMPOSER.compose(kind, to, code, NOW)
+    except InvalidRequest as exc:
+        assert exc.field in ("to", "code")
+        assert exc.message.startswith(f"{exc.field}: ")
+        return
+    parsed = email.message_from_bytes(mail.data, policy=email.policy.default)
+    assert isinstance(parsed, email.message.EmailMessage)
+    assert sorted(name.lower() for name in parsed.keys()) == sorted(EXPECTED_HEADERS)
+    assert [a.addr_spec for a in parsed["To"].addresses] == [to]
+    assert mail.envelope_to == to
+    raw_headers = mail.data.split(b"\r\n\r\n", 1)[0].split(b"\r\n")
+    assert f"To: {to}".encode() in raw_headers
+    rendered = TEMPLATES.render(kind, {"code": code, "to": to, "service_name": "Acme"})
+    assert parsed.get_content().replace("\r\n", "\n") == rendered.body
+    # No bare CR or LF anywhere: every line ends in CRLF.
+    assert mail.data.replace(b"\r\n", b"").count(b"\n") == 0
+    assert mail.data.replace(b"\r\n", b"").count(b"\r") == 0
+
+
+@pytest.mark.parametrize(
+    "code", ["=?utf-8?q?x?=\r\nBcc: evil@example.com", "\r\nBcc: evil@example.com", "a\nb"]
+)
+def test_refolding_and_injection_shapes_are_refused(code: str) -> None:
+    """The CVE-2024-6923 and plain injection shapes never get as far as a message."""
+    with pytest.raises(InvalidRequest) as info:
+        COMPOSER.compose(MailKind.PASSWORD, "user@example.com", code, NOW)
+    assert info.value.field == "code"
