@@ -145,7 +145,7 @@ def start_harness(
                     exit_status,
                     stopped,
                 )
-                app.sender.on_finished = harness.record_finished
+                app.watch_finished(harness.record_finished)
                 yield harness
             await harness.shutdown()
             nursery.cancel_scope.cancel()

@@ -96,7 +96,7 @@ async def test_relay_without_starttls_gets_no_mail(start_harness, caplog) -> Non
 async def test_many_mails_share_one_session_with_noop_probes(start_harness) -> None:
     """Ten mails go through one SMTP session, each reuse preceded by NOOP."""
     with trio.fail_after(15):
-        async with start_harness(env={"MAILER_QUEUE_SIZE": "20"}) as h:
+        async with start_harness(env={"MAILER_QUEUE_SIZE": "20", "MAILER_NOOP_IDLE_S": "0"}) as h:
             ids = [await send_pass(h, code=str(n)) for n in range(10)]
             await h.relay.wait_for_mails(10)
             assert {m.session_id for m in h.relay.received} == {1}
@@ -123,7 +123,7 @@ async def test_dropped_session_is_replaced_and_the_next_mail_arrives(start_harne
 async def test_noop_421_means_reconnect(start_harness) -> None:
     """A 421 answer to the probe replaces the session before the mail is sent."""
     with trio.fail_after(10):
-        async with start_harness() as h:
+        async with start_harness(env={"MAILER_NOOP_IDLE_S": "0"}) as h:
             await send_pass(h, code="1")
             await h.relay.wait_for_mails(1)
             h.relay.add_fault(Fault("NOOP", reply="421 4.3.2 shutting down"))

@@ -54,7 +54,7 @@ async def deliver_one_with(start_harness, *faults: Fault, env: dict[str, str] | 
 async def test_421_to_noop_on_an_idle_session_replaces_it(start_harness) -> None:
     """The probe gets 421: a new session carries the mail, delivered once."""
     with trio.fail_after(10):
-        async with start_harness(env=FAST) as h:
+        async with start_harness(env={**FAST, "MAILER_NOOP_IDLE_S": "0"}) as h:
             await send_pass(h, code="1")
             await h.wait_finished(1)
             h.relay.add_fault(Fault("NOOP", reply="421 4.4.2 idle too long"))

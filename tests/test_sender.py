@@ -105,6 +105,7 @@ async def run_sender(
     """Feed ``mails`` through a sender until the queue has no more work."""
     finished: list[FinishedMail] = []
     kwargs.setdefault("backoff", ReconnectBackoff(base_s=0.5, cap_s=30))
+    kwargs.setdefault("noop_idle_s", 0)  # probe before every reuse, unless a test says otherwise
     sender = Sender(
         connect=relay.connect,
         random=lambda: 1.0,  # the top of every jitter range: deterministic delays
@@ -272,7 +273,7 @@ async def test_cancelled_sender_keeps_the_in_flight_mail_and_closes_the_session(
         await sender.run(queue)
     assert sender.in_flight is not None and sender.in_flight.mail == mail(1)
     assert relay.names() == ["connect #1", "close"]
-    assert not sender.statistics().session_up
+    assert sender.statistics().sessions_up == 0
 
 
 async def test_lost_after_the_dot_is_sent_again_as_a_possible_duplicate(
@@ -412,3 +413,61 @@ async def test_jitter_spreads_reconnects(autojump_clock: trio.testing.MockClock)
     await sender.run(queue)
     connect_times = [t - start for t, what in relay.events if what.startswith("connect")]
     assert connect_times == pytest.approx([0, 1, 3, 7])
+
+
+async def run_sender_with_gaps(relay: FakeRelay, gaps_s: list[float], **kwargs: object) -> Sender:
+    """Mail n+1 arrives gaps_s[n] after mail n was handed over."""
+    sender = Sender(connect=relay.connect, random=lambda: 1.0, **kwargs)  # type: ignore[arg-type]
+    queue = MailQueue.open(capacity=len(gaps_s) + 1, retry_capacity=5)
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(sender.run, queue)
+        queue.put_nowait(mail(0))
+        for n, gap in enumerate(gaps_s, start=1):
+            await trio.sleep(gap)
+            queue.put_nowait(mail(n))
+        queue.close()
+    return sender
+
+
+async def test_probe_only_after_the_session_sat_idle(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """NOOP before a mail only when the session was idle >= noop_idle_s."""
+    relay = FakeRelay()
+    await run_sender_with_gaps(relay, [0.1, 0.2, 5.0, 0.1], noop_idle_s=1.0)
+    assert [w for w in relay.names() if not w.startswith("send")] == [
+        "connect #1",
+        "probe ok",  # only before mail 3, after 5 s idle
+        "quit",
+    ]
+    assert len(relay.delivered) == 5
+
+
+async def test_session_recycled_after_max_messages(autojump_clock: trio.testing.MockClock) -> None:
+    """After max_messages mails the session says QUIT and the next mail opens a new one."""
+    relay = FakeRelay()
+    sender, _ = await run_sender(relay, [mail(n) for n in range(5)], max_messages=2)
+    assert [w for w in relay.names() if not w.startswith(("send", "probe"))] == [
+        "connect #1",
+        "quit",
+        "connect #2",
+        "quit",
+        "connect #3",
+        "quit",
+    ]
+    assert sender.statistics().connects == 3
+    assert len(relay.delivered) == 5
+
+
+async def test_session_recycled_after_max_age(autojump_clock: trio.testing.MockClock) -> None:
+    """A session older than max_age_s is replaced (with QUIT) before it carries another mail."""
+    relay = FakeRelay()
+    await run_sender_with_gaps(relay, [10.0, 50.0, 10.0], max_age_s=30.0, noop_idle_s=1000)
+    assert [w for w in relay.names() if not w.startswith("send")] == [
+        "connect #1",
+        "quit",  # 60 s old when mail 2 came
+        "connect #2",
+        "quit",
+    ]
+    sends = [w.rsplit(" on ", 1)[1].split(":")[0] for w in relay.names() if w.startswith("send")]
+    assert sends == ["#1", "#1", "#2", "#2"]

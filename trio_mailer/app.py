@@ -29,7 +29,7 @@ from .mail_queue import Delivery, MailQueue
 from .message import MailComposer
 from .rendering import MailTemplates
 from .retry_policy import ReconnectBackoff, RetryPolicy
-from .sender import Connector, FinishedMail, Sender, SmtpSession
+from .sender import Connector, FinishedMail, Sender, SenderStatistics, SmtpSession
 from .smtp_session import RelaySettings, ThreadedSmtpSession, make_relay_ssl_context
 
 log = logging.getLogger(__name__)
@@ -55,7 +55,7 @@ class MailerApp:
     connect: Connector
     on_finished: Callable[[FinishedMail], None] | None = None
     queue: MailQueue = attrs.field(init=False)
-    sender: Sender = attrs.field(init=False)
+    senders: list[Sender] = attrs.field(init=False)
     service: MailerService = attrs.field(init=False)
     _shutdown: trio.Event = attrs.field(init=False, factory=trio.Event)
     _force: trio.Event = attrs.field(init=False, factory=trio.Event)
@@ -63,18 +63,27 @@ class MailerApp:
     def __attrs_post_init__(self) -> None:
         config = self.config
         self.queue = MailQueue.open(config.queue_size, config.retry_capacity)
-        self.sender = Sender(
-            connect=self.connect,
-            policy=RetryPolicy(
-                base_s=config.retry_base_s,
-                max_s=config.retry_max_s,
-                max_attempts=config.max_attempts,
-                ttl_s=config.message_ttl_s,
-            ),
-            backoff=ReconnectBackoff(base_s=config.retry_base_s, cap_s=config.retry_max_s),
+        policy = RetryPolicy(
+            base_s=config.retry_base_s,
+            max_s=config.retry_max_s,
+            max_attempts=config.max_attempts,
+            ttl_s=config.message_ttl_s,
         )
+        backoff = ReconnectBackoff(base_s=config.retry_base_s, cap_s=config.retry_max_s)
+        # The pool: one sender task per SMTP session, all sharing the queue and the policy.
+        self.senders = [
+            Sender(
+                connect=self.connect,
+                policy=policy,
+                backoff=backoff,
+                noop_idle_s=config.noop_idle_s,
+                max_messages=config.session_max_messages,
+                max_age_s=config.session_max_age_s,
+            )
+            for _ in range(config.smtp_sessions)
+        ]
         if self.on_finished is not None:
-            self.sender.on_finished = self.on_finished
+            self.watch_finished(self.on_finished)
         composer = MailComposer(
             templates=self.templates,
             from_address=self.config.mail_from,
@@ -102,6 +111,24 @@ class MailerApp:
             ssl_context = make_relay_ssl_context(config.smtp_ca_file)
         return cls(config, templates, relay_connector(config, ssl_context))
 
+    def watch_finished(self, callback: Callable[[FinishedMail], None]) -> None:
+        """Have ``callback`` told of every mail's outcome (delivered or failed)."""
+        for sender in self.senders:
+            sender.on_finished = callback
+
+    def statistics(self) -> SenderStatistics:
+        """The pool's counters, summed."""
+        stats = [sender.statistics() for sender in self.senders]
+        in_flight = [s.in_flight for s in stats if s.in_flight]
+        return SenderStatistics(
+            delivered=sum(s.delivered for s in stats),
+            failed=sum(s.failed for s in stats),
+            retries=sum(s.retries for s in stats),
+            connects=sum(s.connects for s in stats),
+            sessions_up=sum(s.sessions_up for s in stats),
+            in_flight=tuple(m for s in in_flight for m in s),
+        )
+
     def _held(self) -> int:
         stats = self.queue.statistics()
         return stats.queued + stats.retry_waiting + stats.in_flight
@@ -121,20 +148,22 @@ class MailerApp:
             BindError: the gRPC port cannot be bound.
         """
         config = self.config
-        sender_done = trio.Event()
-        sender_scope = trio.CancelScope()
+        senders_done = trio.Event()
+        senders_scope = trio.CancelScope()
 
-        async def run_sender() -> None:
-            with sender_scope:
-                await self.sender.run(self.queue)
-            sender_done.set()
+        async def run_senders() -> None:
+            with senders_scope:
+                async with trio.open_nursery() as pool:
+                    for sender in self.senders:
+                        pool.start_soon(sender.run, self.queue)
+            senders_done.set()
 
         # Bound before anything starts, so a taken port fails plainly and early.
         listener = await open_grpc_listener(config.serve_host, config.serve_port)
         port = bound_port(listener)
         async with trio.open_nursery() as nursery:
             await nursery.start(serve_grpc, listener, [self.service.service])
-            nursery.start_soon(run_sender)
+            nursery.start_soon(run_senders)
             log.info("listening on %s:%d", config.serve_host, port)
             task_status.started(port)
 
@@ -154,10 +183,10 @@ class MailerApp:
                         waiters.cancel_scope.cancel()
 
                     waiters.start_soon(on_force)
-                    await sender_done.wait()
+                    await senders_done.wait()
                     waiters.cancel_scope.cancel()
-            sender_scope.cancel()
-            await sender_done.wait()
+            senders_scope.cancel()
+            await senders_done.wait()
             nursery.cancel_scope.cancel()
 
         left_behind = self._left_behind()
@@ -168,14 +197,15 @@ class MailerApp:
                 mail.attempts,
                 mail.last_reply or "none",
             )
+        stats = self.statistics()
         log.info(
             "stopped: %d delivered, %d failed, %d left behind",
-            self.sender.statistics().delivered,
-            self.sender.statistics().failed,
+            stats.delivered,
+            stats.failed,
             len(left_behind),
         )
         return EXIT_MAIL_LEFT_BEHIND if left_behind else EXIT_OK
 
     def _left_behind(self) -> list[Delivery]:
-        in_flight = [self.sender.in_flight] if self.sender.in_flight is not None else []
+        in_flight = [s.in_flight for s in self.senders if s.in_flight is not None]
         return in_flight + self.queue.take_leftovers()

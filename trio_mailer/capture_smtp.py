@@ -206,6 +206,10 @@ class _LineReader:
                 raise _EndSession("client closed the connection")
             self._buffer += chunk
 
+    def has_line(self) -> bool:
+        """Whether a complete line is already buffered (the client pipelined it)."""
+        return b"\r\n" in self._buffer
+
     def discard_buffered(self) -> int:
         """Drops bytes received but not read yet; returns how many."""
         count = len(self._buffer)
@@ -294,6 +298,8 @@ class CaptureSMTPServer:
             entries, so a long-running `dev` relay does not grow without bound.
         chaos: asked for a fault for every command that no scripted fault matches (the soak
             test's seeded random failures); None means no fault.
+        pipelining: advertise RFC 2920 PIPELINING in EHLO (commands are handled in order either
+            way; `pipelined_commands` counts those that came batched).
 
     Raises:
         ValueError: `tls_mode` is unknown, or needs an `ssl_context` that is missing.
@@ -315,6 +321,7 @@ class CaptureSMTPServer:
         idle_timeout_s: float = IDLE_TIMEOUT_S,
         history_limit: int | None = None,
         chaos: Callable[[str], Fault | None] | None = None,
+        pipelining: bool = False,
     ) -> None:
         if tls_mode not in TLS_MODES:
             raise ValueError(f"tls_mode: expected one of {', '.join(TLS_MODES)}, got {tls_mode!r}")
@@ -337,6 +344,9 @@ class CaptureSMTPServer:
         self._idle_timeout_s = idle_timeout_s
         self._history_limit = history_limit
         self._chaos = chaos
+        self._pipelining = pipelining
+        self.pipelined_commands = 0
+        """Commands that arrived with the next one already buffered behind them."""
 
         self.received: list[ReceivedMail] = []
         self.faults: list[Fault] = []
@@ -486,6 +496,8 @@ class CaptureSMTPServer:
                 await self._close_with(session, "421 4.7.0 Too many commands, closing")
             verb, _, argument = line.decode("utf-8", errors="replace").partition(" ")
             verb = verb.upper()
+            if session.reader.has_line():
+                self.pipelined_commands += 1
             self._record_command(session.session_id, verb)
             handler = self._handlers.get(verb)
             if handler is None:
@@ -581,6 +593,8 @@ class CaptureSMTPServer:
                 lines.append("250-AUTH PLAIN LOGIN")
             if self._starttls_offered(session):
                 lines.append("250-STARTTLS")
+            if self._pipelining:
+                lines.append("250-PIPELINING")
             lines.append("250 HELP")
             normal = "\n".join(lines)
         reply, takes_effect = _resolve(normal, fault)

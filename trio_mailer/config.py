@@ -21,6 +21,7 @@ T = TypeVar("T")
 
 MAX_SERVICE_NAME_CHARS = 64
 MAX_QUEUE_SIZE = 100_000
+MAX_SMTP_SESSIONS = 64
 
 
 class TlsMode(enum.Enum):
@@ -79,6 +80,10 @@ class Config:
     max_attempts: int = 8
     message_ttl_s: float = 600.0
     retry_capacity: int = 100
+    smtp_sessions: int = 1
+    noop_idle_s: float = 1.0
+    session_max_messages: int = 100
+    session_max_age_s: float = 300.0
 
     def describe(self) -> str:
         """The effective configuration for the start-up log line, without secrets."""
@@ -91,7 +96,9 @@ class Config:
             f"shutdown_grace_s={self.shutdown_grace_s:g} templates={self.templates_dir} "
             f"retry_base_s={self.retry_base_s:g} retry_max_s={self.retry_max_s:g} "
             f"max_attempts={self.max_attempts} message_ttl_s={self.message_ttl_s:g} "
-            f"retry_capacity={self.retry_capacity}"
+            f"retry_capacity={self.retry_capacity} smtp_sessions={self.smtp_sessions} "
+            f"noop_idle_s={self.noop_idle_s:g} session_max_messages={self.session_max_messages} "
+            f"session_max_age_s={self.session_max_age_s:g}"
         )
 
 
@@ -257,6 +264,15 @@ def load_config(env: Mapping[str, str]) -> Config:
     max_attempts = r.parse("MAILER_MAX_ATTEMPTS", 8, _int_in(1, 100))
     ttl_s = r.parse("MAILER_MESSAGE_TTL_S", 600.0, _seconds(0, 7 * 86400, low_inclusive=False))
     retry_capacity = r.parse("MAILER_RETRY_CAPACITY", 100, _int_in(1, MAX_QUEUE_SIZE))
+    smtp_sessions = r.parse("MAILER_SMTP_SESSIONS", 1, _int_in(1, MAX_SMTP_SESSIONS))
+    if smtp_sessions > retry_capacity:
+        r.problems.append(
+            f"MAILER_SMTP_SESSIONS: expected at most MAILER_RETRY_CAPACITY ({retry_capacity}), "
+            f"since every session holds one mail in flight, got {smtp_sessions}"
+        )
+    noop_idle_s = r.parse("MAILER_NOOP_IDLE_S", 1.0, _seconds(0, 3600, low_inclusive=True))
+    max_messages = r.parse("MAILER_SESSION_MAX_MESSAGES", 100, _int_in(1, 1_000_000))
+    max_age_s = r.parse("MAILER_SESSION_MAX_AGE_S", 300.0, _seconds(0, 86400, low_inclusive=False))
     if r.problems:
         raise ConfigError(r.problems)
     return Config(
@@ -279,4 +295,8 @@ def load_config(env: Mapping[str, str]) -> Config:
         max_attempts=max_attempts,
         message_ttl_s=ttl_s,
         retry_capacity=retry_capacity,
+        smtp_sessions=smtp_sessions,
+        noop_idle_s=noop_idle_s,
+        session_max_messages=max_messages,
+        session_max_age_s=max_age_s,
     )

@@ -9,6 +9,8 @@ detail logged and never sent to the client.
 from __future__ import annotations
 
 import logging
+import math
+import time
 from collections.abc import Callable
 from datetime import UTC, datetime
 
@@ -44,6 +46,8 @@ class MailerService(MailerServicer):  # type: ignore[misc]  # generated, untyped
         self._queue = queue
         self._now = now
         self.draining = False
+        self.refused_queue_full = 0
+        self._last_full_log = -math.inf
 
     async def SendPass(self, message: MsgRequest) -> MsgReply:
         return self._submit(MailKind.PASSWORD, message)
@@ -51,16 +55,32 @@ class MailerService(MailerServicer):  # type: ignore[misc]  # generated, untyped
     async def SendRetrieve(self, message: MsgRequest) -> MsgReply:
         return self._submit(MailKind.RETRIEVE, message)
 
+    def _queue_full(self, kind: MailKind) -> MsgReply:
+        self.refused_queue_full += 1
+        # One line per second at most: a flood must not turn into a flood of log lines.
+        now = time.monotonic()
+        if now - self._last_full_log >= 1.0:
+            log.warning(
+                "refusing %s mail: queue full (%d refused so far)",
+                kind.value,
+                self.refused_queue_full,
+            )
+            self._last_full_log = now
+        return MsgReply(sent=False, reason=QUEUE_FULL_REASON)
+
     def _submit(self, kind: MailKind, request: MsgRequest) -> MsgReply:
         try:
             if self.draining:
                 raise ShuttingDown()
+            # Under overload most calls end here: refuse before the costly validation and
+            # message building, so the flood leaves the sender the CPU (and the GIL).
+            if self._queue.full():
+                return self._queue_full(kind)
             mail = self._composer.compose(kind, request.to, request.code, self._now())
             try:
                 self._queue.put_nowait(mail)
             except trio.WouldBlock:
-                log.warning("refused a %s mail: queue full", kind.value)
-                return MsgReply(sent=False, reason=QUEUE_FULL_REASON)
+                return self._queue_full(kind)
         except MessageBuildError as exc:
             log.error("message failed its safety check: %s", printable(exc.detail))
             raise _rpc_error(purerpc.StatusCode.INTERNAL, exc.message) from None
@@ -76,5 +96,5 @@ class MailerService(MailerServicer):  # type: ignore[misc]  # generated, untyped
         except Exception:
             log.exception("unexpected error while accepting a %s mail", kind.value)
             raise _rpc_error(purerpc.StatusCode.INTERNAL, "internal error") from None
-        log.info("accepted %s mail %s", kind.value, mail.message_id)
+        log.debug("accepted %s mail %s", kind.value, mail.message_id)
         return MsgReply(sent=True, message_id=mail.message_id)

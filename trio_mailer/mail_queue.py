@@ -91,6 +91,10 @@ class MailQueue:
             raise ShuttingDown() from None
         return delivery
 
+    def full(self) -> bool:
+        """True when ``put_nowait`` would refuse: lets a caller skip building a message."""
+        return self._send.statistics().current_buffer_used >= self.capacity
+
     def close(self) -> None:
         """Take no more mail; the senders finish what is queued or waiting."""
         self._send.close()

@@ -11,8 +11,13 @@ carries two transactions at once. For each mail that ``MailQueue.next_due()`` ha
    error such as a refused password or certificate). Relay trouble is logged once per change of
    state, not once per try. If the mail's time to live would pass while waiting, it is reported
    failed at that moment.
-3. A session that has already carried a mail is probed with NOOP first; anything but 250 (the
-   relay dropped it while idle, or said 421) means replace it before sending.
+3. A session that has already carried a mail and then sat idle for ``noop_idle_s`` or more is
+   probed with NOOP first (``noop_idle_s=0``: before every mail, the origin's behaviour);
+   anything but 250 (the relay dropped it while idle, or said 421) means replace it before
+   sending. A busy session skips the probe: it costs a round trip per mail, and a session that
+   broke anyway is caught by the send itself (the mail then goes again on a new session).
+   A session that has carried ``max_messages`` mails or lived ``max_age_s`` is recycled: QUIT,
+   and a new one for the next mail (many relays cap both).
 4. Send, and let ``RetryPolicy`` decide what follows a failure: the mail is put back into the
    queue's retry heap (at once after a lost session, after a jittered backoff after a 4xx), or
    reported failed. After a rejected MAIL, RCPT, DATA or "." the session is reset with RSET, or
@@ -75,8 +80,8 @@ class SenderStatistics:
     failed: int
     retries: int
     connects: int
-    session_up: bool
-    in_flight: str | None  # the Message-ID being sent, if any
+    sessions_up: int
+    in_flight: tuple[str, ...]  # the Message-IDs being sent
 
 
 def _ignore(_: FinishedMail) -> None:
@@ -90,9 +95,15 @@ class Sender:
     backoff: ReconnectBackoff = attrs.field(factory=ReconnectBackoff)
     random: Callable[[], float] = random.random
     on_finished: Callable[[FinishedMail], None] = _ignore
+    noop_idle_s: float = 1.0
+    max_messages: int = 100
+    max_age_s: float = 300.0
     in_flight: Delivery | None = None
     _session: SmtpSession | None = None
     _session_used: bool = False
+    _session_opened_at: float = 0.0
+    _session_messages: int = 0
+    _last_activity: float = 0.0
     _failures: int = 0
     _config_error: bool = False
     _relay_problem: str | None = None
@@ -107,8 +118,8 @@ class Sender:
             failed=self._failed,
             retries=self._retries,
             connects=self._connects,
-            session_up=self._session is not None,
-            in_flight=self.in_flight.message_id if self.in_flight else None,
+            sessions_up=int(self._session is not None),
+            in_flight=(self.in_flight.message_id,) if self.in_flight else (),
         )
 
     async def run(
@@ -139,8 +150,10 @@ class Sender:
             )
             return
         attempts = delivery.attempts + 1
+        self._session_messages += 1
         try:
             outcome = await session.send(delivery.mail)
+            self._last_activity = trio.current_time()
         except SessionLost as lost:
             self._failures += 1
             await self._drop_session(quit=False)
@@ -153,6 +166,7 @@ class Sender:
                 self._failures = 0
                 delivered = attrs.evolve(delivery, attempts=attempts, last_reply=str(outcome.reply))
                 self._finish(queue, delivered, "")
+                await self._recycle_if_due()
                 return
             code = outcome.reply.code
             result = AttemptResult.TRANSIENT if 400 <= code < 500 else AttemptResult.PERMANENT
@@ -220,14 +234,28 @@ class Sender:
                 return None
             session = self._session
             assert session is not None
-            if self._session_used:
+            now = trio.current_time()
+            if self._session_used and now - self._session_opened_at >= self.max_age_s:
+                await self._recycle_if_due()
+                continue
+            if self._session_used and now - self._last_activity >= self.noop_idle_s:
                 if not await session.probe():
                     log.info("session probe failed (NOOP not 250); reconnecting")
                     await self._drop_session(quit=False)
                     continue
+                self._last_activity = trio.current_time()
                 self._failures = 0
             self._session_used = True
             return session
+
+    async def _recycle_if_due(self) -> None:
+        """QUIT a session that reached its mail count or age; the next mail opens a new one."""
+        age = trio.current_time() - self._session_opened_at
+        if self._session_messages >= self.max_messages or age >= self.max_age_s:
+            log.info(
+                "recycling the SMTP session after %d mails and %.0fs", self._session_messages, age
+            )
+            await self._drop_session(quit=True)
 
     async def _connect_before(self, deadline: float) -> bool:
         while self._session is None:
@@ -248,6 +276,8 @@ class Sender:
                 continue
             self._connects += 1
             self._session_used = False
+            self._session_messages = 0
+            self._session_opened_at = self._last_activity = trio.current_time()
             self._config_error = False
             if self._relay_problem is not None:
                 log.info("relay reachable again (after %d failures)", self._failures)
