@@ -41,6 +41,10 @@ def test_minimal_config_gets_the_documented_defaults() -> None:
         max_attempts=8,
         message_ttl_s=600.0,
         retry_capacity=100,
+        smtp_sessions=1,
+        noop_idle_s=1.0,
+        session_max_messages=100,
+        session_max_age_s=300.0,
     )
 
 
@@ -81,6 +85,10 @@ def test_every_variable_is_read() -> None:
             "MAILER_MAX_ATTEMPTS": "3",
             "MAILER_MESSAGE_TTL_S": "120",
             "MAILER_RETRY_CAPACITY": "7",
+            "MAILER_SMTP_SESSIONS": "4",
+            "MAILER_NOOP_IDLE_S": "0",
+            "MAILER_SESSION_MAX_MESSAGES": "50",
+            "MAILER_SESSION_MAX_AGE_S": "60",
         }
     )
     assert (config.relay_host, config.relay_port) == ("::1", 2525)
@@ -94,6 +102,8 @@ def test_every_variable_is_read() -> None:
     assert config.shutdown_grace_s == 0.0
     assert (config.retry_base_s, config.retry_max_s) == (0.5, 30.0)
     assert (config.max_attempts, config.message_ttl_s, config.retry_capacity) == (3, 120.0, 7)
+    assert (config.smtp_sessions, config.noop_idle_s) == (4, 0.0)
+    assert (config.session_max_messages, config.session_max_age_s) == (50, 60.0)
 
 
 def test_all_problems_are_reported_together() -> None:
@@ -116,6 +126,10 @@ def test_all_problems_are_reported_together() -> None:
                 "MAILER_MAX_ATTEMPTS": "0",
                 "MAILER_MESSAGE_TTL_S": "forever",
                 "MAILER_RETRY_CAPACITY": "-1",
+                "MAILER_SMTP_SESSIONS": "65",
+                "MAILER_NOOP_IDLE_S": "-1",
+                "MAILER_SESSION_MAX_MESSAGES": "0",
+                "MAILER_SESSION_MAX_AGE_S": "0",
             }
         )
     assert info.value.problems == [
@@ -139,6 +153,11 @@ def test_all_problems_are_reported_together() -> None:
         "MAILER_MESSAGE_TTL_S: expected a number of seconds, more than 0 and at most 604800, "
         "got 'forever'",
         "MAILER_RETRY_CAPACITY: expected a whole number from 1 to 100000, got '-1'",
+        "MAILER_SMTP_SESSIONS: expected a whole number from 1 to 64, got '65'",
+        "MAILER_NOOP_IDLE_S: expected a number of seconds, at least 0 and at most 3600, got '-1'",
+        "MAILER_SESSION_MAX_MESSAGES: expected a whole number from 1 to 1000000, got '0'",
+        "MAILER_SESSION_MAX_AGE_S: expected a number of seconds, more than 0 and at most 86400, "
+        "got '0'",
     ]
     assert str(info.value).startswith("invalid configuration:\n  - MAILER_SMTP_TLS")
 
@@ -192,3 +211,13 @@ def test_parse_host_port_rejects(text: str, message: str) -> None:
     with pytest.raises(ValueError, match=None) as info:
         parse_host_port(text, None)
     assert str(info.value) == message
+
+
+def test_more_sessions_than_retry_capacity_is_refused() -> None:
+    """Every session holds a mail in flight, so the pool cannot outgrow the retry capacity."""
+    with pytest.raises(ConfigError) as info:
+        load_config({**MINIMAL, "MAILER_SMTP_SESSIONS": "8", "MAILER_RETRY_CAPACITY": "4"})
+    assert info.value.problems == [
+        "MAILER_SMTP_SESSIONS: expected at most MAILER_RETRY_CAPACITY (4), since every session "
+        "holds one mail in flight, got 8"
+    ]
