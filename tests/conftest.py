@@ -115,6 +115,7 @@ def start_harness(
         env: dict[str, str] | None = None,
         relay: CaptureSMTPServer | None = None,
         configure: Callable[[Config], Config] | None = None,
+        client_ssl: ssl.SSLContext | None = None,
         **relay_kwargs: object,
     ) -> AsyncIterator[Harness]:
         if relay is None:
@@ -134,7 +135,7 @@ def start_harness(
                 stopped.set()
 
             grpc_port = await nursery.start(run_app)
-            async with open_channel("127.0.0.1", grpc_port) as channel:
+            async with open_channel("127.0.0.1", grpc_port, client_ssl) as channel:
                 harness = Harness(
                     relay,
                     relay_port,

@@ -73,6 +73,7 @@ def test_every_variable_is_read() -> None:
             "MAILER_USER": "bot",
             "MAILER_PASSWORD": " s3cret ",
             "MAILER_SERVE_HOST": "0.0.0.0",
+            "MAILER_ALLOW_UNAUTHENTICATED": "1",
             "MAILER_SERVE_PORT": "0",
             "MAILER_QUEUE_SIZE": "250",
             "MAILER_SMTP_TLS": "starttls",

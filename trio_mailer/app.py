@@ -17,13 +17,16 @@ from __future__ import annotations
 
 import logging
 import ssl
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from functools import partial
 
 import attrs
+import purerpc
 import trio
 
 from .config import Config, TlsMode
-from .grpc_server import bound_port, open_grpc_listener, serve_grpc
+from .grpc_auth import is_loopback
+from .grpc_server import bound_port, make_server_ssl_context, open_grpc_listener, serve_grpc
 from .grpc_service import MailerService
 from .mail_queue import Delivery, MailQueue
 from .message import MailComposer
@@ -33,6 +36,15 @@ from .sender import Connector, FinishedMail, Sender, SenderStatistics, SmtpSessi
 from .smtp_session import RelaySettings, ThreadedSmtpSession, make_relay_ssl_context
 
 log = logging.getLogger(__name__)
+
+# Orchestrators and tools expect these open (MAILER_AUTH_ALL_SERVICES=1 closes them too).
+OPEN_SERVICES = frozenset(
+    {
+        "grpc.health.v1.Health",
+        "grpc.reflection.v1alpha.ServerReflection",
+        "grpc.reflection.v1.ServerReflection",
+    }
+)
 
 EXIT_OK = 0
 EXIT_MAIL_LEFT_BEHIND = 1
@@ -53,6 +65,7 @@ class MailerApp:
     config: Config
     templates: MailTemplates
     connect: Connector
+    grpc_ssl_context: ssl.SSLContext | None = None
     on_finished: Callable[[FinishedMail], None] | None = None
     queue: MailQueue = attrs.field(init=False)
     senders: list[Sender] = attrs.field(init=False)
@@ -109,7 +122,32 @@ class MailerApp:
             )
         else:
             ssl_context = make_relay_ssl_context(config.smtp_ca_file)
-        return cls(config, templates, relay_connector(config, ssl_context))
+        grpc_ssl_context = None
+        if config.tls_cert is not None and config.tls_key is not None:
+            grpc_ssl_context = make_server_ssl_context(
+                config.tls_cert, config.tls_key, config.tls_client_ca
+            )
+        if config.allow_unauthenticated and not is_loopback(config.serve_host):
+            log.warning(
+                "MAILER_ALLOW_UNAUTHENTICATED=1: anyone who can reach %s:%d can send mail "
+                "through this service",
+                config.serve_host,
+                config.serve_port,
+            )
+        return cls(config, templates, relay_connector(config, ssl_context), grpc_ssl_context)
+
+    def authorize(self, service: str, metadata: Sequence[tuple[str, str]]) -> bool:
+        """Bearer-token check for a call (when tokens are configured); health checks and
+        reflection stay open unless ``MAILER_AUTH_ALL_SERVICES=1``."""
+        tokens = self.config.auth_tokens
+        if tokens is None:
+            return True
+        if service in OPEN_SERVICES and not self.config.auth_all_services:
+            return True
+        return tokens.allows(metadata)
+
+    def grpc_services(self) -> list[purerpc.Service]:
+        return [self.service.service]
 
     def watch_finished(self, callback: Callable[[FinishedMail], None]) -> None:
         """Have ``callback`` told of every mail's outcome (delivered or failed)."""
@@ -159,10 +197,14 @@ class MailerApp:
             senders_done.set()
 
         # Bound before anything starts, so a taken port fails plainly and early.
-        listener = await open_grpc_listener(config.serve_host, config.serve_port)
+        listener = await open_grpc_listener(
+            config.serve_host, config.serve_port, self.grpc_ssl_context
+        )
         port = bound_port(listener)
         async with trio.open_nursery() as nursery:
-            await nursery.start(serve_grpc, listener, [self.service.service])
+            await nursery.start(
+                partial(serve_grpc, authorizer=self.authorize), listener, self.grpc_services()
+            )
             nursery.start_soon(run_senders)
             log.info("listening on %s:%d", config.serve_host, port)
             task_status.started(port)

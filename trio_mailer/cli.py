@@ -14,13 +14,14 @@ import signal
 import ssl
 import sys
 from collections.abc import Awaitable, Callable, Mapping, Sequence
+from functools import partial
 from pathlib import Path
 
 import trio
 
 from . import dev
 from .app import MailerApp
-from .client import SendFailed, send
+from .client import SendFailed, client_ssl_context, send
 from .config import ConfigError, load_config, parse_host_port
 from .grpc_server import BindError
 from .logs import configure_logging
@@ -81,9 +82,7 @@ def build_app(env: Mapping[str, str]) -> MailerApp | None:
         print(f"trio-mailer: {exc}", file=sys.stderr)
         return None
     except (ssl.SSLError, OSError) as exc:
-        print(
-            f"trio-mailer: MAILER_SMTP_CA_FILE: cannot load CA certificates: {exc}", file=sys.stderr
-        )
+        print(f"trio-mailer: cannot load TLS certificates or keys: {exc}", file=sys.stderr)
         return None
     log.info("starting trio-mailer: %s", config.describe())
     return app
@@ -134,8 +133,26 @@ def _send(args: argparse.Namespace) -> int:
         print(f"trio-mailer send: --server: {exc}, got {args.server!r}", file=sys.stderr)
         return EXIT_START_FAILED
     kind = MailKind.PASSWORD if args.kind == "pass" else MailKind.RETRIEVE
+    if (args.cert is None) != (args.key is None):
+        print("trio-mailer send: --cert and --key go together", file=sys.stderr)
+        return EXIT_START_FAILED
+    ssl_context = None
+    if args.ca or args.cert or args.tls:
+        try:
+            ssl_context = client_ssl_context(args.ca, args.cert, args.key)
+        except (ssl.SSLError, OSError) as exc:
+            print(f"trio-mailer send: cannot load TLS files: {exc}", file=sys.stderr)
+            return EXIT_START_FAILED
+    token = args.token or os.environ.get("MAILER_TOKEN") or None
     try:
-        reply = trio.run(send, host, port, kind, args.to, args.code)
+        reply = trio.run(
+            partial(send, token=token, ssl_context=ssl_context),
+            host,
+            port,
+            kind,
+            args.to,
+            args.code,
+        )
     except SendFailed as exc:
         print(f"error: {exc.status}: {exc.detail}", file=sys.stderr)
         return 1
@@ -167,6 +184,13 @@ def _parser() -> argparse.ArgumentParser:
     send_cmd.add_argument(
         "--server", default="127.0.0.1:20100", help="the service's HOST:PORT (127.0.0.1:20100)"
     )
+    send_cmd.add_argument(
+        "--token", help="bearer token (default: $MAILER_TOKEN); prefer the variable: argv is public"
+    )
+    send_cmd.add_argument("--tls", action="store_true", help="use TLS (implied by --ca, --cert)")
+    send_cmd.add_argument("--ca", type=Path, help="CA file to verify the service with")
+    send_cmd.add_argument("--cert", type=Path, help="client certificate (mTLS)")
+    send_cmd.add_argument("--key", type=Path, help="client certificate's key (mTLS)")
     send_cmd.set_defaults(run=_send)
     return parser
 

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import ssl
 from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack, asynccontextmanager
+from pathlib import Path
 from typing import TypeVar
 
 import anyio
+import anyio.abc
 import attrs
 import purerpc
 from purerpc.grpc_proto import GRPCProtoSocket
@@ -29,10 +32,21 @@ E = TypeVar("E", bound=BaseException)
 
 
 @asynccontextmanager
-async def open_channel(host: str, port: int) -> AsyncIterator[purerpc.client._Channel]:
-    """A purerpc channel that, unlike ``purerpc.insecure_channel``, closes its socket."""
+async def open_channel(
+    host: str, port: int, ssl_context: ssl.SSLContext | None = None
+) -> AsyncIterator[purerpc.client._Channel]:
+    """A purerpc channel that, unlike ``purerpc.insecure_channel``, closes its socket.
+
+    With ``ssl_context`` the connection uses TLS (see ``client_ssl_context``).
+    """
     async with AsyncExitStack() as stack:
-        stream = await anyio.connect_tcp(host, port)
+        stream: anyio.abc.ByteStream
+        if ssl_context is None:
+            stream = await anyio.connect_tcp(host, port)
+        else:
+            stream = await anyio.connect_tcp(
+                host, port, ssl_context=ssl_context, tls_standard_compatible=False
+            )
         stack.push_async_callback(stream.aclose)
         channel = purerpc.client._Channel(host, port)
         channel._grpc_socket = await stack.enter_async_context(
@@ -41,18 +55,44 @@ async def open_channel(host: str, port: int) -> AsyncIterator[purerpc.client._Ch
         yield channel
 
 
-async def send(host: str, port: int, kind: MailKind, to: str, code: str) -> MsgReply:
+def client_ssl_context(
+    ca_file: Path | None = None, cert: Path | None = None, key: Path | None = None
+) -> ssl.SSLContext:
+    """TLS to the service: verify it (system store, or ``ca_file``), offer HTTP/2 by ALPN,
+    and present a client certificate when the service requires one.
+
+    Raises:
+        ssl.SSLError, OSError: a file cannot be loaded.
+    """
+    context = ssl.create_default_context(cafile=str(ca_file) if ca_file else None)
+    context.set_alpn_protocols(["h2"])
+    if cert is not None:
+        context.load_cert_chain(str(cert), str(key) if key else None)
+    return context
+
+
+async def send(
+    host: str,
+    port: int,
+    kind: MailKind,
+    to: str,
+    code: str,
+    *,
+    token: str | None = None,
+    ssl_context: ssl.SSLContext | None = None,
+) -> MsgReply:
     """Ask the service at ``host:port`` for a ``kind`` mail.
 
     Raises:
         SendFailed: with the gRPC status name and its message.
     """
+    metadata = [("authorization", f"Bearer {token}")] if token else None
     # purerpc's client runs the call in a task group, so errors arrive inside exception groups.
     try:
-        async with open_channel(host, port) as channel:
+        async with open_channel(host, port, ssl_context) as channel:
             stub = MailerStub(channel)
             method = stub.SendPass if kind is MailKind.PASSWORD else stub.SendRetrieve
-            reply: MsgReply = await method(MsgRequest(to=to, code=code))
+            reply: MsgReply = await method(MsgRequest(to=to, code=code), metadata=metadata)
             return reply
     except* purerpc.RpcFailedError as group:
         status = _first(group).status

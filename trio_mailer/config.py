@@ -15,6 +15,7 @@ from typing import TypeVar
 import attrs
 
 from .errors import InvalidRequest
+from .grpc_auth import TokenSet, is_loopback
 from .validation import reject_unsafe_header_text, validate_address
 
 T = TypeVar("T")
@@ -84,6 +85,14 @@ class Config:
     noop_idle_s: float = 1.0
     session_max_messages: int = 100
     session_max_age_s: float = 300.0
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
+    tls_client_ca: Path | None = None
+    auth_tokens: TokenSet | None = None
+    auth_all_services: bool = False
+    allow_unauthenticated: bool = False
+    metrics_port: int | None = None
+    log_format: str = "text"
 
     def describe(self) -> str:
         """The effective configuration for the start-up log line, without secrets."""
@@ -98,7 +107,10 @@ class Config:
             f"max_attempts={self.max_attempts} message_ttl_s={self.message_ttl_s:g} "
             f"retry_capacity={self.retry_capacity} smtp_sessions={self.smtp_sessions} "
             f"noop_idle_s={self.noop_idle_s:g} session_max_messages={self.session_max_messages} "
-            f"session_max_age_s={self.session_max_age_s:g}"
+            f"session_max_age_s={self.session_max_age_s:g} "
+            f"grpc_tls={'mTLS' if self.tls_client_ca else 'on' if self.tls_cert else 'off'} "
+            f"tokens={len(self.auth_tokens.digests) if self.auth_tokens else 0} "
+            f"metrics_port={self.metrics_port or 'off'} log_format={self.log_format}"
         )
 
 
@@ -157,6 +169,23 @@ def _seconds(low: float, high: float, *, low_inclusive: bool) -> Callable[[str],
         if not math.isfinite(number) or too_low or number > high:
             raise ValueError(f"expected a number of seconds, {bound}")
         return number
+
+    return convert
+
+
+def _flag(text: str) -> bool:
+    if text.lower() in ("1", "true", "yes", "on"):
+        return True
+    if text.lower() in ("0", "false", "no", "off"):
+        return False
+    raise ValueError("expected 1 or 0")
+
+
+def _one_of(*choices: str) -> Callable[[str], str]:
+    def convert(text: str) -> str:
+        if text.lower() not in choices:
+            raise ValueError(f"expected one of {', '.join(choices)}")
+        return text.lower()
 
     return convert
 
@@ -273,6 +302,49 @@ def load_config(env: Mapping[str, str]) -> Config:
     noop_idle_s = r.parse("MAILER_NOOP_IDLE_S", 1.0, _seconds(0, 3600, low_inclusive=True))
     max_messages = r.parse("MAILER_SESSION_MAX_MESSAGES", 100, _int_in(1, 1_000_000))
     max_age_s = r.parse("MAILER_SESSION_MAX_AGE_S", 300.0, _seconds(0, 86400, low_inclusive=False))
+    tls_cert = r.parse("MAILER_TLS_CERT", None, Path)
+    tls_key = r.parse("MAILER_TLS_KEY", None, Path)
+    tls_client_ca = r.parse("MAILER_TLS_CLIENT_CA", None, Path)
+    for name, path in (
+        ("MAILER_TLS_CERT", tls_cert),
+        ("MAILER_TLS_KEY", tls_key),
+        ("MAILER_TLS_CLIENT_CA", tls_client_ca),
+    ):
+        if path is not None and not path.is_file():
+            r.problems.append(f"{name}: expected a readable file, got {str(path)!r}")
+    if (tls_cert is None) != (tls_key is None):
+        r.problems.append(
+            "MAILER_TLS_CERT and MAILER_TLS_KEY: set both (TLS on the gRPC port) or neither, "
+            f"got only {'MAILER_TLS_CERT' if tls_cert else 'MAILER_TLS_KEY'}"
+        )
+    if tls_client_ca is not None and tls_cert is None:
+        r.problems.append("MAILER_TLS_CLIENT_CA: needs MAILER_TLS_CERT and MAILER_TLS_KEY")
+    tokens = None
+    tokens_file = r.parse("MAILER_AUTH_TOKENS_FILE", None, Path)
+    if tokens_file is not None:
+        try:
+            tokens = TokenSet.parse(tokens_file.read_text(encoding="utf-8"))
+        except OSError as exc:
+            r.problems.append(
+                f"MAILER_AUTH_TOKENS_FILE: cannot read {str(tokens_file)!r}: {exc.strerror}"
+            )
+        except (ValueError, UnicodeDecodeError) as exc:
+            r.problems.append(f"MAILER_AUTH_TOKENS_FILE: {exc}")
+    auth_all = r.parse("MAILER_AUTH_ALL_SERVICES", False, _flag)
+    allow_unauthenticated = r.parse("MAILER_ALLOW_UNAUTHENTICATED", False, _flag)
+    if (
+        not is_loopback(serve_host)
+        and tls_client_ca is None
+        and tokens_file is None
+        and not allow_unauthenticated
+    ):
+        r.problems.append(
+            f"MAILER_SERVE_HOST: {serve_host} is reachable from other machines, but no caller "
+            "authentication is set up: set MAILER_AUTH_TOKENS_FILE or MAILER_TLS_CLIENT_CA, or "
+            "MAILER_ALLOW_UNAUTHENTICATED=1 if you mean it"
+        )
+    metrics_port = r.parse("MAILER_METRICS_PORT", None, _int_in(0, 65535))
+    log_format = r.parse("MAILER_LOG_FORMAT", "text", _one_of("text", "json"))
     if r.problems:
         raise ConfigError(r.problems)
     return Config(
@@ -299,4 +371,12 @@ def load_config(env: Mapping[str, str]) -> Config:
         noop_idle_s=noop_idle_s,
         session_max_messages=max_messages,
         session_max_age_s=max_age_s,
+        tls_cert=tls_cert,
+        tls_key=tls_key,
+        tls_client_ca=tls_client_ca,
+        auth_tokens=tokens,
+        auth_all_services=auth_all,
+        allow_unauthenticated=allow_unauthenticated,
+        metrics_port=metrics_port,
+        log_format=log_format,
     )

@@ -13,13 +13,16 @@ logs other connection errors at DEBUG.
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable
+import ssl
+from collections.abc import Callable, Iterable, Sequence
+from pathlib import Path
 from typing import Any
 
 import anyio
 import anyio.abc
 import purerpc
 import trio
+from anyio.streams.tls import TLSListener
 from purerpc.grpc_proto import GRPCProtoSocket, GRPCProtoStream
 from purerpc.grpclib.connection import GRPCConfiguration
 from purerpc.grpclib.events import RequestReceived
@@ -31,6 +34,8 @@ from purerpc.wrappers import (
     call_server_unary_stream,
     call_server_unary_unary,
 )
+
+from .logs import printable
 
 log = logging.getLogger(__name__)
 
@@ -50,11 +55,20 @@ class BindError(Exception):
     """The listener could not bind (port taken, address not local, ...)."""
 
 
+# Decides whether a call to ``service`` with these request headers may proceed.
+Authorizer = Callable[[str, Sequence[tuple[str, str]]], bool]
+
+
+def _allow_all(service: str, metadata: Sequence[tuple[str, str]]) -> bool:
+    return True
+
+
 class _ConnectionHandler:
     """Serves the gRPC calls of one client connection."""
 
-    def __init__(self, services: dict[str, purerpc.Service]) -> None:
+    def __init__(self, services: dict[str, purerpc.Service], authorizer: Authorizer) -> None:
         self._services = services
+        self._authorizer = authorizer
         self._config = GRPCConfiguration(client_side=False, max_message_length=MAX_MESSAGE_BYTES)
 
     async def __call__(self, stream: anyio.abc.SocketStream) -> None:
@@ -90,6 +104,15 @@ class _ConnectionHandler:
                     )
                 )
                 return
+            if not self._authorizer(event.service_name, event.custom_metadata):
+                # Checked before the request message is even read: nothing is queued.
+                await stream.close(
+                    purerpc.Status(
+                        purerpc.StatusCode.UNAUTHENTICATED,
+                        "missing or invalid credentials: send authorization: Bearer <token>",
+                    )
+                )
+                return
             stream.expect_message_type(method.signature.request_type)
 
             async def handler(message: Any) -> Any:
@@ -109,30 +132,79 @@ class _ConnectionHandler:
                 log.debug("could not close the failed call: %r", close_exc)
 
 
-async def open_grpc_listener(host: str, port: int) -> anyio.abc.Listener[anyio.abc.SocketStream]:
+TLS_HANDSHAKE_TIMEOUT_S = 10.0
+
+
+class _TLSListener(TLSListener):
+    """anyio's TLS listener, but a failed handshake (a plaintext client, an unknown or expired
+    client certificate) is one INFO line, not an ERROR with a traceback."""
+
+    @staticmethod
+    async def handle_handshake_error(exc: BaseException, stream: anyio.abc.AnyByteStream) -> None:
+        await anyio.aclose_forcefully(stream)
+        if isinstance(exc, anyio.get_cancelled_exc_class()) or not isinstance(exc, Exception):
+            raise exc
+        log.info("refused a gRPC connection: TLS handshake failed: %s", printable(str(exc)))
+
+
+def make_server_ssl_context(cert: Path, key: Path, client_ca: Path | None = None) -> ssl.SSLContext:
+    """TLS for the gRPC port: HTTP/2 by ALPN (grpcio clients insist), client certificates
+    required and verified when ``client_ca`` is given.
+
+    Raises:
+        ssl.SSLError, OSError: a file cannot be loaded.
+    """
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.load_cert_chain(str(cert), str(key))
+    context.set_alpn_protocols(["h2"])
+    if client_ca is not None:
+        context.verify_mode = ssl.CERT_REQUIRED
+        context.load_verify_locations(cafile=str(client_ca))
+    return context
+
+
+async def open_grpc_listener(
+    host: str, port: int, ssl_context: ssl.SSLContext | None = None
+) -> anyio.abc.Listener[anyio.abc.SocketStream]:
     """Bind exactly ``host:port`` (no ``SO_REUSEPORT``: a taken port is an error).
 
     Raises:
         BindError: the address could not be bound, e.g. because the port is taken.
     """
     try:
-        return await anyio.create_tcp_listener(local_host=host, local_port=port, reuse_port=False)
+        listener = await anyio.create_tcp_listener(
+            local_host=host, local_port=port, reuse_port=False
+        )
     except OSError as exc:
         raise BindError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from exc
+    if ssl_context is None:
+        return listener
+    return _TLSListener(  # type: ignore[return-value]
+        listener,
+        ssl_context,
+        standard_compatible=False,
+        handshake_timeout=TLS_HANDSHAKE_TIMEOUT_S,
+    )
 
 
 def bound_port(listener: anyio.abc.Listener[anyio.abc.SocketStream]) -> int:
-    return int(listener.extra(anyio.abc.SocketAttribute.local_port))
+    # A TLS listener does not pass the socket's attributes through: ask the one inside.
+    inner = listener.listener if isinstance(listener, TLSListener) else listener
+    return int(inner.extra(anyio.abc.SocketAttribute.local_port))
 
 
 async def serve_grpc(
     listener: anyio.abc.Listener[anyio.abc.SocketStream],
     services: Iterable[purerpc.Service],
     *,
+    authorizer: Authorizer = _allow_all,
     task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
 ) -> None:
-    """Serve ``services`` on ``listener`` until cancelled; closes the listener."""
-    handler = _ConnectionHandler({service.name: service for service in services})
+    """Serve ``services`` on ``listener`` until cancelled; closes the listener.
+
+    ``authorizer`` is asked before every call; a refused call gets UNAUTHENTICATED.
+    """
+    handler = _ConnectionHandler({service.name: service for service in services}, authorizer)
     async with listener:
         task_status.started()
         await listener.serve(handler)

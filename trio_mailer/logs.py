@@ -28,3 +28,11 @@ def configure_logging(level: int = logging.INFO) -> None:
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level)
+    quiet_secret_bearing_loggers()
+
+
+def quiet_secret_bearing_loggers() -> None:
+    """The HTTP/2 libraries log every header at DEBUG, bearer tokens included: never below
+    WARNING, whatever the root level."""
+    for name in ("hpack", "h2"):
+        logging.getLogger(name).setLevel(logging.WARNING)
