@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 import signal
 import socket
@@ -159,7 +160,7 @@ async def test_dev_captures_mail_sent_with_the_send_command(tmp_path: Path) -> N
     """``dev`` + ``send``: the mail lands as an .eml file; bad input is refused; SIGINT exits 0."""
     outbox = tmp_path / "captured"
     with trio.fail_after(60):
-        env = subprocess_env(MAILER_SERVE_PORT="0")
+        env = subprocess_env(MAILER_SERVE_PORT="0", MAILER_METRICS_PORT="0")
         async with start_service(["dev", "--outbox", str(outbox)], env, tmp_path) as service:
             port = int((await service.read_until(LISTENING)).group(1))
             send = [sys.executable, "-m", "trio_mailer", "send", "--server", f"127.0.0.1:{port}"]
@@ -219,3 +220,44 @@ async def test_send_to_nothing_listening_fails_clearly(free_port: int) -> None:
     assert result.stderr.decode().startswith(
         f"error: UNAVAILABLE: cannot reach 127.0.0.1:{free_port}"
     )
+
+
+async def test_json_logs_of_a_full_run_hold_no_secrets(
+    relay_tls: ssl.SSLContext, ca_file: Path, tmp_path: Path
+) -> None:
+    """MAILER_LOG_FORMAT=json: every line is one JSON object; the password and code never appear."""
+    password, code = "relay-Pa55-word-Xy9", "CODE-918273"
+    relay = CaptureSMTPServer(
+        ssl_context=relay_tls, credentials=("bot", password), require_auth=True
+    )
+    with trio.fail_after(30):
+        async with trio.open_nursery() as nursery:
+            relay_port = await nursery.start(relay.serve, "127.0.0.1", 0)
+            env = subprocess_env(
+                **relay_env(relay_port, ca_file),
+                MAILER_LOG_FORMAT="json",
+                MAILER_USER="bot",
+                MAILER_PASSWORD=password,
+            )
+            async with start_service(["serve"], env, tmp_path) as service:
+                port = int(
+                    (
+                        await service.read_until(re.compile(rb"listening on 127\.0\.0\.1:(\d+)"))
+                    ).group(1)
+                )
+                async with open_channel("127.0.0.1", port) as channel:
+                    reply = await MailerStub(channel).SendPass(
+                        MsgRequest(to="user@example.com", code=code)
+                    )
+                await service.read_until(
+                    re.compile(re.escape(f"delivered {reply.message_id}".encode()))
+                )
+                service.process.send_signal(signal.SIGTERM)
+                assert await service.finish() == 0, service.text
+            nursery.cancel_scope.cancel()
+    records = [json.loads(line) for line in service.text.splitlines()]
+    assert {"time", "level", "logger", "message"} <= set(records[0])
+    delivered = [r for r in records if r["message"].startswith("delivered ")]
+    assert delivered[0]["message_id"] == reply.message_id
+    assert password not in service.text and code not in service.text
+    assert len(relay.received) == 1 and code.encode() in relay.received[0].data

@@ -108,13 +108,13 @@ def test_health_and_reflection_stay_open_unless_configured(tokens_file: Path) ->
         "MAILER_AUTH_TOKENS_FILE": str(tokens_file),
     }
     app = MailerApp.from_config(load_config(env))
-    assert app.authorize("grpc.health.v1.Health", [])
-    assert app.authorize("grpc.reflection.v1alpha.ServerReflection", [])
-    assert not app.authorize("trio_mailer.v1.Mailer", [])
-    assert app.authorize("trio_mailer.v1.Mailer", bearer(TOKEN))
+    assert app.authorize("grpc.health.v1.Health", "Check", [])
+    assert app.authorize("grpc.reflection.v1alpha.ServerReflection", "ServerReflectionInfo", [])
+    assert not app.authorize("trio_mailer.v1.Mailer", "SendPass", [])
+    assert app.authorize("trio_mailer.v1.Mailer", "SendPass", bearer(TOKEN))
     strict = MailerApp.from_config(load_config({**env, "MAILER_AUTH_ALL_SERVICES": "1"}))
-    assert not strict.authorize("grpc.health.v1.Health", [])
-    assert strict.authorize("grpc.health.v1.Health", bearer(TOKEN))
+    assert not strict.authorize("grpc.health.v1.Health", "Check", [])
+    assert strict.authorize("grpc.health.v1.Health", "Check", bearer(TOKEN))
 
 
 def tls_env(pki: Pki, *, mutual: bool) -> dict[str, str]:

@@ -30,6 +30,7 @@ from .grpc_server import bound_port, make_server_ssl_context, open_grpc_listener
 from .grpc_service import MailerService
 from .mail_queue import Delivery, MailQueue
 from .message import MailComposer
+from .metrics import Metrics, serve_metrics
 from .rendering import MailTemplates
 from .retry_policy import ReconnectBackoff, RetryPolicy
 from .sender import Connector, FinishedMail, Sender, SenderStatistics, SmtpSession
@@ -69,6 +70,8 @@ class MailerApp:
     on_finished: Callable[[FinishedMail], None] | None = None
     queue: MailQueue = attrs.field(init=False)
     senders: list[Sender] = attrs.field(init=False)
+    metrics: Metrics = attrs.field(init=False)
+    metrics_port: int | None = attrs.field(init=False, default=None)  # once serving
     service: MailerService = attrs.field(init=False)
     _shutdown: trio.Event = attrs.field(init=False, factory=trio.Event)
     _force: trio.Event = attrs.field(init=False, factory=trio.Event)
@@ -97,12 +100,21 @@ class MailerApp:
         ]
         if self.on_finished is not None:
             self.watch_finished(self.on_finished)
+        self.metrics = Metrics()
+        for sender in self.senders:
+            sender.metrics = self.metrics
+        self.metrics.track(
+            queue_depth=lambda: self.queue.statistics().queued,
+            in_flight=lambda: self.queue.statistics().in_flight,
+            retry_waiting=lambda: self.queue.statistics().retry_waiting,
+            sessions_up=lambda: self.statistics().sessions_up,
+        )
         composer = MailComposer(
             templates=self.templates,
             from_address=self.config.mail_from,
             service_name=self.config.service_name,
         )
-        self.service = MailerService(composer, self.queue)
+        self.service = MailerService(composer, self.queue, metrics=self.metrics)
 
     @classmethod
     def from_config(cls, config: Config) -> MailerApp:
@@ -136,7 +148,7 @@ class MailerApp:
             )
         return cls(config, templates, relay_connector(config, ssl_context), grpc_ssl_context)
 
-    def authorize(self, service: str, metadata: Sequence[tuple[str, str]]) -> bool:
+    def authorize(self, service: str, method: str, metadata: Sequence[tuple[str, str]]) -> bool:
         """Bearer-token check for a call (when tokens are configured); health checks and
         reflection stay open unless ``MAILER_AUTH_ALL_SERVICES=1``."""
         tokens = self.config.auth_tokens
@@ -144,7 +156,10 @@ class MailerApp:
             return True
         if service in OPEN_SERVICES and not self.config.auth_all_services:
             return True
-        return tokens.allows(metadata)
+        if tokens.allows(metadata):
+            return True
+        self.metrics.requests.labels(method, "unauthenticated").inc()
+        return False
 
     def grpc_services(self) -> list[purerpc.Service]:
         return [self.service.service]
@@ -206,6 +221,15 @@ class MailerApp:
                 partial(serve_grpc, authorizer=self.authorize), listener, self.grpc_services()
             )
             nursery.start_soon(run_senders)
+            if config.metrics_port is not None:
+                self.metrics_port = await nursery.start(
+                    serve_metrics, self.metrics, config.metrics_host, config.metrics_port
+                )
+                log.info(
+                    "metrics on http://%s:%d/metrics",
+                    _url_host(config.metrics_host),
+                    self.metrics_port,
+                )
             log.info("listening on %s:%d", config.serve_host, port)
             task_status.started(port)
 
@@ -238,6 +262,7 @@ class MailerApp:
                 mail.message_id,
                 mail.attempts,
                 mail.last_reply or "none",
+                extra={"message_id": mail.message_id},
             )
         stats = self.statistics()
         log.info(
@@ -251,3 +276,7 @@ class MailerApp:
     def _left_behind(self) -> list[Delivery]:
         in_flight = [s.in_flight for s in self.senders if s.in_flight is not None]
         return in_flight + self.queue.take_leftovers()
+
+
+def _url_host(host: str) -> str:
+    return f"[{host}]" if ":" in host else host

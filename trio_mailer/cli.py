@@ -77,6 +77,7 @@ def build_app(env: Mapping[str, str]) -> MailerApp | None:
     """Config, templates and TLS context from ``env``; prints every problem and returns None."""
     try:
         config = load_config(env)
+        configure_logging(log_format=config.log_format)
         app = MailerApp.from_config(config)
     except (ConfigError, TemplateError) as exc:
         print(f"trio-mailer: {exc}", file=sys.stderr)

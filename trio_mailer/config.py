@@ -92,6 +92,7 @@ class Config:
     auth_all_services: bool = False
     allow_unauthenticated: bool = False
     metrics_port: int | None = None
+    metrics_host: str = "127.0.0.1"
     log_format: str = "text"
 
     def describe(self) -> str:
@@ -344,6 +345,7 @@ def load_config(env: Mapping[str, str]) -> Config:
             "MAILER_ALLOW_UNAUTHENTICATED=1 if you mean it"
         )
     metrics_port = r.parse("MAILER_METRICS_PORT", None, _int_in(0, 65535))
+    metrics_host = r.raw("MAILER_METRICS_HOST") or "127.0.0.1"
     log_format = r.parse("MAILER_LOG_FORMAT", "text", _one_of("text", "json"))
     if r.problems:
         raise ConfigError(r.problems)
@@ -378,5 +380,6 @@ def load_config(env: Mapping[str, str]) -> Config:
         auth_all_services=auth_all,
         allow_unauthenticated=allow_unauthenticated,
         metrics_port=metrics_port,
+        metrics_host=metrics_host,
         log_format=log_format,
     )

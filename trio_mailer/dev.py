@@ -24,6 +24,7 @@ from .capture_smtp import CaptureSMTPServer
 
 DEV_USER = "dev"
 DEV_FROM = "noreply@example.com"
+DEV_METRICS_PORT = 20101
 
 
 @attrs.frozen
@@ -68,4 +69,6 @@ def relay_env(env: Mapping[str, str], port: int, tls: DevTls) -> dict[str, str]:
         "MAILER_USER": DEV_USER,
         "MAILER_PASSWORD": tls.password,
         "MAILER_FROM": env.get("MAILER_FROM") or DEV_FROM,
+        # Metrics on by default in dev, so the dashboard side can be tried too.
+        "MAILER_METRICS_PORT": env.get("MAILER_METRICS_PORT") or str(DEV_METRICS_PORT),
     }

@@ -55,11 +55,11 @@ class BindError(Exception):
     """The listener could not bind (port taken, address not local, ...)."""
 
 
-# Decides whether a call to ``service`` with these request headers may proceed.
-Authorizer = Callable[[str, Sequence[tuple[str, str]]], bool]
+# Decides whether a call to ``service``/``method`` with these request headers may proceed.
+Authorizer = Callable[[str, str, Sequence[tuple[str, str]]], bool]
 
 
-def _allow_all(service: str, metadata: Sequence[tuple[str, str]]) -> bool:
+def _allow_all(service: str, method: str, metadata: Sequence[tuple[str, str]]) -> bool:
     return True
 
 
@@ -104,7 +104,7 @@ class _ConnectionHandler:
                     )
                 )
                 return
-            if not self._authorizer(event.service_name, event.custom_metadata):
+            if not self._authorizer(event.service_name, event.method_name, event.custom_metadata):
                 # Checked before the request message is even read: nothing is queued.
                 await stream.close(
                     purerpc.Status(

@@ -21,6 +21,7 @@ from .errors import MailerError, MessageBuildError, ShuttingDown
 from .logs import printable
 from .mail_queue import MailQueue
 from .message import MailComposer
+from .metrics import Metrics
 from .rendering import MailKind, RenderError
 from .v1.mailer_grpc import MailerServicer
 from .v1.mailer_pb2 import MsgReply, MsgRequest
@@ -28,6 +29,11 @@ from .v1.mailer_pb2 import MsgReply, MsgRequest
 log = logging.getLogger(__name__)
 
 QUEUE_FULL_REASON = "queue full"
+_METHODS = {MailKind.PASSWORD: "SendPass", MailKind.RETRIEVE: "SendRetrieve"}
+_OUTCOMES = {
+    purerpc.StatusCode.INVALID_ARGUMENT: "invalid",
+    purerpc.StatusCode.UNAVAILABLE: "unavailable",
+}
 
 
 def _rpc_error(status: purerpc.StatusCode, message: str) -> purerpc.RpcFailedError:
@@ -41,10 +47,12 @@ class MailerService(MailerServicer):  # type: ignore[misc]  # generated, untyped
         queue: MailQueue,
         *,
         now: Callable[[], datetime] = lambda: datetime.now(UTC),
+        metrics: Metrics | None = None,
     ) -> None:
         self._composer = composer
         self._queue = queue
         self._now = now
+        self._metrics = metrics
         self.draining = False
         self.refused_queue_full = 0
         self._last_full_log = -math.inf
@@ -69,6 +77,19 @@ class MailerService(MailerServicer):  # type: ignore[misc]  # generated, untyped
         return MsgReply(sent=False, reason=QUEUE_FULL_REASON)
 
     def _submit(self, kind: MailKind, request: MsgRequest) -> MsgReply:
+        outcome = "internal"
+        try:
+            reply = self._accept(kind, request)
+            outcome = "accepted" if reply.sent else "queue_full"
+            return reply
+        except purerpc.RpcFailedError as exc:
+            outcome = _OUTCOMES.get(exc.status.status_code, "internal")
+            raise
+        finally:
+            if self._metrics is not None:
+                self._metrics.requests.labels(_METHODS[kind], outcome).inc()
+
+    def _accept(self, kind: MailKind, request: MsgRequest) -> MsgReply:
         try:
             if self.draining:
                 raise ShuttingDown()

@@ -6,8 +6,10 @@ every control character before it reaches a log record.
 
 from __future__ import annotations
 
+import json
 import logging
 import sys
+from datetime import UTC, datetime
 
 MAX_LOGGED_CHARS = 300
 
@@ -21,10 +23,32 @@ def printable(text: str | bytes, limit: int = MAX_LOGGED_CHARS) -> str:
     return "".join(c if c.isprintable() else ascii(c)[1:-1] for c in text)
 
 
-def configure_logging(level: int = logging.INFO) -> None:
-    """One line per event on standard error, with time, level and logger name."""
+class JsonFormatter(logging.Formatter):
+    """One JSON object per line: time, level, logger, message, and message_id when the record
+    carries one (``extra={"message_id": ...}``)."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        entry: dict[str, object] = {
+            "time": datetime.fromtimestamp(record.created, UTC).isoformat(timespec="milliseconds"),
+            "level": record.levelname,
+            "logger": record.name,
+            "message": record.getMessage(),
+        }
+        message_id = getattr(record, "message_id", None)
+        if message_id is not None:
+            entry["message_id"] = message_id
+        if record.exc_info:
+            entry["exception"] = self.formatException(record.exc_info)
+        return json.dumps(entry, ensure_ascii=True)
+
+
+def configure_logging(level: int = logging.INFO, log_format: str = "text") -> None:
+    """One line per event on standard error: human-readable text, or JSON."""
     handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    if log_format == "json":
+        handler.setFormatter(JsonFormatter())
+    else:
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level)

@@ -34,6 +34,9 @@ import enum
 
 import attrs
 
+# Every "its time to live passed" reason starts so; metrics count those as "expired".
+TTL_REASON_PREFIX = "time to live"
+
 
 class AttemptResult(enum.Enum):
     """How one attempt to send a mail ended, as far as the retry policy cares."""
@@ -91,7 +94,9 @@ class RetryPolicy:
             return GiveUp(f"gave up after {attempts} attempts")
         delay = self.backoff_s(attempts, rand) if result is AttemptResult.TRANSIENT else 0.0
         if now_s + delay >= self.deadline_s(accepted_at_s):
-            return GiveUp(f"time to live ({self.ttl_s:g}s) would pass before the next attempt")
+            return GiveUp(
+                f"{TTL_REASON_PREFIX} ({self.ttl_s:g}s) would pass before the next attempt"
+            )
         return RetryAt(now_s + delay)
 
 

@@ -45,7 +45,8 @@ import trio
 from .logs import printable
 from .mail_queue import Delivery, MailQueue
 from .message import OutgoingMail
-from .retry_policy import AttemptResult, GiveUp, ReconnectBackoff, RetryPolicy
+from .metrics import Metrics
+from .retry_policy import TTL_REASON_PREFIX, AttemptResult, GiveUp, ReconnectBackoff, RetryPolicy
 from .smtp_session import ConnectFailed, Delivered, Rejected, SessionLost
 
 log = logging.getLogger(__name__)
@@ -73,6 +74,13 @@ class FinishedMail:
     delivered: bool
     reason: str  # why it failed; "" when delivered
 
+    @property
+    def outcome(self) -> str:
+        """ "delivered", "expired" (its time to live passed) or "failed"."""
+        if self.delivered:
+            return "delivered"
+        return "expired" if self.reason.startswith(TTL_REASON_PREFIX) else "failed"
+
 
 @attrs.frozen
 class SenderStatistics:
@@ -98,6 +106,7 @@ class Sender:
     noop_idle_s: float = 1.0
     max_messages: int = 100
     max_age_s: float = 300.0
+    metrics: Metrics | None = None
     in_flight: Delivery | None = None
     _session: SmtpSession | None = None
     _session_used: bool = False
@@ -139,22 +148,29 @@ class Sender:
     async def _attempt(self, queue: MailQueue, delivery: Delivery) -> None:
         deadline = self.policy.deadline_s(delivery.accepted_at_s)
         if trio.current_time() >= deadline:
-            self._finish(queue, delivery, f"time to live ({self.policy.ttl_s:g}s) passed")
+            self._finish(queue, delivery, f"{TTL_REASON_PREFIX} ({self.policy.ttl_s:g}s) passed")
             return
         session = await self._usable_session(deadline)
         if session is None:
             self._finish(
                 queue,
                 delivery,
-                f"time to live ({self.policy.ttl_s:g}s) passed while the relay was unavailable",
+                f"{TTL_REASON_PREFIX} ({self.policy.ttl_s:g}s) passed while the relay was "
+                "unavailable",
             )
             return
         attempts = delivery.attempts + 1
         self._session_messages += 1
+        started = trio.current_time()
         try:
             outcome = await session.send(delivery.mail)
             self._last_activity = trio.current_time()
+            if self.metrics is not None:
+                self.metrics.send_latency.observe(self._last_activity - started)
+                self.metrics.reply(outcome.reply.code)
         except SessionLost as lost:
+            if self.metrics is not None:
+                self.metrics.reply(None)
             self._failures += 1
             await self._drop_session(quit=False)
             result = (
@@ -193,6 +209,8 @@ class Sender:
             self._finish(queue, delivery, decision.reason)
             return
         self._retries += 1
+        if self.metrics is not None:
+            self.metrics.retries.inc()
         log.warning(
             "retry %s in %.1fs: attempt %d failed (%s)%s",
             delivery.message_id,
@@ -202,6 +220,7 @@ class Sender:
             "; possible duplicate: the relay may already have it"
             if result is AttemptResult.OUTCOME_UNKNOWN
             else "",
+            extra={"message_id": delivery.message_id},
         )
         queue.retry_at(delivery, decision.at_s)
 
@@ -215,6 +234,7 @@ class Sender:
                 delivery.attempts,
                 delivery.last_reply or "none",
                 failure,
+                extra={"message_id": delivery.message_id},
             )
         else:
             self._delivered += 1
@@ -224,8 +244,14 @@ class Sender:
                 delivery.attempts,
                 delivery.last_reply,
                 " (possible duplicate)" if delivery.possible_duplicate else "",
+                extra={"message_id": delivery.message_id},
             )
-        self.on_finished(FinishedMail(delivery, delivered=not failure, reason=failure))
+        finished = FinishedMail(delivery, delivered=not failure, reason=failure)
+        if self.metrics is not None:
+            self.metrics.mails.labels(finished.outcome).inc()
+            if finished.delivered:
+                self.metrics.delivery_latency.observe(trio.current_time() - delivery.accepted_at_s)
+        self.on_finished(finished)
 
     async def _usable_session(self, deadline: float) -> SmtpSession | None:
         """A session ready for a mail, or None if ``deadline`` passed while waiting for one."""
@@ -270,11 +296,15 @@ class Sender:
             try:
                 self._session = await self.connect()
             except ConnectFailed as exc:
+                if self.metrics is not None:
+                    self.metrics.connects.labels("failed").inc()
                 self._failures += 1
                 self._config_error = exc.config_error
                 self._report_relay_problem(exc)
                 continue
             self._connects += 1
+            if self.metrics is not None:
+                self.metrics.connects.labels("ok").inc()
             self._session_used = False
             self._session_messages = 0
             self._session_opened_at = self._last_activity = trio.current_time()

@@ -1,0 +1,116 @@
+"""The Prometheus endpoint: standard text format over HTTP, and numbers that move."""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import purerpc
+import pytest
+import trio
+from prometheus_client.parser import text_string_to_metric_families
+
+from trio_mailer.capture_smtp import Fault
+from trio_mailer.v1.mailer_pb2 import MsgRequest
+
+from .conftest import Harness
+
+TOKEN = "metrics-test-token-123456"
+
+
+async def http_get(port: int, path: str) -> tuple[str, dict[str, str], str]:
+    """A plain HTTP/1.1 GET; returns (status line, headers, body)."""
+    stream = await trio.open_tcp_stream("127.0.0.1", port)
+    async with stream:
+        await stream.send_all(f"GET {path} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+        data = b""
+        while chunk := await stream.receive_some(65536):
+            data += chunk
+    head, _, body = data.partition(b"\r\n\r\n")
+    status, *lines = head.decode().split("\r\n")
+    headers = dict(line.split(": ", 1) for line in lines)
+    return status, headers, body.decode()
+
+
+async def scrape(h: Harness) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    assert h.app.metrics_port is not None
+    status, headers, body = await http_get(h.app.metrics_port, "/metrics")
+    assert status == "HTTP/1.1 200 OK"
+    assert headers["Content-Type"].startswith("text/plain; version=")
+    samples = {}
+    for family in text_string_to_metric_families(body):
+        for sample in family.samples:
+            samples[(sample.name, tuple(sorted(sample.labels.items())))] = sample.value
+    return samples
+
+
+def value(samples: dict, name: str, **labels: str) -> float:  # type: ignore[type-arg]
+    return samples.get((name, tuple(sorted(labels.items()))), 0.0)
+
+
+async def test_metrics_count_requests_deliveries_retries_and_latency(
+    start_harness, tmp_path: Path
+) -> None:
+    """Scrapes before and after traffic: every counter and gauge moves as it should."""
+    tokens = tmp_path / "tokens"
+    tokens.write_text(f"sha256:{hashlib.sha256(TOKEN.encode()).hexdigest()}\n")
+    env = {
+        "MAILER_METRICS_PORT": "0",
+        "MAILER_AUTH_TOKENS_FILE": str(tokens),
+        "MAILER_RETRY_BASE_S": "0.05",
+        "MAILER_RETRY_MAX_S": "0.1",
+        "MAILER_QUEUE_SIZE": "5",
+    }
+    auth = [("authorization", f"Bearer {TOKEN}")]
+    with trio.fail_after(20):
+        async with start_harness(env=env) as h:
+            before = await scrape(h)
+            assert value(before, "trio_mailer_mails_total", outcome="delivered") == 0
+            h.relay.add_fault(Fault("RCPT", reply="451 4.7.1 later"))
+            for n in range(3):
+                reply = await h.stub.SendPass(
+                    MsgRequest(to="user@example.com", code=str(n)), metadata=auth
+                )
+                assert reply.sent
+            with pytest.raises(purerpc.RpcFailedError):
+                await h.stub.SendPass(MsgRequest(to="bad", code="1"), metadata=auth)
+            with pytest.raises(purerpc.RpcFailedError):
+                await h.stub.SendRetrieve(MsgRequest(to="user@example.com", code="1"))
+            await h.wait_finished(3)
+            after = await scrape(h)
+            status, _, _ = await http_get(h.app.metrics_port or 0, "/other")
+    assert status == "HTTP/1.1 404 Not Found"
+    requests = "trio_mailer_requests_total"
+    assert value(after, requests, method="SendPass", outcome="accepted") == 3
+    assert value(after, requests, method="SendPass", outcome="invalid") == 1
+    assert value(after, requests, method="SendRetrieve", outcome="unauthenticated") == 1
+    assert value(after, "trio_mailer_mails_total", outcome="delivered") == 3
+    assert value(after, "trio_mailer_retries_total") == 1
+    assert value(after, "trio_mailer_smtp_replies_total", code_class="2xx") == 3
+    assert value(after, "trio_mailer_smtp_replies_total", code_class="4xx") == 1
+    assert value(after, "trio_mailer_smtp_connects_total", result="ok") == 1
+    assert value(after, "trio_mailer_accept_to_delivery_seconds_count") == 3
+    assert value(after, "trio_mailer_smtp_send_seconds_count") == 4
+    assert value(after, "trio_mailer_smtp_sessions_up") == 1
+    assert value(after, "trio_mailer_queue_depth") == 0
+
+
+async def test_queue_full_and_failures_are_counted(start_harness, free_port: int) -> None:
+    """With the relay down: queue depth rises, refusals are counted as queue_full."""
+    env = {
+        "MAILER_METRICS_PORT": "0",
+        "MAILER_QUEUE_SIZE": "2",
+        "MAILER_REMOTE_HOST": f"127.0.0.1:{free_port}",
+        "MAILER_SHUTDOWN_GRACE_S": "0",
+    }
+    with trio.fail_after(20):
+        async with start_harness(env=env) as h:
+            for n in range(6):
+                await h.stub.SendPass(MsgRequest(to="user@example.com", code=str(n)))
+            samples = await scrape(h)
+    refused = value(samples, "trio_mailer_requests_total", method="SendPass", outcome="queue_full")
+    accepted = value(samples, "trio_mailer_requests_total", method="SendPass", outcome="accepted")
+    assert accepted + refused == 6 and refused >= 3
+    assert value(samples, "trio_mailer_queue_depth") == 2
+    assert value(samples, "trio_mailer_smtp_connects_total", result="failed") >= 1
+    assert value(samples, "trio_mailer_smtp_sessions_up") == 0
