@@ -1,8 +1,11 @@
-"""Regenerate ``trio_mailer/v1`` from ``protos/``: ``python protos/generate.py``.
+"""Regenerate the generated packages from ``protos/``: ``python protos/generate.py``.
 
-The output is committed and never edited by hand; ``tests/test_generated_code.py`` runs this
-script into a temporary folder and fails when the committed files differ. It needs the test
-extras (``grpcio-tools`` at the pinned version, and purerpc's ``protoc-gen-purerpc`` plugin).
+``trio_mailer/v1`` (our API) and ``trio_mailer/grpc_std`` (our copies of the standard gRPC health
+and reflection protocols, kept in our own package so that they never meet the stock
+grpcio-health-checking / grpcio-reflection modules in protobuf's default descriptor pool) are
+generated here. The output is committed and never edited by hand; ``tests/test_generated_code.py``
+runs this script into a temporary folder and fails when the committed files differ. It needs the
+test extras (``grpcio-tools`` at the pinned version, and purerpc's ``protoc-gen-purerpc`` plugin).
 """
 
 from __future__ import annotations
@@ -10,12 +13,19 @@ from __future__ import annotations
 import argparse
 import shutil
 import sys
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 PROTOS = Path(__file__).resolve().parent
 ROOT = PROTOS.parent
-PROTO_FILES = ["trio_mailer/v1/mailer.proto"]
-INIT_TEXT = '"""Generated from protos/trio_mailer/v1 by protos/generate.py. Do not edit."""\n'
+PROTO_FILES = [
+    "trio_mailer/v1/mailer.proto",
+    "trio_mailer/grpc_std/health/v1/health.proto",
+    "trio_mailer/grpc_std/reflection/v1alpha/reflection.proto",
+    "trio_mailer/grpc_std/reflection/v1/reflection.proto",
+]
+# The top-level generated packages, relative to the output root: everything below them is
+# written by this script (tests/test_generated_code.py compares them file by file).
+GENERATED_PACKAGES = ["trio_mailer/v1", "trio_mailer/grpc_std"]
 
 
 def _purerpc_plugin() -> str:
@@ -26,6 +36,17 @@ def _purerpc_plugin() -> str:
     if found is None:
         raise SystemExit("protoc-gen-purerpc not found: pip install -e '.[test]' first")
     return found
+
+
+def _package_dirs() -> list[PurePosixPath]:
+    """Every generated package folder, from each top-level package down to each proto's own."""
+    dirs: set[PurePosixPath] = set()
+    for name in PROTO_FILES:
+        folder = PurePosixPath(name).parent
+        for top in map(PurePosixPath, GENERATED_PACKAGES):
+            if folder == top or top in folder.parents:
+                dirs.update(p for p in [folder, *folder.parents] if p == top or top in p.parents)
+    return sorted(dirs)
 
 
 def generate(out_dir: Path) -> list[Path]:
@@ -44,9 +65,16 @@ def generate(out_dir: Path) -> list[Path]:
     ]
     if protoc.main(args) != 0:
         raise SystemExit("protoc failed")
-    package = out_dir / "trio_mailer" / "v1"
-    (package / "__init__.py").write_text(INIT_TEXT)
-    return sorted(package.iterdir())
+    for folder in _package_dirs():
+        (out_dir / folder / "__init__.py").write_text(
+            f'"""Generated from protos/{folder} by protos/generate.py. Do not edit."""\n'
+        )
+    return sorted(
+        path
+        for top in GENERATED_PACKAGES
+        for path in (out_dir / top).rglob("*")
+        if path.is_file() and "__pycache__" not in path.parts
+    )
 
 
 def main() -> None:

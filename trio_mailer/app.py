@@ -28,13 +28,19 @@ from .config import Config, TlsMode
 from .grpc_auth import is_loopback
 from .grpc_server import bound_port, make_server_ssl_context, open_grpc_listener, serve_grpc
 from .grpc_service import MailerService
+from .health import FILE_DESCRIPTOR as HEALTH_FILE_DESCRIPTOR
+from .health import SERVICE_NAME as HEALTH_SERVICE_NAME
+from .health import HealthState, ServingStatus, health_service
 from .mail_queue import Delivery, MailQueue
 from .message import MailComposer
 from .metrics import Metrics, serve_metrics
+from .reflection import reflection_services
 from .rendering import MailTemplates
 from .retry_policy import ReconnectBackoff, RetryPolicy
 from .sender import Connector, FinishedMail, Sender, SenderStatistics, SmtpSession
+from .serving_status import is_serving
 from .smtp_session import RelaySettings, ThreadedSmtpSession, make_relay_ssl_context
+from .v1 import mailer_pb2
 
 log = logging.getLogger(__name__)
 
@@ -46,6 +52,8 @@ OPEN_SERVICES = frozenset(
         "grpc.reflection.v1.ServerReflection",
     }
 )
+
+HEALTH_POLL_S = 0.25  # how soon a Watch sees the relay go down or come back
 
 EXIT_OK = 0
 EXIT_MAIL_LEFT_BEHIND = 1
@@ -71,6 +79,7 @@ class MailerApp:
     queue: MailQueue = attrs.field(init=False)
     senders: list[Sender] = attrs.field(init=False)
     metrics: Metrics = attrs.field(init=False)
+    health: HealthState = attrs.field(init=False)
     metrics_port: int | None = attrs.field(init=False, default=None)  # once serving
     service: MailerService = attrs.field(init=False)
     _shutdown: trio.Event = attrs.field(init=False, factory=trio.Event)
@@ -115,6 +124,7 @@ class MailerApp:
             service_name=self.config.service_name,
         )
         self.service = MailerService(composer, self.queue, metrics=self.metrics)
+        self.health = HealthState([self.service.service.name])
 
     @classmethod
     def from_config(cls, config: Config) -> MailerApp:
@@ -162,7 +172,31 @@ class MailerApp:
         return False
 
     def grpc_services(self) -> list[purerpc.Service]:
-        return [self.service.service]
+        """The Mailer, health checking, and server reflection (v1 and v1alpha)."""
+        mailer = self.service.service
+        return [
+            mailer,
+            health_service(self.health),
+            *reflection_services(
+                [mailer.name, HEALTH_SERVICE_NAME],
+                [mailer_pb2.DESCRIPTOR, HEALTH_FILE_DESCRIPTOR],
+            ),
+        ]
+
+    def _update_health(self) -> None:
+        serving = is_serving(
+            [sender.statistics() for sender in self.senders],
+            draining=self.service.draining,
+            now_s=trio.current_time(),
+            down_after_s=self.config.health_down_after_s,
+        )
+        self.health.set(ServingStatus.SERVING if serving else ServingStatus.NOT_SERVING)
+
+    async def _watch_health(self) -> None:
+        """Keep the health status in step with the senders (checked every HEALTH_POLL_S)."""
+        while True:
+            self._update_health()
+            await trio.sleep(HEALTH_POLL_S)
 
     def watch_finished(self, callback: Callable[[FinishedMail], None]) -> None:
         """Have ``callback`` told of every mail's outcome (delivered or failed)."""
@@ -221,6 +255,7 @@ class MailerApp:
                 partial(serve_grpc, authorizer=self.authorize), listener, self.grpc_services()
             )
             nursery.start_soon(run_senders)
+            nursery.start_soon(self._watch_health)
             if config.metrics_port is not None:
                 self.metrics_port = await nursery.start(
                     serve_metrics, self.metrics, config.metrics_host, config.metrics_port
@@ -240,6 +275,7 @@ class MailerApp:
                 config.shutdown_grace_s,
             )
             self.service.draining = True
+            self._update_health()  # NOT_SERVING from the first moment of the drain
             self.queue.close()
             with trio.move_on_after(config.shutdown_grace_s):
                 async with trio.open_nursery() as waiters:

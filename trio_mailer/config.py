@@ -94,6 +94,7 @@ class Config:
     metrics_port: int | None = None
     metrics_host: str = "127.0.0.1"
     log_format: str = "text"
+    health_down_after_s: float = 30.0
 
     def describe(self) -> str:
         """The effective configuration for the start-up log line, without secrets."""
@@ -347,6 +348,9 @@ def load_config(env: Mapping[str, str]) -> Config:
     metrics_port = r.parse("MAILER_METRICS_PORT", None, _int_in(0, 65535))
     metrics_host = r.raw("MAILER_METRICS_HOST") or "127.0.0.1"
     log_format = r.parse("MAILER_LOG_FORMAT", "text", _one_of("text", "json"))
+    health_down_after_s = r.parse(
+        "MAILER_HEALTH_DOWN_AFTER_S", 30.0, _seconds(0, 86400, low_inclusive=True)
+    )
     if r.problems:
         raise ConfigError(r.problems)
     return Config(
@@ -382,4 +386,5 @@ def load_config(env: Mapping[str, str]) -> Config:
         metrics_port=metrics_port,
         metrics_host=metrics_host,
         log_format=log_format,
+        health_down_after_s=health_down_after_s,
     )

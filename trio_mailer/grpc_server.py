@@ -63,6 +63,64 @@ def _allow_all(service: str, method: str, metadata: Sequence[tuple[str, str]]) -
     return True
 
 
+class _CallScopes:
+    """One cancel scope per call of a connection; a client's RST_STREAM cancels its call.
+
+    purerpc 0.8.0 drops h2's ``StreamReset`` event: a client that cancels a call (or whose
+    deadline passes) goes unnoticed, and a handler that is waiting (a health Watch between two
+    changes, a reflection stream waiting for its next request) would wait forever. This hooks
+    the connection's ``_stream_reset`` to cancel that call's scope.
+
+    purerpc also keeps a stream's state until both ends have closed it, which a reset stream
+    never does. That state is dropped once the call is over, but only at the next reset: the
+    hook runs inside ``receive_data``, when every event of the earlier batches has been
+    delivered, so purerpc will not look those streams up again (h2 answers any later frame on a
+    reset stream by itself).
+    """
+
+    def __init__(self, grpc_socket: GRPCProtoSocket) -> None:
+        self._grpc_socket = grpc_socket
+        self._scopes: dict[int, trio.CancelScope] = {}
+        self._last_opened = 0
+        self._reset_before_start: set[int] = set()
+        self._reset_running: set[int] = set()
+        self._forget: list[int] = []  # reset, and their call is over
+        grpc_socket._grpc_connection._stream_reset = self._on_stream_reset
+
+    def open(self, stream_id: int) -> trio.CancelScope:
+        """The scope for a new call (already cancelled if the client reset it first)."""
+        scope = self._scopes[stream_id] = trio.CancelScope()
+        self._last_opened = stream_id
+        if stream_id in self._reset_before_start:
+            self._reset_before_start.discard(stream_id)
+            self._reset_running.add(stream_id)
+            scope.cancel()
+        return scope
+
+    def close(self, stream_id: int) -> None:
+        """The call is over."""
+        del self._scopes[stream_id]
+        if stream_id in self._reset_running:
+            self._reset_running.discard(stream_id)
+            self._forget.append(stream_id)
+
+    def _on_stream_reset(self, event: Any) -> list[Any]:
+        for stream_id in self._forget:
+            self._grpc_socket._streams.pop(stream_id, None)
+            self._grpc_socket._grpc_connection.message_read_buffers.pop(stream_id, None)
+        self._forget.clear()
+        stream_id = event.stream_id
+        scope = self._scopes.get(stream_id)
+        if scope is not None:
+            self._reset_running.add(stream_id)
+            scope.cancel()
+        elif stream_id > self._last_opened:  # its RequestReceived is in this same batch
+            self._reset_before_start.add(stream_id)
+        else:  # the call is already over
+            self._forget.append(stream_id)
+        return []
+
+
 class _ConnectionHandler:
     """Serves the gRPC calls of one client connection."""
 
@@ -75,9 +133,17 @@ class _ConnectionHandler:
         try:
             # purerpc never closes the connection's socket: the ``async with stream`` does.
             async with stream, GRPCProtoSocket(self._config, stream) as grpc_socket:
+                calls = _CallScopes(grpc_socket)
                 async with anyio.create_task_group() as task_group:
                     async for call in grpc_socket.listen():
-                        task_group.start_soon(self._serve_call, call)
+                        # The scope exists before the task runs: a reset that arrives first
+                        # still cancels the call.
+                        task_group.start_soon(
+                            self._serve_call, call, calls, calls.open(call.stream_id)
+                        )
+                    # The client closed the connection: no call can be answered any more, and
+                    # a handler waiting for something to send (a health Watch) would wait on.
+                    task_group.cancel_scope.cancel()
         except* MessageTooLargeError:
             # purerpc fails the whole connection, not just the call: the client sees
             # UNAVAILABLE ("Stream removed"). Its other connections, and other clients, go on.
@@ -87,7 +153,18 @@ class _ConnectionHandler:
         except* Exception as group:  # a broken or misbehaving client ends only its own connection
             log.debug("gRPC connection ended: %r", group)
 
-    async def _serve_call(self, stream: GRPCProtoStream) -> None:
+    async def _serve_call(
+        self, stream: GRPCProtoStream, calls: _CallScopes, scope: trio.CancelScope
+    ) -> None:
+        try:
+            with scope:
+                await self._serve_call_in_scope(stream)
+        finally:
+            calls.close(stream.stream_id)
+
+    async def _serve_call_in_scope(self, stream: GRPCProtoStream) -> None:
+        # A call reset before it got here ends quietly (start_response would fail on it).
+        await trio.lowlevel.checkpoint()
         try:
             await stream.start_response()
             event = await stream.receive_event()
@@ -115,8 +192,10 @@ class _ConnectionHandler:
                 return
             stream.expect_message_type(method.signature.request_type)
 
-            async def handler(message: Any) -> Any:
-                return await method.method_fn(message, request=event)
+            def handler(message: Any) -> Any:
+                # Not ``async``: a streaming method returns an async iterator, which purerpc's
+                # wrappers iterate; a unary one returns a coroutine, which they await.
+                return method.method_fn(message, request=event)
 
             try:
                 await _CALLERS[method.signature.cardinality](handler, stream)

@@ -90,6 +90,8 @@ class SenderStatistics:
     connects: int
     sessions_up: int
     in_flight: tuple[str, ...]  # the Message-IDs being sent
+    relay_down_since_s: float | None = None  # trio clock: first failed connect of this outage
+    config_error: bool = False  # the relay refuses our credentials or certificate
 
 
 def _ignore(_: FinishedMail) -> None:
@@ -116,6 +118,7 @@ class Sender:
     _failures: int = 0
     _config_error: bool = False
     _relay_problem: str | None = None
+    _down_since: float | None = None
     _delivered: int = 0
     _failed: int = 0
     _retries: int = 0
@@ -129,6 +132,8 @@ class Sender:
             connects=self._connects,
             sessions_up=int(self._session is not None),
             in_flight=(self.in_flight.message_id,) if self.in_flight else (),
+            relay_down_since_s=self._down_since,
+            config_error=self._config_error and self._session is None,
         )
 
     async def run(
@@ -300,12 +305,15 @@ class Sender:
                     self.metrics.connects.labels("failed").inc()
                 self._failures += 1
                 self._config_error = exc.config_error
+                if self._down_since is None:
+                    self._down_since = trio.current_time()
                 self._report_relay_problem(exc)
                 continue
             self._connects += 1
             if self.metrics is not None:
                 self.metrics.connects.labels("ok").inc()
             self._session_used = False
+            self._down_since = None
             self._session_messages = 0
             self._session_opened_at = self._last_activity = trio.current_time()
             self._config_error = False

@@ -1,0 +1,1 @@
+"""Generated from protos/trio_mailer/grpc_std/reflection/v1 by protos/generate.py. Do not edit."""
