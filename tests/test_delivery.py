@@ -162,39 +162,6 @@ async def test_rejected_recipient_is_logged_and_the_session_reset(start_harness,
             assert verbs[verbs.index("RCPT") + 1] == "RSET"
 
 
-async def test_relay_with_unknown_ca_gets_no_mail(start_harness, caplog) -> None:
-    """A relay certificate from a CA we do not trust: no mail, and the reason in the log."""
-    caplog.set_level(logging.WARNING, "trio_mailer")
-    other_ca = trustme.CA()
-    with trio.fail_after(10):
-        async with start_harness(
-            ssl_context=server_context(other_ca), env={"MAILER_SHUTDOWN_GRACE_S": "0"}
-        ) as h:
-            await send_pass(h)
-            await trio.sleep(0.5)
-            assert await h.shutdown() == 1
-            assert h.relay.received == []
-            assert "certificate verify failed" in caplog.text.lower()
-            assert "MAIL" not in {verb for _, verb in h.relay.commands}
-
-
-async def test_relay_certificate_for_another_host_gets_no_mail(
-    start_harness, ca: trustme.CA, caplog
-) -> None:
-    """A trusted CA but a certificate for another name is refused too."""
-    caplog.set_level(logging.WARNING, "trio_mailer")
-    with trio.fail_after(10):
-        async with start_harness(
-            ssl_context=server_context(ca, "mail.example.net"),
-            env={"MAILER_SHUTDOWN_GRACE_S": "0"},
-        ) as h:
-            await send_pass(h)
-            await trio.sleep(0.5)
-            assert await h.shutdown() == 1
-            assert h.relay.received == []
-            assert "certificate verify failed" in caplog.text.lower()
-
-
 async def test_full_queue_answers_sent_false_at_once(start_harness, free_port) -> None:
     """With the relay down, the queue fills and further calls get sent=false without waiting."""
     with trio.fail_after(10):

@@ -10,8 +10,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def test_wheel_contains_package_templates_and_generated_code(tmp_path: Path) -> None:
-    """Building the wheel puts templates/ at trio_mailer/templates/ beside the code."""
+def build_wheel(out_dir: Path) -> Path:
+    """Build the project's wheel into ``out_dir`` (hatchling, no build isolation)."""
     subprocess.run(
         [
             sys.executable,
@@ -21,14 +21,20 @@ def test_wheel_contains_package_templates_and_generated_code(tmp_path: Path) -> 
             "--no-deps",
             "--no-build-isolation",
             "--wheel-dir",
-            str(tmp_path),
+            str(out_dir),
             str(ROOT),
         ],
         check=True,
         capture_output=True,
         timeout=300,
     )
-    [wheel] = tmp_path.glob("trio_mailer-*.whl")
+    [wheel] = out_dir.glob("trio_mailer-*.whl")
+    return wheel
+
+
+def test_wheel_contains_package_templates_and_generated_code(tmp_path: Path) -> None:
+    """Building the wheel puts templates/ at trio_mailer/templates/ beside the code."""
+    wheel = build_wheel(tmp_path)
     names = set(zipfile.ZipFile(wheel).namelist())
     assert {
         "trio_mailer/templates/mail/password.msg",
@@ -47,23 +53,7 @@ def test_installed_wheel_finds_its_templates_from_any_directory(tmp_path: Path) 
     """Installed from the wheel (not the source tree), the default templates load."""
     wheels, target, elsewhere = tmp_path / "wheels", tmp_path / "site", tmp_path / "cwd"
     elsewhere.mkdir()
-    subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "pip",
-            "wheel",
-            "--no-deps",
-            "--no-build-isolation",
-            "--wheel-dir",
-            str(wheels),
-            str(ROOT),
-        ],
-        check=True,
-        capture_output=True,
-        timeout=300,
-    )
-    [wheel] = wheels.glob("trio_mailer-*.whl")
+    wheel = build_wheel(wheels)
     subprocess.run(
         [sys.executable, "-m", "pip", "install", "--no-deps", "--target", str(target), str(wheel)],
         check=True,
