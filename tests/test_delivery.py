@@ -13,12 +13,11 @@ import ssl
 import purerpc
 import pytest
 import trio
-import trustme
 
 from trio_mailer.capture_smtp import Fault
 from trio_mailer.v1.mailer_pb2 import MsgRequest
 
-from .conftest import Harness, server_context
+from .conftest import Harness
 
 
 def parsed(data: bytes) -> email.message.EmailMessage:
