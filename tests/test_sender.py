@@ -20,7 +20,14 @@ from trio_mailer.message import OutgoingMail
 from trio_mailer.rendering import MailKind
 from trio_mailer.retry_policy import ReconnectBackoff, RetryPolicy
 from trio_mailer.sender import FinishedMail, Sender
-from trio_mailer.smtp_session import ConnectFailed, Delivered, Rejected, Reply, SessionLost
+from trio_mailer.smtp_session import (
+    ConnectFailed,
+    Delivered,
+    ProbeFailed,
+    Rejected,
+    Reply,
+    SessionLost,
+)
 
 
 def mail(n: int) -> OutgoingMail:
@@ -71,13 +78,13 @@ class FakeSession:
     relay: FakeRelay
     number: int
 
-    async def probe(self) -> bool:
-        await trio.lowlevel.checkpoint()
-        answer = self.relay.probe_answers.pop(0) if self.relay.probe_answers else True
-        self.relay.log(f"probe {'ok' if answer else 'failed'}")
-        return answer
-
-    async def send(self, mail: OutgoingMail) -> Delivered | Rejected:
+    async def send(self, mail: OutgoingMail, *, probe_first: bool = False) -> Delivered | Rejected:
+        if probe_first:
+            await trio.lowlevel.checkpoint()
+            answer = self.relay.probe_answers.pop(0) if self.relay.probe_answers else True
+            self.relay.log(f"probe {'ok' if answer else 'failed'}")
+            if not answer:
+                raise ProbeFailed()
         await trio.sleep(0.01)  # one round of SMTP on a fast relay
         outcome = (
             self.relay.send_outcomes.pop(0)

@@ -12,7 +12,8 @@ carries two transactions at once. For each mail that ``MailQueue.next_due()`` ha
    state, not once per try. If the mail's time to live would pass while waiting, it is reported
    failed at that moment.
 3. A session that has already carried a mail and then sat idle for ``noop_idle_s`` or more is
-   probed with NOOP first (``noop_idle_s=0``: before every mail, the origin's behaviour);
+   probed with NOOP first, in the same thread hop as the mail (``noop_idle_s=0``: before every
+   mail, the origin's behaviour);
    anything but 250 (the relay dropped it while idle, or said 421) means replace it before
    sending. A busy session skips the probe: it costs a round trip per mail, and a session that
    broke anyway is caught by the send itself (the mail then goes again on a new session).
@@ -47,7 +48,7 @@ from .mail_queue import Delivery, MailQueue
 from .message import OutgoingMail
 from .metrics import Metrics
 from .retry_policy import TTL_REASON_PREFIX, AttemptResult, GiveUp, ReconnectBackoff, RetryPolicy
-from .smtp_session import ConnectFailed, Delivered, Rejected, SessionLost
+from .smtp_session import ConnectFailed, Delivered, ProbeFailed, Rejected, SessionLost
 
 log = logging.getLogger(__name__)
 
@@ -57,8 +58,10 @@ CLOSE_TIMEOUT_S = 2.0  # how long closing a broken session may hold up the sende
 class SmtpSession(Protocol):
     """What the sender needs of a session (the real one is ``ThreadedSmtpSession``)."""
 
-    async def probe(self) -> bool: ...
-    async def send(self, mail: OutgoingMail) -> Delivered | Rejected: ...
+    async def send(self, mail: OutgoingMail, *, probe_first: bool = False) -> Delivered | Rejected:
+        """Send ``mail``; with ``probe_first``, NOOP first (raising ``ProbeFailed`` if not 250)."""
+        ...
+
     async def reset(self) -> bool: ...
     async def close(self, *, quit: bool) -> None: ...
 
@@ -155,25 +158,37 @@ class Sender:
         if trio.current_time() >= deadline:
             self._finish(queue, delivery, f"{TTL_REASON_PREFIX} ({self.policy.ttl_s:g}s) passed")
             return
-        session = await self._usable_session(deadline)
-        if session is None:
-            self._finish(
-                queue,
-                delivery,
-                f"{TTL_REASON_PREFIX} ({self.policy.ttl_s:g}s) passed while the relay was "
-                "unavailable",
-            )
-            return
         attempts = delivery.attempts + 1
+        while True:
+            session = await self._usable_session(deadline)
+            if session is None:
+                self._finish(
+                    queue,
+                    delivery,
+                    f"{TTL_REASON_PREFIX} ({self.policy.ttl_s:g}s) passed while the relay was "
+                    "unavailable",
+                )
+                return
+            # NOOP only after the session sat idle; it rides in the same thread hop as the mail.
+            probe = self._session_used and (
+                trio.current_time() - self._last_activity >= self.noop_idle_s
+            )
+            self._session_used = True
+            started = trio.current_time()
+            outcome: Delivered | Rejected | SessionLost
+            try:
+                outcome = await session.send(delivery.mail, probe_first=probe)
+                break
+            except ProbeFailed:
+                log.info("session probe failed (NOOP not 250); reconnecting")
+                await self._drop_session(quit=False)
+            except SessionLost as exc:
+                outcome = exc
+                break
         self._session_messages += 1
-        started = trio.current_time()
-        try:
-            outcome = await session.send(delivery.mail)
-            self._last_activity = trio.current_time()
-            if self.metrics is not None:
-                self.metrics.send_latency.observe(self._last_activity - started)
-                self.metrics.reply(outcome.reply.code)
-        except SessionLost as lost:
+        self._last_activity = trio.current_time()
+        if isinstance(outcome, SessionLost):
+            lost = outcome
             if self.metrics is not None:
                 self.metrics.reply(None)
             self._failures += 1
@@ -183,6 +198,9 @@ class Sender:
             )
             reply = f"session lost at {lost.reason}"
         else:
+            if self.metrics is not None:
+                self.metrics.send_latency.observe(self._last_activity - started)
+                self.metrics.reply(outcome.reply.code)
             if isinstance(outcome, Delivered):
                 self._failures = 0
                 delivered = attrs.evolve(delivery, attempts=attempts, last_reply=str(outcome.reply))
@@ -265,18 +283,12 @@ class Sender:
                 return None
             session = self._session
             assert session is not None
-            now = trio.current_time()
-            if self._session_used and now - self._session_opened_at >= self.max_age_s:
+            if (
+                self._session_used
+                and trio.current_time() - self._session_opened_at >= self.max_age_s
+            ):
                 await self._recycle_if_due()
                 continue
-            if self._session_used and now - self._last_activity >= self.noop_idle_s:
-                if not await session.probe():
-                    log.info("session probe failed (NOOP not 250); reconnecting")
-                    await self._drop_session(quit=False)
-                    continue
-                self._last_activity = trio.current_time()
-                self._failures = 0
-            self._session_used = True
             return session
 
     async def _recycle_if_due(self) -> None:
