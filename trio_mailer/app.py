@@ -1,12 +1,15 @@
 """The composition root: build the parts from the config, run them in one nursery, drain.
 
-``MailerApp.run`` opens the nursery that holds the sender task and the gRPC server, and owns
-the shutdown sequence:
+``MailerApp.run`` opens the nursery that holds the sender pool (one task per SMTP session,
+sharing the queue), the gRPC server (the Mailer, health checking, reflection), the task that
+keeps the health status in step with the senders, and the metrics endpoint when configured.
+It owns the shutdown sequence:
 
-1. ``request_shutdown()`` (SIGINT/SIGTERM in the CLI): the handlers answer UNAVAILABLE and the
-   queue is closed, so nothing new is accepted.
-2. The sender delivers what is queued, then says QUIT, within ``shutdown_grace_s``.
-3. Past the grace period (or at a second ``request_shutdown(force=True)``) the sender is
+1. ``request_shutdown()`` (SIGINT/SIGTERM in the CLI): health turns NOT_SERVING, the handlers
+   answer UNAVAILABLE and the queue is closed, so nothing new is accepted.
+2. The senders deliver what is queued or waiting for a retry, then say QUIT, within
+   ``shutdown_grace_s``.
+3. Past the grace period (or at a second ``request_shutdown(force=True)``) the senders are
    cancelled; a blocked socket call is unblocked from the Trio side. Every mail not delivered is
    logged by Message-ID at ERROR.
 4. The gRPC server stops. ``run`` returns the exit status: 0 when everything accepted was
