@@ -1,0 +1,1 @@
+"""trio-mailer benchmarks: ``python bench/run.py`` (see bench/README.md)."""
