@@ -1,0 +1,820 @@
+"""The outbox: stored records, status changes, durability, group commit, and refusing bad files."""
+
+from __future__ import annotations
+
+import os
+import sqlite3
+import sys
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import attrs
+import pytest
+import trio
+import trio.testing
+
+from trio_mailer.errors import GrpcStatus
+from trio_mailer.mail_status import OUTBOX_FILE, apply_change
+from trio_mailer.message import OutgoingMail
+from trio_mailer.outbox import (
+    MailRecord,
+    MailState,
+    MemoryOutbox,
+    Outbox,
+    OutboxConflict,
+    OutboxCorrupt,
+    OutboxError,
+    OutboxFull,
+    OutboxStatistics,
+    SqliteOutbox,
+    StatusChange,
+    default_outbox_path,
+)
+from trio_mailer.rendering import MailKind
+
+TIMEOUT_S = 10
+T0 = 1_790_000_000.0  # a wall-clock unix time
+
+
+def queued(
+    n: int, *, accepted_at_unix: float | None = None, data: bytes | None = None
+) -> MailRecord:
+    """A freshly accepted mail number ``n``."""
+    mail = OutgoingMail(
+        message_id=f"<{n}@x.example>",
+        kind=MailKind.RETRIEVE if n % 2 else MailKind.PASSWORD,
+        envelope_from="mailer@x.example",
+        envelope_to=f"user{n}@y.example",
+        data=data if data is not None else f"Subject: code\r\n\r\ncode {n:06d}\r\n".encode(),
+    )
+    return MailRecord.accepted(mail, T0 + n if accepted_at_unix is None else accepted_at_unix)
+
+
+def change(
+    record: MailRecord,
+    state: MailState,
+    attempts: int,
+    at: float,
+    reply: tuple[int | None, str] = (None, ""),
+    *,
+    possible_duplicate: bool = False,
+) -> StatusChange:
+    return StatusChange(
+        record.message_id, state, attempts, reply[0], reply[1], T0 + at, possible_duplicate
+    )
+
+
+@pytest.fixture(params=["sqlite", "memory"])
+async def outbox(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Outbox]:
+    with trio.fail_after(TIMEOUT_S):
+        box: Outbox = (
+            await SqliteOutbox.open(tmp_path / "outbox.sqlite3")
+            if request.param == "sqlite"
+            else MemoryOutbox()
+        )
+    try:
+        yield box
+    finally:
+        with trio.fail_after(TIMEOUT_S):
+            await box.aclose()
+
+
+async def open_sqlite(path: Path, **kwargs: int) -> SqliteOutbox:
+    with trio.fail_after(TIMEOUT_S):
+        return await SqliteOutbox.open(path, **kwargs)
+
+
+# ---- behaviour shared by both outboxes ----
+
+
+async def test_add_then_get_returns_the_exact_record(outbox: Outbox) -> None:
+    """get() returns what add() stored, field for field, and None for an unknown Message-ID."""
+    with trio.fail_after(TIMEOUT_S):
+        record = queued(1, data=b"\x00\xff binary \r\n" * 100)
+        await outbox.add(record)
+        assert await outbox.get(record.message_id) == record
+        assert await outbox.get("<unknown@x.example>") is None
+
+
+async def test_status_changes_apply_in_order(outbox: Outbox) -> None:
+    """Attempts, the last reply and its time follow the changes; possible_duplicate sticks."""
+    with trio.fail_after(TIMEOUT_S):
+        record = queued(1)
+        await outbox.add(record)
+        await outbox.record(change(record, MailState.SENDING, 1, at=10))
+        await outbox.record(
+            change(record, MailState.RETRY_WAIT, 1, at=11, reply=(451, "try later"))
+        )
+        await outbox.record(change(record, MailState.SENDING, 2, at=20, reply=(451, "try later")))
+        await outbox.record(
+            change(
+                record,
+                MailState.RETRY_WAIT,
+                2,
+                at=21,
+                reply=(None, "session lost at DOT"),
+                possible_duplicate=True,
+            )
+        )
+        assert await outbox.get(record.message_id) == attrs.evolve(
+            record,
+            state=MailState.RETRY_WAIT,
+            attempts=2,
+            last_reply_code=None,
+            last_reply_text="session lost at DOT",
+            last_attempt_at_unix=T0 + 20,
+            possible_duplicate=True,
+        )
+        await outbox.record(change(record, MailState.DELIVERED, 3, at=30, reply=(250, "ok")))
+        assert await outbox.get(record.message_id) == attrs.evolve(
+            record,
+            state=MailState.DELIVERED,
+            attempts=3,
+            last_reply_code=250,
+            last_reply_text="ok",
+            last_attempt_at_unix=T0 + 30,
+            finished_at_unix=T0 + 30,
+            possible_duplicate=True,
+        )
+
+
+async def test_unfinished_lists_non_terminal_mail_oldest_accepted_first(outbox: Outbox) -> None:
+    """Terminal mail is left out; ties in acceptance time keep the order of add()."""
+    with trio.fail_after(TIMEOUT_S):
+        records = [
+            queued(1, accepted_at_unix=T0 + 30),
+            queued(2, accepted_at_unix=T0 + 10),
+            queued(3, accepted_at_unix=T0 + 20),
+            queued(4, accepted_at_unix=T0 + 10),
+            queued(5, accepted_at_unix=T0 + 5),
+            queued(6, accepted_at_unix=T0 + 1),
+            queued(7, accepted_at_unix=T0 + 2),
+        ]
+        for record in records:
+            await outbox.add(record)
+        await outbox.record(change(records[4], MailState.DELIVERED, 1, at=50, reply=(250, "ok")))
+        await outbox.record(change(records[5], MailState.FAILED, 1, at=50, reply=(550, "no")))
+        await outbox.record(change(records[6], MailState.EXPIRED, 0, at=700))
+        await outbox.record(change(records[2], MailState.SENDING, 1, at=50))
+        await outbox.record(change(records[0], MailState.RETRY_WAIT, 1, at=50, reply=(451, "")))
+        unfinished = await outbox.unfinished()
+        assert [r.message_id for r in unfinished] == [
+            "<2@x.example>",
+            "<4@x.example>",
+            "<3@x.example>",
+            "<1@x.example>",
+        ]
+        assert [r.state for r in unfinished] == [
+            MailState.QUEUED,
+            MailState.QUEUED,
+            MailState.SENDING,
+            MailState.RETRY_WAIT,
+        ]
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [
+        pytest.param("duplicate", id="add-twice"),
+        pytest.param("unknown", id="change-unknown-mail"),
+        pytest.param("finished", id="change-finished-mail"),
+        pytest.param("fewer-attempts", id="attempts-go-down"),
+    ],
+)
+async def test_a_change_that_breaks_the_rules_is_refused_and_stores_nothing(
+    outbox: Outbox, bad: str
+) -> None:
+    """OutboxConflict, and the stored record stays as it was."""
+    with trio.fail_after(TIMEOUT_S):
+        record = queued(1)
+        await outbox.add(record)
+        await outbox.record(change(record, MailState.SENDING, 2, at=1))
+        if bad == "finished":
+            await outbox.record(change(record, MailState.FAILED, 2, at=2, reply=(550, "no")))
+        before = await outbox.get(record.message_id)
+        with pytest.raises(OutboxConflict) as caught:
+            if bad == "duplicate":
+                await outbox.add(attrs.evolve(record, envelope_to="other@y.example"))
+            elif bad == "unknown":
+                await outbox.record(change(queued(2), MailState.SENDING, 1, at=3))
+            elif bad == "finished":
+                await outbox.record(change(record, MailState.DELIVERED, 3, at=3))
+            else:
+                await outbox.record(change(record, MailState.RETRY_WAIT, 1, at=3))
+        assert await outbox.get(record.message_id) == before
+        assert caught.value.grpc_status is GrpcStatus.INTERNAL
+        expected = {
+            "duplicate": "<1@x.example> is already in the outbox",
+            "unknown": "<2@x.example> is not in the outbox",
+            "finished": "<1@x.example> is already failed; it cannot become delivered",
+            "fewer-attempts": "<1@x.example>: attempts: expected 2 or more, got 1",
+        }[bad]
+        assert caught.value.problem == expected
+
+
+async def test_a_refused_change_does_not_fail_the_others_in_its_commit(outbox: Outbox) -> None:
+    """Concurrent adds sharing a commit with a duplicate: only the duplicate fails."""
+    with trio.fail_after(TIMEOUT_S):
+        await outbox.add(queued(1))
+        outcomes: dict[int, str] = {}
+
+        async def add(n: int) -> None:
+            try:
+                await outbox.add(queued(n))
+            except OutboxConflict:
+                outcomes[n] = "conflict"
+            else:
+                outcomes[n] = "stored"
+
+        async with trio.open_nursery() as nursery:
+            for n in (2, 3, 1, 4, 5):
+                nursery.start_soon(add, n)
+        assert outcomes == {1: "conflict", 2: "stored", 3: "stored", 4: "stored", 5: "stored"}
+        assert [r.message_id for r in await outbox.unfinished()] == [
+            f"<{n}@x.example>" for n in (1, 2, 3, 4, 5)
+        ]
+        if isinstance(outbox, SqliteOutbox):
+            assert outbox.statistics() == OutboxStatistics(
+                commits=2, rows_committed=5, failed_commits=0, pending=0, largest_batch=5
+            )
+
+
+async def test_prune_removes_only_terminal_mail_finished_before_the_cutoff(outbox: Outbox) -> None:
+    """Old delivered/failed/expired rows go; recent ones and unfinished ones stay."""
+    with trio.fail_after(TIMEOUT_S):
+        records = [queued(n, accepted_at_unix=T0) for n in range(1, 7)]
+        for record in records:
+            await outbox.add(record)
+        await outbox.record(change(records[0], MailState.DELIVERED, 1, at=100, reply=(250, "")))
+        await outbox.record(change(records[1], MailState.FAILED, 1, at=199, reply=(550, "")))
+        await outbox.record(change(records[2], MailState.EXPIRED, 0, at=200))
+        await outbox.record(change(records[3], MailState.DELIVERED, 1, at=300, reply=(250, "")))
+        await outbox.record(change(records[4], MailState.RETRY_WAIT, 1, at=100, reply=(451, "")))
+        assert await outbox.prune(T0 + 200) == 2
+        kept = [await outbox.get(r.message_id) for r in records]
+        assert [r.message_id for r in kept if r is not None] == [
+            "<3@x.example>",
+            "<4@x.example>",
+            "<5@x.example>",
+            "<6@x.example>",
+        ]
+        assert await outbox.prune(T0 + 200) == 0
+
+
+async def test_a_cancelled_add_stores_nothing(outbox: Outbox) -> None:
+    """An add() cancelled before it starts leaves no row."""
+    with trio.fail_after(TIMEOUT_S):
+        with trio.CancelScope() as scope:
+            scope.cancel()
+            await outbox.add(queued(1))
+        assert scope.cancelled_caught
+        assert await outbox.get("<1@x.example>") is None
+        assert outbox.statistics().pending == 0
+
+
+async def test_a_closed_outbox_refuses_calls(outbox: Outbox) -> None:
+    """After aclose(), calls raise trio.ClosedResourceError; a second aclose() is harmless."""
+    with trio.fail_after(TIMEOUT_S):
+        await outbox.aclose()
+        await outbox.aclose()
+        with pytest.raises(trio.ClosedResourceError):
+            await outbox.add(queued(1))
+        with pytest.raises(trio.ClosedResourceError):
+            await outbox.get("<1@x.example>")
+
+
+# ---- SqliteOutbox: durability ----
+
+
+async def test_open_creates_the_directories_and_an_outbox_file(tmp_path: Path) -> None:
+    """A missing file is created with its parent directories, and nothing else is left there."""
+    path = tmp_path / "state" / "trio-mailer" / "outbox.sqlite3"
+    box = await open_sqlite(path)
+    with trio.fail_after(TIMEOUT_S):
+        assert box.path == path
+        assert await box.unfinished() == []
+        await box.aclose()
+    assert sorted(p.name for p in path.parent.iterdir() if p.name != "outbox.sqlite3-shm") == [
+        "outbox.sqlite3"
+    ]
+    with sqlite3.connect(f"{path.as_uri()}?mode=ro", uri=True) as conn:
+        assert conn.execute("PRAGMA journal_mode").fetchone() == ("wal",)
+        assert conn.execute("PRAGMA user_version").fetchone() == (1,)
+    conn.close()
+
+
+async def test_records_survive_close_and_reopen(tmp_path: Path) -> None:
+    """What was committed is there after the outbox is closed and opened again."""
+    path = tmp_path / "outbox.sqlite3"
+    first, second = queued(1), queued(2)
+    box = await open_sqlite(path)
+    with trio.fail_after(TIMEOUT_S):
+        await box.add(first)
+        await box.add(second)
+        await box.record(change(first, MailState.RETRY_WAIT, 3, at=5, reply=(452, "full")))
+        await box.aclose()
+    box = await open_sqlite(path)
+    with trio.fail_after(TIMEOUT_S):
+        try:
+            expected = apply_change(
+                first, change(first, MailState.RETRY_WAIT, 3, at=5, reply=(452, "full"))
+            )
+            assert await box.unfinished() == [expected, second]
+        finally:
+            await box.aclose()
+
+
+CRASHING_WRITER = """
+import os, sys, trio
+from pathlib import Path
+from trio_mailer.mail_status import MailRecord, StatusChange, MailState
+from trio_mailer.outbox import SqliteOutbox
+
+async def main():
+    box = await SqliteOutbox.open(Path(sys.argv[1]))
+    record = MailRecord("<1@x.example>", "password", "a@x.example", "b@x.example", b"body",
+                        1.0, MailState.QUEUED, 0, None, "", None, None, False)
+    await box.add(record)
+    await box.record(StatusChange("<1@x.example>", MailState.SENDING, 1, None, "", 2.0))
+    os._exit(0)  # no aclose(): the process dies with the file open
+
+trio.run(main)
+"""
+
+
+async def test_a_commit_survives_the_process_dying(tmp_path: Path) -> None:
+    """add() and record() are on disk when they return: a process killed after them loses none."""
+    path = tmp_path / "outbox.sqlite3"
+    with trio.fail_after(TIMEOUT_S):
+        await trio.run_process([sys.executable, "-c", CRASHING_WRITER, str(path)])
+    assert (tmp_path / "outbox.sqlite3-wal").exists()  # not checkpointed: really a crash
+    box = await open_sqlite(path)
+    with trio.fail_after(TIMEOUT_S):
+        try:
+            [record] = await box.unfinished()
+            assert (record.state, record.attempts, record.last_attempt_at_unix) == (
+                MailState.SENDING,
+                1,
+                2.0,
+            )
+        finally:
+            await box.aclose()
+
+
+async def test_a_second_open_of_the_same_file_is_refused(tmp_path: Path) -> None:
+    """Two services on one outbox would both resume its mail: the second one is refused."""
+    path = tmp_path / "outbox.sqlite3"
+    box = await open_sqlite(path)
+    try:
+        with pytest.raises(OutboxError, match="in use by another process"):
+            await open_sqlite(path)
+    finally:
+        with trio.fail_after(TIMEOUT_S):
+            await box.aclose()
+    box = await open_sqlite(path)
+    with trio.fail_after(TIMEOUT_S):
+        await box.aclose()
+
+
+# ---- SqliteOutbox: group commit ----
+
+
+async def test_concurrent_adds_share_commits(tmp_path: Path) -> None:
+    """50 concurrent add() calls take far fewer than 50 commits, and all 50 rows are stored."""
+    box = await open_sqlite(tmp_path / "outbox.sqlite3")
+    with trio.fail_after(TIMEOUT_S):
+        try:
+            async with trio.open_nursery() as nursery:
+                for n in range(50):
+                    nursery.start_soon(box.add, queued(n))
+            stats = box.statistics()
+            print(f"50 concurrent adds: {stats}")
+            assert stats.commits < 10
+            assert stats.rows_committed == 50
+            assert stats.pending == 0
+            assert [r.message_id for r in await box.unfinished()] == [
+                f"<{n}@x.example>" for n in range(50)
+            ]
+        finally:
+            await box.aclose()
+
+
+async def test_calls_arriving_during_a_commit_share_the_next_one(tmp_path: Path) -> None:
+    """20 callers adding 10 mails each, one after another: each commit carries many of them."""
+    box = await open_sqlite(tmp_path / "outbox.sqlite3")
+
+    async def caller(k: int) -> None:
+        for n in range(10):
+            record = queued(100 * k + n)
+            await box.add(record)
+            await box.record(change(record, MailState.SENDING, 1, at=1))
+
+    with trio.fail_after(TIMEOUT_S):
+        try:
+            async with trio.open_nursery() as nursery:
+                for k in range(20):
+                    nursery.start_soon(caller, k)
+            stats = box.statistics()
+            print(f"20 callers x (10 adds + 10 changes): {stats}")
+            assert stats.rows_committed == 400
+            assert stats.commits <= 400 // 10
+            assert len(await box.unfinished()) == 200
+        finally:
+            await box.aclose()
+
+
+async def test_a_full_disk_fails_every_caller_of_the_batch_and_the_next_commit_works(
+    tmp_path: Path,
+) -> None:
+    """SQLITE_FULL (the size cap reached) raises OutboxFull to each caller; nothing is stored."""
+    path = tmp_path / "outbox.sqlite3"
+    box = await open_sqlite(path)
+    with trio.fail_after(TIMEOUT_S):
+        await box.aclose()
+    box = await open_sqlite(path, max_size_bytes=1)  # no room to grow beyond the empty schema
+    errors: dict[int, BaseException | None] = {}
+
+    async def add(record: MailRecord, n: int) -> None:
+        try:
+            await box.add(record)
+        except OutboxError as exc:
+            errors[n] = exc
+        else:
+            errors[n] = None
+
+    with trio.fail_after(TIMEOUT_S):
+        try:
+            async with trio.open_nursery() as nursery:
+                for n in range(1, 5):
+                    nursery.start_soon(add, queued(n), n)
+                nursery.start_soon(add, queued(5, data=b"x" * 256 * 1024), 5)
+            assert sorted(errors) == [1, 2, 3, 4, 5]
+            assert all(isinstance(exc, OutboxFull) for exc in errors.values())
+            assert len({id(exc) for exc in errors.values()}) == 5  # each caller its own
+            exc = errors[5]
+            assert isinstance(exc, OutboxFull)
+            assert exc.grpc_status is GrpcStatus.UNAVAILABLE
+            assert str(exc) == (
+                f"outbox {path}: no space left: database or disk is full (SQLITE_FULL)"
+            )
+            assert box.statistics() == OutboxStatistics(
+                commits=0, rows_committed=0, failed_commits=1, pending=0, largest_batch=0
+            )
+            assert await box.unfinished() == []
+            small = queued(6)
+            await box.add(small)
+            assert await box.get(small.message_id) == small
+        finally:
+            await box.aclose()
+    box = await open_sqlite(path)  # the file passed its checks again
+    with trio.fail_after(TIMEOUT_S):
+        assert await box.unfinished() == [small]
+        await box.aclose()
+
+
+# ---- SqliteOutbox: cancellation ----
+
+
+async def hold_worker(
+    box: SqliteOutbox, release: trio.Event, *, task_status: trio.TaskStatus[None]
+) -> None:
+    """Keep the outbox's worker busy (its limiter borrowed) until ``release`` is set."""
+    async with box._limiter:
+        task_status.started()
+        await release.wait()
+
+
+async def test_an_add_cancelled_before_its_batch_is_taken_stores_nothing(tmp_path: Path) -> None:
+    """Cancelled while another caller's commit waits for the worker: the change is dropped."""
+    box = await open_sqlite(tmp_path / "outbox.sqlite3")
+    release = trio.Event()
+    with trio.fail_after(TIMEOUT_S):
+        try:
+            async with trio.open_nursery() as nursery:
+                await nursery.start(hold_worker, box, release)
+                nursery.start_soon(box.add, queued(1))  # leads a commit, waits for the worker
+                await trio.testing.wait_all_tasks_blocked()
+                scope = trio.CancelScope()
+
+                async def cancelled_add() -> None:
+                    with scope:
+                        await box.add(queued(2))
+
+                nursery.start_soon(cancelled_add)
+                await trio.testing.wait_all_tasks_blocked()
+                assert box.statistics().pending == 1
+                scope.cancel()
+                await trio.testing.wait_all_tasks_blocked()
+                assert box.statistics().pending == 0
+                release.set()
+            assert await box.get("<2@x.example>") is None
+            assert await box.get("<1@x.example>") == queued(1)
+            assert box.statistics().rows_committed == 1
+        finally:
+            await box.aclose()
+
+
+async def test_a_cancelled_leader_hands_the_rest_of_its_batch_on(tmp_path: Path) -> None:
+    """The leader is cancelled while waiting for the worker: the others' changes still commit."""
+    box = await open_sqlite(tmp_path / "outbox.sqlite3")
+    release = trio.Event()
+    with trio.fail_after(TIMEOUT_S):
+        try:
+            async with trio.open_nursery() as nursery:
+                await nursery.start(hold_worker, box, release)
+                nursery.start_soon(box.add, queued(2))
+                nursery.start_soon(box.add, queued(3))
+                with trio.CancelScope() as scope:
+
+                    async def cancel_when_blocked() -> None:
+                        await trio.testing.wait_all_tasks_blocked()
+                        assert box.statistics().pending == 0  # all three in this task's batch
+                        scope.cancel()
+                        await trio.testing.wait_all_tasks_blocked()
+                        release.set()
+
+                    nursery.start_soon(cancel_when_blocked)
+                    await box.add(queued(1))  # appended first: this task leads the commit
+                assert scope.cancelled_caught
+            assert await box.get("<1@x.example>") is None
+            assert [r.message_id for r in await box.unfinished()] == [
+                "<2@x.example>",
+                "<3@x.example>",
+            ]
+            assert box.statistics().commits == 1
+        finally:
+            await box.aclose()
+
+
+async def test_an_add_cancelled_after_its_batch_was_taken_is_withdrawn(tmp_path: Path) -> None:
+    """Its row is committed with the batch, then deleted by the next commit."""
+    box = await open_sqlite(tmp_path / "outbox.sqlite3")
+    release = trio.Event()
+    with trio.fail_after(TIMEOUT_S):
+        try:
+            async with trio.open_nursery() as nursery:
+                await nursery.start(hold_worker, box, release)
+                scope = trio.CancelScope()
+
+                async def cancelled_add() -> None:
+                    with scope:
+                        await box.add(queued(2))
+
+                async def cancel_when_blocked() -> None:
+                    await trio.testing.wait_all_tasks_blocked()
+                    assert box.statistics().pending == 0  # both in this task's batch
+                    scope.cancel()
+                    await trio.testing.wait_all_tasks_blocked()
+                    release.set()
+
+                nursery.start_soon(cancelled_add)
+                nursery.start_soon(cancel_when_blocked)
+                await box.add(queued(1))  # appended first: this task leads the commit
+            assert scope.cancelled_caught
+            assert await box.get("<2@x.example>") == queued(2)  # committed with the batch
+            assert box.statistics().pending == 1  # the withdrawal
+            await box.add(queued(3))
+            assert await box.get("<2@x.example>") is None
+            assert [r.message_id for r in await box.unfinished()] == [
+                "<1@x.example>",
+                "<3@x.example>",
+            ]
+        finally:
+            await box.aclose()
+
+
+async def test_aclose_commits_a_pending_withdrawal(tmp_path: Path) -> None:
+    """A withdrawal still pending at close is committed by aclose()."""
+    path = tmp_path / "outbox.sqlite3"
+    box = await open_sqlite(path)
+    release = trio.Event()
+    with trio.fail_after(TIMEOUT_S):
+        async with trio.open_nursery() as nursery:
+            await nursery.start(hold_worker, box, release)
+            scope = trio.CancelScope()
+
+            async def cancelled_add() -> None:
+                with scope:
+                    await box.add(queued(2))
+
+            async def cancel_when_blocked() -> None:
+                await trio.testing.wait_all_tasks_blocked()
+                scope.cancel()
+                await trio.testing.wait_all_tasks_blocked()
+                release.set()
+
+            nursery.start_soon(cancelled_add)
+            nursery.start_soon(cancel_when_blocked)
+            await box.add(queued(1))
+        assert box.statistics().pending == 1
+        await box.aclose()
+    box = await open_sqlite(path)
+    with trio.fail_after(TIMEOUT_S):
+        assert [r.message_id for r in await box.unfinished()] == ["<1@x.example>"]
+        await box.aclose()
+
+
+# ---- SqliteOutbox: files it must refuse ----
+
+
+def write_foreign_sqlite(path: Path) -> None:
+    with sqlite3.connect(path) as conn:
+        conn.execute("CREATE TABLE mail (id INTEGER PRIMARY KEY, body TEXT)")
+    conn.close()
+
+
+async def write_outbox(path: Path, *, rows: int = 0) -> None:
+    box = await open_sqlite(path)
+    with trio.fail_after(TIMEOUT_S):
+        for n in range(rows):
+            await box.add(queued(n, data=bytes(range(256)) * 8))
+        await box.aclose()
+
+
+def set_user_version(path: Path, version: int) -> None:
+    with sqlite3.connect(path) as conn:
+        conn.execute(f"PRAGMA user_version = {version}")
+    conn.close()
+
+
+def damage_root_page(path: Path, name: str, *, offset: int, garbage: bytes) -> int:
+    """Overwrite bytes of the root page of table or index ``name``; returns the page number."""
+    with sqlite3.connect(path) as conn:
+        page_size, root = conn.execute(
+            "SELECT (SELECT page_size FROM pragma_page_size), rootpage FROM sqlite_schema"
+            " WHERE name = ?",
+            (name,),
+        ).fetchone()
+    conn.close()
+    with path.open("r+b") as file:
+        file.seek((root - 1) * page_size + offset)
+        file.write(garbage)
+    return int(root)
+
+
+@pytest.mark.parametrize(
+    ("make", "message"),
+    [
+        pytest.param("random", "not an SQLite database", id="random-bytes"),
+        pytest.param("empty", r"not an SQLite database \(empty\)", id="empty-file"),
+        pytest.param("sqlite-header", "not a usable SQLite database", id="sqlite-header-garbage"),
+        pytest.param("foreign", "not a trio-mailer outbox", id="other-application"),
+        pytest.param("version", "unknown schema version 99", id="newer-schema"),
+        pytest.param(
+            "damaged-table",
+            r"not a usable SQLite database: database disk image is malformed \(SQLITE_CORRUPT\)",
+            id="table-page-overwritten",
+        ),
+        pytest.param(
+            "damaged-index",
+            r"failed its integrity check: Page \d+: btreeInitPage\(\) returns error code 11$",
+            id="index-page-header-damaged",
+        ),
+    ],
+)
+async def test_a_file_that_is_not_a_usable_outbox_is_refused_and_left_unchanged(
+    tmp_path: Path, make: str, message: str
+) -> None:
+    """OutboxCorrupt with a message saying why; the file's bytes are exactly as before."""
+    path = tmp_path / "outbox.sqlite3"
+    if make == "random":
+        path.write_bytes(os.urandom(8192))
+    elif make == "empty":
+        path.write_bytes(b"")
+    elif make == "sqlite-header":
+        path.write_bytes(b"SQLite format 3\x00" + os.urandom(8192))
+    elif make == "foreign":
+        write_foreign_sqlite(path)
+    elif make == "version":
+        await write_outbox(path)
+        set_user_version(path, 99)
+    elif make == "damaged-table":
+        await write_outbox(path, rows=40)
+        damage_root_page(path, "mail", offset=0, garbage=b"\xff" * 4096)
+    else:
+        await write_outbox(path, rows=40)
+        damage_root_page(path, "mail_finished", offset=3, garbage=b"\x7f\x00")  # cell count
+    before = path.read_bytes()
+    with pytest.raises(OutboxCorrupt, match=message) as caught:
+        await open_sqlite(path)
+    assert path.read_bytes() == before
+    assert str(caught.value).startswith(f"outbox {path}: ")
+    assert caught.value.path == path
+
+
+@pytest.mark.parametrize(
+    ("make", "message"),
+    [
+        pytest.param("directory", "cannot read: Is a directory", id="path-is-a-directory"),
+        pytest.param("parent-is-file", "state is not a directory", id="parent-is-a-file"),
+        pytest.param(
+            "ancestor-is-file",
+            "cannot create the directory .*/state/trio-mailer: Not a directory",
+            id="ancestor-is-a-file",
+        ),
+    ],
+)
+async def test_a_path_that_cannot_be_used_raises_outbox_error(
+    tmp_path: Path, make: str, message: str
+) -> None:
+    """The message names the path and the reason."""
+    if make == "directory":
+        path = tmp_path / "outbox.sqlite3"
+        path.mkdir()
+    elif make == "parent-is-file":
+        (tmp_path / "state").write_text("a file where a directory should be")
+        path = tmp_path / "state" / "outbox.sqlite3"
+    else:
+        (tmp_path / "state").write_text("a file where a directory should be")
+        path = tmp_path / "state" / "trio-mailer" / "outbox.sqlite3"
+    with pytest.raises(OutboxError, match=message) as caught:
+        await open_sqlite(path)
+    assert not isinstance(caught.value, OutboxCorrupt)
+    assert str(caught.value).startswith(f"outbox {path}: ")
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root reads files whatever their mode")
+async def test_an_unreadable_file_raises_outbox_error(tmp_path: Path) -> None:
+    """A file without read permission: OutboxError naming it, and the file is left alone."""
+    path = tmp_path / "outbox.sqlite3"
+    await write_outbox(path)
+    path.chmod(0)
+    try:
+        with pytest.raises(OutboxError, match="cannot read: Permission denied"):
+            await open_sqlite(path)
+    finally:
+        path.chmod(0o600)
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root writes files whatever their mode")
+async def test_a_write_protected_file_raises_outbox_full(tmp_path: Path) -> None:
+    """A read-only outbox cannot accept mail: OutboxFull at open, and the file is left alone."""
+    path = tmp_path / "outbox.sqlite3"
+    await write_outbox(path)
+    path.chmod(0o400)
+    before = path.read_bytes()
+    try:
+        with pytest.raises(OutboxFull, match="cannot write: Permission denied"):
+            await open_sqlite(path)
+        assert path.read_bytes() == before
+    finally:
+        path.chmod(0o600)
+
+
+# ---- the pure parts ----
+
+
+@pytest.mark.parametrize(
+    ("env", "expected"),
+    [
+        ({"XDG_STATE_HOME": "/var/state", "HOME": "/home/u"}, "/var/state/trio-mailer"),
+        ({"XDG_STATE_HOME": "", "HOME": "/home/u"}, "/home/u/.local/state/trio-mailer"),
+        ({"XDG_STATE_HOME": "relative", "HOME": "/home/u"}, "/home/u/.local/state/trio-mailer"),
+        ({"HOME": "/home/u"}, "/home/u/.local/state/trio-mailer"),
+    ],
+)
+def test_default_outbox_path_follows_xdg(env: dict[str, str], expected: str) -> None:
+    """$XDG_STATE_HOME if absolute, else ~/.local/state."""
+    assert default_outbox_path(env) == Path(expected) / "outbox.sqlite3"
+    assert OUTBOX_FILE.name == "outbox.sqlite3"
+
+
+def test_default_outbox_path_needs_an_absolute_home() -> None:
+    """Neither variable usable: a ValueError naming both."""
+    with pytest.raises(ValueError, match="XDG_STATE_HOME or HOME: expected an absolute path"):
+        default_outbox_path({"HOME": "home"})
+
+
+def test_a_change_for_another_mail_is_a_value_error() -> None:
+    """apply_change refuses a change whose Message-ID differs."""
+    with pytest.raises(ValueError, match="message_id"):
+        apply_change(queued(1), change(queued(2), MailState.SENDING, 1, at=1))
+
+
+@pytest.mark.parametrize(
+    ("fields", "message"),
+    [
+        ({"kind": "newsletter"}, "kind: expected one of"),
+        ({"attempts": -1}, "attempts: expected 0 or more, got -1"),
+        ({"state": MailState.DELIVERED}, "finished_at_unix: expected a time"),
+        ({"finished_at_unix": T0}, "finished_at_unix: expected None for state queued"),
+        ({"accepted_at_unix": float("nan")}, "accepted_at_unix: expected a finite number"),
+    ],
+)
+def test_an_inconsistent_record_cannot_be_built(fields: dict[str, object], message: str) -> None:
+    """MailRecord checks the invariants the schema's CHECKs repeat."""
+    with pytest.raises(ValueError, match=message):
+        attrs.evolve(queued(1), **fields)
+
+
+def test_a_record_turns_back_into_the_mail() -> None:
+    """to_mail() gives the OutgoingMail that accepted() was built from."""
+    record = queued(3)
+    assert record.to_mail() == OutgoingMail(
+        "<3@x.example>",
+        MailKind.RETRIEVE,
+        "mailer@x.example",
+        "user3@y.example",
+        b"Subject: code\r\n\r\ncode 000003\r\n",
+    )
+    assert "data" not in repr(record)

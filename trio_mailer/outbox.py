@@ -1,0 +1,812 @@
+"""The outbox: every accepted mail and its status, durable in SQLite (or held in memory).
+
+Theory of operation
+-------------------
+``SqliteOutbox`` keeps one ``sqlite3`` connection in WAL mode with ``synchronous=FULL``, so a
+commit is on disk (fsync'd) when it returns. All its work runs in worker threads through
+``trio.to_thread.run_sync`` with a ``CapacityLimiter(1)`` of its own, so the connection is never
+used by two threads at once (hence ``check_same_thread=False``). The connection holds the file in
+SQLite's exclusive locking mode: a second process (another trio-mailer on the same file) is
+refused at ``open`` instead of resuming the same mail twice.
+
+**Group commit.** An fsync costs far more than the rows it carries, so ``add`` and ``record``
+share commits. Each call appends its change to a pending list. If no commit is running, the
+caller becomes the leader: it lets the scheduler run (so callers already runnable add theirs
+too), takes *every* pending change, writes them in one transaction in the worker thread and
+commits once. Callers arriving while a commit runs wait for it to end (one ``trio.Event`` per
+commit, so they all wake together); then those whose change was in it collect their outcome, and
+the first one still pending leads the next commit, carrying everything that arrived meanwhile.
+With a single caller it costs one commit per change, as without batching.
+
+**Outcomes.** A change that breaks the rules (a duplicate ``add``, a change to an unknown or
+finished mail) fails alone with ``OutboxConflict`` and the rest of the batch commits. A storage
+failure (disk full, the size cap, read-only, I/O error) rolls the whole transaction back, so the
+connection stays usable, and every caller in that batch gets its own ``OutboxFull`` or
+``OutboxError``: none of their changes was stored.
+
+**Cancellation.** A commit that has started in the worker thread is never abandoned: its leader
+waits for the thread (milliseconds on a healthy disk; as long as the disk hangs otherwise). For a
+cancelled ``add``:
+
+- its change was not yet in a batch: it is removed; nothing is stored;
+- it led a batch still waiting for the worker thread: the batch goes back to the pending list
+  without its change, for the next leader; nothing of it is stored;
+- its change was in a batch that another caller leads, or that reached the worker: the row may
+  be durable although the caller saw ``Cancelled``. The handler treats the mail as not accepted,
+  so the outbox queues a *withdrawal* that deletes the row (only while it is untouched: queued,
+  no attempt) with the next commit, or at ``aclose``. Until then a crash leaves the row, and it
+  is delivered after the restart; a withdrawal whose commit fails is kept for the next one.
+
+A cancelled ``record`` may or may not be stored; either is consistent, because only the sender
+reports changes and it is being stopped.
+
+``MemoryOutbox`` has the same interface and rules without persistence (``MAILER_OUTBOX=memory``);
+each call is its own "commit", and nothing survives the process.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import sqlite3
+import uuid
+from collections.abc import Callable
+from pathlib import Path
+from typing import Protocol, TypeVar
+
+import attrs
+import trio
+
+from .mail_status import (
+    TERMINAL_STATES,
+    MailRecord,
+    MailState,
+    OutboxConflict,
+    OutboxCorrupt,
+    OutboxError,
+    OutboxFull,
+    StatusChange,
+    apply_change,
+    default_outbox_path,
+)
+
+__all__ = [
+    "MailRecord",
+    "MailState",
+    "MemoryOutbox",
+    "Outbox",
+    "OutboxConflict",
+    "OutboxCorrupt",
+    "OutboxError",
+    "OutboxFull",
+    "OutboxStatistics",
+    "SqliteOutbox",
+    "StatusChange",
+    "default_outbox_path",
+]
+
+log = logging.getLogger(__name__)
+
+R = TypeVar("R")
+
+SCHEMA_VERSION = 1  # PRAGMA user_version of the files this code writes and reads
+APPLICATION_ID = 0x544D4F42  # PRAGMA application_id ("TMOB"): marks a trio-mailer outbox file
+BUSY_TIMEOUT_S = 1.0  # how long opening waits for another connection's lock on the file
+SQLITE_MAGIC = b"SQLite format 3\x00"  # the first 16 bytes of every SQLite database file
+
+_COLUMNS = (
+    "message_id",
+    "kind",
+    "envelope_from",
+    "envelope_to",
+    "data",
+    "accepted_at_unix",
+    "state",
+    "attempts",
+    "last_reply_code",
+    "last_reply_text",
+    "last_attempt_at_unix",
+    "finished_at_unix",
+    "possible_duplicate",
+)
+_TERMINAL_SQL = ", ".join(f"'{state.value}'" for state in MailState if state in TERMINAL_STATES)
+_STATES_SQL = ", ".join(f"'{state.value}'" for state in MailState)
+
+# The CHECKs repeat MailRecord's invariants, so a row read back is always a valid record.
+_SCHEMA = (
+    f"""
+    CREATE TABLE mail (
+        message_id TEXT PRIMARY KEY NOT NULL,
+        kind TEXT NOT NULL,
+        envelope_from TEXT NOT NULL,
+        envelope_to TEXT NOT NULL,
+        data BLOB NOT NULL,
+        accepted_at_unix REAL NOT NULL,
+        state TEXT NOT NULL CHECK (state IN ({_STATES_SQL})),
+        attempts INTEGER NOT NULL CHECK (attempts >= 0),
+        last_reply_code INTEGER,
+        last_reply_text TEXT NOT NULL,
+        last_attempt_at_unix REAL,
+        finished_at_unix REAL,
+        possible_duplicate INTEGER NOT NULL CHECK (possible_duplicate IN (0, 1)),
+        CHECK ((finished_at_unix IS NOT NULL) = (state IN ({_TERMINAL_SQL})))
+    )
+    """,
+    # unfinished(): the rows to resume, oldest first.
+    "CREATE INDEX mail_unfinished ON mail (accepted_at_unix) WHERE finished_at_unix IS NULL",
+    # prune(): the finished rows by age.
+    "CREATE INDEX mail_finished ON mail (finished_at_unix) WHERE finished_at_unix IS NOT NULL",
+)
+_SELECT = f"SELECT {', '.join(_COLUMNS)} FROM mail"
+_INSERT = f"INSERT INTO mail ({', '.join(_COLUMNS)}) VALUES ({', '.join('?' * len(_COLUMNS))})"
+_UPDATE = (
+    "UPDATE mail SET state = ?, attempts = ?, last_reply_code = ?, last_reply_text = ?, "
+    "last_attempt_at_unix = ?, finished_at_unix = ?, possible_duplicate = ? WHERE message_id = ?"
+)
+_WITHDRAW = "DELETE FROM mail WHERE message_id = ? AND state = ? AND attempts = 0"
+
+
+@attrs.frozen
+class OutboxStatistics:
+    commits: int  # successful commits (each one fsync)
+    rows_committed: int  # changes those commits carried (adds, status changes, withdrawals)
+    failed_commits: int
+    pending: int  # changes waiting for a commit to take them
+    largest_batch: int  # the most changes one commit carried
+
+
+class Outbox(Protocol):
+    """What the service needs of an outbox (``SqliteOutbox`` or ``MemoryOutbox``)."""
+
+    async def add(self, record: MailRecord) -> None: ...
+    async def record(self, change: StatusChange) -> None: ...
+    async def unfinished(self) -> list[MailRecord]: ...
+    async def get(self, message_id: str) -> MailRecord | None: ...
+    async def prune(self, finished_before_unix: float) -> int: ...
+    def statistics(self) -> OutboxStatistics: ...
+    async def aclose(self) -> None: ...
+
+
+@attrs.frozen
+class _Withdraw:
+    """Delete a row whose ``add`` was cancelled, if nothing has happened to it since."""
+
+    message_id: str
+
+
+_Change = MailRecord | StatusChange | _Withdraw
+
+
+@attrs.define(eq=False)
+class _Pending:
+    change: _Change
+    taken: bool = False  # in a batch (committing, or committed)
+    settled: bool = False  # its batch finished; ``error`` is its outcome
+    error: OutboxError | None = None
+
+
+def _copy(error: OutboxError) -> OutboxError:
+    # Each caller raises its own instance: one instance raised from many tasks would collect
+    # all their tracebacks.
+    return type(error)(error.problem, path=error.path)
+
+
+# ---- blocking helpers: run in the worker thread only ----
+
+
+def _storage_error(exc: sqlite3.Error, path: Path) -> OutboxError:
+    """The ``OutboxError`` for an ``sqlite3`` error (whose text never holds row values)."""
+    code = getattr(exc, "sqlite_errorcode", None)
+    name = getattr(exc, "sqlite_errorname", type(exc).__name__)
+    primary = code & 0xFF if isinstance(code, int) else None
+    detail = f"{exc} ({name})"
+    if primary == sqlite3.SQLITE_FULL:
+        return OutboxFull(f"no space left: {detail}", path=path)
+    if primary == sqlite3.SQLITE_READONLY:
+        return OutboxFull(f"cannot write: {detail}", path=path)
+    if primary in (sqlite3.SQLITE_CORRUPT, sqlite3.SQLITE_NOTADB):
+        return OutboxCorrupt(f"not a usable SQLite database: {detail}", path=path)
+    if primary in (sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED):
+        return OutboxError(f"in use by another process: {detail}", path=path)
+    if primary == sqlite3.SQLITE_CANTOPEN:
+        return OutboxError(
+            f"cannot open it, or create its -wal file in {path.parent}: {detail}", path=path
+        )
+    return OutboxError(detail, path=path)
+
+
+def _row_to_record(row: tuple[object, ...], path: Path) -> MailRecord:
+    fields = dict(zip(_COLUMNS, row, strict=True))
+    try:
+        fields["state"] = MailState(fields["state"])
+        fields["possible_duplicate"] = bool(fields["possible_duplicate"])
+        return MailRecord(**fields)  # type: ignore[arg-type]  # types checked by the schema
+    except (TypeError, ValueError) as exc:
+        raise OutboxCorrupt(
+            f"row {fields['message_id']!r} is not a valid record: {exc}", path=path
+        ) from exc
+
+
+def _record_to_row(record: MailRecord) -> tuple[object, ...]:
+    return (
+        record.message_id,
+        record.kind,
+        record.envelope_from,
+        record.envelope_to,
+        record.data,
+        record.accepted_at_unix,
+        record.state.value,
+        record.attempts,
+        record.last_reply_code,
+        record.last_reply_text,
+        record.last_attempt_at_unix,
+        record.finished_at_unix,
+        int(record.possible_duplicate),
+    )
+
+
+def _select_one(conn: sqlite3.Connection, message_id: str, path: Path) -> MailRecord | None:
+    row = conn.execute(f"{_SELECT} WHERE message_id = ?", (message_id,)).fetchone()
+    return None if row is None else _row_to_record(row, path)
+
+
+def _apply(conn: sqlite3.Connection, change: _Change, path: Path) -> None:
+    """Write one change inside the open transaction.
+
+    Raises:
+        OutboxConflict: the change breaks the rules; nothing of it was written.
+        sqlite3.Error: a storage failure (the caller rolls the transaction back).
+    """
+    if isinstance(change, MailRecord):
+        try:
+            conn.execute(_INSERT, _record_to_row(change))
+        except sqlite3.IntegrityError:
+            # Only this statement is undone; the transaction goes on.
+            raise OutboxConflict(f"{change.message_id} is already in the outbox") from None
+    elif isinstance(change, StatusChange):
+        current = _select_one(conn, change.message_id, path)
+        if current is None:
+            raise OutboxConflict(f"{change.message_id} is not in the outbox")
+        new = apply_change(current, change)
+        conn.execute(
+            _UPDATE,
+            (
+                new.state.value,
+                new.attempts,
+                new.last_reply_code,
+                new.last_reply_text,
+                new.last_attempt_at_unix,
+                new.finished_at_unix,
+                int(new.possible_duplicate),
+                new.message_id,
+            ),
+        )
+    else:
+        conn.execute(_WITHDRAW, (change.message_id, MailState.QUEUED.value))
+
+
+def _rollback(conn: sqlite3.Connection) -> None:
+    # SQLite may already have rolled back by itself (SQLITE_FULL, SQLITE_IOERR).
+    if conn.in_transaction:
+        try:
+            conn.execute("ROLLBACK")
+        except sqlite3.Error as exc:
+            log.error("outbox rollback failed: %s", exc)
+
+
+def _fsync_directory(directory: Path) -> None:
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _create(path: Path) -> None:
+    """Create an empty outbox at ``path`` atomically: a crash leaves no half-made file there.
+
+    The schema is written to a temporary file beside it, which is then linked into place; if
+    another process created ``path`` meanwhile, its file wins (and is checked like any other).
+    """
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except FileExistsError as exc:
+        raise OutboxError(
+            f"cannot create the directory {path.parent}: {exc.filename} is not a directory",
+            path=path,
+        ) from exc
+    except OSError as exc:
+        raise OutboxError(
+            f"cannot create the directory {path.parent}: {exc.strerror or exc}", path=path
+        ) from exc
+    temporary = path.with_name(f".{path.name}.{uuid.uuid4().hex}.new")
+    try:
+        with contextlib.closing(sqlite3.connect(temporary, isolation_level=None)) as conn:
+            conn.execute("PRAGMA synchronous = FULL")
+            conn.execute("BEGIN IMMEDIATE")
+            for statement in _SCHEMA:
+                conn.execute(statement)
+            # PRAGMA values cannot be bound as parameters; these are our own integers.
+            conn.execute(f"PRAGMA application_id = {APPLICATION_ID:d}")
+            conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION:d}")
+            conn.execute("COMMIT")
+        try:
+            os.link(temporary, path)
+        except FileExistsError:
+            pass
+        except OSError:
+            os.rename(temporary, path)  # a file system without hard links
+        _fsync_directory(path.parent)
+    except sqlite3.Error as exc:
+        raise _storage_error(exc, path) from exc
+    except OSError as exc:
+        raise OutboxError(f"cannot create: {exc.strerror or exc}", path=path) from exc
+    finally:
+        with contextlib.suppress(OSError):
+            temporary.unlink(missing_ok=True)
+
+
+def _check(path: Path) -> None:
+    """Check an existing file without changing it: read-only, no write of any kind.
+
+    Raises:
+        OutboxCorrupt: not SQLite, not an outbox, another schema version, or damaged.
+        OutboxError: the file cannot be read, or another process holds it.
+    """
+    try:
+        with path.open("rb") as file:
+            header = file.read(len(SQLITE_MAGIC))
+    except OSError as exc:
+        raise OutboxError(f"cannot read: {exc.strerror or exc}", path=path) from exc
+    if header != SQLITE_MAGIC:
+        raise OutboxCorrupt(
+            "not an SQLite database (empty)" if not header else "not an SQLite database",
+            path=path,
+        )
+    try:
+        conn = sqlite3.connect(f"{path.as_uri()}?mode=ro", uri=True, timeout=BUSY_TIMEOUT_S)
+    except sqlite3.Error as exc:
+        raise _storage_error(exc, path) from exc
+    with contextlib.closing(conn):
+        try:
+            application_id = conn.execute("PRAGMA application_id").fetchone()[0]
+            version = conn.execute("PRAGMA user_version").fetchone()[0]
+            if application_id != APPLICATION_ID:
+                raise OutboxCorrupt(
+                    f"not a trio-mailer outbox: application_id is {application_id:#x}, "
+                    f"expected {APPLICATION_ID:#x}",
+                    path=path,
+                )
+            if version != SCHEMA_VERSION:
+                raise OutboxCorrupt(
+                    f"unknown schema version {version} (this trio-mailer reads version "
+                    f"{SCHEMA_VERSION})",
+                    path=path,
+                )
+            columns = tuple(row[1] for row in conn.execute("PRAGMA table_info(mail)"))
+            if columns != _COLUMNS:
+                raise OutboxCorrupt(
+                    f"table mail: expected the columns {list(_COLUMNS)}, got {list(columns)}",
+                    path=path,
+                )
+            problems = [row[0] for row in conn.execute("PRAGMA quick_check")]
+        except sqlite3.Error as exc:
+            raise _storage_error(exc, path) from exc
+    if problems != ["ok"]:
+        lines = [
+            line
+            for problem in problems[:3]
+            for line in str(problem).splitlines()
+            if line and not line.startswith("***")  # "*** in database main ***"
+        ]
+        raise OutboxCorrupt(f"failed its integrity check: {'; '.join(lines)}", path=path)
+
+
+def _open_read_write(path: Path, max_size_bytes: int | None) -> sqlite3.Connection:
+    # SQLite would quietly open a write-protected file read-only and fail later, obscurely.
+    try:
+        with path.open("r+b"):
+            pass
+    except OSError as exc:
+        raise OutboxFull(f"cannot write: {exc.strerror or exc}", path=path) from exc
+    try:
+        conn = sqlite3.connect(
+            f"{path.as_uri()}?mode=rw",
+            uri=True,
+            timeout=BUSY_TIMEOUT_S,
+            isolation_level=None,  # autocommit: we BEGIN and COMMIT ourselves
+            check_same_thread=False,  # the CapacityLimiter(1) serialises its use
+        )
+    except sqlite3.Error as exc:
+        raise _storage_error(exc, path) from exc
+    try:
+        # Before WAL is entered: no shared-memory index, and the lock is held until close.
+        conn.execute("PRAGMA locking_mode = EXCLUSIVE")
+        mode = conn.execute("PRAGMA journal_mode = WAL").fetchone()[0]
+        if mode != "wal":
+            raise OutboxError(f"cannot use write-ahead logging (journal_mode is {mode})", path=path)
+        conn.execute("PRAGMA synchronous = FULL")
+        if max_size_bytes is not None:
+            page_size = conn.execute("PRAGMA page_size").fetchone()[0]
+            # SQLite never sets it below the current size.
+            conn.execute(f"PRAGMA max_page_count = {max(1, max_size_bytes // page_size):d}")
+        # Take the write lock now: a second process fails here, not at its first mail.
+        conn.execute("BEGIN IMMEDIATE")
+        conn.execute("COMMIT")
+    except sqlite3.Error as exc:
+        conn.close()
+        raise _storage_error(exc, path) from exc
+    except BaseException:
+        conn.close()
+        raise
+    return conn
+
+
+def _open_blocking(path: Path, max_size_bytes: int | None) -> tuple[Path, sqlite3.Connection]:
+    path = path.absolute()  # as_uri() needs it
+    if not os.path.lexists(path):
+        _create(path)
+    _check(path)
+    return path, _open_read_write(path, max_size_bytes)
+
+
+# ---- the outboxes ----
+
+
+@attrs.define(eq=False)
+class SqliteOutbox:
+    """The durable outbox: one SQLite file, written through one worker thread at a time."""
+
+    path: Path
+    _conn: sqlite3.Connection | None = attrs.field(repr=False)
+    _limiter: trio.CapacityLimiter = attrs.field(factory=lambda: trio.CapacityLimiter(1))
+    _committing: bool = False
+    _commit_done: trio.Event = attrs.field(factory=trio.Event)  # set when the running one ends
+    _pending: list[_Pending] = attrs.field(factory=list)
+    _closed: bool = False
+    _commits: int = 0
+    _rows_committed: int = 0
+    _failed_commits: int = 0
+    _largest_batch: int = 0
+
+    @classmethod
+    async def open(cls, path: Path, *, max_size_bytes: int | None = None) -> SqliteOutbox:
+        """Open the outbox at ``path``, creating it (and its directories) if missing.
+
+        An existing file is first checked through a read-only connection (header, application
+        id, schema version, columns, ``PRAGMA quick_check``) and left untouched if it fails.
+
+        Args:
+            max_size_bytes: a cap on the database file (``PRAGMA max_page_count``; the WAL
+                beside it is not counted); an ``add`` that would pass it raises ``OutboxFull``.
+
+        Raises:
+            OutboxCorrupt: the file is not a usable outbox; start-up must stop.
+            OutboxFull: the file is read-only, or the disk is full.
+            OutboxError: the file or its directory cannot be read or created, or another
+                process holds it.
+        """
+        limiter = trio.CapacityLimiter(1)
+        path, conn = await trio.to_thread.run_sync(
+            _open_blocking, path, max_size_bytes, limiter=limiter
+        )
+        return cls(path, conn, limiter)
+
+    # ---- writes: group commit ----
+
+    async def add(self, record: MailRecord) -> None:
+        """Store a newly accepted mail; it is on disk when this returns.
+
+        If the call is cancelled, the mail counts as not accepted (see the module docstring).
+
+        Raises:
+            OutboxFull: no space (or the size cap), or the file became read-only.
+            OutboxConflict: a mail with this Message-ID is already stored.
+            OutboxError: another storage failure.
+            trio.ClosedResourceError: the outbox was closed.
+        """
+        await self._submit(record)
+
+    async def record(self, change: StatusChange) -> None:
+        """Store a status change reported by the sender; on disk when this returns.
+
+        Raises:
+            OutboxConflict: the mail is unknown or already finished, or the attempts went down.
+            OutboxFull, OutboxError, trio.ClosedResourceError: as for ``add``.
+        """
+        await self._submit(change)
+
+    async def _submit(self, change: _Change) -> None:
+        if self._closed:
+            raise trio.ClosedResourceError("the outbox is closed")
+        item = _Pending(change)
+        self._pending.append(item)
+        try:
+            # Unsettled, a change is pending or in the running commit: never lost between.
+            while not item.settled:
+                if self._committing:
+                    await self._commit_done.wait()
+                else:
+                    await self._lead()
+        except BaseException:
+            self._abandon(item)
+            raise
+        if item.error is not None:
+            raise _copy(item.error) from item.error
+
+    async def _lead(self) -> None:
+        """Run one commit of everything pending, then wake whoever waits for it."""
+        self._committing = True
+        try:
+            # Callers already runnable join this commit. Two scheduling rounds, because trio
+            # runs the tasks of one round in random order: after the second, every task that
+            # was runnable when this one began leading has added its change.
+            await trio.lowlevel.checkpoint()
+            await trio.lowlevel.checkpoint()
+            await self._commit_pending()
+        finally:
+            self._committing = False
+            done, self._commit_done = self._commit_done, trio.Event()
+            done.set()
+
+    async def _commit_pending(self) -> None:
+        """Commit every pending change in one transaction (as the leader)."""
+        batch, self._pending = self._pending, []
+        for item in batch:
+            item.taken = True
+        if self._conn is None:  # aclose() was cancelled before it could commit these
+            closed = OutboxError(
+                "the outbox was closed before this change was committed", path=self.path
+            )
+            self._settle(batch, [closed] * len(batch))
+            return
+        started = False
+
+        def write() -> list[OutboxError | None]:
+            nonlocal started
+            started = True
+            return self._write_batch([item.change for item in batch])
+
+        try:
+            outcomes = await trio.to_thread.run_sync(write, limiter=self._limiter)
+        except OutboxError as exc:
+            self._failed_commits += 1
+            log.error("outbox commit of %d changes failed: %s", len(batch), exc)
+            outcomes = [exc] * len(batch)
+            # A withdrawal has no caller to tell: keep it for the next commit.
+            self._pending.extend(
+                _Pending(item.change) for item in batch if isinstance(item.change, _Withdraw)
+            )
+        except BaseException as exc:
+            if started:
+                # A bug, or the connection was closed: settle every caller, then re-raise.
+                failure = OutboxError(f"commit failed ({type(exc).__name__})", path=self.path)
+                self._settle(batch, [failure] * len(batch))
+            else:
+                # Cancelled while waiting for the worker: nothing was written, so the changes
+                # go back to the front of the queue for the next leader.
+                for item in batch:
+                    item.taken = False
+                self._pending[:0] = batch
+            raise
+        else:
+            committed = outcomes.count(None)
+            self._commits += 1
+            self._rows_committed += committed
+            self._largest_batch = max(self._largest_batch, len(batch))
+        self._settle(batch, outcomes)
+
+    @staticmethod
+    def _settle(batch: list[_Pending], outcomes: list[OutboxError | None]) -> None:
+        for item, error in zip(batch, outcomes, strict=True):
+            item.settled = True
+            item.error = error
+
+    def _write_batch(self, changes: list[_Change]) -> list[OutboxError | None]:
+        """In the worker: write ``changes`` in one transaction and commit it.
+
+        Returns:
+            Each change's outcome: None, or the ``OutboxConflict`` that kept it out.
+
+        Raises:
+            OutboxError: the transaction failed and was rolled back; nothing was stored.
+        """
+        conn = self._connection()
+        outcomes: list[OutboxError | None] = []
+        try:
+            conn.execute("BEGIN IMMEDIATE")
+            for change in changes:
+                try:
+                    _apply(conn, change, self.path)
+                except OutboxConflict as exc:
+                    outcomes.append(exc)
+                else:
+                    outcomes.append(None)
+            conn.execute("COMMIT")
+        except sqlite3.Error as exc:
+            _rollback(conn)
+            raise _storage_error(exc, self.path) from exc
+        except BaseException:
+            _rollback(conn)
+            raise
+        return outcomes
+
+    def _abandon(self, item: _Pending) -> None:
+        """The caller of ``item`` was cancelled (or failed) before collecting its outcome."""
+        if not item.taken:
+            self._pending.remove(item)
+            return
+        failed = item.settled and item.error is not None
+        if isinstance(item.change, MailRecord) and not failed and not self._closed:
+            log.warning(
+                "add of %s was cancelled during its commit; withdrawing it",
+                item.change.message_id,
+                extra={"message_id": item.change.message_id},
+            )
+            self._pending.append(_Pending(_Withdraw(item.change.message_id)))
+
+    # ---- reads and upkeep ----
+
+    async def unfinished(self) -> list[MailRecord]:
+        """Every mail not yet delivered, failed or expired, the oldest accepted first."""
+
+        def read(conn: sqlite3.Connection) -> list[MailRecord]:
+            rows = conn.execute(
+                f"{_SELECT} WHERE finished_at_unix IS NULL ORDER BY accepted_at_unix, rowid"
+            ).fetchall()
+            return [_row_to_record(row, self.path) for row in rows]
+
+        return await self._run(read)
+
+    async def get(self, message_id: str) -> MailRecord | None:
+        """The stored record of ``message_id``, or None."""
+        return await self._run(lambda conn: _select_one(conn, message_id, self.path))
+
+    async def prune(self, finished_before_unix: float) -> int:
+        """Delete the mails that finished before ``finished_before_unix``; returns how many.
+
+        The file does not shrink, but the freed pages are reused: pruning keeps it bounded.
+        """
+
+        def delete(conn: sqlite3.Connection) -> int:
+            try:
+                conn.execute("BEGIN IMMEDIATE")
+                cursor = conn.execute(
+                    "DELETE FROM mail WHERE finished_at_unix IS NOT NULL AND finished_at_unix < ?",
+                    (finished_before_unix,),
+                )
+                conn.execute("COMMIT")
+            except BaseException:
+                _rollback(conn)
+                raise
+            return cursor.rowcount
+
+        return await self._run(delete)
+
+    async def _run(self, fn: Callable[[sqlite3.Connection], R]) -> R:
+        if self._closed:
+            raise trio.ClosedResourceError("the outbox is closed")
+
+        def call() -> R:
+            try:
+                return fn(self._connection())
+            except sqlite3.Error as exc:
+                raise _storage_error(exc, self.path) from exc
+
+        return await trio.to_thread.run_sync(call, limiter=self._limiter)
+
+    def _connection(self) -> sqlite3.Connection:
+        if self._conn is None:
+            raise trio.ClosedResourceError("the outbox is closed")
+        return self._conn
+
+    def statistics(self) -> OutboxStatistics:
+        return OutboxStatistics(
+            commits=self._commits,
+            rows_committed=self._rows_committed,
+            failed_commits=self._failed_commits,
+            pending=len(self._pending),
+            largest_batch=self._largest_batch,
+        )
+
+    async def aclose(self) -> None:
+        """Commit what is still pending (a withdrawal, say), then close the file.
+
+        Closing happens even when the call is cancelled; the pending changes are then lost
+        (their callers get an ``OutboxError``).
+        """
+        if self._closed:
+            await trio.lowlevel.checkpoint()
+            return
+        self._closed = True
+        flushed = False
+        try:
+            while True:
+                if self._committing:
+                    await self._commit_done.wait()
+                elif self._pending and not flushed:
+                    flushed = True  # once: a failing withdrawal would come back for ever
+                    await self._lead()
+                else:
+                    break
+        finally:
+            with trio.CancelScope(shield=True):
+                await trio.to_thread.run_sync(self._close_connection, limiter=self._limiter)
+
+    def _close_connection(self) -> None:
+        conn, self._conn = self._conn, None
+        if conn is not None:
+            try:
+                conn.close()  # the last connection checkpoints the WAL into the file
+            except sqlite3.Error as exc:
+                raise _storage_error(exc, self.path) from exc
+
+
+@attrs.define(eq=False)
+class MemoryOutbox:
+    """The outbox without persistence: the same rules, nothing survives the process.
+
+    Every call checkpoints first and then takes effect at once (``add`` never waits), so a
+    cancelled call changed nothing.
+    """
+
+    _records: dict[str, MailRecord] = attrs.field(factory=dict)
+    _closed: bool = False
+    _commits: int = 0
+
+    async def add(self, record: MailRecord) -> None:
+        await self._checkpoint()
+        if record.message_id in self._records:
+            raise OutboxConflict(f"{record.message_id} is already in the outbox")
+        self._records[record.message_id] = record
+        self._commits += 1
+
+    async def record(self, change: StatusChange) -> None:
+        await self._checkpoint()
+        current = self._records.get(change.message_id)
+        if current is None:
+            raise OutboxConflict(f"{change.message_id} is not in the outbox")
+        self._records[change.message_id] = apply_change(current, change)
+        self._commits += 1
+
+    async def unfinished(self) -> list[MailRecord]:
+        await self._checkpoint()
+        # sorted() is stable: equal times keep the order of acceptance, as rowid does in SQLite.
+        return sorted(
+            (r for r in self._records.values() if not r.state.terminal),
+            key=lambda r: r.accepted_at_unix,
+        )
+
+    async def get(self, message_id: str) -> MailRecord | None:
+        await self._checkpoint()
+        return self._records.get(message_id)
+
+    async def prune(self, finished_before_unix: float) -> int:
+        await self._checkpoint()
+        old = [
+            message_id
+            for message_id, r in self._records.items()
+            if r.finished_at_unix is not None and r.finished_at_unix < finished_before_unix
+        ]
+        for message_id in old:
+            del self._records[message_id]
+        return len(old)
+
+    def statistics(self) -> OutboxStatistics:
+        return OutboxStatistics(
+            commits=self._commits,
+            rows_committed=self._commits,
+            failed_commits=0,
+            pending=0,
+            largest_batch=min(self._commits, 1),
+        )
+
+    async def aclose(self) -> None:
+        self._closed = True
+        await trio.lowlevel.checkpoint()
+
+    async def _checkpoint(self) -> None:
+        await trio.lowlevel.checkpoint()
+        if self._closed:
+            raise trio.ClosedResourceError("the outbox is closed")
