@@ -57,6 +57,8 @@ def generate(out_dir: Path) -> list[Path]:
     args = [
         "grpc_tools.protoc",
         f"--proto_path={PROTOS}",
+        # The well-known types (google/protobuf/timestamp.proto) ship with grpcio-tools.
+        f"--proto_path={Path(protoc.__file__).parent / '_proto'}",
         f"--plugin=protoc-gen-purerpc={_purerpc_plugin()}",
         f"--python_out={out_dir}",
         f"--pyi_out={out_dir}",

@@ -17,6 +17,7 @@ from trio_mailer.app import MailerApp
 from trio_mailer.capture_smtp import CaptureSMTPServer
 from trio_mailer.client import open_channel
 from trio_mailer.config import Config, load_config
+from trio_mailer.outbox import Outbox
 from trio_mailer.sender import FinishedMail
 from trio_mailer.v1.mailer_grpc import MailerStub
 
@@ -66,6 +67,7 @@ def relay_env(relay_port: int, ca_file: Path, **overrides: str) -> dict[str, str
         "MAILER_SERVE_PORT": "0",
         "MAILER_SMTP_TIMEOUT_S": "5",
         "MAILER_SHUTDOWN_GRACE_S": "5",
+        "MAILER_OUTBOX": "memory",
     }
     env.update(overrides)
     return env
@@ -116,6 +118,7 @@ def start_harness(
         relay: CaptureSMTPServer | None = None,
         configure: Callable[[Config], Config] | None = None,
         client_ssl: ssl.SSLContext | None = None,
+        outbox: Outbox | None = None,
         **relay_kwargs: object,
     ) -> AsyncIterator[Harness]:
         if relay is None:
@@ -127,6 +130,7 @@ def start_harness(
             if configure is not None:
                 config = configure(config)
             app = MailerApp.from_config(config)
+            app.outbox = outbox
             exit_status: list[int] = []
             stopped = trio.Event()
 

@@ -15,7 +15,11 @@ from trio_mailer.config import (
     shipped_templates_dir,
 )
 
-MINIMAL = {"MAILER_REMOTE_HOST": "smtp.example.com:465", "MAILER_FROM": "noreply@example.com"}
+MINIMAL = {
+    "MAILER_REMOTE_HOST": "smtp.example.com:465",
+    "MAILER_FROM": "noreply@example.com",
+    "HOME": "/home/mailer",
+}
 
 
 def test_minimal_config_gets_the_documented_defaults() -> None:
@@ -45,6 +49,8 @@ def test_minimal_config_gets_the_documented_defaults() -> None:
         noop_idle_s=1.0,
         session_max_messages=100,
         session_max_age_s=300.0,
+        outbox_path=Path("/home/mailer/.local/state/trio-mailer/outbox.sqlite3"),
+        status_retention_s=86400.0,
     )
 
 
@@ -68,6 +74,8 @@ def test_every_variable_is_read() -> None:
     config = load_config(
         {
             "MAILER_REMOTE_HOST": "[::1]:2525",
+            "MAILER_OUTBOX": "/var/lib/mailer/outbox.sqlite3",
+            "MAILER_STATUS_RETENTION_S": "3600",
             "MAILER_FROM": "bot@example.org",
             "MAILER_SERVICENAME": "Acme Accounts",
             "MAILER_USER": "bot",
@@ -104,6 +112,8 @@ def test_every_variable_is_read() -> None:
     assert (config.retry_base_s, config.retry_max_s) == (0.5, 30.0)
     assert (config.max_attempts, config.message_ttl_s, config.retry_capacity) == (3, 120.0, 7)
     assert (config.smtp_sessions, config.noop_idle_s) == (4, 0.0)
+    assert config.outbox_path == Path("/var/lib/mailer/outbox.sqlite3")
+    assert config.status_retention_s == 3600.0
     assert (config.session_max_messages, config.session_max_age_s) == (50, 60.0)
 
 
@@ -113,6 +123,7 @@ def test_all_problems_are_reported_together() -> None:
         load_config(
             {
                 "MAILER_FROM": '"a"@evil.com',
+                "MAILER_OUTBOX": "memory",
                 "MAILER_USER": "bot",
                 "MAILER_SMTP_TLS": "ssl",
                 "MAILER_SERVE_PORT": "70000",
@@ -166,7 +177,7 @@ def test_all_problems_are_reported_together() -> None:
 def test_missing_from_is_reported() -> None:
     """MAILER_FROM is required."""
     with pytest.raises(ConfigError) as info:
-        load_config({"MAILER_REMOTE_HOST": "relay.example"})
+        load_config({"MAILER_REMOTE_HOST": "relay.example", "MAILER_OUTBOX": "memory"})
     assert info.value.problems == [
         "MAILER_FROM: required (the sender address, e.g. noreply@example.com), but not set"
     ]
@@ -222,3 +233,13 @@ def test_more_sessions_than_retry_capacity_is_refused() -> None:
         "MAILER_SMTP_SESSIONS: expected at most MAILER_RETRY_CAPACITY (4), since every session "
         "holds one mail in flight, got 8"
     ]
+
+
+def test_outbox_memory_and_default_location() -> None:
+    """MAILER_OUTBOX=memory keeps mail in memory; unset, it follows XDG_STATE_HOME."""
+    assert load_config({**MINIMAL, "MAILER_OUTBOX": "memory"}).outbox_path is None
+    config = load_config({**MINIMAL, "XDG_STATE_HOME": "/state"})
+    assert config.outbox_path == Path("/state/trio-mailer/outbox.sqlite3")
+    with pytest.raises(ConfigError) as info:
+        load_config({**MINIMAL, "HOME": "relative"})
+    assert info.value.problems[0].startswith("MAILER_OUTBOX: no default location")

@@ -198,7 +198,8 @@ async def test_mail_left_at_shutdown_is_logged_by_message_id(
             assert await h.shutdown() == 1
     errors = [r.getMessage() for r in caplog.records if r.levelno == logging.ERROR]
     assert errors == [
-        f"not delivered at shutdown: {message_id} (attempts=0, last reply: none)"
+        f"not delivered at shutdown: {message_id} (attempts=0, last reply: none); "
+        "lost (in-memory outbox)"
         for message_id in ids
     ]
 

@@ -337,7 +337,7 @@ async def test_shutdown_during_backoff_reports_the_waiting_mail(start_harness, c
             assert trio.current_time() - start < 2
     assert (
         f"not delivered at shutdown: {message_id} (attempts=1, last reply: RCPT rejected: "
-        "451 4.7.1 later)"
+        "451 4.7.1 later); lost (in-memory outbox)"
     ) in caplog.text
 
 

@@ -106,6 +106,7 @@ def test_health_and_reflection_stay_open_unless_configured(tokens_file: Path) ->
         "MAILER_REMOTE_HOST": "relay.example:465",
         "MAILER_FROM": "noreply@example.com",
         "MAILER_AUTH_TOKENS_FILE": str(tokens_file),
+        "MAILER_OUTBOX": "memory",
     }
     app = MailerApp.from_config(load_config(env))
     assert app.authorize("grpc.health.v1.Health", "Check", [])
@@ -250,6 +251,7 @@ def test_public_address_without_caller_authentication_is_refused() -> None:
         "MAILER_REMOTE_HOST": "relay.example:465",
         "MAILER_FROM": "noreply@example.com",
         "MAILER_SERVE_HOST": "0.0.0.0",
+        "MAILER_OUTBOX": "memory",
     }
     with pytest.raises(ConfigError) as info:
         load_config(env)
@@ -279,6 +281,7 @@ def test_bad_tokens_file_stops_start_up(tmp_path: Path, text: str, problem: str)
                 "MAILER_REMOTE_HOST": "relay.example",
                 "MAILER_FROM": "noreply@example.com",
                 "MAILER_AUTH_TOKENS_FILE": str(path),
+                "MAILER_OUTBOX": "memory",
             }
         )
     assert info.value.problems[0].startswith(f"MAILER_AUTH_TOKENS_FILE: {problem}")

@@ -242,12 +242,12 @@ STREAM_ANSWERS = [
     {
         "kind": "file_descriptor_response",
         "original_request": "file_containing_symbol",
-        "files": ["trio_mailer/v1/mailer.proto"],
+        "files": ["trio_mailer/v1/mailer.proto", "google/protobuf/timestamp.proto"],
     },
     {
         "kind": "file_descriptor_response",
         "original_request": "file_containing_symbol",
-        "files": ["trio_mailer/v1/mailer.proto"],
+        "files": ["trio_mailer/v1/mailer.proto", "google/protobuf/timestamp.proto"],
     },
     {
         "kind": "file_descriptor_response",
@@ -268,7 +268,7 @@ STREAM_ANSWERS = [
     {
         "kind": "file_descriptor_response",
         "original_request": "file_by_filename",
-        "files": ["trio_mailer/v1/mailer.proto"],
+        "files": ["trio_mailer/v1/mailer.proto", "google/protobuf/timestamp.proto"],
     },
     {
         "kind": "error_response",

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import logging
 import ssl
+import time
 from collections.abc import Callable, Sequence
 from functools import partial
 
@@ -35,14 +36,17 @@ from .health import FILE_DESCRIPTOR as HEALTH_FILE_DESCRIPTOR
 from .health import SERVICE_NAME as HEALTH_SERVICE_NAME
 from .health import HealthState, ServingStatus, health_service
 from .mail_queue import Delivery, MailQueue
+from .mail_status import MailState, OutboxError
 from .message import MailComposer
 from .metrics import Metrics, serve_metrics
+from .outbox import MemoryOutbox, Outbox, SqliteOutbox
 from .reflection import reflection_services
 from .rendering import MailTemplates
 from .retry_policy import ReconnectBackoff, RetryPolicy
 from .sender import Connector, FinishedMail, Sender, SenderStatistics, SmtpSession
 from .serving_status import is_serving
 from .smtp_session import RelaySettings, ThreadedSmtpSession, make_relay_ssl_context
+from .status_board import StatusBoard
 from .v1 import mailer_pb2
 
 log = logging.getLogger(__name__)
@@ -56,6 +60,7 @@ OPEN_SERVICES = frozenset(
     }
 )
 
+PRUNE_INTERVAL_S = 600.0  # how often finished mails past the retention are dropped
 HEALTH_POLL_S = 0.25  # how soon a Watch sees the relay go down or come back
 
 EXIT_OK = 0
@@ -79,10 +84,12 @@ class MailerApp:
     connect: Connector
     grpc_ssl_context: ssl.SSLContext | None = None
     on_finished: Callable[[FinishedMail], None] | None = None
+    outbox: Outbox | None = None  # given: used instead of the one the config names
     queue: MailQueue = attrs.field(init=False)
     senders: list[Sender] = attrs.field(init=False)
     metrics: Metrics = attrs.field(init=False)
     health: HealthState = attrs.field(init=False)
+    board: StatusBoard = attrs.field(init=False)
     metrics_port: int | None = attrs.field(init=False, default=None)  # once serving
     service: MailerService = attrs.field(init=False)
     _shutdown: trio.Event = attrs.field(init=False, factory=trio.Event)
@@ -126,7 +133,10 @@ class MailerApp:
             from_address=self.config.mail_from,
             service_name=self.config.service_name,
         )
-        self.service = MailerService(composer, self.queue, metrics=self.metrics)
+        self.board = StatusBoard()
+        self.service = MailerService(composer, self.queue, metrics=self.metrics, board=self.board)
+        for sender in self.senders:
+            sender.board = self.board
         self.health = HealthState([self.service.service.name])
 
     @classmethod
@@ -237,7 +247,72 @@ class MailerApp:
         Raises:
             BindError: the gRPC port cannot be bound.
         """
+        outbox = await self._open_outbox()
+        try:
+            return await self._run_with(outbox, task_status)
+        finally:
+            with trio.CancelScope(shield=True):
+                await outbox.aclose()
+
+    async def _open_outbox(self) -> Outbox:
+        """The file outbox (checked: a damaged file stops start-up), or the in-memory one.
+
+        Raises:
+            OutboxError: the file is not a usable outbox, or cannot be opened.
+        """
+        if self.outbox is not None:
+            return self.outbox
+        if self.config.outbox_path is None:
+            log.warning(
+                "MAILER_OUTBOX=memory: accepted mail lives only in memory and is lost if the "
+                "process is killed"
+            )
+            return MemoryOutbox()
+        outbox = await SqliteOutbox.open(self.config.outbox_path)
+        log.info("outbox: %s", self.config.outbox_path)
+        return outbox
+
+    async def _recover(self, outbox: Outbox) -> None:
+        """Queue every mail a previous run accepted and did not finish (attempts and time to
+        live carried over), waiting for room like any other mail."""
+        unfinished = await outbox.unfinished()
+        if unfinished:
+            log.info("resuming %d unfinished mail(s) from the outbox", len(unfinished))
+        for record in unfinished:
+            # Its age so far, in this process's clock, so the time to live carries over.
+            age_s = max(0.0, time.time() - record.accepted_at_unix)
+            self.board.track(record)
+            await self.queue.put_recovered(
+                Delivery(
+                    record.to_mail(),
+                    accepted_at_s=trio.current_time() - age_s,
+                    attempts=record.attempts,
+                    last_reply=record.last_reply_text,
+                    last_reply_code=record.last_reply_code,
+                    # Stopped mid-attempt: the relay may already have it.
+                    possible_duplicate=record.possible_duplicate
+                    or record.state is MailState.SENDING,
+                )
+            )
+
+    async def _prune(self, outbox: Outbox) -> None:
+        """Drop finished mails older than the retention period, now and then."""
+        retention = self.config.status_retention_s
+        while True:
+            try:
+                pruned = await outbox.prune(time.time() - retention)
+            except OutboxError as exc:
+                log.error("cannot prune the outbox: %s", exc)
+            else:
+                if pruned:
+                    log.info("pruned %d finished mail(s) older than %gs", pruned, retention)
+            await trio.sleep(min(PRUNE_INTERVAL_S, retention))
+
+    async def _run_with(self, outbox: Outbox, task_status: trio.TaskStatus[int]) -> int:
         config = self.config
+        self.service.outbox = outbox
+        for sender in self.senders:
+            sender.outbox = outbox
         senders_done = trio.Event()
         senders_scope = trio.CancelScope()
 
@@ -259,6 +334,14 @@ class MailerApp:
             )
             nursery.start_soon(run_senders)
             nursery.start_soon(self._watch_health)
+            nursery.start_soon(self._prune, outbox)
+            recovery_scope = trio.CancelScope()
+
+            async def recover() -> None:
+                with recovery_scope:
+                    await self._recover(outbox)
+
+            nursery.start_soon(recover)
             if config.metrics_port is not None:
                 self.metrics_port = await nursery.start(
                     serve_metrics, self.metrics, config.metrics_host, config.metrics_port
@@ -279,6 +362,7 @@ class MailerApp:
             )
             self.service.draining = True
             self._update_health()  # NOT_SERVING from the first moment of the drain
+            recovery_scope.cancel()  # what is not queued yet stays in the outbox for next time
             self.queue.close()
             with trio.move_on_after(config.shutdown_grace_s):
                 async with trio.open_nursery() as waiters:
@@ -297,10 +381,13 @@ class MailerApp:
         left_behind = self._left_behind()
         for mail in left_behind:
             log.error(
-                "not delivered at shutdown: %s (attempts=%d, last reply: %s)",
+                "not delivered at shutdown: %s (attempts=%d, last reply: %s)%s",
                 mail.message_id,
                 mail.attempts,
                 mail.last_reply or "none",
+                "; kept in the outbox for the next start"
+                if self.config.outbox_path is not None
+                else "; lost (in-memory outbox)",
                 extra={"message_id": mail.message_id},
             )
         stats = self.statistics()

@@ -25,6 +25,7 @@ from .client import SendFailed, client_ssl_context, send
 from .config import ConfigError, load_config, parse_host_port
 from .grpc_server import BindError
 from .logs import configure_logging
+from .mail_status import OutboxError
 from .rendering import MailKind, TemplateError
 
 log = logging.getLogger("trio_mailer")
@@ -59,13 +60,13 @@ def run_trio(async_fn: Callable[..., Awaitable[int]], *args: object) -> int:
     status = EXIT_START_FAILED
     try:
         status = trio.run(async_fn, *args)
-    except* BindError as group:
+    except* (BindError, OutboxError) as group:
         for exc in _leaves(group):
             print(f"trio-mailer: {exc}", file=sys.stderr)
     return status
 
 
-def _leaves(group: BaseExceptionGroup[BindError]) -> list[BaseException]:
+def _leaves(group: BaseExceptionGroup[Exception]) -> list[BaseException]:
     return [
         leaf
         for exc in group.exceptions
@@ -107,7 +108,7 @@ async def _run_dev(tls: dev.DevTls, outbox: Path) -> int:
     relay = dev.capture_relay(tls, outbox)
     async with trio.open_nursery() as nursery:
         relay_port = await nursery.start(relay.serve, "127.0.0.1", 0)
-        app = build_app(dev.relay_env(os.environ, relay_port, tls))
+        app = build_app(dev.relay_env(os.environ, relay_port, tls, outbox))
         if app is None:
             nursery.cancel_scope.cancel()
             return EXIT_START_FAILED

@@ -16,6 +16,7 @@ import attrs
 
 from .errors import InvalidRequest
 from .grpc_auth import TokenSet, is_loopback
+from .mail_status import default_outbox_path
 from .validation import reject_unsafe_header_text, validate_address
 
 T = TypeVar("T")
@@ -95,6 +96,8 @@ class Config:
     metrics_host: str = "127.0.0.1"
     log_format: str = "text"
     health_down_after_s: float = 30.0
+    outbox_path: Path | None = None  # None: the in-memory outbox (MAILER_OUTBOX=memory)
+    status_retention_s: float = 86400.0
 
     def describe(self) -> str:
         """The effective configuration for the start-up log line, without secrets."""
@@ -112,7 +115,8 @@ class Config:
             f"session_max_age_s={self.session_max_age_s:g} "
             f"grpc_tls={'mTLS' if self.tls_client_ca else 'on' if self.tls_cert else 'off'} "
             f"tokens={len(self.auth_tokens.digests) if self.auth_tokens else 0} "
-            f"metrics_port={self.metrics_port or 'off'} log_format={self.log_format}"
+            f"metrics_port={self.metrics_port or 'off'} log_format={self.log_format} "
+            f"outbox={self.outbox_path or 'memory'} status_retention_s={self.status_retention_s:g}"
         )
 
 
@@ -351,6 +355,20 @@ def load_config(env: Mapping[str, str]) -> Config:
     health_down_after_s = r.parse(
         "MAILER_HEALTH_DOWN_AFTER_S", 30.0, _seconds(0, 86400, low_inclusive=True)
     )
+    outbox_path: Path | None = None
+    outbox_text = r.raw("MAILER_OUTBOX")
+    if outbox_text is None:
+        try:
+            outbox_path = default_outbox_path(env)
+        except ValueError as exc:
+            r.problems.append(f"MAILER_OUTBOX: no default location: {exc}")
+    elif outbox_text.lower() != "memory":
+        outbox_path = Path(outbox_text)
+        if outbox_path.exists() and not outbox_path.is_file():
+            r.problems.append(f"MAILER_OUTBOX: expected a file, got {outbox_text!r}")
+    retention_s = r.parse(
+        "MAILER_STATUS_RETENTION_S", 86400.0, _seconds(0, 365 * 86400, low_inclusive=False)
+    )
     if r.problems:
         raise ConfigError(r.problems)
     return Config(
@@ -387,4 +405,6 @@ def load_config(env: Mapping[str, str]) -> Config:
         metrics_host=metrics_host,
         log_format=log_format,
         health_down_after_s=health_down_after_s,
+        outbox_path=outbox_path,
+        status_retention_s=retention_s,
     )

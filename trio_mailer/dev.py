@@ -59,7 +59,7 @@ def capture_relay(tls: DevTls, outbox: Path) -> CaptureSMTPServer:
     )
 
 
-def relay_env(env: Mapping[str, str], port: int, tls: DevTls) -> dict[str, str]:
+def relay_env(env: Mapping[str, str], port: int, tls: DevTls, outbox: Path) -> dict[str, str]:
     """``env`` with the relay variables pointed at the capture relay on ``port``."""
     return {
         **env,
@@ -71,4 +71,7 @@ def relay_env(env: Mapping[str, str], port: int, tls: DevTls) -> dict[str, str]:
         "MAILER_FROM": env.get("MAILER_FROM") or DEV_FROM,
         # Metrics on by default in dev, so the dashboard side can be tried too.
         "MAILER_METRICS_PORT": env.get("MAILER_METRICS_PORT") or str(DEV_METRICS_PORT),
+        # The outbox file lives beside the folder of captured mails.
+        "MAILER_OUTBOX": env.get("MAILER_OUTBOX")
+        or str(outbox.with_name(outbox.name + ".sqlite3")),
     }

@@ -11,24 +11,29 @@ from __future__ import annotations
 import logging
 import math
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from datetime import UTC, datetime
 
 import purerpc
 import trio
+from google.protobuf.timestamp_pb2 import Timestamp
 
 from .errors import MailerError, MessageBuildError, ShuttingDown
 from .logs import printable
 from .mail_queue import MailQueue
+from .mail_status import MailRecord, MailState, OutboxError
 from .message import MailComposer
 from .metrics import Metrics
+from .outbox import MemoryOutbox, Outbox
 from .rendering import MailKind, RenderError
+from .status_board import StatusBoard
 from .v1.mailer_grpc import MailerServicer
-from .v1.mailer_pb2 import MsgReply, MsgRequest
+from .v1.mailer_pb2 import MailStatus, MsgReply, MsgRequest, StatusRequest
 
 log = logging.getLogger(__name__)
 
 QUEUE_FULL_REASON = "queue full"
+MAX_MESSAGE_ID_CHARS = 256
 _METHODS = {MailKind.PASSWORD: "SendPass", MailKind.RETRIEVE: "SendRetrieve"}
 _OUTCOMES = {
     purerpc.StatusCode.INVALID_ARGUMENT: "invalid",
@@ -48,20 +53,62 @@ class MailerService(MailerServicer):  # type: ignore[misc]  # generated, untyped
         *,
         now: Callable[[], datetime] = lambda: datetime.now(UTC),
         metrics: Metrics | None = None,
+        outbox: Outbox | None = None,
+        board: StatusBoard | None = None,
+        wall_clock: Callable[[], float] = time.time,
     ) -> None:
         self._composer = composer
         self._queue = queue
         self._now = now
         self._metrics = metrics
+        self.outbox: Outbox = outbox if outbox is not None else MemoryOutbox()
+        self._board = board if board is not None else StatusBoard()
+        self._wall_clock = wall_clock
         self.draining = False
         self.refused_queue_full = 0
         self._last_full_log = -math.inf
 
     async def SendPass(self, message: MsgRequest) -> MsgReply:
-        return self._submit(MailKind.PASSWORD, message)
+        return await self._submit(MailKind.PASSWORD, message)
 
     async def SendRetrieve(self, message: MsgRequest) -> MsgReply:
-        return self._submit(MailKind.RETRIEVE, message)
+        return await self._submit(MailKind.RETRIEVE, message)
+
+    async def GetStatus(self, message: StatusRequest) -> MailStatus:
+        record = await self._find(message.message_id)
+        return _status_message(record)
+
+    async def WatchStatus(self, message: StatusRequest) -> AsyncIterator[MailStatus]:
+        """The current status, then each change, ending after a terminal state."""
+        record = await self._find(message.message_id)
+        yield _status_message(record)
+        while not record.state.terminal:
+            await self._board.wait_for_change(record.message_id)
+            latest = await self._find(record.message_id)
+            if latest != record:
+                record = latest
+                yield _status_message(record)
+
+    async def _find(self, message_id: str) -> MailRecord:
+        if not message_id or len(message_id) > MAX_MESSAGE_ID_CHARS:
+            raise _rpc_error(
+                purerpc.StatusCode.INVALID_ARGUMENT,
+                f"message_id: expected 1 to {MAX_MESSAGE_ID_CHARS} characters, "
+                f"got {len(message_id)}",
+            )
+        record = self._board.get(message_id)
+        if record is None:
+            try:
+                record = await self.outbox.get(message_id)
+            except OutboxError as exc:
+                log.error("cannot read the outbox: %s", exc)
+                raise _rpc_error(purerpc.StatusCode.UNAVAILABLE, "status unavailable") from None
+        if record is None:
+            raise _rpc_error(
+                purerpc.StatusCode.NOT_FOUND,
+                "message_id: no such mail here (never accepted, or older than the retention)",
+            )
+        return record
 
     def _queue_full(self, kind: MailKind) -> MsgReply:
         self.refused_queue_full += 1
@@ -76,10 +123,10 @@ class MailerService(MailerServicer):  # type: ignore[misc]  # generated, untyped
             self._last_full_log = now
         return MsgReply(sent=False, reason=QUEUE_FULL_REASON)
 
-    def _submit(self, kind: MailKind, request: MsgRequest) -> MsgReply:
+    async def _submit(self, kind: MailKind, request: MsgRequest) -> MsgReply:
         outcome = "internal"
         try:
-            reply = self._accept(kind, request)
+            reply = await self._accept(kind, request)
             outcome = "accepted" if reply.sent else "queue_full"
             return reply
         except purerpc.RpcFailedError as exc:
@@ -89,7 +136,7 @@ class MailerService(MailerServicer):  # type: ignore[misc]  # generated, untyped
             if self._metrics is not None:
                 self._metrics.requests.labels(_METHODS[kind], outcome).inc()
 
-    def _accept(self, kind: MailKind, request: MsgRequest) -> MsgReply:
+    async def _accept(self, kind: MailKind, request: MsgRequest) -> MsgReply:
         try:
             if self.draining:
                 raise ShuttingDown()
@@ -99,9 +146,23 @@ class MailerService(MailerServicer):  # type: ignore[misc]  # generated, untyped
                 return self._queue_full(kind)
             mail = self._composer.compose(kind, request.to, request.code, self._now())
             try:
-                self._queue.put_nowait(mail)
+                self._queue.reserve_nowait()
             except trio.WouldBlock:
                 return self._queue_full(kind)
+            record = MailRecord.accepted(mail, accepted_at_unix=self._wall_clock())
+            try:
+                # Durable before the caller hears sent=true (with the file outbox).
+                await self.outbox.add(record)
+            except BaseException:
+                self._queue.release()
+                raise
+            self._board.track(record)
+            self._queue.put_reserved(mail, accepted_at_s=trio.current_time())
+        except OutboxError as exc:
+            log.error("cannot store a %s mail: %s", kind.value, exc)
+            raise _rpc_error(
+                purerpc.StatusCode.UNAVAILABLE, "cannot store the mail right now; try again later"
+            ) from None
         except MessageBuildError as exc:
             log.error("message failed its safety check: %s", printable(exc.detail))
             raise _rpc_error(purerpc.StatusCode.INTERNAL, exc.message) from None
@@ -119,3 +180,35 @@ class MailerService(MailerServicer):  # type: ignore[misc]  # generated, untyped
             raise _rpc_error(purerpc.StatusCode.INTERNAL, "internal error") from None
         log.debug("accepted %s mail %s", kind.value, mail.message_id)
         return MsgReply(sent=True, message_id=mail.message_id)
+
+
+_STATE_NUMBERS = {
+    MailState.QUEUED: MailStatus.QUEUED,
+    MailState.SENDING: MailStatus.SENDING,
+    MailState.RETRY_WAIT: MailStatus.RETRY_WAIT,
+    MailState.DELIVERED: MailStatus.DELIVERED,
+    MailState.FAILED: MailStatus.FAILED,
+    MailState.EXPIRED: MailStatus.EXPIRED,
+}
+
+
+def _timestamp(unix: float | None) -> Timestamp | None:
+    if unix is None:
+        return None
+    stamp = Timestamp()
+    stamp.FromNanoseconds(int(unix * 1e9))
+    return stamp
+
+
+def _status_message(record: MailRecord) -> MailStatus:
+    return MailStatus(
+        message_id=record.message_id,
+        state=_STATE_NUMBERS[record.state],
+        attempts=record.attempts,
+        last_reply_code=record.last_reply_code or 0,
+        last_reply_text=record.last_reply_text,
+        accepted_at=_timestamp(record.accepted_at_unix),
+        last_attempt_at=_timestamp(record.last_attempt_at_unix),
+        finished_at=_timestamp(record.finished_at_unix),
+        possible_duplicate=record.possible_duplicate,
+    )

@@ -41,6 +41,7 @@ class Delivery:
     accepted_at_s: float  # trio clock
     attempts: int = 0
     last_reply: str = ""  # the last SMTP reply or failure, for the log
+    last_reply_code: int | None = None  # its code; None when the session broke
     possible_duplicate: bool = False  # a session broke after the final "." once
 
     @property
@@ -68,6 +69,7 @@ class MailQueue:
     _sequence: itertools.count[int] = attrs.Factory(itertools.count)
     _in_flight: int = 0
     _channel_drained: bool = False
+    _reserved: int = 0
     _waiters: set[trio.CancelScope] = attrs.Factory(set)
 
     @classmethod
@@ -93,7 +95,45 @@ class MailQueue:
 
     def full(self) -> bool:
         """True when ``put_nowait`` would refuse: lets a caller skip building a message."""
-        return self._send.statistics().current_buffer_used >= self.capacity
+        return self._send.statistics().current_buffer_used + self._reserved >= self.capacity
+
+    def reserve_nowait(self) -> None:
+        """Hold a place for a mail that is being written to the outbox.
+
+        The place is kept while the commit runs, so a mail that was stored always finds room;
+        ``put_reserved`` fills it, ``release`` gives it back.
+
+        Raises:
+            trio.WouldBlock: the queue is full.
+            ShuttingDown: the queue was closed for shutdown.
+        """
+        if self._send.statistics().open_send_channels == 0:
+            raise ShuttingDown()
+        if self.full():
+            raise trio.WouldBlock
+        self._reserved += 1
+
+    def release(self) -> None:
+        self._reserved -= 1
+
+    def put_reserved(self, mail: OutgoingMail, accepted_at_s: float) -> Delivery:
+        """Fill a place taken with ``reserve_nowait``.
+
+        Raises:
+            ShuttingDown: the queue was closed meanwhile (the mail is in the outbox, and the
+                next start delivers it).
+        """
+        self._reserved -= 1
+        delivery = Delivery(mail, accepted_at_s=accepted_at_s)
+        try:
+            self._send.send_nowait(delivery)
+        except (trio.ClosedResourceError, trio.BrokenResourceError):
+            raise ShuttingDown() from None
+        return delivery
+
+    async def put_recovered(self, delivery: Delivery) -> None:
+        """Queue a mail found unfinished in the outbox at start-up, waiting for room."""
+        await self._send.send(delivery)
 
     def close(self) -> None:
         """Take no more mail; the senders finish what is queued or waiting."""

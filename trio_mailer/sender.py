@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import logging
 import random
+import time
 from collections.abc import Awaitable, Callable
 from typing import Protocol
 
@@ -45,10 +46,13 @@ import trio
 
 from .logs import printable
 from .mail_queue import Delivery, MailQueue
+from .mail_status import MailState, OutboxError, StatusChange
 from .message import OutgoingMail
 from .metrics import Metrics
+from .outbox import Outbox
 from .retry_policy import TTL_REASON_PREFIX, AttemptResult, GiveUp, ReconnectBackoff, RetryPolicy
 from .smtp_session import ConnectFailed, Delivered, ProbeFailed, Rejected, SessionLost
+from .status_board import StatusBoard
 
 log = logging.getLogger(__name__)
 
@@ -97,6 +101,13 @@ class SenderStatistics:
     config_error: bool = False  # the relay refuses our credentials or certificate
 
 
+_STATES = {
+    "delivered": MailState.DELIVERED,
+    "failed": MailState.FAILED,
+    "expired": MailState.EXPIRED,
+}
+
+
 def _ignore(_: FinishedMail) -> None:
     pass
 
@@ -112,6 +123,9 @@ class Sender:
     max_messages: int = 100
     max_age_s: float = 300.0
     metrics: Metrics | None = None
+    board: StatusBoard | None = None
+    outbox: Outbox | None = None
+    wall_clock: Callable[[], float] = time.time
     in_flight: Delivery | None = None
     _session: SmtpSession | None = None
     _session_used: bool = False
@@ -156,13 +170,15 @@ class Sender:
     async def _attempt(self, queue: MailQueue, delivery: Delivery) -> None:
         deadline = self.policy.deadline_s(delivery.accepted_at_s)
         if trio.current_time() >= deadline:
-            self._finish(queue, delivery, f"{TTL_REASON_PREFIX} ({self.policy.ttl_s:g}s) passed")
+            await self._finish(
+                queue, delivery, f"{TTL_REASON_PREFIX} ({self.policy.ttl_s:g}s) passed"
+            )
             return
         attempts = delivery.attempts + 1
         while True:
             session = await self._usable_session(deadline)
             if session is None:
-                self._finish(
+                await self._finish(
                     queue,
                     delivery,
                     f"{TTL_REASON_PREFIX} ({self.policy.ttl_s:g}s) passed while the relay was "
@@ -174,6 +190,7 @@ class Sender:
                 trio.current_time() - self._last_activity >= self.noop_idle_s
             )
             self._session_used = True
+            await self._report(attrs.evolve(delivery, attempts=attempts), MailState.SENDING)
             started = trio.current_time()
             outcome: Delivered | Rejected | SessionLost
             try:
@@ -203,8 +220,13 @@ class Sender:
                 self.metrics.reply(outcome.reply.code)
             if isinstance(outcome, Delivered):
                 self._failures = 0
-                delivered = attrs.evolve(delivery, attempts=attempts, last_reply=str(outcome.reply))
-                self._finish(queue, delivered, "")
+                delivered = attrs.evolve(
+                    delivery,
+                    attempts=attempts,
+                    last_reply=str(outcome.reply),
+                    last_reply_code=outcome.reply.code,
+                )
+                await self._finish(queue, delivered, "")
                 await self._recycle_if_due()
                 return
             code = outcome.reply.code
@@ -217,6 +239,7 @@ class Sender:
             delivery,
             attempts=attempts,
             last_reply=reply,
+            last_reply_code=None if isinstance(outcome, SessionLost) else outcome.reply.code,
             possible_duplicate=delivery.possible_duplicate
             or result is AttemptResult.OUTCOME_UNKNOWN,
         )
@@ -229,7 +252,7 @@ class Sender:
             rand=self.random(),
         )
         if isinstance(decision, GiveUp):
-            self._finish(queue, delivery, decision.reason)
+            await self._finish(queue, delivery, decision.reason)
             return
         self._retries += 1
         if self.metrics is not None:
@@ -245,9 +268,40 @@ class Sender:
             else "",
             extra={"message_id": delivery.message_id},
         )
+        await self._report(delivery, MailState.RETRY_WAIT)
         queue.retry_at(delivery, decision.at_s)
 
-    def _finish(self, queue: MailQueue, delivery: Delivery, failure: str) -> None:
+    async def _report(self, delivery: Delivery, state: MailState) -> None:
+        """Tell the status board; store the changes a restart needs (retry, outcome)."""
+        if self.board is None:
+            return
+        change = StatusChange(
+            message_id=delivery.message_id,
+            state=state,
+            attempts=delivery.attempts,
+            last_reply_code=delivery.last_reply_code,
+            last_reply_text=delivery.last_reply,
+            at_unix=self.wall_clock(),
+            possible_duplicate=delivery.possible_duplicate,
+        )
+        if self.board.change(change) is None or self.outbox is None or state is MailState.SENDING:
+            return
+        try:
+            await self.outbox.record(change)
+        except OutboxError as exc:
+            # Not stored: after a restart this mail would be tried again (a possible duplicate).
+            log.error(
+                "cannot store the status of %s: %s",
+                delivery.message_id,
+                exc,
+                extra={"message_id": delivery.message_id},
+            )
+        if state.terminal:
+            self.board.forget(delivery.message_id)
+
+    async def _finish(self, queue: MailQueue, delivery: Delivery, failure: str) -> None:
+        finished = FinishedMail(delivery, delivered=not failure, reason=failure)
+        await self._report(delivery, _STATES[finished.outcome])
         queue.finish(delivery)
         if failure:
             self._failed += 1
@@ -269,7 +323,6 @@ class Sender:
                 " (possible duplicate)" if delivery.possible_duplicate else "",
                 extra={"message_id": delivery.message_id},
             )
-        finished = FinishedMail(delivery, delivered=not failure, reason=failure)
         if self.metrics is not None:
             self.metrics.mails.labels(finished.outcome).inc()
             if finished.delivered:

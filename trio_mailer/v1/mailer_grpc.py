@@ -1,5 +1,6 @@
 import purerpc
 import trio_mailer.v1.mailer_pb2 as trio_mailer_dot_v1_dot_mailer__pb2
+import google.protobuf.timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
 class MailerServicer(purerpc.Servicer):
@@ -7,6 +8,12 @@ class MailerServicer(purerpc.Servicer):
         raise NotImplementedError()
 
     async def SendRetrieve(self, input_message):
+        raise NotImplementedError()
+
+    async def GetStatus(self, input_message):
+        raise NotImplementedError()
+
+    async def WatchStatus(self, input_message):
         raise NotImplementedError()
 
     @property
@@ -32,6 +39,24 @@ class MailerServicer(purerpc.Servicer):
                 trio_mailer_dot_v1_dot_mailer__pb2.MsgReply,
             )
         )
+        service_obj.add_method(
+            "GetStatus",
+            self.GetStatus,
+            purerpc.RPCSignature(
+                purerpc.Cardinality.UNARY_UNARY,
+                trio_mailer_dot_v1_dot_mailer__pb2.StatusRequest,
+                trio_mailer_dot_v1_dot_mailer__pb2.MailStatus,
+            )
+        )
+        service_obj.add_method(
+            "WatchStatus",
+            self.WatchStatus,
+            purerpc.RPCSignature(
+                purerpc.Cardinality.UNARY_STREAM,
+                trio_mailer_dot_v1_dot_mailer__pb2.StatusRequest,
+                trio_mailer_dot_v1_dot_mailer__pb2.MailStatus,
+            )
+        )
         return service_obj
 
 
@@ -55,5 +80,21 @@ class MailerStub:
                 purerpc.Cardinality.UNARY_UNARY,
                 trio_mailer_dot_v1_dot_mailer__pb2.MsgRequest,
                 trio_mailer_dot_v1_dot_mailer__pb2.MsgReply,
+            )
+        )
+        self.GetStatus = self._client.get_method_stub(
+            "GetStatus",
+            purerpc.RPCSignature(
+                purerpc.Cardinality.UNARY_UNARY,
+                trio_mailer_dot_v1_dot_mailer__pb2.StatusRequest,
+                trio_mailer_dot_v1_dot_mailer__pb2.MailStatus,
+            )
+        )
+        self.WatchStatus = self._client.get_method_stub(
+            "WatchStatus",
+            purerpc.RPCSignature(
+                purerpc.Cardinality.UNARY_STREAM,
+                trio_mailer_dot_v1_dot_mailer__pb2.StatusRequest,
+                trio_mailer_dot_v1_dot_mailer__pb2.MailStatus,
             )
         )

@@ -1,0 +1,192 @@
+"""Mail status over gRPC (GetStatus, WatchStatus), and the outbox behind it."""
+
+from __future__ import annotations
+
+import logging
+import time
+from contextlib import aclosing
+from pathlib import Path
+
+import purerpc
+import pytest
+import trio
+
+from trio_mailer.capture_smtp import Fault
+from trio_mailer.client import open_channel
+from trio_mailer.mail_status import MailRecord, OutboxFull
+from trio_mailer.message import OutgoingMail
+from trio_mailer.outbox import SqliteOutbox
+from trio_mailer.rendering import MailKind
+from trio_mailer.v1.mailer_grpc import MailerStub
+from trio_mailer.v1.mailer_pb2 import MailStatus, MsgRequest, StatusRequest
+
+from .conftest import Harness
+from .test_faults import FAST, send_pass
+
+
+def filler(n: int, size: int) -> OutgoingMail:
+    return OutgoingMail(
+        f"<fill{n}@x.example>", MailKind.PASSWORD, "a@x.example", "b@x.example", b"x" * size
+    )
+
+
+async def status(h: Harness, message_id: str) -> MailStatus:
+    reply: MailStatus = await h.stub.GetStatus(StatusRequest(message_id=message_id))
+    return reply
+
+
+def name(state: int) -> str:
+    return str(MailStatus.State.Name(state))
+
+
+async def wait_for_state(h: Harness, message_id: str, state: str) -> None:
+    """Follow WatchStatus until ``message_id`` reaches ``state``."""
+    async with aclosing(h.stub.WatchStatus(StatusRequest(message_id=message_id))) as changes:
+        async for change in changes:
+            if name(change.state) == state:
+                return
+    raise AssertionError(f"{message_id} ended without reaching {state}")
+
+
+async def test_delivered_mail_reports_its_history(start_harness) -> None:
+    """After delivery: DELIVERED, one attempt, the 250 reply, and the three timestamps."""
+    with trio.fail_after(10):
+        async with start_harness() as h:
+            message_id = await send_pass(h)
+            await h.wait_finished(1)
+            reply = await status(h, message_id)
+    assert name(reply.state) == "DELIVERED"
+    assert (reply.message_id, reply.attempts, reply.last_reply_code) == (message_id, 1, 250)
+    assert reply.last_reply_text.startswith("250 2.0.0 Ok")
+    accepted, attempted, finished = (
+        reply.accepted_at.ToNanoseconds(),
+        reply.last_attempt_at.ToNanoseconds(),
+        reply.finished_at.ToNanoseconds(),
+    )
+    assert 0 < accepted <= attempted <= finished
+    assert not reply.possible_duplicate
+
+
+async def test_each_state_is_reached(start_harness, free_port: int) -> None:
+    """QUEUED, SENDING, RETRY_WAIT, FAILED and EXPIRED, each seen through GetStatus."""
+    with trio.fail_after(20):
+        # QUEUED, then EXPIRED: the relay is unreachable and the time to live is short.
+        async with start_harness(
+            env={
+                **FAST,
+                "MAILER_REMOTE_HOST": f"127.0.0.1:{free_port}",
+                "MAILER_MESSAGE_TTL_S": "0.5",
+            }
+        ) as h:
+            message_id = await send_pass(h)
+            assert name((await status(h, message_id)).state) == "QUEUED"
+            await h.wait_finished(1)
+            expired = await status(h, message_id)
+            assert name(expired.state) == "EXPIRED" and expired.finished_at.ToNanoseconds() > 0
+        # SENDING while the relay sits on the final ".", then RETRY_WAIT after its 451, FAILED
+        # after a 550.
+        async with start_harness(
+            env={**FAST, "MAILER_RETRY_BASE_S": "30", "MAILER_RETRY_MAX_S": "30"}
+        ) as h:
+            h.relay.add_fault(Fault("DOT", delay_s=0.3, reply="451 4.3.0 try later"))
+            first = await send_pass(h, code="1")
+            await h.relay.wait_for_command("DATA")
+            assert name((await status(h, first)).state) == "SENDING"
+            await wait_for_state(h, first, "RETRY_WAIT")
+            waiting = await status(h, first)
+            assert name(waiting.state) == "RETRY_WAIT"
+            assert (waiting.attempts, waiting.last_reply_code) == (1, 451)
+            h.relay.add_fault(Fault("RCPT", reply="550 5.1.1 no such user"))
+            second = await send_pass(h, code="2")
+            [failed] = await h.wait_finished(1)
+            assert failed.delivery.message_id == second
+            reply = await status(h, second)
+            assert name(reply.state) == "FAILED" and reply.last_reply_code == 550
+            h.app.request_shutdown(force=True)
+
+
+async def test_unknown_and_malformed_ids(start_harness) -> None:
+    """An id the service never issued is NOT_FOUND; an empty one INVALID_ARGUMENT."""
+    with trio.fail_after(10):
+        async with start_harness() as h:
+            with pytest.raises(purerpc.NotFoundError):
+                await status(h, "<nobody@example.com>")
+            with pytest.raises(purerpc.InvalidArgumentError):
+                await status(h, "")
+
+
+async def test_watch_streams_every_change_and_ends_after_the_outcome(start_harness) -> None:
+    """WatchStatus: the current state, each change, and the end of the stream once final."""
+    with trio.fail_after(10):
+        async with start_harness(env=FAST) as h:
+            h.relay.add_fault(Fault("GREETING", delay_s=0.3))  # holds the mail in QUEUED a while
+            message_id = await send_pass(h)
+            async with aclosing(
+                h.stub.WatchStatus(StatusRequest(message_id=message_id))
+            ) as changes:
+                states = [(name(s.state), s.attempts) async for s in changes]
+            assert states == [("QUEUED", 0), ("SENDING", 1), ("DELIVERED", 1)]
+            assert h.app.board.watchers() == 0
+
+
+async def test_a_watcher_that_goes_away_costs_nothing(start_harness, free_port: int) -> None:
+    """A client that stops watching leaves no waiter behind."""
+    with trio.fail_after(10):
+        async with start_harness(env={**FAST, "MAILER_REMOTE_HOST": f"127.0.0.1:{free_port}"}) as h:
+            message_id = await send_pass(h)
+            async with open_channel("127.0.0.1", h.grpc_port) as channel:
+                watch = MailerStub(channel).WatchStatus(StatusRequest(message_id=message_id))
+                first = await watch.__anext__()
+                assert name(first.state) == "QUEUED"
+                assert h.app.board.watchers() == 1
+                await watch.aclose()
+            # The client's connection is gone: the server's watcher goes with it.
+            with trio.fail_after(5):
+                while h.app.board.watchers():  # noqa: ASYNC110 - the board has no event for this
+                    await trio.sleep(0.01)
+            h.app.request_shutdown(force=True)
+
+
+async def test_file_outbox_keeps_mail_across_a_restart(start_harness, tmp_path: Path) -> None:
+    """Accepted while the relay is down, stopped, started again: delivered, status kept."""
+    path = tmp_path / "outbox.sqlite3"
+    env = {**FAST, "MAILER_OUTBOX": str(path), "MAILER_SHUTDOWN_GRACE_S": "0"}
+    with trio.fail_after(20):
+        async with start_harness(env={**env}) as h:
+            h.relay.add_fault(Fault("RCPT", reply="451 4.7.1 later", times=-1))
+            ids = [await send_pass(h, code=str(n)) for n in range(3)]
+            await wait_for_state(h, ids[0], "RETRY_WAIT")
+            assert await h.shutdown(force=True) == 1
+        async with start_harness(env=env) as h:
+            finished = await h.wait_finished(3)
+            assert sorted(f.delivery.message_id for f in finished) == sorted(ids)
+            assert all(f.delivered for f in finished)
+            first = await status(h, ids[0])
+            assert name(first.state) == "DELIVERED"
+            assert first.attempts >= 2  # the attempt before the restart counts
+
+
+async def test_full_outbox_refuses_with_unavailable(start_harness, tmp_path: Path, caplog) -> None:
+    """An outbox that cannot grow: UNAVAILABLE, a clear log line, the mail not sent."""
+    caplog.set_level(logging.ERROR, "trio_mailer")
+    path = tmp_path / "small.sqlite3"
+    await (await SqliteOutbox.open(path)).aclose()
+    outbox = await SqliteOutbox.open(path, max_size_bytes=1)  # as full as a full disk
+    n = 0
+    for size in (8000, 1000, 100):  # fill what room the file still has, down to crumbs
+        for _ in range(100):
+            n += 1
+            try:
+                await outbox.add(MailRecord.accepted(filler(n, size), accepted_at_unix=time.time()))
+            except OutboxFull:
+                break
+    with trio.fail_after(10):
+        async with start_harness(outbox=outbox) as h:
+            with pytest.raises(purerpc.UnavailableError) as info:
+                await h.stub.SendPass(MsgRequest(to="user@example.com", code="1"))
+            assert info.value.status.status_message == (
+                "cannot store the mail right now; try again later"
+            )
+    # Only the fillers (resumed from the outbox at start-up) went out, not the refused mail.
+    assert all(m.rcpt_to == ("b@x.example",) for m in h.relay.received)
+    assert "cannot store a password mail: outbox" in caplog.text
