@@ -194,6 +194,7 @@ def ours_runner(**env: str) -> Runner:
                 "MAILER_FROM": MAIL_FROM,
                 "MAILER_SMTP_CA_FILE": str(tls.ca_file),
                 "MAILER_SMTP_TIMEOUT_S": str(SMTP_TIMEOUT_S),
+                "MAILER_OUTBOX": "memory",  # the sender alone is measured here
                 **env,
             }
         )

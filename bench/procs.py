@@ -340,6 +340,8 @@ def service_env(relay_port: int, tls: TlsFiles, **overrides: str) -> dict[str, s
         "MAILER_SERVE_PORT": "0",
         "MAILER_SMTP_TIMEOUT_S": "10",
         "MAILER_SHUTDOWN_GRACE_S": "2",
+        # In memory unless a measurement asks for the file (and its fsyncs) by name.
+        "MAILER_OUTBOX": "memory",
     }
     return child_env(**{**env, **overrides})
 

@@ -21,7 +21,7 @@ from .conftest import relay_env, subprocess_env
 from .test_cli import LISTENING, start_service
 from .test_faults import message_ids
 
-MAILS = 120
+MAILS = 300  # "a few hundred"
 
 
 async def send_many(

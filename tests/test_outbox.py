@@ -139,7 +139,7 @@ async def test_status_changes_apply_in_order(outbox: Outbox) -> None:
 
 
 async def test_unfinished_lists_non_terminal_mail_oldest_accepted_first(outbox: Outbox) -> None:
-    """Terminal mail is left out; ties in acceptance time keep the order of add()."""
+    """Terminal mail is left out; ties in acceptance time go by message id."""
     with trio.fail_after(TIMEOUT_S):
         records = [
             queued(1, accepted_at_unix=T0 + 30),
@@ -170,6 +170,24 @@ async def test_unfinished_lists_non_terminal_mail_oldest_accepted_first(outbox: 
             MailState.SENDING,
             MailState.RETRY_WAIT,
         ]
+
+
+async def test_unfinished_comes_a_page_at_a_time(outbox: Outbox) -> None:
+    """Pages of ``limit`` after a (time, id) key stay right while earlier mail finishes."""
+    with trio.fail_after(TIMEOUT_S):
+        records = [queued(n, accepted_at_unix=T0 + n // 2) for n in range(1, 8)]
+        for record in records:
+            await outbox.add(record)
+        first = await outbox.unfinished(limit=3)
+        assert [r.message_id for r in first] == ["<1@x.example>", "<2@x.example>", "<3@x.example>"]
+        # A mail of the first page finishes before the next page is read: nothing is skipped.
+        await outbox.record(change(records[0], MailState.DELIVERED, 1, at=50, reply=(250, "ok")))
+        last = first[-1]
+        second = await outbox.unfinished(after=(last.accepted_at_unix, last.message_id), limit=3)
+        assert [r.message_id for r in second] == ["<4@x.example>", "<5@x.example>", "<6@x.example>"]
+        last = second[-1]
+        third = await outbox.unfinished(after=(last.accepted_at_unix, last.message_id), limit=3)
+        assert [r.message_id for r in third] == ["<7@x.example>"]
 
 
 @pytest.mark.parametrize(

@@ -190,3 +190,15 @@ async def test_full_outbox_refuses_with_unavailable(start_harness, tmp_path: Pat
     # Only the fillers (resumed from the outbox at start-up) went out, not the refused mail.
     assert all(m.rcpt_to == ("b@x.example",) for m in h.relay.received)
     assert "cannot store a password mail: outbox" in caplog.text
+
+
+async def test_finished_statuses_are_pruned_after_the_retention(start_harness) -> None:
+    """A delivered mail's status answers until the retention period, then NOT_FOUND."""
+    with trio.fail_after(10):
+        async with start_harness(env={"MAILER_STATUS_RETENTION_S": "0.3"}) as h:
+            message_id = await send_pass(h)
+            await h.wait_finished(1)
+            assert name((await status(h, message_id)).state) == "DELIVERED"
+            await trio.sleep(1.0)  # the retention (0.3 s) and a pruning round (every 0.3 s)
+            with pytest.raises(purerpc.NotFoundError):
+                await status(h, message_id)

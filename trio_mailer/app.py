@@ -36,7 +36,7 @@ from .health import FILE_DESCRIPTOR as HEALTH_FILE_DESCRIPTOR
 from .health import SERVICE_NAME as HEALTH_SERVICE_NAME
 from .health import HealthState, ServingStatus, health_service
 from .mail_queue import Delivery, MailQueue
-from .mail_status import MailState, OutboxError
+from .mail_status import MailRecord, MailState, OutboxError
 from .message import MailComposer
 from .metrics import Metrics, serve_metrics
 from .outbox import MemoryOutbox, Outbox, SqliteOutbox
@@ -275,10 +275,18 @@ class MailerApp:
     async def _recover(self, outbox: Outbox) -> None:
         """Queue every mail a previous run accepted and did not finish (attempts and time to
         live carried over), waiting for room like any other mail."""
-        unfinished = await outbox.unfinished()
-        if unfinished:
-            log.info("resuming %d unfinished mail(s) from the outbox", len(unfinished))
-        for record in unfinished:
+        after = None
+        resumed = 0
+        while page := await outbox.unfinished(after=after, limit=self.config.queue_size):
+            after = (page[-1].accepted_at_unix, page[-1].message_id)
+            resumed += len(page)
+            await self._resume(page)
+        if resumed:
+            log.info("resumed %d unfinished mail(s) from the outbox", resumed)
+
+    async def _resume(self, page: list[MailRecord]) -> None:
+        # A page at a time, each mail waiting for room: memory stays within the queue's bound.
+        for record in page:
             # Its age so far, in this process's clock, so the time to live carries over.
             age_s = max(0.0, time.time() - record.accepted_at_unix)
             self.board.track(record)
@@ -391,11 +399,16 @@ class MailerApp:
                 extra={"message_id": mail.message_id},
             )
         stats = self.statistics()
+        stored = outbox.statistics()
         log.info(
-            "stopped: %d delivered, %d failed, %d left behind",
+            "stopped: %d delivered, %d failed, %d left behind; outbox: %d changes in %d commits "
+            "(largest %d)",
             stats.delivered,
             stats.failed,
             len(left_behind),
+            stored.rows_committed,
+            stored.commits,
+            stored.largest_batch,
         )
         return EXIT_MAIL_LEFT_BEHIND if left_behind else EXIT_OK
 

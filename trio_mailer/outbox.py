@@ -48,6 +48,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import os
 import sqlite3
 import uuid
@@ -161,7 +162,9 @@ class Outbox(Protocol):
 
     async def add(self, record: MailRecord) -> None: ...
     async def record(self, change: StatusChange) -> None: ...
-    async def unfinished(self) -> list[MailRecord]: ...
+    async def unfinished(
+        self, *, after: tuple[float, str] | None = None, limit: int | None = None
+    ) -> list[MailRecord]: ...
     async def get(self, message_id: str) -> MailRecord | None: ...
     async def prune(self, finished_before_unix: float) -> int: ...
     def statistics(self) -> OutboxStatistics: ...
@@ -648,12 +651,22 @@ class SqliteOutbox:
 
     # ---- reads and upkeep ----
 
-    async def unfinished(self) -> list[MailRecord]:
-        """Every mail not yet delivered, failed or expired, the oldest accepted first."""
+    async def unfinished(
+        self, *, after: tuple[float, str] | None = None, limit: int | None = None
+    ) -> list[MailRecord]:
+        """The mails not yet delivered, failed or expired, oldest accepted first (ties by id).
+
+        A page at a time: ``limit`` of them, after the (accepted_at_unix, message_id) ``after``;
+        the page stays correct while earlier mails finish meanwhile.
+        """
+        accepted, message_id = after if after is not None else (-math.inf, "")
 
         def read(conn: sqlite3.Connection) -> list[MailRecord]:
             rows = conn.execute(
-                f"{_SELECT} WHERE finished_at_unix IS NULL ORDER BY accepted_at_unix, rowid"
+                f"{_SELECT} WHERE finished_at_unix IS NULL"
+                " AND (accepted_at_unix > ? OR (accepted_at_unix = ? AND message_id > ?))"
+                " ORDER BY accepted_at_unix, message_id LIMIT ?",
+                (accepted, accepted, message_id, -1 if limit is None else limit),
             ).fetchall()
             return [_row_to_record(row, self.path) for row in rows]
 
@@ -770,13 +783,20 @@ class MemoryOutbox:
         self._records[change.message_id] = apply_change(current, change)
         self._commits += 1
 
-    async def unfinished(self) -> list[MailRecord]:
+    async def unfinished(
+        self, *, after: tuple[float, str] | None = None, limit: int | None = None
+    ) -> list[MailRecord]:
         await self._checkpoint()
-        # sorted() is stable: equal times keep the order of acceptance, as rowid does in SQLite.
-        return sorted(
-            (r for r in self._records.values() if not r.state.terminal),
-            key=lambda r: r.accepted_at_unix,
+        start = after if after is not None else (-math.inf, "")
+        pending = sorted(
+            (
+                r
+                for r in self._records.values()
+                if not r.state.terminal and (r.accepted_at_unix, r.message_id) > start
+            ),
+            key=lambda r: (r.accepted_at_unix, r.message_id),
         )
+        return pending if limit is None else pending[:limit]
 
     async def get(self, message_id: str) -> MailRecord | None:
         await self._checkpoint()
