@@ -836,3 +836,18 @@ def test_a_record_turns_back_into_the_mail() -> None:
         b"Subject: code\r\n\r\ncode 000003\r\n",
     )
     assert "data" not in repr(record)
+
+
+async def test_a_second_process_cannot_open_an_outbox_in_use(tmp_path: Path) -> None:
+    """Two services on one outbox would both resume the same mail: the second is refused."""
+    path = tmp_path / "outbox.sqlite3"
+    with trio.fail_after(TIMEOUT_S):
+        first = await SqliteOutbox.open(path)
+        try:
+            with pytest.raises(OutboxError) as info:
+                await SqliteOutbox.open(path)
+            assert "in use" in str(info.value)
+        finally:
+            await first.aclose()
+        again = await SqliteOutbox.open(path)  # free once the first is closed
+        await again.aclose()
