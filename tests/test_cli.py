@@ -174,6 +174,24 @@ async def test_dev_captures_mail_sent_with_the_send_command(tmp_path: Path) -> N
             match = re.fullmatch(rb"sent=true message_id=(<[^>]+>)\n", ok.stdout)
             assert match is not None, ok.stdout
             await service.read_until(re.compile(re.escape(b"delivered " + match.group(1))))
+            for extra in ([], ["--watch"]):
+                shown = await trio.run_process(
+                    [
+                        sys.executable,
+                        "-m",
+                        "trio_mailer",
+                        "status",
+                        match.group(1).decode(),
+                        "--server",
+                        f"127.0.0.1:{port}",
+                        *extra,
+                    ],
+                    capture_stdout=True,
+                    capture_stderr=True,
+                    check=False,
+                )
+                assert shown.returncode == 0, shown.stderr
+                assert shown.stdout.startswith(b"state=DELIVERED attempts=1 last_reply=250 ")
 
             bad = await trio.run_process(
                 [*send, "--to", "a@example.com, b@example.com", "--code", "1"],

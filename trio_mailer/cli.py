@@ -17,16 +17,19 @@ from collections.abc import Awaitable, Callable, Mapping, Sequence
 from functools import partial
 from pathlib import Path
 
+import attrs
 import trio
 
 from . import dev
 from .app import MailerApp
 from .client import SendFailed, client_ssl_context, send
+from .client import status as fetch_status
 from .config import ConfigError, load_config, parse_host_port
 from .grpc_server import BindError
 from .logs import configure_logging
 from .mail_status import OutboxError
 from .rendering import MailKind, TemplateError
+from .v1.mailer_pb2 import MailStatus
 
 log = logging.getLogger("trio_mailer")
 
@@ -128,29 +131,47 @@ async def _run_dev(tls: dev.DevTls, outbox: Path) -> int:
     return status
 
 
-def _send(args: argparse.Namespace) -> int:
+@attrs.frozen
+class _Target:
+    """Where and how a client command reaches the service."""
+
+    host: str
+    port: int
+    ssl_context: ssl.SSLContext | None
+    token: str | None
+
+
+def _target(command: str, args: argparse.Namespace) -> _Target | None:
+    """The --server, TLS and token options, or None after printing what is wrong."""
     try:
         host, port = parse_host_port(args.server, None)
     except ValueError as exc:
-        print(f"trio-mailer send: --server: {exc}, got {args.server!r}", file=sys.stderr)
-        return EXIT_START_FAILED
-    kind = MailKind.PASSWORD if args.kind == "pass" else MailKind.RETRIEVE
+        print(f"trio-mailer {command}: --server: {exc}, got {args.server!r}", file=sys.stderr)
+        return None
     if (args.cert is None) != (args.key is None):
-        print("trio-mailer send: --cert and --key go together", file=sys.stderr)
-        return EXIT_START_FAILED
+        print(f"trio-mailer {command}: --cert and --key go together", file=sys.stderr)
+        return None
     ssl_context = None
     if args.ca or args.cert or args.tls:
         try:
             ssl_context = client_ssl_context(args.ca, args.cert, args.key)
         except (ssl.SSLError, OSError) as exc:
-            print(f"trio-mailer send: cannot load TLS files: {exc}", file=sys.stderr)
-            return EXIT_START_FAILED
+            print(f"trio-mailer {command}: cannot load TLS files: {exc}", file=sys.stderr)
+            return None
     token = args.token or os.environ.get("MAILER_TOKEN") or None
+    return _Target(host, port, ssl_context, token)
+
+
+def _send(args: argparse.Namespace) -> int:
+    target = _target("send", args)
+    if target is None:
+        return EXIT_START_FAILED
+    kind = MailKind.PASSWORD if args.kind == "pass" else MailKind.RETRIEVE
     try:
         reply = trio.run(
-            partial(send, token=token, ssl_context=ssl_context),
-            host,
-            port,
+            partial(send, token=target.token, ssl_context=target.ssl_context),
+            target.host,
+            target.port,
             kind,
             args.to,
             args.code,
@@ -163,6 +184,54 @@ def _send(args: argparse.Namespace) -> int:
         return 0
     print(f"sent=false reason={reply.reason}")
     return 1
+
+
+def _print_status(reply: MailStatus) -> None:
+    parts = [
+        f"state={MailStatus.State.Name(reply.state)}",
+        f"attempts={reply.attempts}",
+    ]
+    if reply.last_reply_code or reply.last_reply_text:
+        parts.append(f"last_reply={reply.last_reply_code} {reply.last_reply_text!r}")
+    if reply.possible_duplicate:
+        parts.append("possible_duplicate=true")
+    print(" ".join(parts), flush=True)
+
+
+def _status(args: argparse.Namespace) -> int:
+    target = _target("status", args)
+    if target is None:
+        return EXIT_START_FAILED
+    try:
+        trio.run(
+            partial(
+                fetch_status,
+                watch=args.watch,
+                token=target.token,
+                ssl_context=target.ssl_context,
+            ),
+            target.host,
+            target.port,
+            args.message_id,
+            _print_status,
+        )
+    except SendFailed as exc:
+        print(f"error: {exc.status}: {exc.detail}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _client_options(command: argparse.ArgumentParser) -> None:
+    command.add_argument(
+        "--server", default="127.0.0.1:20100", help="the service's HOST:PORT (127.0.0.1:20100)"
+    )
+    command.add_argument(
+        "--token", help="bearer token (default: $MAILER_TOKEN); prefer the variable: argv is public"
+    )
+    command.add_argument("--tls", action="store_true", help="use TLS (implied by --ca, --cert)")
+    command.add_argument("--ca", type=Path, help="CA file to verify the service with")
+    command.add_argument("--cert", type=Path, help="client certificate (mTLS)")
+    command.add_argument("--key", type=Path, help="client certificate's key (mTLS)")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -183,17 +252,15 @@ def _parser() -> argparse.ArgumentParser:
     send_cmd.add_argument("--to", required=True, help="recipient address")
     send_cmd.add_argument("--code", required=True, help="the code the mail carries")
     send_cmd.add_argument("--kind", choices=["pass", "retrieve"], default="pass")
-    send_cmd.add_argument(
-        "--server", default="127.0.0.1:20100", help="the service's HOST:PORT (127.0.0.1:20100)"
-    )
-    send_cmd.add_argument(
-        "--token", help="bearer token (default: $MAILER_TOKEN); prefer the variable: argv is public"
-    )
-    send_cmd.add_argument("--tls", action="store_true", help="use TLS (implied by --ca, --cert)")
-    send_cmd.add_argument("--ca", type=Path, help="CA file to verify the service with")
-    send_cmd.add_argument("--cert", type=Path, help="client certificate (mTLS)")
-    send_cmd.add_argument("--key", type=Path, help="client certificate's key (mTLS)")
+    _client_options(send_cmd)
     send_cmd.set_defaults(run=_send)
+    status_cmd = commands.add_parser("status", help="where a mail stands, by its Message-ID")
+    status_cmd.add_argument("message_id", help="as send printed it, with the angle brackets")
+    status_cmd.add_argument(
+        "--watch", action="store_true", help="print every change until the final state"
+    )
+    _client_options(status_cmd)
+    status_cmd.set_defaults(run=_status)
     return parser
 
 

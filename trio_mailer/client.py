@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import ssl
-from collections.abc import AsyncIterator
-from contextlib import AsyncExitStack, asynccontextmanager
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import AsyncExitStack, aclosing, asynccontextmanager
 from pathlib import Path
 from typing import TypeVar
 
@@ -17,7 +17,7 @@ from purerpc.grpclib.config import GRPCConfiguration
 
 from .rendering import MailKind
 from .v1.mailer_grpc import MailerStub
-from .v1.mailer_pb2 import MsgReply, MsgRequest
+from .v1.mailer_pb2 import MailStatus, MsgReply, MsgRequest, StatusRequest
 
 
 @attrs.frozen
@@ -29,6 +29,7 @@ class SendFailed(Exception):
 
 
 E = TypeVar("E", bound=BaseException)
+T = TypeVar("T")
 
 
 @asynccontextmanager
@@ -86,17 +87,63 @@ async def send(
     Raises:
         SendFailed: with the gRPC status name and its message.
     """
+
+    async def call(stub: MailerStub, metadata: Metadata) -> MsgReply:
+        method = stub.SendPass if kind is MailKind.PASSWORD else stub.SendRetrieve
+        reply: MsgReply = await method(MsgRequest(to=to, code=code), metadata=metadata)
+        return reply
+
+    return await _call(host, port, call, token=token, ssl_context=ssl_context)
+
+
+async def status(
+    host: str,
+    port: int,
+    message_id: str,
+    on_status: Callable[[MailStatus], None],
+    *,
+    watch: bool = False,
+    token: str | None = None,
+    ssl_context: ssl.SSLContext | None = None,
+) -> None:
+    """Report the status of ``message_id`` to ``on_status``; with ``watch``, every change until
+    the final state.
+
+    Raises:
+        SendFailed: with the gRPC status name and its message.
+    """
+
+    async def call(stub: MailerStub, metadata: Metadata) -> None:
+        request = StatusRequest(message_id=message_id)
+        if not watch:
+            on_status(await stub.GetStatus(request, metadata=metadata))
+            return
+        async with aclosing(stub.WatchStatus(request, metadata=metadata)) as changes:
+            async for change in changes:
+                on_status(change)
+
+    await _call(host, port, call, token=token, ssl_context=ssl_context)
+
+
+Metadata = list[tuple[str, str]] | None
+
+
+async def _call(
+    host: str,
+    port: int,
+    call: Callable[[MailerStub, Metadata], Awaitable[T]],
+    *,
+    token: str | None,
+    ssl_context: ssl.SSLContext | None,
+) -> T:
     metadata = [("authorization", f"Bearer {token}")] if token else None
     # purerpc's client runs the call in a task group, so errors arrive inside exception groups.
     try:
         async with open_channel(host, port, ssl_context) as channel:
-            stub = MailerStub(channel)
-            method = stub.SendPass if kind is MailKind.PASSWORD else stub.SendRetrieve
-            reply: MsgReply = await method(MsgRequest(to=to, code=code), metadata=metadata)
-            return reply
+            return await call(MailerStub(channel), metadata)
     except* purerpc.RpcFailedError as group:
-        status = _first(group).status
-        raise SendFailed(status.status_code.name, status.status_message) from None
+        rpc_status = _first(group).status
+        raise SendFailed(rpc_status.status_code.name, rpc_status.status_message) from None
     except* OSError as group:
         error = _first(group)
         detail = f"cannot reach {host}:{port}: {error.strerror or error}"
