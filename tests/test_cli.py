@@ -77,6 +77,19 @@ async def start_service(args: list[str], env: dict[str, str], cwd: Path) -> Asyn
             await process.stderr.aclose()
 
 
+async def serve_until_it_exits(env: dict[str, str], cwd: Path) -> tuple[int, str]:
+    """Run ``serve`` that is expected to stop by itself; its exit status and stderr."""
+    with trio.fail_after(30):
+        result = await trio.run_process(
+            [sys.executable, "-m", "trio_mailer", "serve"],
+            env=env,
+            cwd=cwd,
+            capture_stderr=True,
+            check=False,
+        )
+    return result.returncode, result.stderr.decode()
+
+
 def assert_quiet_shutdown(text: str) -> None:
     assert "Traceback" not in text
     assert "dispatch loop" not in text
@@ -142,16 +155,8 @@ async def test_port_taken_exits_2(ca_file: Path, free_port: int, tmp_path: Path)
         taken.listen()
         port = taken.getsockname()[1]
         env = subprocess_env(**relay_env(free_port, ca_file, MAILER_SERVE_PORT=str(port)))
-        with trio.fail_after(30):
-            result = await trio.run_process(
-                [sys.executable, "-m", "trio_mailer", "serve"],
-                env=env,
-                cwd=tmp_path,
-                capture_stderr=True,
-                check=False,
-            )
-    stderr = result.stderr.decode()
-    assert result.returncode == 2, stderr
+        returncode, stderr = await serve_until_it_exits(env, tmp_path)
+    assert returncode == 2, stderr
     assert f"trio-mailer: cannot listen on 127.0.0.1:{port}: Address already in use" in stderr
     assert "Traceback" not in stderr
 

@@ -6,7 +6,6 @@ from __future__ import annotations
 import collections
 import signal
 import ssl
-import sys
 from pathlib import Path
 
 import pytest
@@ -18,7 +17,7 @@ from trio_mailer.v1.mailer_grpc import MailerStub
 from trio_mailer.v1.mailer_pb2 import MsgRequest
 
 from .conftest import relay_env, subprocess_env
-from .test_cli import LISTENING, start_service
+from .test_cli import LISTENING, serve_until_it_exits, start_service
 from .test_faults import message_ids
 
 MAILS = 300  # "a few hundred"
@@ -117,16 +116,8 @@ async def test_corrupt_outbox_stops_start_up_and_is_left_untouched(
     garbage = b"SQLite format 3\x00" + bytes(range(256)) * 20
     outbox.write_bytes(garbage)
     env = subprocess_env(**relay_env(free_port, ca_file, MAILER_OUTBOX=str(outbox)))
-    with trio.fail_after(30):
-        result = await trio.run_process(
-            [sys.executable, "-m", "trio_mailer", "serve"],
-            env=env,
-            cwd=tmp_path,
-            capture_stderr=True,
-            check=False,
-        )
-    stderr = result.stderr.decode()
-    assert result.returncode == 2, stderr
+    returncode, stderr = await serve_until_it_exits(env, tmp_path)
+    assert returncode == 2, stderr
     assert f"trio-mailer: outbox {outbox}:" in stderr
     assert "Traceback" not in stderr
     assert outbox.read_bytes() == garbage

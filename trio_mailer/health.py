@@ -34,10 +34,10 @@ from typing import Any
 
 import attrs
 import purerpc
-import trio
 
 from .grpc_std.health.v1 import health_pb2
 from .grpc_std.health.v1.health_grpc import HealthServicer
+from .wakeups import Wakeups
 
 SERVICE_NAME = "grpc.health.v1.Health"
 # The file that declares the service, for server reflection.
@@ -71,9 +71,8 @@ class HealthState:
     ) -> None:
         _check_settable(initial)
         self._statuses: dict[str, ServingStatus] = dict.fromkeys(["", *services], initial)
-        # Only services someone watches have a lot; dropped with their last watcher.
-        self._lots: dict[str, trio.lowlevel.ParkingLot] = {}
-        self._watchers: dict[str, int] = {}
+        self._wakeups = Wakeups()
+        self._watching = 0  # open watch() iterators
 
     def set(self, status: ServingStatus, service: str | None = None) -> None:
         """Set the status of ``service`` (making it known), or of every known service.
@@ -91,9 +90,7 @@ class HealthState:
             if self._statuses.get(name) is status:
                 continue  # unchanged: nobody is woken
             self._statuses[name] = status
-            lot = self._lots.get(name)
-            if lot is not None:
-                lot.unpark_all()
+            self._wakeups.wake(name)
 
     def get(self, service: str) -> ServingStatus | None:
         """The status of ``service``; ``None`` when it is unknown."""
@@ -110,31 +107,25 @@ class HealthState:
         busy are coalesced: it gets the latest status, and nothing when that is the status it
         last got. Close the iterator (``contextlib.aclosing``) to stop watching.
         """
-        self._watchers[service] = self._watchers.get(service, 0) + 1
-        lot = self._lots.setdefault(service, trio.lowlevel.ParkingLot())
+        self._watching += 1
         try:
             last = self._statuses.get(service, ServingStatus.SERVICE_UNKNOWN)
             yield last
             while True:
                 current = self._statuses.get(service, ServingStatus.SERVICE_UNKNOWN)
                 if current is last:
-                    await lot.park()
+                    await self._wakeups.wait(service)
                     continue
                 last = current
                 yield current
         finally:
-            remaining = self._watchers[service] - 1
-            if remaining:
-                self._watchers[service] = remaining
-            else:
-                del self._watchers[service]
-                del self._lots[service]
+            self._watching -= 1
 
     def statistics(self) -> HealthStatistics:
         return HealthStatistics(
             services=len(self._statuses),
-            watchers=sum(self._watchers.values()),
-            watched=len(self._lots),
+            watchers=self._watching,
+            watched=self._wakeups.keys(),
         )
 
 
