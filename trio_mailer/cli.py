@@ -25,6 +25,7 @@ from .app import MailerApp
 from .client import SendFailed, client_ssl_context, send
 from .client import status as fetch_status
 from .config import ConfigError, load_config, parse_host_port
+from .errors import exception_leaves
 from .grpc_server import BindError
 from .logs import configure_logging
 from .mail_status import OutboxError
@@ -64,17 +65,9 @@ def run_trio(async_fn: Callable[..., Awaitable[int]], *args: object) -> int:
     try:
         status = trio.run(async_fn, *args)
     except* (BindError, OutboxError) as group:
-        for exc in _leaves(group):
+        for exc in exception_leaves(group):
             print(f"trio-mailer: {exc}", file=sys.stderr)
     return status
-
-
-def _leaves(group: BaseExceptionGroup[Exception]) -> list[BaseException]:
-    return [
-        leaf
-        for exc in group.exceptions
-        for leaf in (_leaves(exc) if isinstance(exc, BaseExceptionGroup) else [exc])
-    ]
 
 
 def build_app(env: Mapping[str, str]) -> MailerApp | None:

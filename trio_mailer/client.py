@@ -15,6 +15,7 @@ import purerpc
 from purerpc.grpc_proto import GRPCProtoSocket
 from purerpc.grpclib.config import GRPCConfiguration
 
+from .errors import exception_leaves
 from .rendering import MailKind
 from .v1.mailer_grpc import MailerStub
 from .v1.mailer_pb2 import MailStatus, MsgReply, MsgRequest, StatusRequest
@@ -28,7 +29,6 @@ class SendFailed(Exception):
     detail: str
 
 
-E = TypeVar("E", bound=BaseException)
 T = TypeVar("T")
 
 
@@ -142,14 +142,9 @@ async def _call(
         async with open_channel(host, port, ssl_context) as channel:
             return await call(MailerStub(channel), metadata)
     except* purerpc.RpcFailedError as group:
-        rpc_status = _first(group).status
+        rpc_status = exception_leaves(group)[0].status
         raise SendFailed(rpc_status.status_code.name, rpc_status.status_message) from None
     except* OSError as group:
-        error = _first(group)
+        error = exception_leaves(group)[0]
         detail = f"cannot reach {host}:{port}: {error.strerror or error}"
         raise SendFailed("UNAVAILABLE", detail) from None
-
-
-def _first(group: BaseExceptionGroup[E]) -> E:
-    first = group.exceptions[0]
-    return _first(first) if isinstance(first, BaseExceptionGroup) else first

@@ -8,13 +8,15 @@ with a generic message, and its detail goes only to the log.
 from __future__ import annotations
 
 import enum
+from typing import TypeVar
+
+E = TypeVar("E", bound=BaseException)
 
 
 class GrpcStatus(enum.Enum):
     """The gRPC status codes this service answers with (names as in the gRPC spec)."""
 
     INVALID_ARGUMENT = 3
-    RESOURCE_EXHAUSTED = 8
     INTERNAL = 13
     UNAVAILABLE = 14
 
@@ -57,3 +59,12 @@ class MessageBuildError(MailerError):
     def __init__(self, detail: str) -> None:
         super().__init__("internal error")
         self.detail = detail
+
+
+def exception_leaves(group: BaseExceptionGroup[E]) -> list[E]:
+    """The exceptions in ``group`` and its nested groups, in order (Trio nurseries nest them)."""
+    return [
+        leaf
+        for exc in group.exceptions
+        for leaf in (exception_leaves(exc) if isinstance(exc, BaseExceptionGroup) else [exc])
+    ]

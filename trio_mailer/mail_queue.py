@@ -86,12 +86,8 @@ class MailQueue:
             trio.WouldBlock: the queue is full.
             ShuttingDown: the queue was closed for shutdown.
         """
-        delivery = Delivery(mail, accepted_at_s=trio.current_time())
-        try:
-            self._send.send_nowait(delivery)
-        except (trio.ClosedResourceError, trio.BrokenResourceError):
-            raise ShuttingDown() from None
-        return delivery
+        self.reserve_nowait()
+        return self.put_reserved(mail, accepted_at_s=trio.current_time())
 
     def full(self) -> bool:
         """True when ``put_nowait`` would refuse: lets a caller skip building a message."""
