@@ -8,7 +8,7 @@ next (so no variant always goes first or last, after a warm cache or a busy neig
   like ours). Its rate is what the sink and the TLS layer allow; ours/raw is what our sender's
   machinery costs.
 - ``smtplib``: ``smtplib.SMTP_SSL`` with a verifying context, ``noop()`` then ``sendmail()``.
-- ``ours``: ``trio_mailer.sender.Sender`` fed through ``MailQueue``, connecting with
+- ``ours``: ``trio_mailer.delivery.sender.Sender`` fed through ``MailQueue``, connecting with
   ``app.relay_connector`` (``ThreadedSmtpSession``), configured by ``load_config`` as the
   service is, in ``trio.run``. Three ways: doing the baselines' exact work (NOOP before every
   mail, no session recycling, a relay without PIPELINING: the lockstep ours/raw comparison),
@@ -36,12 +36,12 @@ import attrs
 import trio
 
 from trio_mailer.app import relay_connector
-from trio_mailer.config import Config, load_config, shipped_templates_dir
-from trio_mailer.mail_queue import MailQueue
-from trio_mailer.message import MailComposer, OutgoingMail
-from trio_mailer.rendering import MailKind, MailTemplates
-from trio_mailer.sender import FinishedMail, Sender
-from trio_mailer.smtp_session import make_relay_ssl_context
+from trio_mailer.core.config import Config, load_config, shipped_templates_dir
+from trio_mailer.core.message import MailComposer, OutgoingMail
+from trio_mailer.core.rendering import MailKind, MailTemplates
+from trio_mailer.delivery.mail_queue import MailQueue
+from trio_mailer.delivery.sender import FinishedMail, Sender
+from trio_mailer.delivery.smtp_session import make_relay_ssl_context
 
 from .common import MAIL_FROM, RCPT_TO, SERVICE_NAME, BenchError, Profile, TlsFiles
 from .procs import SinkProcess, SinkStats

@@ -25,15 +25,15 @@ from datetime import UTC, datetime
 import grpc
 import grpc.aio
 
-from trio_mailer.config import shipped_templates_dir
-from trio_mailer.errors import MailerError
-from trio_mailer.grpc_server import MAX_MESSAGE_BYTES
+from trio_mailer.core.config import shipped_templates_dir
+from trio_mailer.core.errors import MailerError
+from trio_mailer.core.message import MailComposer, OutgoingMail
+from trio_mailer.core.rendering import MailKind, MailTemplates, RenderError
+from trio_mailer.grpc.listener import MAX_MESSAGE_BYTES
 from trio_mailer.logs import configure_logging
-from trio_mailer.message import MailComposer, OutgoingMail
-from trio_mailer.rendering import MailKind, MailTemplates, RenderError
 from trio_mailer.v1.mailer_pb2 import MsgReply, MsgRequest
 
-log = logging.getLogger("trio_mailer.grpc_service")  # the same logger name as our handler's
+log = logging.getLogger("trio_mailer.grpc.mailer_service")  # the same logger name as our handler's
 
 
 class Handlers:

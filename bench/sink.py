@@ -1,7 +1,7 @@
 """A fast SMTP sink over implicit TLS, run in its own process: the relay every benchmark talks to.
 
-Why not ``trio_mailer.capture_smtp``: that server is written for faults and inspection, on Trio,
-and would share the benchmark's GIL. This one is plain ``selectors`` over non-blocking
+Why not ``trio_mailer.dev.capture_relay``: that server is written for faults and inspection, on
+Trio, and would share the benchmark's GIL. This one is plain ``selectors`` over non-blocking
 ``ssl`` sockets, stdlib only, so that it is never the bottleneck and never the thing measured.
 
 Theory of operation

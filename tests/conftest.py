@@ -14,11 +14,11 @@ import trio
 import trustme
 
 from trio_mailer.app import MailerApp
-from trio_mailer.capture_smtp import CaptureSMTPServer
 from trio_mailer.client import open_channel
-from trio_mailer.config import Config, load_config
-from trio_mailer.outbox import Outbox
-from trio_mailer.sender import FinishedMail
+from trio_mailer.core.config import Config, load_config
+from trio_mailer.delivery.sender import FinishedMail
+from trio_mailer.dev.capture_relay import CaptureSMTPServer
+from trio_mailer.store.outbox import Outbox
 from trio_mailer.v1.mailer_grpc import MailerStub
 
 

@@ -17,10 +17,10 @@ from typing import Any
 import attrs
 import trio
 
-from trio_mailer import health
-from trio_mailer.grpc_server import bound_port, open_grpc_listener, serve_grpc
-from trio_mailer.health import HealthState, health_service
-from trio_mailer.reflection import reflection_services
+from trio_mailer.grpc import health_service as health
+from trio_mailer.grpc.health_service import HealthState, health_service
+from trio_mailer.grpc.listener import bound_port, open_grpc_listener, serve_grpc
+from trio_mailer.grpc.reflection_service import reflection_services
 from trio_mailer.v1 import mailer_pb2
 from trio_mailer.v1.mailer_grpc import MailerServicer
 

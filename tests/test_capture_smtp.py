@@ -14,7 +14,7 @@ import trio
 import trio.testing
 import trustme
 
-from trio_mailer.capture_smtp import (
+from trio_mailer.dev.capture_relay import (
     MAX_LINE_BYTES,
     CaptureSMTPServer,
     CaptureStatistics,

@@ -16,8 +16,8 @@ from pathlib import Path
 import attrs
 import trio
 
-from trio_mailer.capture_smtp import CaptureSMTPServer, Fault
 from trio_mailer.client import open_channel
+from trio_mailer.dev.capture_relay import CaptureSMTPServer, Fault
 from trio_mailer.v1.mailer_grpc import MailerStub
 from trio_mailer.v1.mailer_pb2 import MsgRequest
 

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from trio_mailer.config import (
+from trio_mailer.core.config import (
     Config,
     ConfigError,
     TlsMode,

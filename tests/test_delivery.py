@@ -14,7 +14,7 @@ import purerpc
 import pytest
 import trio
 
-from trio_mailer.capture_smtp import Fault
+from trio_mailer.dev.capture_relay import Fault
 from trio_mailer.v1.mailer_pb2 import MsgRequest
 
 from .conftest import Harness
@@ -265,7 +265,7 @@ async def test_shutdown_is_prompt_when_the_relay_stalls_mid_send(start_harness, 
 async def test_port_taken_fails_start_up(start_harness, relay_tls: ssl.SSLContext) -> None:
     """A second service on the same port fails with a clear error (no SO_REUSEPORT)."""
     from trio_mailer.app import MailerApp
-    from trio_mailer.grpc_server import BindError
+    from trio_mailer.grpc.listener import BindError
 
     with trio.fail_after(10):
         async with start_harness() as h:

@@ -12,7 +12,7 @@ import pytest
 import trio
 import trustme
 
-from trio_mailer.capture_smtp import CaptureSMTPServer, Fault
+from trio_mailer.dev.capture_relay import CaptureSMTPServer, Fault
 from trio_mailer.v1.mailer_pb2 import MsgRequest
 
 from .conftest import Harness, server_context

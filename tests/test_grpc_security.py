@@ -16,7 +16,7 @@ import trio
 import trustme
 
 from trio_mailer.client import client_ssl_context
-from trio_mailer.config import ConfigError, load_config
+from trio_mailer.core.config import ConfigError, load_config
 from trio_mailer.logs import quiet_secret_bearing_loggers
 from trio_mailer.v1.mailer_pb2 import MsgReply, MsgRequest
 

@@ -9,8 +9,8 @@ import trio
 import trio.testing
 from google.protobuf import descriptor_pb2
 
+from trio_mailer.grpc.health_service import HealthState, HealthStatistics, ServingStatus
 from trio_mailer.grpc_std.health.v1 import health_pb2
-from trio_mailer.health import HealthState, HealthStatistics, ServingStatus
 
 from .std_services import MAILER, open_client, open_std_server, run_client, wait_until
 

@@ -6,10 +6,10 @@ import pytest
 import trio
 import trio.testing
 
-from trio_mailer.errors import ShuttingDown
-from trio_mailer.mail_queue import MailQueue, QueueStatistics
-from trio_mailer.message import OutgoingMail
-from trio_mailer.rendering import MailKind
+from trio_mailer.core.errors import ShuttingDown
+from trio_mailer.core.message import OutgoingMail
+from trio_mailer.core.rendering import MailKind
+from trio_mailer.delivery.mail_queue import MailQueue, QueueStatistics
 
 
 def mail(n: int) -> OutgoingMail:

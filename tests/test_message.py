@@ -8,10 +8,10 @@ from datetime import UTC, datetime
 
 import pytest
 
-from trio_mailer.config import shipped_templates_dir
-from trio_mailer.errors import InvalidRequest, MessageBuildError
-from trio_mailer.message import EXPECTED_HEADERS, MailComposer, check_serialized
-from trio_mailer.rendering import MailKind, MailTemplates
+from trio_mailer.core.config import shipped_templates_dir
+from trio_mailer.core.errors import InvalidRequest, MessageBuildError
+from trio_mailer.core.message import EXPECTED_HEADERS, MailComposer, check_serialized
+from trio_mailer.core.rendering import MailKind, MailTemplates
 
 NOW = datetime(2026, 11, 27, 18, 30, 5, tzinfo=UTC)
 

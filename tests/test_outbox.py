@@ -13,10 +13,11 @@ import pytest
 import trio
 import trio.testing
 
-from trio_mailer.errors import GrpcStatus
-from trio_mailer.mail_status import OUTBOX_FILE, apply_change
-from trio_mailer.message import OutgoingMail
-from trio_mailer.outbox import (
+from trio_mailer.core.errors import GrpcStatus
+from trio_mailer.core.mail_lifecycle import OUTBOX_FILE, apply_change
+from trio_mailer.core.message import OutgoingMail
+from trio_mailer.core.rendering import MailKind
+from trio_mailer.store.outbox import (
     MailRecord,
     MailState,
     MemoryOutbox,
@@ -30,7 +31,6 @@ from trio_mailer.outbox import (
     StatusChange,
     default_outbox_path,
 )
-from trio_mailer.rendering import MailKind
 
 TIMEOUT_S = 10
 T0 = 1_790_000_000.0  # a wall-clock unix time
@@ -345,8 +345,8 @@ async def test_records_survive_close_and_reopen(tmp_path: Path) -> None:
 CRASHING_WRITER = """
 import os, sys, trio
 from pathlib import Path
-from trio_mailer.mail_status import MailRecord, StatusChange, MailState
-from trio_mailer.outbox import SqliteOutbox
+from trio_mailer.core.mail_lifecycle import MailRecord, StatusChange, MailState
+from trio_mailer.store.outbox import SqliteOutbox
 
 async def main():
     box = await SqliteOutbox.open(Path(sys.argv[1]))

@@ -61,8 +61,8 @@ def test_installed_wheel_finds_its_templates_from_any_directory(tmp_path: Path) 
         timeout=300,
     )
     probe = (
-        "from trio_mailer.config import shipped_templates_dir as d;"
-        "from trio_mailer.rendering import MailTemplates as T;"
+        "from trio_mailer.core.config import shipped_templates_dir as d;"
+        "from trio_mailer.core.rendering import MailTemplates as T;"
         "T.load(d()); print(d())"
     )
     result = subprocess.run(

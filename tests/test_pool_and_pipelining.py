@@ -7,7 +7,7 @@ import collections
 import pytest
 import trio
 
-from trio_mailer.capture_smtp import Fault
+from trio_mailer.dev.capture_relay import Fault
 
 from .test_faults import FAST, message_ids, send_pass
 

@@ -16,10 +16,10 @@ import pytest
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
-from trio_mailer.config import shipped_templates_dir
-from trio_mailer.errors import InvalidRequest
-from trio_mailer.message import EXPECTED_HEADERS, MailComposer
-from trio_mailer.rendering import MailKind, MailTemplates
+from trio_mailer.core.config import shipped_templates_dir
+from trio_mailer.core.errors import InvalidRequest
+from trio_mailer.core.message import EXPECTED_HEADERS, MailComposer
+from trio_mailer.core.rendering import MailKind, MailTemplates
 
 NOW = datetime(2026, 11, 27, 12, 0, tzinfo=UTC)
 TEMPLATES = MailTemplates.load(shipped_templates_dir())

@@ -9,12 +9,10 @@ import trio
 from google.protobuf import descriptor_pb2, descriptor_pool, text_format
 from google.protobuf.descriptor import FileDescriptor
 
-from trio_mailer import health
-from trio_mailer.grpc_server import MAX_MESSAGE_BYTES
-from trio_mailer.grpc_std.reflection.v1 import reflection_pb2 as v1_pb2
-from trio_mailer.grpc_std.reflection.v1alpha import reflection_pb2 as v1alpha_pb2
-from trio_mailer.health import HealthState
-from trio_mailer.reflection import (
+from trio_mailer.grpc import health_service as health
+from trio_mailer.grpc.health_service import HealthState
+from trio_mailer.grpc.listener import MAX_MESSAGE_BYTES
+from trio_mailer.grpc.reflection_service import (
     FILE_DESCRIPTORS,
     SERVICE_NAMES,
     DescriptorIndex,
@@ -22,6 +20,8 @@ from trio_mailer.reflection import (
     answer,
     reflection_services,
 )
+from trio_mailer.grpc_std.reflection.v1 import reflection_pb2 as v1_pb2
+from trio_mailer.grpc_std.reflection.v1alpha import reflection_pb2 as v1alpha_pb2
 from trio_mailer.v1 import mailer_pb2
 
 from .std_services import MAILER, open_std_server, run_client

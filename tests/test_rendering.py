@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from trio_mailer.config import shipped_templates_dir
-from trio_mailer.rendering import MailKind, MailTemplates, RenderError, TemplateError
+from trio_mailer.core.config import shipped_templates_dir
+from trio_mailer.core.rendering import MailKind, MailTemplates, RenderError, TemplateError
 
 VARS = {"code": "739201", "to": "user@example.com", "service_name": "Acme"}
 

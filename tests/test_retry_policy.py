@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from trio_mailer.retry_policy import (
+from trio_mailer.core.retry_policy import (
     AttemptResult,
     GiveUp,
     ReconnectBackoff,

@@ -15,12 +15,12 @@ import trio
 import trio.lowlevel
 import trio.testing
 
-from trio_mailer.mail_queue import MailQueue
-from trio_mailer.message import OutgoingMail
-from trio_mailer.rendering import MailKind
-from trio_mailer.retry_policy import ReconnectBackoff, RetryPolicy
-from trio_mailer.sender import FinishedMail, Sender
-from trio_mailer.smtp_session import (
+from trio_mailer.core.message import OutgoingMail
+from trio_mailer.core.rendering import MailKind
+from trio_mailer.core.retry_policy import ReconnectBackoff, RetryPolicy
+from trio_mailer.delivery.mail_queue import MailQueue
+from trio_mailer.delivery.sender import FinishedMail, Sender
+from trio_mailer.delivery.smtp_session import (
     ConnectFailed,
     Delivered,
     ProbeFailed,

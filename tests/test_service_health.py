@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import trio
 
-from trio_mailer.capture_smtp import Fault
+from trio_mailer.dev.capture_relay import Fault
 
 from .std_services import open_client, run_client
 from .test_faults import FAST, send_pass

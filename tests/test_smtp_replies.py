@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from trio_mailer.smtp_replies import ReplyClass, classify, is_auth_config_error
+from trio_mailer.core.smtp_replies import ReplyClass, classify, is_auth_config_error
 
 
 @pytest.mark.parametrize(

@@ -13,7 +13,7 @@ import random
 import pytest
 import trio
 
-from trio_mailer.capture_smtp import Fault
+from trio_mailer.dev.capture_relay import Fault
 from trio_mailer.v1.mailer_pb2 import MsgRequest
 
 from .test_faults import message_ids

@@ -11,12 +11,12 @@ import purerpc
 import pytest
 import trio
 
-from trio_mailer.capture_smtp import Fault
 from trio_mailer.client import open_channel
-from trio_mailer.mail_status import MailRecord, OutboxFull
-from trio_mailer.message import OutgoingMail
-from trio_mailer.outbox import SqliteOutbox
-from trio_mailer.rendering import MailKind
+from trio_mailer.core.mail_lifecycle import MailRecord, OutboxFull
+from trio_mailer.core.message import OutgoingMail
+from trio_mailer.core.rendering import MailKind
+from trio_mailer.dev.capture_relay import Fault
+from trio_mailer.store.outbox import SqliteOutbox
 from trio_mailer.v1.mailer_grpc import MailerStub
 from trio_mailer.v1.mailer_pb2 import MailStatus, MsgRequest, StatusRequest
 

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from trio_mailer.errors import InvalidRequest
-from trio_mailer.validation import MAX_CODE_CHARS, validate_address, validate_code
+from trio_mailer.core.errors import InvalidRequest
+from trio_mailer.core.validation import MAX_CODE_CHARS, validate_address, validate_code
 
 
 @pytest.mark.parametrize(

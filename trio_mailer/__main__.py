@@ -1,5 +1,5 @@
 """``python -m trio_mailer``: the same as the ``trio-mailer`` command."""
 
-from .cli import main_entry
+from trio_mailer.cli import main_entry
 
 main_entry()

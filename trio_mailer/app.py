@@ -28,26 +28,40 @@ import attrs
 import purerpc
 import trio
 
-from .config import Config, TlsMode
-from .grpc_auth import is_loopback
-from .grpc_server import bound_port, make_server_ssl_context, open_grpc_listener, serve_grpc
-from .grpc_service import MailerService
-from .health import FILE_DESCRIPTOR as HEALTH_FILE_DESCRIPTOR
-from .health import SERVICE_NAME as HEALTH_SERVICE_NAME
-from .health import HealthState, ServingStatus, health_service
-from .mail_queue import Delivery, MailQueue
-from .mail_status import MailRecord, MailState, OutboxError
-from .message import MailComposer
-from .metrics import Metrics, serve_metrics
-from .outbox import MemoryOutbox, Outbox, SqliteOutbox
-from .reflection import reflection_services
-from .rendering import MailTemplates
-from .retry_policy import ReconnectBackoff, RetryPolicy
-from .sender import Connector, FinishedMail, Sender, SenderStatistics, SmtpSession
-from .serving_status import is_serving
-from .smtp_session import RelaySettings, ThreadedSmtpSession, make_relay_ssl_context
-from .status_board import StatusBoard
-from .v1 import mailer_pb2
+from trio_mailer.core.caller_auth import is_loopback
+from trio_mailer.core.config import Config, TlsMode
+from trio_mailer.core.health_decision import SenderStatistics, is_serving
+from trio_mailer.core.mail_lifecycle import MailRecord, MailState, OutboxError
+from trio_mailer.core.message import MailComposer
+from trio_mailer.core.rendering import MailTemplates
+from trio_mailer.core.retry_policy import ReconnectBackoff, RetryPolicy
+from trio_mailer.delivery.mail_queue import Delivery, MailQueue
+from trio_mailer.delivery.sender import (
+    Connector,
+    FinishedMail,
+    Sender,
+    SmtpSession,
+)
+from trio_mailer.delivery.smtp_session import (
+    RelaySettings,
+    ThreadedSmtpSession,
+    make_relay_ssl_context,
+)
+from trio_mailer.grpc.health_service import FILE_DESCRIPTOR as HEALTH_FILE_DESCRIPTOR
+from trio_mailer.grpc.health_service import SERVICE_NAME as HEALTH_SERVICE_NAME
+from trio_mailer.grpc.health_service import HealthState, ServingStatus, health_service
+from trio_mailer.grpc.listener import (
+    bound_port,
+    make_server_ssl_context,
+    open_grpc_listener,
+    serve_grpc,
+)
+from trio_mailer.grpc.mailer_service import MailerService
+from trio_mailer.grpc.reflection_service import reflection_services
+from trio_mailer.metrics import Metrics, serve_metrics
+from trio_mailer.store.outbox import MemoryOutbox, Outbox, SqliteOutbox
+from trio_mailer.store.status_board import StatusBoard
+from trio_mailer.v1 import mailer_pb2
 
 log = logging.getLogger(__name__)
 

@@ -20,17 +20,17 @@ from pathlib import Path
 import attrs
 import trio
 
-from . import dev
-from .app import MailerApp
-from .client import SendFailed, client_ssl_context, send
-from .client import status as fetch_status
-from .config import ConfigError, load_config, parse_host_port
-from .errors import exception_leaves
-from .grpc_server import BindError
-from .logs import configure_logging
-from .mail_status import OutboxError
-from .rendering import MailKind, TemplateError
-from .v1.mailer_pb2 import MailStatus
+from trio_mailer.app import MailerApp
+from trio_mailer.client import SendFailed, client_ssl_context, send
+from trio_mailer.client import status as fetch_status
+from trio_mailer.core.config import ConfigError, load_config, parse_host_port
+from trio_mailer.core.errors import exception_leaves
+from trio_mailer.core.mail_lifecycle import OutboxError
+from trio_mailer.core.rendering import MailKind, TemplateError
+from trio_mailer.dev import environment as dev
+from trio_mailer.grpc.listener import BindError
+from trio_mailer.logs import configure_logging
+from trio_mailer.v1.mailer_pb2 import MailStatus
 
 log = logging.getLogger("trio_mailer")
 

@@ -15,10 +15,10 @@ import purerpc
 from purerpc.grpc_proto import GRPCProtoSocket
 from purerpc.grpclib.config import GRPCConfiguration
 
-from .errors import exception_leaves
-from .rendering import MailKind
-from .v1.mailer_grpc import MailerStub
-from .v1.mailer_pb2 import MailStatus, MsgReply, MsgRequest, StatusRequest
+from trio_mailer.core.errors import exception_leaves
+from trio_mailer.core.rendering import MailKind
+from trio_mailer.v1.mailer_grpc import MailerStub
+from trio_mailer.v1.mailer_pb2 import MailStatus, MsgReply, MsgRequest, StatusRequest
 
 
 @attrs.frozen

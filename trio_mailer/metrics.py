@@ -21,7 +21,7 @@ from prometheus_client import (
     generate_latest,
 )
 
-from .grpc_server import BindError
+from trio_mailer.grpc.listener import BindError
 
 log = logging.getLogger(__name__)
 

@@ -14,8 +14,8 @@ from __future__ import annotations
 
 import attrs
 
-from .mail_status import MailRecord, StatusChange, apply_change
-from .wakeups import Wakeups
+from trio_mailer.core.mail_lifecycle import MailRecord, StatusChange, apply_change
+from trio_mailer.wakeups import Wakeups
 
 
 @attrs.define

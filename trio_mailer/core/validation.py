@@ -12,7 +12,7 @@ from __future__ import annotations
 import re
 import unicodedata
 
-from .errors import InvalidRequest
+from trio_mailer.core.errors import InvalidRequest
 
 MAX_ADDRESS_CHARS = 254  # RFC 5321 4.5.3.1.3 path limit, less the angle brackets
 MAX_LOCAL_PART_CHARS = 64  # RFC 5321 4.5.3.1.1

@@ -35,9 +35,9 @@ from typing import Any
 import attrs
 import purerpc
 
-from .grpc_std.health.v1 import health_pb2
-from .grpc_std.health.v1.health_grpc import HealthServicer
-from .wakeups import Wakeups
+from trio_mailer.grpc_std.health.v1 import health_pb2
+from trio_mailer.grpc_std.health.v1.health_grpc import HealthServicer
+from trio_mailer.wakeups import Wakeups
 
 SERVICE_NAME = "grpc.health.v1.Health"
 # The file that declares the service, for server reflection.

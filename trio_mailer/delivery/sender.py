@@ -44,15 +44,28 @@ from typing import Protocol
 import attrs
 import trio
 
-from .logs import printable
-from .mail_queue import Delivery, MailQueue
-from .mail_status import MailState, OutboxError, StatusChange
-from .message import OutgoingMail
-from .metrics import Metrics
-from .outbox import Outbox
-from .retry_policy import TTL_REASON_PREFIX, AttemptResult, GiveUp, ReconnectBackoff, RetryPolicy
-from .smtp_session import ConnectFailed, Delivered, ProbeFailed, Rejected, SessionLost
-from .status_board import StatusBoard
+from trio_mailer.core.health_decision import SenderStatistics
+from trio_mailer.core.mail_lifecycle import MailState, OutboxError, StatusChange
+from trio_mailer.core.message import OutgoingMail
+from trio_mailer.core.retry_policy import (
+    TTL_REASON_PREFIX,
+    AttemptResult,
+    GiveUp,
+    ReconnectBackoff,
+    RetryPolicy,
+)
+from trio_mailer.delivery.mail_queue import Delivery, MailQueue
+from trio_mailer.delivery.smtp_session import (
+    ConnectFailed,
+    Delivered,
+    ProbeFailed,
+    Rejected,
+    SessionLost,
+)
+from trio_mailer.logs import printable
+from trio_mailer.metrics import Metrics
+from trio_mailer.store.outbox import Outbox
+from trio_mailer.store.status_board import StatusBoard
 
 log = logging.getLogger(__name__)
 
@@ -87,18 +100,6 @@ class FinishedMail:
         if self.delivered:
             return "delivered"
         return "expired" if self.reason.startswith(TTL_REASON_PREFIX) else "failed"
-
-
-@attrs.frozen
-class SenderStatistics:
-    delivered: int
-    failed: int
-    retries: int
-    connects: int
-    sessions_up: int
-    in_flight: tuple[str, ...]  # the Message-IDs being sent
-    relay_down_since_s: float | None = None  # trio clock: first failed connect of this outage
-    config_error: bool = False  # the relay refuses our credentials or certificate
 
 
 _STATES = {

@@ -59,7 +59,7 @@ from typing import Protocol, TypeVar
 import attrs
 import trio
 
-from .mail_status import (
+from trio_mailer.core.mail_lifecycle import (
     TERMINAL_STATES,
     MailRecord,
     MailState,

@@ -22,10 +22,10 @@ import attrs
 import purerpc
 from google.protobuf.descriptor import Descriptor, EnumDescriptor, FileDescriptor
 
-from .grpc_std.reflection.v1 import reflection_grpc as v1_grpc
-from .grpc_std.reflection.v1 import reflection_pb2 as v1_pb2
-from .grpc_std.reflection.v1alpha import reflection_grpc as v1alpha_grpc
-from .grpc_std.reflection.v1alpha import reflection_pb2 as v1alpha_pb2
+from trio_mailer.grpc_std.reflection.v1 import reflection_grpc as v1_grpc
+from trio_mailer.grpc_std.reflection.v1 import reflection_pb2 as v1_pb2
+from trio_mailer.grpc_std.reflection.v1alpha import reflection_grpc as v1alpha_grpc
+from trio_mailer.grpc_std.reflection.v1alpha import reflection_pb2 as v1alpha_pb2
 
 SERVICE_NAMES = ("grpc.reflection.v1.ServerReflection", "grpc.reflection.v1alpha.ServerReflection")
 FILE_DESCRIPTORS = (v1_pb2.DESCRIPTOR, v1alpha_pb2.DESCRIPTOR)

@@ -34,9 +34,9 @@ from pathlib import Path, PurePath
 
 import attrs
 
-from .errors import GrpcStatus
-from .message import OutgoingMail
-from .rendering import MailKind
+from trio_mailer.core.errors import GrpcStatus
+from trio_mailer.core.message import OutgoingMail
+from trio_mailer.core.rendering import MailKind
 
 MAIL_KINDS = frozenset(kind.value for kind in MailKind)
 

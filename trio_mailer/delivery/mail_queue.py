@@ -29,8 +29,8 @@ import math
 import attrs
 import trio
 
-from .errors import ShuttingDown
-from .message import OutgoingMail
+from trio_mailer.core.errors import ShuttingDown
+from trio_mailer.core.message import OutgoingMail
 
 
 @attrs.frozen

@@ -20,7 +20,7 @@ from pathlib import Path
 import attrs
 import trustme
 
-from .capture_smtp import CaptureSMTPServer
+from trio_mailer.dev.capture_relay import CaptureSMTPServer
 
 DEV_USER = "dev"
 DEV_FROM = "noreply@example.com"

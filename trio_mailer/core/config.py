@@ -14,10 +14,10 @@ from typing import TypeVar
 
 import attrs
 
-from .errors import InvalidRequest
-from .grpc_auth import TokenSet, is_loopback
-from .mail_status import default_outbox_path
-from .validation import reject_unsafe_header_text, validate_address
+from trio_mailer.core.caller_auth import TokenSet, is_loopback
+from trio_mailer.core.errors import InvalidRequest
+from trio_mailer.core.mail_lifecycle import default_outbox_path
+from trio_mailer.core.validation import reject_unsafe_header_text, validate_address
 
 T = TypeVar("T")
 
@@ -54,7 +54,7 @@ def shipped_templates_dir() -> Path:
     A wheel carries them as ``trio_mailer/templates`` (hatchling ``force-include``); a source
     checkout (editable install, or running from the tree) has them at the top level.
     """
-    package_dir = Path(__file__).resolve().parent
+    package_dir = Path(__file__).resolve().parent.parent  # trio_mailer/
     installed = package_dir / "templates"
     if installed.is_dir():
         return installed

@@ -11,7 +11,19 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from .sender import SenderStatistics
+import attrs
+
+
+@attrs.frozen
+class SenderStatistics:
+    delivered: int
+    failed: int
+    retries: int
+    connects: int
+    sessions_up: int
+    in_flight: tuple[str, ...]  # the Message-IDs being sent
+    relay_down_since_s: float | None = None  # trio clock: first failed connect of this outage
+    config_error: bool = False  # the relay refuses our credentials or certificate
 
 
 def is_serving(

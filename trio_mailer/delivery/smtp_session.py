@@ -49,10 +49,10 @@ from typing import TypeVar
 import attrs
 import trio
 
-from .config import Config, TlsMode
-from .logs import printable
-from .message import OutgoingMail
-from .smtp_replies import ReplyClass, classify, is_auth_config_error
+from trio_mailer.core.config import Config, TlsMode
+from trio_mailer.core.message import OutgoingMail
+from trio_mailer.core.smtp_replies import ReplyClass, classify, is_auth_config_error
+from trio_mailer.logs import printable
 
 R = TypeVar("R")
 

@@ -18,9 +18,9 @@ from email.message import EmailMessage
 
 import attrs
 
-from .errors import MessageBuildError
-from .rendering import MailKind, MailTemplates
-from .validation import reject_unsafe_header_text, validate_address, validate_code
+from trio_mailer.core.errors import MessageBuildError
+from trio_mailer.core.rendering import MailKind, MailTemplates
+from trio_mailer.core.validation import reject_unsafe_header_text, validate_address, validate_code
 
 EXPECTED_HEADERS = frozenset(
     {

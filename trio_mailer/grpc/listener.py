@@ -35,7 +35,7 @@ from purerpc.wrappers import (
     call_server_unary_unary,
 )
 
-from .logs import printable
+from trio_mailer.logs import printable
 
 log = logging.getLogger(__name__)
 

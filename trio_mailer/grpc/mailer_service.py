@@ -18,17 +18,17 @@ import purerpc
 import trio
 from google.protobuf.timestamp_pb2 import Timestamp
 
-from .errors import MailerError, MessageBuildError, ShuttingDown
-from .logs import printable
-from .mail_queue import MailQueue
-from .mail_status import MailRecord, MailState, OutboxError
-from .message import MailComposer
-from .metrics import Metrics
-from .outbox import MemoryOutbox, Outbox
-from .rendering import MailKind, RenderError
-from .status_board import StatusBoard
-from .v1.mailer_grpc import MailerServicer
-from .v1.mailer_pb2 import MailStatus, MsgReply, MsgRequest, StatusRequest
+from trio_mailer.core.errors import MailerError, MessageBuildError, ShuttingDown
+from trio_mailer.core.mail_lifecycle import MailRecord, MailState, OutboxError
+from trio_mailer.core.message import MailComposer
+from trio_mailer.core.rendering import MailKind, RenderError
+from trio_mailer.delivery.mail_queue import MailQueue
+from trio_mailer.logs import printable
+from trio_mailer.metrics import Metrics
+from trio_mailer.store.outbox import MemoryOutbox, Outbox
+from trio_mailer.store.status_board import StatusBoard
+from trio_mailer.v1.mailer_grpc import MailerServicer
+from trio_mailer.v1.mailer_pb2 import MailStatus, MsgReply, MsgRequest, StatusRequest
 
 log = logging.getLogger(__name__)
 
