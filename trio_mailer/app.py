@@ -51,6 +51,7 @@ from trio_mailer.grpc.health_service import FILE_DESCRIPTOR as HEALTH_FILE_DESCR
 from trio_mailer.grpc.health_service import SERVICE_NAME as HEALTH_SERVICE_NAME
 from trio_mailer.grpc.health_service import HealthState, ServingStatus, health_service
 from trio_mailer.grpc.listener import (
+    Limits,
     bound_port,
     make_server_ssl_context,
     open_grpc_listener,
@@ -352,7 +353,14 @@ class MailerApp:
         port = bound_port(listener)
         async with trio.open_nursery() as nursery:
             await nursery.start(
-                partial(serve_grpc, authorizer=self.authorize), listener, self.grpc_services()
+                partial(
+                    serve_grpc,
+                    authorizer=self.authorize,
+                    max_connections=config.max_connections,
+                    limits=Limits(idle_timeout_s=config.grpc_idle_timeout_s),
+                ),
+                listener,
+                self.grpc_services(),
             )
             nursery.start_soon(run_senders)
             nursery.start_soon(self._watch_health)

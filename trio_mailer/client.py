@@ -12,11 +12,10 @@ import anyio
 import anyio.abc
 import attrs
 import purerpc
-from purerpc.grpc_proto import GRPCProtoSocket
-from purerpc.grpclib.config import GRPCConfiguration
 
 from trio_mailer.core.errors import exception_leaves
 from trio_mailer.core.rendering import MailKind
+from trio_mailer.grpc.purerpc_internals import Channel, client_channel
 from trio_mailer.v1.mailer_grpc import MailerStub
 from trio_mailer.v1.mailer_pb2 import MailStatus, MsgReply, MsgRequest, StatusRequest
 
@@ -35,7 +34,7 @@ T = TypeVar("T")
 @asynccontextmanager
 async def open_channel(
     host: str, port: int, ssl_context: ssl.SSLContext | None = None
-) -> AsyncIterator[purerpc.client._Channel]:
+) -> AsyncIterator[Channel]:
     """A purerpc channel that, unlike ``purerpc.insecure_channel``, closes its socket.
 
     With ``ssl_context`` the connection uses TLS (see ``client_ssl_context``).
@@ -49,11 +48,7 @@ async def open_channel(
                 host, port, ssl_context=ssl_context, tls_standard_compatible=False
             )
         stack.push_async_callback(stream.aclose)
-        channel = purerpc.client._Channel(host, port)
-        channel._grpc_socket = await stack.enter_async_context(
-            GRPCProtoSocket(GRPCConfiguration(client_side=True), stream)
-        )
-        yield channel
+        yield await client_channel(stack, host, port, stream)
 
 
 def client_ssl_context(

@@ -98,6 +98,8 @@ class Config:
     health_down_after_s: float = 30.0
     outbox_path: Path | None = None  # None: the in-memory outbox (MAILER_OUTBOX=memory)
     status_retention_s: float = 86400.0
+    max_connections: int = 500  # gRPC connections served at once; more are closed at accept
+    grpc_idle_timeout_s: float = 300.0  # a gRPC connection without a call is closed after this
 
     def describe(self) -> str:
         """The effective configuration for the start-up log line, without secrets."""
@@ -116,7 +118,9 @@ class Config:
             f"grpc_tls={'mTLS' if self.tls_client_ca else 'on' if self.tls_cert else 'off'} "
             f"tokens={len(self.auth_tokens.digests) if self.auth_tokens else 0} "
             f"metrics_port={self.metrics_port or 'off'} log_format={self.log_format} "
-            f"outbox={self.outbox_path or 'memory'} status_retention_s={self.status_retention_s:g}"
+            f"outbox={self.outbox_path or 'memory'} status_retention_s={self.status_retention_s:g} "
+            f"max_connections={self.max_connections} "
+            f"grpc_idle_timeout_s={self.grpc_idle_timeout_s:g}"
         )
 
 
@@ -369,6 +373,10 @@ def load_config(env: Mapping[str, str]) -> Config:
     retention_s = r.parse(
         "MAILER_STATUS_RETENTION_S", 86400.0, _seconds(0, 365 * 86400, low_inclusive=False)
     )
+    max_connections = r.parse("MAILER_MAX_CONNECTIONS", 500, _int_in(1, 100_000))
+    grpc_idle_timeout_s = r.parse(
+        "MAILER_GRPC_IDLE_TIMEOUT_S", 300.0, _seconds(0, 86400, low_inclusive=False)
+    )
     if r.problems:
         raise ConfigError(r.problems)
     return Config(
@@ -407,4 +415,6 @@ def load_config(env: Mapping[str, str]) -> Config:
         health_down_after_s=health_down_after_s,
         outbox_path=outbox_path,
         status_retention_s=retention_s,
+        max_connections=max_connections,
+        grpc_idle_timeout_s=grpc_idle_timeout_s,
     )
