@@ -558,6 +558,7 @@ async def test_a_tls_connection_without_calls_is_closed_when_idle(ca, tmp_path) 
             tls = trio.SSLStream(tcp, client_context, server_hostname="127.0.0.1")
             await tls.do_handshake()
             client = RawClient(tls)  # type: ignore[arg-type]
+            server.clients.append(client)
             await client.send(raw_h2.PREFACE + raw_h2.SettingsFrame(0).serialize())
             result = await client.wait_status(await client.call(grpc_message(CHECK)))
             assert result.grpc_status == OK
@@ -618,6 +619,7 @@ async def test_accept_survives_running_out_of_file_descriptors() -> None:
         env=subprocess_env(),
     )
     idle: list[trio.SocketStream] = []
+    good: RawClient | None = None
     try:
         with trio.fail_after(TIMEOUT_S * 2):
             assert process.stdout is not None and process.stderr is not None
@@ -649,6 +651,8 @@ async def test_accept_survives_running_out_of_file_descriptors() -> None:
     finally:
         for stream in idle:
             await stream.aclose()
+        if good is not None:
+            await good.aclose()
         if process.returncode is None:
             process.kill()
             await process.wait()
