@@ -69,6 +69,7 @@ class Probe:
     port: int
     latencies_s: list[float] = attrs.Factory(list)
     failures: int = 0
+    errors: dict[str, int] = attrs.Factory(dict)  # failed calls by status
     _stop: threading.Event = attrs.Factory(threading.Event)
     _thread: threading.Thread | None = None
 
@@ -93,8 +94,10 @@ class Probe:
                 try:
                     check(b"", timeout=PROBE_DEADLINE_S)
                     self.latencies_s.append(time.monotonic() - started)
-                except grpc.RpcError:
+                except grpc.RpcError as exc:
                     self.failures += 1
+                    code = str(exc.code().name) if hasattr(exc, "code") else "?"
+                    self.errors[code] = self.errors.get(code, 0) + 1
                 next_at += PROBE_INTERVAL_S
                 self._stop.wait(max(0.0, next_at - time.monotonic()))
 
@@ -202,6 +205,7 @@ def _run_attack(
     after = rss_bytes(service.pid)
     service.check_alive()
     report = json.loads(out.decode().strip().splitlines()[-1]) if out.strip() else {}
+    report["probe_errors"] = probe.errors
     return AttackResult(
         name, probe.success_percent, probe.p99_s, before, sampler.peak, after, report
     )

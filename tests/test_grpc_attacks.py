@@ -298,12 +298,12 @@ async def test_a_client_that_never_reads_is_cut_off() -> None:
 
 
 async def test_streams_beyond_100_are_refused() -> None:
-    """300 Watch streams on one connection: 100 served, 200 get REFUSED_STREAM."""
+    """250 Watch streams on one connection: 100 served, 150 get REFUSED_STREAM."""
     with trio.fail_after(TIMEOUT_S):
         async with open_server() as server:
             client = await server.connect()
             await client.read_until(lambda c: bool(c.server_settings))
-            ids = [client.new_stream_id() for _ in range(300)]
+            ids = [client.new_stream_id() for _ in range(250)]
             burst = b""
             for stream_id in ids:
                 burst += client.headers_frame(stream_id, grpc_headers(raw_h2.HEALTH_WATCH))
@@ -319,10 +319,61 @@ async def test_streams_beyond_100_are_refused() -> None:
             )
             refused = [s for s in ids if client.streams[s].reset == lim.H2Error.REFUSED_STREAM]
             served = [s for s in ids if client.streams[s].data]
-            assert (len(served), len(refused)) == (100, 200)
+            assert (len(served), len(refused)) == (100, 150)
             assert client.goaway is None
             await probe(server.port)  # during
             await client.aclose()
+            await probe(server.port)
+
+
+async def test_a_client_that_keeps_opening_refused_streams_gets_goaway() -> None:
+    """20,000 streams on one connection (the table's row): past the stream limit each refusal
+    costs a control-frame token, and the connection gets GOAWAY ENHANCE_YOUR_CALM."""
+    with trio.fail_after(TIMEOUT_S):
+        async with open_server() as server:
+            client = await server.connect()
+            await client.read_until(lambda c: bool(c.server_settings))
+            burst = b""
+            for _ in range(20_000):
+                stream_id = client.new_stream_id()
+                burst += client.headers_frame(stream_id, grpc_headers(raw_h2.HEALTH_WATCH))
+                message = raw_h2.DataFrame(stream_id, grpc_message(CHECK))
+                message.flags.add("END_STREAM")
+                burst += message.serialize()
+            async with trio.open_nursery() as nursery:
+
+                async def send_all() -> None:
+                    try:
+                        await client.send(burst)
+                    except trio.BrokenResourceError:
+                        pass  # the server closed the connection mid-burst
+
+                nursery.start_soon(send_all)
+                await probe(server.port)  # during
+            await client.wait_closed()
+            assert client.goaway == lim.H2Error.ENHANCE_YOUR_CALM
+            refused = [
+                s for s, r in client.streams.items() if r.reset == lim.H2Error.REFUSED_STREAM
+            ]
+            assert 100 <= len(refused) <= lim.CONTROL_FRAME_BURST
+            await probe(server.port)
+            assert server.state.statistics().watchers == 0
+
+
+async def test_a_flood_of_malformed_requests_gets_goaway() -> None:
+    """1,000 requests with a bad content-type: the first ones get their status, then GOAWAY."""
+    with trio.fail_after(TIMEOUT_S):
+        async with open_server() as server:
+            client = await server.connect()
+            bad = _head(content_type="text/plain")
+            burst = b"".join(
+                client.headers_frame(client.new_stream_id(), bad, end_stream=True)
+                for _ in range(1000)
+            )
+            await client.send(burst)
+            await client.wait_closed()
+            assert client.goaway == lim.H2Error.ENHANCE_YOUR_CALM
+            assert client.streams[1].header(":status") == "415"
             await probe(server.port)
 
 

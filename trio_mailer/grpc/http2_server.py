@@ -139,6 +139,7 @@ class Call:
             self._frames.extend(self._deframer.feed(data))
         except (lim.MessageTooLarge, lim.BadMessage) as exc:
             self.fail(exc.code, exc.message)
+            self._conn.charge_refusal("refused messages")
             return
         self._wake()
 
@@ -266,7 +267,6 @@ class Http2Connection:
         self._receive_scope = trio.CancelScope()
         self._born_s = self._idle_since = trio.current_time()
         self._drained = trio.Event()
-        self._going_away = False
         self._nursery: trio.Nursery | None = None
 
     # -- the connection's life --
@@ -412,15 +412,14 @@ class Http2Connection:
             raise _ConnectionDone
 
     def _on_request(self, stream_id: int, headers: list[tuple[bytes, bytes]], ended: bool) -> None:
-        if self._going_away:
-            self._reset(stream_id, H2Error.REFUSED_STREAM)
-            return
         if len(self._calls) >= self.limits.max_concurrent_streams:
+            self.charge_refusal("streams refused past the concurrency limit")
             self._reset(stream_id, H2Error.REFUSED_STREAM)
             return
         try:
             head = lim.check_request_head(headers)
         except lim.MalformedRequest as bad:
+            self.charge_refusal("malformed requests")
             log.info("refused a malformed gRPC request from %s: %s", self._peer, bad.message)
             self._answer_only(stream_id, bad.code, bad.message, bad.http_status)
             return
@@ -433,6 +432,12 @@ class Http2Connection:
         assert self._nursery is not None
         self._nursery.start_soon(self._serve_call, call)
         self._update_deadline()
+
+    def charge_refusal(self, what: str) -> None:
+        """A stream we refuse costs the client a control-frame token: a client that keeps
+        sending requests we refuse (past the stream limit, malformed, oversized) is a flood."""
+        if not self._gate.control.take(trio.current_time()):
+            self._go_away(H2Error.ENHANCE_YOUR_CALM, f"{what}, faster than the control-frame rate")
 
     def _answer_only(self, stream_id: int, code: GrpcCode, message: str, http_status: int) -> None:
         """A trailers-only response (the stream's input is dropped)."""
