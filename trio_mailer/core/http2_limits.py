@@ -54,8 +54,9 @@ CONTROL_FRAME_BURST = 200
 CONTROL_FRAMES_PER_S = 100.0
 # Bytes handed to h2 at a time (h2 3.x re-copies its input buffer per frame).
 FEED_CHUNK_BYTES = 16 * 1024 + 9
-# Bytes read from the socket at a time.
-READ_CHUNK_BYTES = 64 * 1024
+# Bytes read from the socket at a time: one read is processed without yielding to other
+# connections, so it is kept to about one full-size frame.
+READ_CHUNK_BYTES = 16 * 1024 + 9
 # Replies queued for a client that does not read: past this the connection is closed.
 MAX_UNSENT_OUTPUT_BYTES = 256 * 1024
 # The client's connection preface (and first SETTINGS) must arrive within this.
