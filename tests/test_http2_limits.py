@@ -105,6 +105,19 @@ def test_control_frames_beyond_the_burst_are_refused_and_the_bucket_refills() ->
         assert gate.scan(ping, i / 10) is None
 
 
+def test_log_budget_drops_lines_past_the_window_and_counts_them() -> None:
+    budget = lim.LogBudget(lines=2, window_s=10.0)
+    assert [budget.allow("x", 0.0) for _ in range(4)] == [
+        (True, 0),
+        (True, 0),
+        (False, 0),
+        (False, 0),
+    ]
+    assert budget.allow("y", 1.0) == (True, 0)  # kinds are counted apart
+    assert budget.allow("x", 10.0) == (True, 2)  # a new window says what was dropped
+    assert budget.allow("x", 11.0) == (True, 0)
+
+
 # ---- grpc-timeout ----
 
 

@@ -103,6 +103,32 @@ class H2Error(enum.IntEnum):
     ENHANCE_YOUR_CALM = 0xB
 
 
+# Log lines about what clients did wrong, per kind, per LOG_WINDOW_S: an attacker must not turn
+# the log into its amplifier (each line is a synchronous write on the event loop).
+LOG_LINES_PER_WINDOW = 10
+LOG_WINDOW_S = 10.0
+
+
+@attrs.define
+class LogBudget:
+    """``allow(kind, now_s)``: whether to log this line, and how many of its kind were dropped
+    since the last one logged (to say so on that line)."""
+
+    lines: int = LOG_LINES_PER_WINDOW
+    window_s: float = LOG_WINDOW_S
+    _windows: dict[str, tuple[float, int, int]] = attrs.Factory(dict)  # start, logged, dropped
+
+    def allow(self, kind: str, now_s: float) -> tuple[bool, int]:
+        start, logged, dropped = self._windows.get(kind, (now_s, 0, 0))
+        if now_s - start >= self.window_s:
+            start, logged = now_s, 0
+        if logged >= self.lines:
+            self._windows[kind] = (start, logged, dropped + 1)
+            return False, 0
+        self._windows[kind] = (start, logged + 1, 0)
+        return True, dropped
+
+
 # -- Gate 1: frames -----------------------------------------------------------------------------
 
 FRAME_DATA = 0x0

@@ -55,6 +55,17 @@ from trio_mailer.core import http2_limits as lim
 from trio_mailer.core.http2_limits import GrpcCode, H2Error
 
 log = logging.getLogger("trio_mailer.grpc.listener")
+_log_budget = lim.LogBudget()
+
+
+def log_client_fault(level: int, kind: str, message: str, *args: object) -> None:
+    """Log what a client did wrong, at most ``LOG_LINES_PER_WINDOW`` lines of a kind per
+    ``LOG_WINDOW_S``; the next line logged says how many were dropped."""
+    allowed, dropped = _log_budget.allow(kind, trio.current_time())
+    if allowed:
+        suffix = f" ({dropped} more like it not logged)" if dropped else ""
+        log.log(level, message + suffix, *args)
+
 
 # Decides whether a call to ``service``/``method`` with these request headers may proceed.
 Authorizer = Callable[[str, str, Sequence[tuple[str, str]]], bool]
@@ -256,6 +267,10 @@ class Http2Connection:
                 h2.settings.SettingCodes.ENABLE_PUSH: 0,
             },
         )
+        # Values given to ``Settings(initial_values=...)`` count as already acknowledged, so h2
+        # never applies them to its own decoder: set the header-list bound it enforces here.
+        self._h2.decoder.max_header_list_size = lim.MAX_HEADER_LIST_BYTES
+        self._h2.max_inbound_frame_size = lim.MAX_FRAME_BYTES
         self._gate = lim.FrameGate(
             control=lim.TokenBucket(limits.control_frame_burst, limits.control_frames_per_s)
         )
@@ -336,7 +351,12 @@ class Http2Connection:
     def _on_timeout(self) -> None:
         now = trio.current_time()
         if self._preface_seen < len(lim.PREFACE):
-            log.info("closed a gRPC connection from %s: no HTTP/2 preface in time", self._peer)
+            log_client_fault(
+                logging.INFO,
+                "preface",
+                "closed a gRPC connection from %s: no HTTP/2 preface in time",
+                self._peer,
+            )
             raise _ConnectionDone
         if self._gate.header_block_overdue(now, self.limits.header_block_timeout_s):
             self._go_away(H2Error.ENHANCE_YOUR_CALM, "a header block did not complete in time")
@@ -349,7 +369,9 @@ class Http2Connection:
         if self._preface_seen < len(lim.PREFACE):
             take = chunk[: len(lim.PREFACE) - self._preface_seen]
             if lim.PREFACE[self._preface_seen : self._preface_seen + len(take)] != take:
-                log.info("closed a connection from %s: not HTTP/2", self._peer)
+                log_client_fault(
+                    logging.INFO, "not-h2", "closed a connection from %s: not HTTP/2", self._peer
+                )
                 raise _ConnectionDone
             self._preface_seen += len(take)
             refusal = self._gate.scan(chunk[len(take) :], now)
@@ -362,7 +384,13 @@ class Http2Connection:
                 events = self._h2.receive_data(chunk[start : start + lim.FEED_CHUNK_BYTES])
             except h2.exceptions.ProtocolError as exc:
                 self._flush()  # h2 queued its GOAWAY
-                log.info("closed a gRPC connection from %s: HTTP/2 error: %s", self._peer, exc)
+                log_client_fault(
+                    logging.INFO,
+                    "h2-error",
+                    "closed a gRPC connection from %s: HTTP/2 error: %s",
+                    self._peer,
+                    exc,
+                )
                 self._end_calls()
                 raise _ConnectionDone from None
             for event in events:
@@ -371,8 +399,13 @@ class Http2Connection:
 
     def _go_away(self, code: H2Error, reason: str | None) -> None:
         if reason is not None:
-            log.warning(
-                "closed a gRPC connection from %s with GOAWAY %s: %s", self._peer, code.name, reason
+            log_client_fault(
+                logging.WARNING,
+                f"goaway-{code.name}",
+                "closed a gRPC connection from %s with GOAWAY %s: %s",
+                self._peer,
+                code.name,
+                reason,
             )
         self._h2.close_connection(error_code=int(code))
         self._flush()
@@ -420,7 +453,13 @@ class Http2Connection:
             head = lim.check_request_head(headers)
         except lim.MalformedRequest as bad:
             self.charge_refusal("malformed requests")
-            log.info("refused a malformed gRPC request from %s: %s", self._peer, bad.message)
+            log_client_fault(
+                logging.INFO,
+                "malformed",
+                "refused a malformed gRPC request from %s: %s",
+                self._peer,
+                bad.message,
+            )
             self._answer_only(stream_id, bad.code, bad.message, bad.http_status)
             return
         call = Call(self, stream_id, head)
@@ -588,7 +627,9 @@ class Http2Connection:
         self._out += data
         self._out_ready.set()
         if len(self._out) > self.limits.max_unsent_output_bytes:
-            log.warning(
+            log_client_fault(
+                logging.WARNING,
+                "not-reading",
                 "closed a gRPC connection from %s: it does not read (%d bytes unsent)",
                 self._peer,
                 len(self._out),

@@ -28,7 +28,7 @@ import purerpc
 import trio
 
 from trio_mailer.core.http2_limits import MAX_MESSAGE_BYTES
-from trio_mailer.grpc.http2_server import Authorizer, Limits, serve_connection
+from trio_mailer.grpc.http2_server import Authorizer, Limits, log_client_fault, serve_connection
 from trio_mailer.logs import printable
 
 __all__ = [
@@ -182,7 +182,9 @@ class _Accepting:
             await trio.aclose_forcefully(tcp)
             cause = exc.__cause__ if isinstance(exc, trio.BrokenResourceError) else exc
             detail = "timed out" if isinstance(exc, trio.TooSlowError) else str(cause or exc)
-            log.info(
+            log_client_fault(
+                logging.INFO,
+                "tls-handshake",
                 "refused a gRPC connection: TLS handshake failed: %s (from %s)",
                 printable(detail or repr(exc)),
                 peer,
