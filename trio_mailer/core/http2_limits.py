@@ -52,8 +52,15 @@ CONNECTION_WINDOW_BYTES = 64 * 1024
 # Control frames a connection may send in a burst, and per second after it.
 CONTROL_FRAME_BURST = 200
 CONTROL_FRAMES_PER_S = 100.0
-# Bytes handed to h2 at a time (h2 3.x re-copies its input buffer per frame).
-FEED_CHUNK_BYTES = 16 * 1024 + 9
+# Bytes handed to h2 at a time. h2 3.x re-copies its input buffer per frame, and counts its open
+# streams by walking all of them on every new HEADERS: in one large feed of many tiny HEADERS
+# frames (HPACK makes a repeated request head a few bytes) that is quadratic. After each feed
+# the events are handled, so refused and answered streams are closed before the next one.
+FEED_CHUNK_BYTES = 1024
+# Streams we refuse (past the stream limit, malformed, oversized or undecodable messages) that a
+# connection may cause in a burst, and per second after it: each costs an encoded response.
+REFUSAL_BURST = 50
+REFUSALS_PER_S = 10.0
 # Bytes read from the socket at a time: one read is processed without yielding to other
 # connections, so it is kept to about one full-size frame.
 READ_CHUNK_BYTES = 16 * 1024 + 9

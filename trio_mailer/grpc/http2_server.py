@@ -93,6 +93,8 @@ class Limits:
     idle_timeout_s: float = 300.0
     control_frame_burst: int = lim.CONTROL_FRAME_BURST
     control_frames_per_s: float = lim.CONTROL_FRAMES_PER_S
+    refusal_burst: int = lim.REFUSAL_BURST
+    refusals_per_s: float = lim.REFUSALS_PER_S
 
 
 class _ConnectionDone(Exception):
@@ -274,6 +276,7 @@ class Http2Connection:
         self._gate = lim.FrameGate(
             control=lim.TokenBucket(limits.control_frame_burst, limits.control_frames_per_s)
         )
+        self._refusals = lim.TokenBucket(limits.refusal_burst, limits.refusals_per_s)
         self._calls: dict[int, Call] = {}
         self._out = bytearray()
         self._out_ready = trio.Event()
@@ -473,10 +476,13 @@ class Http2Connection:
         self._update_deadline()
 
     def charge_refusal(self, what: str) -> None:
-        """A stream we refuse costs the client a control-frame token: a client that keeps
-        sending requests we refuse (past the stream limit, malformed, oversized) is a flood."""
-        if not self._gate.control.take(trio.current_time()):
-            self._go_away(H2Error.ENHANCE_YOUR_CALM, f"{what}, faster than the control-frame rate")
+        """A stream we refuse costs the client a token: a client that keeps sending requests we
+        refuse (past the stream limit, malformed, oversized) is a flood."""
+        if not self._refusals.take(trio.current_time()):
+            self._go_away(
+                H2Error.ENHANCE_YOUR_CALM,
+                f"{what}: more than {self._refusals.burst:g} at once or {self._refusals.per_s:g}/s",
+            )
 
     def _answer_only(self, stream_id: int, code: GrpcCode, message: str, http_status: int) -> None:
         """A trailers-only response (the stream's input is dropped)."""
