@@ -773,3 +773,26 @@ async def test_grpcio_gzip_deflate_and_oversized_on_a_shared_channel() -> None:
     assert results["oversized"] == grpc.StatusCode.RESOURCE_EXHAUSTED
     assert results["oversized_gzip"] == grpc.StatusCode.RESOURCE_EXHAUSTED
     assert results["watch_end"] == grpc.StatusCode.CANCELLED  # by us, not UNAVAILABLE
+
+
+def _busy_grpcio_client(port: int, calls: int, in_flight: int) -> int:
+    """``calls`` Health/Check calls, ``in_flight`` at a time on one channel; how many succeeded."""
+    with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+        check = channel.unary_unary(raw_h2.HEALTH_CHECK)
+        pending = [check.future(CHECK, timeout=10) for _ in range(in_flight)]
+        succeeded = 0
+        for started in range(in_flight, calls + in_flight):
+            pending.pop(0).result()  # raises on any failure
+            succeeded += 1
+            if started < calls:
+                pending.append(check.future(CHECK, timeout=10))
+        return succeeded
+
+
+async def test_a_busy_grpcio_client_is_not_mistaken_for_a_flood() -> None:
+    """1,500 calls, 64 in flight on one connection: grpcio's WINDOW_UPDATEs and BDP PINGs are
+    paid for by the answered calls, and WINDOW_UPDATE on a finished stream is tolerated."""
+    with trio.fail_after(TIMEOUT_S * 3):
+        async with open_server() as server:
+            done = await trio.to_thread.run_sync(_busy_grpcio_client, server.port, 1500, 64)
+    assert done == 1500

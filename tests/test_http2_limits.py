@@ -118,6 +118,15 @@ def test_log_budget_drops_lines_past_the_window_and_counts_them() -> None:
     assert budget.allow("x", 11.0) == (True, 0)
 
 
+def test_credit_refills_the_bucket_up_to_its_burst() -> None:
+    bucket = lim.TokenBucket(3, 0.0)
+    assert [bucket.take(0.0) for _ in range(4)] == [True, True, True, False]
+    bucket.credit(2)
+    assert [bucket.take(0.0) for _ in range(3)] == [True, True, False]
+    bucket.credit(100)
+    assert bucket.tokens == 3
+
+
 # ---- grpc-timeout ----
 
 

@@ -36,3 +36,12 @@ def test_no_other_module_touches_purerpc_private_names() -> None:
             if pattern.search(line):
                 offenders.append(f"{path.relative_to(ROOT)}:{number}: {line.strip()}")
     assert offenders == []
+
+
+def test_the_h2_method_the_listener_overrides_is_still_there() -> None:
+    """http2_server._H2Connection overrides h2's _receive_window_update_frame."""
+    import h2.connection
+
+    assert callable(getattr(h2.connection.H2Connection, "_receive_window_update_frame", None)), (
+        "h2.connection.H2Connection._receive_window_update_frame moved: adapt _H2Connection"
+    )

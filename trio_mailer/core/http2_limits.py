@@ -52,6 +52,10 @@ CONNECTION_WINDOW_BYTES = 64 * 1024
 # Control frames a connection may send in a burst, and per second after it.
 CONTROL_FRAME_BURST = 200
 CONTROL_FRAMES_PER_S = 100.0
+# Control-frame tokens a call gives back when its handler answered it: a busy grpcio client sends
+# a WINDOW_UPDATE on stream 0 and a BDP PING for every few calls, and that is not a flood. A
+# flood (rapid reset included) makes no answered calls, so it earns nothing.
+CONTROL_FRAMES_PER_ANSWERED_CALL = 4
 # Bytes handed to h2 at a time. h2 3.x re-copies its input buffer per frame, and counts its open
 # streams by walking all of them on every new HEADERS: in one large feed of many tiny HEADERS
 # frames (HPACK makes a repeated request head a few bytes) that is quadratic. After each feed
@@ -172,6 +176,10 @@ class TokenBucket:
 
     def __attrs_post_init__(self) -> None:
         self.tokens = self.burst
+
+    def credit(self, tokens: float) -> None:
+        """Give back ``tokens`` (never above ``burst``)."""
+        self.tokens = min(self.burst, self.tokens + tokens)
 
     def take(self, now_s: float) -> bool:
         if self.last_s is not None:

@@ -81,6 +81,22 @@ _CALLERS = {
 _H2_HARD_STREAM_LIMIT = 2**20
 
 
+class _H2Connection(h2.connection.H2Connection):  # type: ignore[misc]
+    """h2 3.x, tolerating WINDOW_UPDATE on a stream it has closed and forgotten.
+
+    RFC 9113 sec. 5.1: WINDOW_UPDATE "can be received in this state for a short period after a
+    frame containing END_STREAM is sent". h2 3.x answers it with GOAWAY STREAM_CLOSED once the
+    stream has left its table, which a busy grpcio client (64 calls in flight) triggers within
+    seconds. This overrides one private method (checked by tests/test_purerpc_internals.py).
+    """
+
+    def _receive_window_update_frame(self, frame: Any) -> Any:
+        try:
+            return super()._receive_window_update_frame(frame)
+        except h2.exceptions.StreamClosedError:
+            return [], []
+
+
 @attrs.frozen
 class Limits:
     """What one connection may cost; the defaults are the documented production limits."""
@@ -218,6 +234,8 @@ class Call:
         await self._conn.send_data(self, b"\0" + len(payload).to_bytes(4, "big") + payload)
 
     async def close(self, status: purerpc.Status) -> None:
+        # purerpc's wrappers call this when the handler has answered.
+        self._conn.answered(self)
         self._conn.finish_call(self, int(status.int_value), status.status_message or "")
         await trio.lowlevel.checkpoint()
 
@@ -258,7 +276,7 @@ class Http2Connection:
             validate_inbound_headers=False,  # checked by check_request_head, per stream
             normalize_inbound_headers=False,
         )
-        self._h2 = h2.connection.H2Connection(config)
+        self._h2 = _H2Connection(config)
         self._h2.local_settings = h2.settings.Settings(
             client=False,
             initial_values={
@@ -475,6 +493,11 @@ class Http2Connection:
         self._nursery.start_soon(self._serve_call, call)
         self._update_deadline()
 
+    def answered(self, call: Call) -> None:
+        """A handler answered ``call``: real work, which earns control-frame tokens."""
+        if not call.closed:
+            self._gate.control.credit(lim.CONTROL_FRAMES_PER_ANSWERED_CALL)
+
     def charge_refusal(self, what: str) -> None:
         """A stream we refuse costs the client a token: a client that keeps sending requests we
         refuse (past the stream limit, malformed, oversized) is a flood."""
@@ -529,6 +552,7 @@ class Http2Connection:
         except _CallFailed as failed:
             self.finish_call(call, failed.code, failed.message)
         except RpcFailedError as error:
+            self.answered(call)
             self.finish_call(call, error.status.int_value, error.status.status_message or "")
         except PurerpcProtocolError as exc:  # the wrappers: zero or several requests for unary
             self.finish_call(call, GrpcCode.INTERNAL, str(exc))
