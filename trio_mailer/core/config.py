@@ -17,6 +17,7 @@ import attrs
 from trio_mailer.core.caller_auth import TokenSet, is_loopback
 from trio_mailer.core.errors import InvalidRequest
 from trio_mailer.core.mail_lifecycle import default_outbox_path
+from trio_mailer.core.rendering import DEFAULT_LOCALE, validate_locale
 from trio_mailer.core.validation import reject_unsafe_header_text, validate_address
 
 T = TypeVar("T")
@@ -76,6 +77,7 @@ class Config:
     serve_port: int = 20100
     queue_size: int = 10
     templates_dir: Path = attrs.field(factory=shipped_templates_dir)
+    default_locale: str = DEFAULT_LOCALE  # the locale of <name>.msg and the last fallback
     shutdown_grace_s: float = 10.0
     retry_base_s: float = 1.0
     retry_max_s: float = 60.0
@@ -108,6 +110,7 @@ class Config:
             f"service_name={self.service_name!r} listen={self.serve_host}:{self.serve_port} "
             f"queue_size={self.queue_size} smtp_timeout_s={self.smtp_timeout_s:g} "
             f"shutdown_grace_s={self.shutdown_grace_s:g} templates={self.templates_dir} "
+            f"default_locale={self.default_locale} "
             f"retry_base_s={self.retry_base_s:g} retry_max_s={self.retry_max_s:g} "
             f"max_attempts={self.max_attempts} message_ttl_s={self.message_ttl_s:g} "
             f"retry_capacity={self.retry_capacity} smtp_sessions={self.smtp_sessions} "
@@ -284,6 +287,12 @@ def load_config(env: Mapping[str, str]) -> Config:
     if not templates_dir.is_dir():
         r.problems.append(f"MAILER_TEMPLATES_DIR: expected a directory, got {str(templates_dir)!r}")
 
+    default_locale = r.raw("MAILER_DEFAULT_LOCALE") or DEFAULT_LOCALE
+    try:
+        validate_locale("MAILER_DEFAULT_LOCALE", default_locale)
+    except InvalidRequest as exc:
+        r.problems.append(exc.message)
+
     smtp_timeout_s = r.parse("MAILER_SMTP_TIMEOUT_S", 30.0, _seconds(0, 3600, low_inclusive=False))
     serve_host = r.raw("MAILER_SERVE_HOST") or "127.0.0.1"
     serve_port = r.parse("MAILER_SERVE_PORT", 20100, _int_in(0, 65535))
@@ -385,6 +394,7 @@ def load_config(env: Mapping[str, str]) -> Config:
         serve_port=serve_port,
         queue_size=queue_size,
         templates_dir=templates_dir,
+        default_locale=default_locale,
         shutdown_grace_s=grace_s,
         retry_base_s=retry_base_s,
         retry_max_s=retry_max_s,
