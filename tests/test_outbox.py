@@ -812,7 +812,7 @@ def test_a_change_for_another_mail_is_a_value_error() -> None:
 @pytest.mark.parametrize(
     ("fields", "message"),
     [
-        ({"kind": "newsletter"}, "kind: expected one of"),
+        ({"kind": "News Letter"}, "kind: expected a template name"),
         ({"attempts": -1}, "attempts: expected 0 or more, got -1"),
         ({"state": MailState.DELIVERED}, "finished_at_unix: expected a time"),
         ({"finished_at_unix": T0}, "finished_at_unix: expected None for state queued"),

@@ -168,6 +168,10 @@ async def _read_request(stream: trio.SocketStream, conn: h11.Connection) -> Requ
         return None
     if not isinstance(event, h11.Request):
         raise h11.RemoteProtocolError("expected a request", error_status_hint=400)
+    # h11 bounds what it buffers for an incomplete head; this bounds the complete one too.
+    head_bytes = len(event.target) + sum(len(k) + len(v) + 4 for k, v in event.headers)
+    if head_bytes > MAX_HEAD_BYTES:
+        raise h11.RemoteProtocolError("request head too large", error_status_hint=431)
     body = bytearray()
     while True:
         part = await _next_event(stream, conn)
