@@ -126,7 +126,10 @@ def test_locale_falls_back_to_prefix_then_default(
     tmp_path: Path, requested: str, used: str
 ) -> None:
     """pt-BR -> pt -> the default; an unknown locale is not an error."""
-    variant = "{# requires: code #}{% block subject %}S-LOCALE{% endblock %}{% block text %}t{% endblock %}"
+    variant = (
+        "{# requires: code #}{% block subject %}S-LOCALE{% endblock %}"
+        "{% block text %}t{% endblock %}"
+    )
     templates = load(
         tmp_path,
         password_ru=variant.replace("LOCALE", "ru"),
@@ -207,7 +210,9 @@ def test_missing_and_broken_templates_are_all_reported(tmp_path: Path) -> None:
     """Start-up lists every missing or broken template at once, with file and line."""
     write_templates(
         tmp_path,
-        password="{# requires: code #}\n{% block subject %}x{% endblock %}\n{% block text %}{{ code ",
+        password=(
+            "{# requires: code #}\n{% block subject %}x{% endblock %}\n{% block text %}{{ code "
+        ),
     )
     with pytest.raises(TemplateError) as info:
         MailTemplates.load(tmp_path)
@@ -230,7 +235,8 @@ def test_missing_and_broken_templates_are_all_reported(tmp_path: Path) -> None:
             "1: no '{# requires: ... #}' line declaring its variables",
         ),
         (
-            "{# requires: code, to #}{% block subject %}x{% endblock %}{% block text %}x{% endblock %}",
+            "{# requires: code, to #}{% block subject %}x{% endblock %}"
+            "{% block text %}x{% endblock %}",
             "requires: to provided by the service, not the caller",
         ),
         (

@@ -16,7 +16,6 @@ import trio
 from trio_mailer.core.config import shipped_templates_dir
 from trio_mailer.v1.mailer_pb2 import MsgReply, MsgRequest, SendRequest
 
-
 TIMEOUT_S = 30
 
 
