@@ -11,6 +11,7 @@ back and must show exactly the expected header names, one recipient, and the sam
 from __future__ import annotations
 
 import email
+import email.message
 import email.parser
 import email.policy
 import email.utils
@@ -225,7 +226,11 @@ def check_serialized(
         if content_type != "multipart/alternative":
             raise MessageBuildError(f"serialized type is {content_type}")
         payload = structure.get_payload()
-        parts = payload if isinstance(payload, list) else []
+        parts = (
+            [p for p in payload if isinstance(p, email.message.Message)]
+            if isinstance(payload, list)
+            else []
+        )
         types = [part.get_content_type() for part in parts]
         if types != ["text/plain", "text/html"]:
             raise MessageBuildError(f"serialized parts are {types}")
