@@ -4,9 +4,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import attrs
 import pytest
 
 from trio_mailer.core.config import (
+    SETTINGS,
     Config,
     ConfigError,
     TlsMode,
@@ -243,3 +245,39 @@ def test_outbox_memory_and_default_location() -> None:
     with pytest.raises(ConfigError) as info:
         load_config({**MINIMAL, "HOME": "relative"})
     assert info.value.problems[0].startswith("MAILER_OUTBOX: no default location")
+
+
+def _readme_settings() -> dict[str, str]:
+    """The README's configuration table: each variable and its documented default."""
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text(encoding="utf-8")
+    table: dict[str, str] = {}
+    for line in readme.splitlines():
+        cells = [cell.strip() for cell in line.strip().strip("|").split("|")]
+        if len(cells) >= 3 and cells[0].startswith("`MAILER_"):
+            for name in cells[0].split(","):
+                table[name.strip().strip("`")] = cells[1]
+    return table
+
+
+def test_readme_documents_every_setting_with_its_default() -> None:
+    """The README's table lists exactly the SETTINGS, each with the table's own default."""
+    documented = _readme_settings()
+    assert sorted(documented) == sorted(setting.env for setting in SETTINGS)
+    for setting in SETTINGS:
+        shown = setting.default_text
+        if shown in ("required", "unset"):
+            assert documented[setting.env] != "required" or shown == "required", setting.env
+            continue
+        assert f"`{shown}`" in documented[setting.env], (setting.env, shown)
+
+
+def test_config_defaults_come_from_the_table() -> None:
+    """Every Config field with a plain default takes it from its SETTINGS row."""
+    fields = attrs.fields_dict(Config)
+    computed = {"templates_dir", "outbox_path"}  # depend on the installation and the environment
+    checked = 0
+    for setting in SETTINGS:
+        if setting.field in fields and setting.field not in computed and setting.required is None:
+            assert fields[setting.field].default == setting.default, setting.env
+            checked += 1
+    assert checked == len(SETTINGS) - 4  # REMOTE_HOST, FROM: required; two computed

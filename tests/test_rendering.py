@@ -313,3 +313,17 @@ def test_render_error_for_values_that_break_the_subject(tmp_path: Path) -> None:
     )
     with pytest.raises(RenderError, match="the subject is 205 characters, over 200"):
         templates.render("password", {"code": "x" * 200}, builtins=BUILTINS)
+
+
+def test_default_locale_setting_is_checked() -> None:
+    """MAILER_DEFAULT_LOCALE: en unless set; a malformed tag is a start-up problem."""
+    from trio_mailer.core.config import ConfigError, load_config
+
+    env = {"MAILER_REMOTE_HOST": "relay.example.com", "MAILER_FROM": "noreply@example.com"}
+    assert load_config(env).default_locale == "en"
+    assert load_config({**env, "MAILER_DEFAULT_LOCALE": "pt-BR"}).default_locale == "pt-BR"
+    with pytest.raises(ConfigError) as info:
+        load_config({**env, "MAILER_DEFAULT_LOCALE": "en\nBcc"})
+    assert any(
+        p.startswith("MAILER_DEFAULT_LOCALE: expected a language tag") for p in info.value.problems
+    )

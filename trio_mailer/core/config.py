@@ -1,6 +1,10 @@
 """Configuration: the ``MAILER_*`` environment variables, parsed into one frozen object.
 
-Pure. ``load_config`` reads every variable, collects every problem, and raises one
+Pure. ``SETTINGS`` is the one table of every variable: its name, the ``Config`` field it fills,
+its default, the converter that checks it (and says what was expected), and what it means. A
+default lives only there: ``Config``'s attribute defaults, ``trio-mailer serve --help`` and the
+README's table (checked by a test) all read it. ``load_config`` walks the table in order, runs
+each row's cross-field check right after the row, collects every problem, and raises one
 ``ConfigError`` that lists them all, so an operator fixes a bad deployment in one go.
 """
 
@@ -10,7 +14,7 @@ import enum
 import math
 from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import attrs
 
@@ -62,95 +66,7 @@ def shipped_templates_dir() -> Path:
     return package_dir.parent / "templates"
 
 
-@attrs.frozen
-class Config:
-    relay_host: str
-    relay_port: int
-    smtp_tls: TlsMode
-    mail_from: str
-    service_name: str = "trio-mailer"
-    smtp_user: str | None = None
-    smtp_password: str | None = attrs.field(default=None, repr=False)  # never logged
-    smtp_ca_file: Path | None = None
-    smtp_timeout_s: float = 30.0
-    serve_host: str = "127.0.0.1"
-    serve_port: int = 20100
-    queue_size: int = 10
-    templates_dir: Path = attrs.field(factory=shipped_templates_dir)
-    default_locale: str = DEFAULT_LOCALE  # the locale of <name>.msg and the last fallback
-    shutdown_grace_s: float = 10.0
-    retry_base_s: float = 1.0
-    retry_max_s: float = 60.0
-    max_attempts: int = 8
-    message_ttl_s: float = 600.0
-    retry_capacity: int = 100
-    smtp_sessions: int = 1
-    noop_idle_s: float = 1.0
-    session_max_messages: int = 100
-    session_max_age_s: float = 300.0
-    tls_cert: Path | None = None
-    tls_key: Path | None = None
-    tls_client_ca: Path | None = None
-    auth_tokens: TokenSet | None = None
-    auth_all_services: bool = False
-    allow_unauthenticated: bool = False
-    metrics_port: int | None = None
-    metrics_host: str = "127.0.0.1"
-    log_format: str = "text"
-    health_down_after_s: float = 30.0
-    outbox_path: Path | None = None  # None: the in-memory outbox (MAILER_OUTBOX=memory)
-    status_retention_s: float = 86400.0
-
-    def describe(self) -> str:
-        """The effective configuration for the start-up log line, without secrets."""
-        auth = f"user={self.smtp_user!r} password=***" if self.smtp_user else "no AUTH"
-        return (
-            f"relay={self.relay_host}:{self.relay_port} tls={self.smtp_tls.value} {auth} "
-            f"ca_file={self.smtp_ca_file or 'system store'} from={self.mail_from} "
-            f"service_name={self.service_name!r} listen={self.serve_host}:{self.serve_port} "
-            f"queue_size={self.queue_size} smtp_timeout_s={self.smtp_timeout_s:g} "
-            f"shutdown_grace_s={self.shutdown_grace_s:g} templates={self.templates_dir} "
-            f"default_locale={self.default_locale} "
-            f"retry_base_s={self.retry_base_s:g} retry_max_s={self.retry_max_s:g} "
-            f"max_attempts={self.max_attempts} message_ttl_s={self.message_ttl_s:g} "
-            f"retry_capacity={self.retry_capacity} smtp_sessions={self.smtp_sessions} "
-            f"noop_idle_s={self.noop_idle_s:g} session_max_messages={self.session_max_messages} "
-            f"session_max_age_s={self.session_max_age_s:g} "
-            f"grpc_tls={'mTLS' if self.tls_client_ca else 'on' if self.tls_cert else 'off'} "
-            f"tokens={len(self.auth_tokens.digests) if self.auth_tokens else 0} "
-            f"metrics_port={self.metrics_port or 'off'} log_format={self.log_format} "
-            f"outbox={self.outbox_path or 'memory'} status_retention_s={self.status_retention_s:g}"
-        )
-
-
-class _Reader:
-    """Reads variables from ``env`` and collects problems instead of stopping at the first."""
-
-    def __init__(self, env: Mapping[str, str]) -> None:
-        self.env = env
-        self.problems: list[str] = []
-
-    def raw(self, name: str) -> str | None:
-        value = self.env.get(name)
-        if value is None or value.strip() == "":
-            return None
-        return value.strip()
-
-    def required(self, name: str, what: str) -> str | None:
-        value = self.raw(name)
-        if value is None:
-            self.problems.append(f"{name}: required ({what}), but not set")
-        return value
-
-    def parse(self, name: str, default: T, convert: Callable[[str], T]) -> T:
-        value = self.raw(name)
-        if value is None:
-            return default
-        try:
-            return convert(value)
-        except ValueError as exc:
-            self.problems.append(f"{name}: {exc}, got {value!r}")
-            return default
+# --- converters: each raises ValueError saying what was expected -------------------------------
 
 
 def _int_in(low: int, high: int) -> Callable[[str], int]:
@@ -235,186 +151,392 @@ def parse_host_port(text: str, default_port: int | None) -> tuple[str, int]:
     return host, _int_in(1, 65535)(port_text)
 
 
-def load_config(env: Mapping[str, str]) -> Config:
-    """Build the ``Config`` from environment variables.
+def _path(text: str) -> Path:
+    return Path(text)
 
-    Raises:
-        ConfigError: listing every missing or invalid variable.
-    """
-    r = _Reader(env)
-    tls = r.parse("MAILER_SMTP_TLS", TlsMode.IMPLICIT, _tls_mode)
 
-    relay_host, relay_port = "", tls.default_port
-    remote = r.required("MAILER_REMOTE_HOST", "the SMTP relay as host:port")
-    if remote is not None:
-        try:
-            relay_host, relay_port = parse_host_port(remote, tls.default_port)
-        except ValueError as exc:
-            r.problems.append(f"MAILER_REMOTE_HOST: {exc}, got {remote!r}")
+def _readable_file(text: str) -> Path:
+    path = Path(text)
+    if not path.is_file():
+        raise ValueError("expected a readable file")
+    return path
 
-    mail_from = r.required("MAILER_FROM", "the sender address, e.g. noreply@example.com") or ""
-    if mail_from:
-        try:
-            validate_address("MAILER_FROM", mail_from)
-        except InvalidRequest as exc:
-            r.problems.append(exc.message)
 
-    service_name = r.raw("MAILER_SERVICENAME") or "trio-mailer"
+def _directory(text: str) -> Path:
+    path = Path(text)
+    if not path.is_dir():
+        raise ValueError("expected a directory")
+    return path
+
+
+def _text(text: str) -> str:
+    return text
+
+
+def _locale(text: str) -> str:
     try:
-        reject_unsafe_header_text("MAILER_SERVICENAME", service_name)
-        if len(service_name) > MAX_SERVICE_NAME_CHARS:
-            r.problems.append(
-                f"MAILER_SERVICENAME: expected at most {MAX_SERVICE_NAME_CHARS} characters, "
-                f"got {len(service_name)}"
-            )
+        return validate_locale("MAILER_DEFAULT_LOCALE", text)
     except InvalidRequest as exc:
-        r.problems.append(exc.message)
+        raise _Refused(exc.message) from None
 
-    # Not stripped: a password may legitimately begin or end with a space.
-    user = env.get("MAILER_USER") or None
-    password = env.get("MAILER_PASSWORD") or None
+
+def _service_name(text: str) -> str:
+    try:
+        reject_unsafe_header_text("MAILER_SERVICENAME", text)
+    except InvalidRequest as exc:
+        raise _Refused(exc.message) from None
+    if len(text) > MAX_SERVICE_NAME_CHARS:
+        raise _Refused(
+            f"MAILER_SERVICENAME: expected at most {MAX_SERVICE_NAME_CHARS} characters, "
+            f"got {len(text)}"
+        )
+    return text
+
+
+def _mail_from(text: str) -> str:
+    try:
+        validate_address("MAILER_FROM", text)
+    except InvalidRequest as exc:
+        raise _Refused(exc.message) from None
+    return text
+
+
+def _token_file(text: str) -> TokenSet:
+    path = Path(text)
+    try:
+        return TokenSet.parse(path.read_text(encoding="utf-8"))
+    except OSError as exc:
+        raise _Refused(
+            f"MAILER_AUTH_TOKENS_FILE: cannot read {str(path)!r}: {exc.strerror}"
+        ) from None
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise _Refused(f"MAILER_AUTH_TOKENS_FILE: {exc}") from None
+
+
+def _outbox(text: str) -> Path | None:
+    if text.lower() == "memory":
+        return None
+    path = Path(text)
+    if path.exists() and not path.is_file():
+        raise ValueError("expected a file")
+    return path
+
+
+class _Refused(ValueError):
+    """A converter's complete problem line (it names the variable itself, without "got")."""
+
+
+_UNSET: Any = object()  # a default computed by the row's check (it depends on other values)
+
+
+@attrs.frozen
+class Setting:
+    """One row of the table: a ``MAILER_*`` variable."""
+
+    env: str
+    field: str  # the Config attribute it fills ("" when a check derives the attributes)
+    default: Any  # used when the variable is unset or blank
+    convert: Callable[[str], Any]
+    meaning: str
+    required: str | None = None  # what to ask for when it is missing; None: optional
+    strip: bool = True  # passwords are taken verbatim: a space may belong to them
+    check: Callable[[dict[str, Any], Mapping[str, str]], str | None] | None = None
+
+    @property
+    def default_text(self) -> str:
+        """The default as the README and ``--help`` show it."""
+        if self.required is not None:
+            return "required"
+        if self.default is None or self.default is _UNSET:
+            return "unset"
+        if isinstance(self.default, bool):
+            return "1" if self.default else "0"
+        if isinstance(self.default, enum.Enum):
+            return str(self.default.value)
+        if isinstance(self.default, float):
+            return f"{self.default:g}"
+        return str(self.default)
+
+
+# --- cross-field checks: each runs right after its row, sees the values read so far -------------
+
+
+def _check_remote(values: dict[str, Any], _env: Mapping[str, str]) -> str | None:
+    tls: TlsMode = values["smtp_tls"]
+    remote = values.pop("remote_host")
+    values["relay_host"], values["relay_port"] = "", tls.default_port
+    if remote is None:
+        return None
+    try:
+        values["relay_host"], values["relay_port"] = parse_host_port(remote, tls.default_port)
+    except ValueError as exc:
+        return f"MAILER_REMOTE_HOST: {exc}, got {remote!r}"
+    return None
+
+
+def _check_credentials(values: dict[str, Any], _env: Mapping[str, str]) -> str | None:
+    user, password = values["smtp_user"], values["smtp_password"]
     if (user is None) != (password is None):
-        r.problems.append(
+        return (
             "MAILER_USER and MAILER_PASSWORD: set both (AUTH) or neither (no AUTH), "
             f"got only {'MAILER_USER' if user else 'MAILER_PASSWORD'}"
         )
+    return None
 
-    ca_file = r.parse("MAILER_SMTP_CA_FILE", None, Path)
-    if ca_file is not None and not ca_file.is_file():
-        r.problems.append(f"MAILER_SMTP_CA_FILE: expected a readable file, got {str(ca_file)!r}")
 
-    templates_dir = r.parse("MAILER_TEMPLATES_DIR", shipped_templates_dir(), Path)
-    if not templates_dir.is_dir():
-        r.problems.append(f"MAILER_TEMPLATES_DIR: expected a directory, got {str(templates_dir)!r}")
-
-    default_locale = r.raw("MAILER_DEFAULT_LOCALE") or DEFAULT_LOCALE
-    try:
-        validate_locale("MAILER_DEFAULT_LOCALE", default_locale)
-    except InvalidRequest as exc:
-        r.problems.append(exc.message)
-
-    smtp_timeout_s = r.parse("MAILER_SMTP_TIMEOUT_S", 30.0, _seconds(0, 3600, low_inclusive=False))
-    serve_host = r.raw("MAILER_SERVE_HOST") or "127.0.0.1"
-    serve_port = r.parse("MAILER_SERVE_PORT", 20100, _int_in(0, 65535))
-    queue_size = r.parse("MAILER_QUEUE_SIZE", 10, _int_in(1, MAX_QUEUE_SIZE))
-    grace_s = r.parse("MAILER_SHUTDOWN_GRACE_S", 10.0, _seconds(0, 3600, low_inclusive=True))
-    retry_base_s = r.parse("MAILER_RETRY_BASE_S", 1.0, _seconds(0, 3600, low_inclusive=False))
-    retry_max_s = r.parse("MAILER_RETRY_MAX_S", 60.0, _seconds(0, 86400, low_inclusive=False))
-    if retry_max_s < retry_base_s:
-        r.problems.append(
-            f"MAILER_RETRY_MAX_S: expected at least MAILER_RETRY_BASE_S ({retry_base_s:g}), "
-            f"got {retry_max_s:g}"
+def _check_retry_max(values: dict[str, Any], _env: Mapping[str, str]) -> str | None:
+    if values["retry_max_s"] < values["retry_base_s"]:
+        return (
+            f"MAILER_RETRY_MAX_S: expected at least MAILER_RETRY_BASE_S "
+            f"({values['retry_base_s']:g}), got {values['retry_max_s']:g}"
         )
-    max_attempts = r.parse("MAILER_MAX_ATTEMPTS", 8, _int_in(1, 100))
-    ttl_s = r.parse("MAILER_MESSAGE_TTL_S", 600.0, _seconds(0, 7 * 86400, low_inclusive=False))
-    retry_capacity = r.parse("MAILER_RETRY_CAPACITY", 100, _int_in(1, MAX_QUEUE_SIZE))
-    smtp_sessions = r.parse("MAILER_SMTP_SESSIONS", 1, _int_in(1, MAX_SMTP_SESSIONS))
-    if smtp_sessions > retry_capacity:
-        r.problems.append(
-            f"MAILER_SMTP_SESSIONS: expected at most MAILER_RETRY_CAPACITY ({retry_capacity}), "
-            f"since every session holds one mail in flight, got {smtp_sessions}"
+    return None
+
+
+def _check_sessions(values: dict[str, Any], _env: Mapping[str, str]) -> str | None:
+    if values["smtp_sessions"] > values["retry_capacity"]:
+        return (
+            "MAILER_SMTP_SESSIONS: expected at most MAILER_RETRY_CAPACITY "
+            f"({values['retry_capacity']}), since every session holds one mail in flight, "
+            f"got {values['smtp_sessions']}"
         )
-    noop_idle_s = r.parse("MAILER_NOOP_IDLE_S", 1.0, _seconds(0, 3600, low_inclusive=True))
-    max_messages = r.parse("MAILER_SESSION_MAX_MESSAGES", 100, _int_in(1, 1_000_000))
-    max_age_s = r.parse("MAILER_SESSION_MAX_AGE_S", 300.0, _seconds(0, 86400, low_inclusive=False))
-    tls_cert = r.parse("MAILER_TLS_CERT", None, Path)
-    tls_key = r.parse("MAILER_TLS_KEY", None, Path)
-    tls_client_ca = r.parse("MAILER_TLS_CLIENT_CA", None, Path)
-    for name, path in (
-        ("MAILER_TLS_CERT", tls_cert),
-        ("MAILER_TLS_KEY", tls_key),
-        ("MAILER_TLS_CLIENT_CA", tls_client_ca),
-    ):
-        if path is not None and not path.is_file():
-            r.problems.append(f"{name}: expected a readable file, got {str(path)!r}")
-    if (tls_cert is None) != (tls_key is None):
-        r.problems.append(
+    return None
+
+
+def _check_grpc_tls(values: dict[str, Any], _env: Mapping[str, str]) -> str | None:
+    cert, key = values["tls_cert"], values["tls_key"]
+    if (cert is None) != (key is None):
+        return (
             "MAILER_TLS_CERT and MAILER_TLS_KEY: set both (TLS on the gRPC port) or neither, "
-            f"got only {'MAILER_TLS_CERT' if tls_cert else 'MAILER_TLS_KEY'}"
+            f"got only {'MAILER_TLS_CERT' if cert else 'MAILER_TLS_KEY'}"
         )
-    if tls_client_ca is not None and tls_cert is None:
-        r.problems.append("MAILER_TLS_CLIENT_CA: needs MAILER_TLS_CERT and MAILER_TLS_KEY")
-    tokens = None
-    tokens_file = r.parse("MAILER_AUTH_TOKENS_FILE", None, Path)
-    if tokens_file is not None:
-        try:
-            tokens = TokenSet.parse(tokens_file.read_text(encoding="utf-8"))
-        except OSError as exc:
-            r.problems.append(
-                f"MAILER_AUTH_TOKENS_FILE: cannot read {str(tokens_file)!r}: {exc.strerror}"
-            )
-        except (ValueError, UnicodeDecodeError) as exc:
-            r.problems.append(f"MAILER_AUTH_TOKENS_FILE: {exc}")
-    auth_all = r.parse("MAILER_AUTH_ALL_SERVICES", False, _flag)
-    allow_unauthenticated = r.parse("MAILER_ALLOW_UNAUTHENTICATED", False, _flag)
+    return None
+
+
+def _check_client_ca(values: dict[str, Any], _env: Mapping[str, str]) -> str | None:
+    if values["tls_client_ca"] is not None and values["tls_cert"] is None:
+        return "MAILER_TLS_CLIENT_CA: needs MAILER_TLS_CERT and MAILER_TLS_KEY"
+    return None
+
+
+def _check_exposure(values: dict[str, Any], env: Mapping[str, str]) -> str | None:
+    host = values["serve_host"]
+    tokens_set = (env.get("MAILER_AUTH_TOKENS_FILE") or "").strip() != ""
     if (
-        not is_loopback(serve_host)
-        and tls_client_ca is None
-        and tokens_file is None
-        and not allow_unauthenticated
+        not is_loopback(host)
+        and values["tls_client_ca"] is None
+        and not tokens_set
+        and not values["allow_unauthenticated"]
     ):
-        r.problems.append(
-            f"MAILER_SERVE_HOST: {serve_host} is reachable from other machines, but no caller "
+        return (
+            f"MAILER_SERVE_HOST: {host} is reachable from other machines, but no caller "
             "authentication is set up: set MAILER_AUTH_TOKENS_FILE or MAILER_TLS_CLIENT_CA, or "
             "MAILER_ALLOW_UNAUTHENTICATED=1 if you mean it"
         )
-    metrics_port = r.parse("MAILER_METRICS_PORT", None, _int_in(0, 65535))
-    metrics_host = r.raw("MAILER_METRICS_HOST") or "127.0.0.1"
-    log_format = r.parse("MAILER_LOG_FORMAT", "text", _one_of("text", "json"))
-    health_down_after_s = r.parse(
-        "MAILER_HEALTH_DOWN_AFTER_S", 30.0, _seconds(0, 86400, low_inclusive=True)
-    )
-    outbox_path: Path | None = None
-    outbox_text = r.raw("MAILER_OUTBOX")
-    if outbox_text is None:
-        try:
-            outbox_path = default_outbox_path(env)
-        except ValueError as exc:
-            r.problems.append(f"MAILER_OUTBOX: no default location: {exc}")
-    elif outbox_text.lower() != "memory":
-        outbox_path = Path(outbox_text)
-        if outbox_path.exists() and not outbox_path.is_file():
-            r.problems.append(f"MAILER_OUTBOX: expected a file, got {outbox_text!r}")
-    retention_s = r.parse(
-        "MAILER_STATUS_RETENTION_S", 86400.0, _seconds(0, 365 * 86400, low_inclusive=False)
-    )
-    if r.problems:
-        raise ConfigError(r.problems)
-    return Config(
-        relay_host=relay_host,
-        relay_port=relay_port,
-        smtp_tls=tls,
-        mail_from=mail_from,
-        service_name=service_name,
-        smtp_user=user,
-        smtp_password=password,
-        smtp_ca_file=ca_file,
-        smtp_timeout_s=smtp_timeout_s,
-        serve_host=serve_host,
-        serve_port=serve_port,
-        queue_size=queue_size,
-        templates_dir=templates_dir,
-        default_locale=default_locale,
-        shutdown_grace_s=grace_s,
-        retry_base_s=retry_base_s,
-        retry_max_s=retry_max_s,
-        max_attempts=max_attempts,
-        message_ttl_s=ttl_s,
-        retry_capacity=retry_capacity,
-        smtp_sessions=smtp_sessions,
-        noop_idle_s=noop_idle_s,
-        session_max_messages=max_messages,
-        session_max_age_s=max_age_s,
-        tls_cert=tls_cert,
-        tls_key=tls_key,
-        tls_client_ca=tls_client_ca,
-        auth_tokens=tokens,
-        auth_all_services=auth_all,
-        allow_unauthenticated=allow_unauthenticated,
-        metrics_port=metrics_port,
-        metrics_host=metrics_host,
-        log_format=log_format,
-        health_down_after_s=health_down_after_s,
-        outbox_path=outbox_path,
-        status_retention_s=retention_s,
-    )
+    return None
+
+
+def _check_outbox(values: dict[str, Any], env: Mapping[str, str]) -> str | None:
+    if values["outbox_path"] is not _UNSET:
+        return None
+    values["outbox_path"] = None
+    try:
+        values["outbox_path"] = default_outbox_path(env)
+    except ValueError as exc:
+        return f"MAILER_OUTBOX: no default location: {exc}"
+    return None
+
+
+def _seconds_between(low: float, high: float) -> Callable[[str], float]:
+    return _seconds(low, high, low_inclusive=False)
+
+
+def _seconds_from(low: float, high: float) -> Callable[[str], float]:
+    return _seconds(low, high, low_inclusive=True)
+
+
+DAY_S = 86400.0
+
+SETTINGS: tuple[Setting, ...] = (
+    Setting("MAILER_SMTP_TLS", "smtp_tls", TlsMode.IMPLICIT, _tls_mode,
+            "implicit (TLS from the first byte), starttls (required), or none (plaintext)"),
+    Setting("MAILER_REMOTE_HOST", "remote_host", None, _text,
+            "the SMTP relay, host:port ([v6addr]:port); without a port: 465, 587 or 25 by TLS mode",
+            required="the SMTP relay as host:port", check=_check_remote),
+    Setting("MAILER_FROM", "mail_from", "", _mail_from,
+            "the sender address (envelope and From:)",
+            required="the sender address, e.g. noreply@example.com"),
+    Setting("MAILER_SERVICENAME", "service_name", "trio-mailer", _service_name,
+            "display name in From:, and service_name in templates"),
+    Setting("MAILER_USER", "smtp_user", None, _text, "SMTP AUTH user (with MAILER_PASSWORD)",
+            strip=False),
+    Setting("MAILER_PASSWORD", "smtp_password", None, _text,
+            "SMTP AUTH password (with MAILER_USER); never logged", strip=False,
+            check=_check_credentials),
+    Setting("MAILER_SMTP_CA_FILE", "smtp_ca_file", None, _readable_file,
+            "an extra CA bundle (PEM) to trust for the relay's certificate"),
+    Setting("MAILER_TEMPLATES_DIR", "templates_dir", _UNSET, _directory,
+            "a directory with the mail templates (default: the shipped ones)"),
+    Setting("MAILER_DEFAULT_LOCALE", "default_locale", DEFAULT_LOCALE, _locale,
+            "the language of mail/<name>.msg, and the last locale fallback"),
+    Setting("MAILER_SMTP_TIMEOUT_S", "smtp_timeout_s", 30.0, _seconds_between(0, 3600),
+            "timeout of each SMTP socket operation"),
+    Setting("MAILER_SERVE_HOST", "serve_host", "127.0.0.1", _text,
+            "the address the gRPC listener binds"),
+    Setting("MAILER_SERVE_PORT", "serve_port", 20100, _int_in(0, 65535),
+            "the gRPC port (0: any free port)"),
+    Setting("MAILER_QUEUE_SIZE", "queue_size", 10, _int_in(1, MAX_QUEUE_SIZE),
+            "accepted mails that may wait for the sender"),
+    Setting("MAILER_SHUTDOWN_GRACE_S", "shutdown_grace_s", 10.0, _seconds_from(0, 3600),
+            "how long shutdown waits for queued mail"),
+    Setting("MAILER_RETRY_BASE_S", "retry_base_s", 1.0, _seconds_between(0, 3600),
+            "first retry and reconnect delay"),
+    Setting("MAILER_RETRY_MAX_S", "retry_max_s", 60.0, _seconds_between(0, DAY_S),
+            "cap on retry and reconnect delays", check=_check_retry_max),
+    Setting("MAILER_MAX_ATTEMPTS", "max_attempts", 8, _int_in(1, 100),
+            "attempts per mail before it is reported failed"),
+    Setting("MAILER_MESSAGE_TTL_S", "message_ttl_s", 600.0, _seconds_between(0, 7 * DAY_S),
+            "a mail not delivered this long after acceptance is reported failed"),
+    Setting("MAILER_RETRY_CAPACITY", "retry_capacity", 100, _int_in(1, MAX_QUEUE_SIZE),
+            "mails that may wait for a retry or be in flight"),
+    Setting("MAILER_SMTP_SESSIONS", "smtp_sessions", 1, _int_in(1, MAX_SMTP_SESSIONS),
+            "SMTP sessions in the pool", check=_check_sessions),
+    Setting("MAILER_NOOP_IDLE_S", "noop_idle_s", 1.0, _seconds_from(0, 3600),
+            "probe a session with NOOP when it sat idle this long (0: before every mail)"),
+    Setting("MAILER_SESSION_MAX_MESSAGES", "session_max_messages", 100, _int_in(1, 1_000_000),
+            "recycle a session after this many mails"),
+    Setting("MAILER_SESSION_MAX_AGE_S", "session_max_age_s", 300.0, _seconds_between(0, DAY_S),
+            "recycle a session after this long"),
+    Setting("MAILER_TLS_CERT", "tls_cert", None, _readable_file,
+            "serve gRPC over TLS with this certificate (with MAILER_TLS_KEY)"),
+    Setting("MAILER_TLS_KEY", "tls_key", None, _readable_file,
+            "the private key for MAILER_TLS_CERT", check=_check_grpc_tls),
+    Setting("MAILER_TLS_CLIENT_CA", "tls_client_ca", None, _readable_file,
+            "require client certificates signed by this CA", check=_check_client_ca),
+    Setting("MAILER_AUTH_TOKENS_FILE", "auth_tokens", None, _token_file,
+            "require authorization: Bearer <token>; one token or sha256:<hex> per line"),
+    Setting("MAILER_AUTH_ALL_SERVICES", "auth_all_services", False, _flag,
+            "1: health checks and reflection need a token too"),
+    Setting("MAILER_ALLOW_UNAUTHENTICATED", "allow_unauthenticated", False, _flag,
+            "1: allow binding beyond loopback without caller authentication",
+            check=_check_exposure),
+    Setting("MAILER_METRICS_PORT", "metrics_port", None, _int_in(0, 65535),
+            "serve Prometheus metrics on this port"),
+    Setting("MAILER_METRICS_HOST", "metrics_host", "127.0.0.1", _text,
+            "the metrics listener's address"),
+    Setting("MAILER_LOG_FORMAT", "log_format", "text", _one_of("text", "json"),
+            "text or json (one object per line)"),
+    Setting("MAILER_HEALTH_DOWN_AFTER_S", "health_down_after_s", 30.0, _seconds_from(0, DAY_S),
+            "how long the relay may be unreachable before health turns NOT_SERVING"),
+    Setting("MAILER_OUTBOX", "outbox_path", _UNSET, _outbox,
+            "the durable outbox file, or memory", check=_check_outbox),
+    Setting("MAILER_STATUS_RETENTION_S", "status_retention_s", DAY_S,
+            _seconds_between(0, 365 * DAY_S), "how long a finished mail's status stays queryable"),
+)  # fmt: skip
+
+_BY_FIELD = {setting.field: setting for setting in SETTINGS}
+
+
+def default(field: str) -> Any:
+    """The default of the ``Config`` field ``field``: the one place defaults are written."""
+    return _BY_FIELD[field].default
+
+
+@attrs.frozen
+class Config:
+    relay_host: str
+    relay_port: int
+    mail_from: str
+    smtp_tls: TlsMode = default("smtp_tls")
+    service_name: str = default("service_name")
+    smtp_user: str | None = default("smtp_user")
+    smtp_password: str | None = attrs.field(default=default("smtp_password"), repr=False)
+    smtp_ca_file: Path | None = default("smtp_ca_file")
+    smtp_timeout_s: float = default("smtp_timeout_s")
+    serve_host: str = default("serve_host")
+    serve_port: int = default("serve_port")
+    queue_size: int = default("queue_size")
+    templates_dir: Path = attrs.field(factory=shipped_templates_dir)
+    default_locale: str = default("default_locale")
+    shutdown_grace_s: float = default("shutdown_grace_s")
+    retry_base_s: float = default("retry_base_s")
+    retry_max_s: float = default("retry_max_s")
+    max_attempts: int = default("max_attempts")
+    message_ttl_s: float = default("message_ttl_s")
+    retry_capacity: int = default("retry_capacity")
+    smtp_sessions: int = default("smtp_sessions")
+    noop_idle_s: float = default("noop_idle_s")
+    session_max_messages: int = default("session_max_messages")
+    session_max_age_s: float = default("session_max_age_s")
+    tls_cert: Path | None = default("tls_cert")
+    tls_key: Path | None = default("tls_key")
+    tls_client_ca: Path | None = default("tls_client_ca")
+    auth_tokens: TokenSet | None = default("auth_tokens")
+    auth_all_services: bool = default("auth_all_services")
+    allow_unauthenticated: bool = default("allow_unauthenticated")
+    metrics_port: int | None = default("metrics_port")
+    metrics_host: str = default("metrics_host")
+    log_format: str = default("log_format")
+    health_down_after_s: float = default("health_down_after_s")
+    outbox_path: Path | None = None  # None: the in-memory outbox (MAILER_OUTBOX=memory)
+    status_retention_s: float = default("status_retention_s")
+
+    def describe(self) -> str:
+        """The effective configuration for the start-up log line, without secrets."""
+        auth = f"user={self.smtp_user!r} password=***" if self.smtp_user else "no AUTH"
+        return (
+            f"relay={self.relay_host}:{self.relay_port} tls={self.smtp_tls.value} {auth} "
+            f"ca_file={self.smtp_ca_file or 'system store'} from={self.mail_from} "
+            f"service_name={self.service_name!r} listen={self.serve_host}:{self.serve_port} "
+            f"queue_size={self.queue_size} smtp_timeout_s={self.smtp_timeout_s:g} "
+            f"shutdown_grace_s={self.shutdown_grace_s:g} templates={self.templates_dir} "
+            f"default_locale={self.default_locale} "
+            f"retry_base_s={self.retry_base_s:g} retry_max_s={self.retry_max_s:g} "
+            f"max_attempts={self.max_attempts} message_ttl_s={self.message_ttl_s:g} "
+            f"retry_capacity={self.retry_capacity} smtp_sessions={self.smtp_sessions} "
+            f"noop_idle_s={self.noop_idle_s:g} session_max_messages={self.session_max_messages} "
+            f"session_max_age_s={self.session_max_age_s:g} "
+            f"grpc_tls={'mTLS' if self.tls_client_ca else 'on' if self.tls_cert else 'off'} "
+            f"tokens={len(self.auth_tokens.digests) if self.auth_tokens else 0} "
+            f"metrics_port={self.metrics_port or 'off'} log_format={self.log_format} "
+            f"outbox={self.outbox_path or 'memory'} status_retention_s={self.status_retention_s:g}"
+        )
+
+
+def _read(setting: Setting, env: Mapping[str, str]) -> str | None:
+    value = env.get(setting.env)
+    if value is None or value.strip() == "":
+        return None
+    return value.strip() if setting.strip else value
+
+
+def load_config(env: Mapping[str, str]) -> Config:
+    """Build the ``Config`` from environment variables, following ``SETTINGS``.
+
+    Raises:
+        ConfigError: listing every missing or invalid variable, in the table's order.
+    """
+    problems: list[str] = []
+    values: dict[str, Any] = {}
+    for setting in SETTINGS:
+        text = _read(setting, env)
+        value = setting.default
+        if text is None and setting.required is not None:
+            problems.append(f"{setting.env}: required ({setting.required}), but not set")
+        elif text is not None:
+            try:
+                value = setting.convert(text)
+            except _Refused as exc:
+                problems.append(str(exc))
+            except ValueError as exc:
+                problems.append(f"{setting.env}: {exc}, got {text!r}")
+        values[setting.field] = value
+        if setting.check is not None:
+            problem = setting.check(values, env)
+            if problem is not None:
+                problems.append(problem)
+    if values["templates_dir"] is _UNSET:
+        values["templates_dir"] = shipped_templates_dir()
+    if problems:
+        raise ConfigError(problems)
+    return Config(**values)

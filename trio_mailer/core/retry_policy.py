@@ -34,6 +34,8 @@ import enum
 
 import attrs
 
+from trio_mailer.core.config import default
+
 # Every "its time to live passed" reason starts so; metrics count those as "expired".
 TTL_REASON_PREFIX = "time to live"
 
@@ -64,10 +66,10 @@ class GiveUp:
 
 @attrs.frozen
 class RetryPolicy:
-    base_s: float = 1.0
-    max_s: float = 60.0
-    max_attempts: int = 8
-    ttl_s: float = 600.0
+    base_s: float = default("retry_base_s")
+    max_s: float = default("retry_max_s")
+    max_attempts: int = default("max_attempts")
+    ttl_s: float = default("message_ttl_s")
 
     def backoff_s(self, attempts: int, rand: float) -> float:
         """Full-jitter delay after ``attempts`` transient failures; ``rand`` in [0, 1]."""
@@ -104,8 +106,8 @@ class RetryPolicy:
 class ReconnectBackoff:
     """Delay before reconnecting after ``n`` consecutive session failures."""
 
-    base_s: float = 1.0
-    cap_s: float = 60.0
+    base_s: float = default("retry_base_s")
+    cap_s: float = default("retry_max_s")
 
     def delay_s(
         self, consecutive_failures: int, rand: float, *, config_error: bool = False

@@ -44,6 +44,7 @@ from typing import Protocol
 import attrs
 import trio
 
+from trio_mailer.core.config import default
 from trio_mailer.core.health_decision import SenderStatistics
 from trio_mailer.core.mail_lifecycle import MailState, OutboxError, StatusChange
 from trio_mailer.core.message import OutgoingMail
@@ -120,9 +121,9 @@ class Sender:
     backoff: ReconnectBackoff = attrs.field(factory=ReconnectBackoff)
     random: Callable[[], float] = random.random
     on_finished: Callable[[FinishedMail], None] = _ignore
-    noop_idle_s: float = 1.0
-    max_messages: int = 100
-    max_age_s: float = 300.0
+    noop_idle_s: float = default("noop_idle_s")
+    max_messages: int = default("session_max_messages")
+    max_age_s: float = default("session_max_age_s")
     metrics: Metrics | None = None
     board: StatusBoard | None = None
     outbox: Outbox | None = None
