@@ -319,7 +319,11 @@ def test_default_locale_setting_is_checked() -> None:
     """MAILER_DEFAULT_LOCALE: en unless set; a malformed tag is a start-up problem."""
     from trio_mailer.core.config import ConfigError, load_config
 
-    env = {"MAILER_REMOTE_HOST": "relay.example.com", "MAILER_FROM": "noreply@example.com"}
+    env = {
+        "MAILER_REMOTE_HOST": "relay.example.com",
+        "MAILER_FROM": "noreply@example.com",
+        "MAILER_OUTBOX": "memory",
+    }
     assert load_config(env).default_locale == "en"
     assert load_config({**env, "MAILER_DEFAULT_LOCALE": "pt-BR"}).default_locale == "pt-BR"
     with pytest.raises(ConfigError) as info:
