@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import ssl
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from contextlib import AsyncExitStack, aclosing, asynccontextmanager
 from pathlib import Path
 from typing import TypeVar
@@ -17,7 +17,7 @@ from trio_mailer.core.errors import exception_leaves
 from trio_mailer.core.rendering import MailKind
 from trio_mailer.grpc.purerpc_internals import Channel, client_channel
 from trio_mailer.v1.mailer_grpc import MailerStub
-from trio_mailer.v1.mailer_pb2 import MailStatus, MsgReply, MsgRequest, StatusRequest
+from trio_mailer.v1.mailer_pb2 import MailStatus, MsgReply, MsgRequest, SendRequest, StatusRequest
 
 
 @attrs.frozen
@@ -74,6 +74,7 @@ async def send(
     to: str,
     code: str,
     *,
+    locale: str = "",
     token: str | None = None,
     ssl_context: ssl.SSLContext | None = None,
 ) -> MsgReply:
@@ -85,7 +86,34 @@ async def send(
 
     async def call(stub: MailerStub, metadata: Metadata) -> MsgReply:
         method = stub.SendPass if kind is MailKind.PASSWORD else stub.SendRetrieve
-        reply: MsgReply = await method(MsgRequest(to=to, code=code), metadata=metadata)
+        reply: MsgReply = await method(
+            MsgRequest(to=to, code=code, locale=locale), metadata=metadata
+        )
+        return reply
+
+    return await _call(host, port, call, token=token, ssl_context=ssl_context)
+
+
+async def send_template(
+    host: str,
+    port: int,
+    template: str,
+    to: str,
+    variables: Mapping[str, str],
+    *,
+    locale: str = "",
+    token: str | None = None,
+    ssl_context: ssl.SSLContext | None = None,
+) -> MsgReply:
+    """Ask the service at ``host:port`` for a mail from ``template`` (the ``Send`` call).
+
+    Raises:
+        SendFailed: with the gRPC status name and its message.
+    """
+
+    async def call(stub: MailerStub, metadata: Metadata) -> MsgReply:
+        request = SendRequest(to=to, template=template, vars=dict(variables), locale=locale)
+        reply: MsgReply = await stub.Send(request, metadata=metadata)
         return reply
 
     return await _call(host, port, call, token=token, ssl_context=ssl_context)

@@ -14,27 +14,35 @@ import time
 from collections.abc import AsyncIterator, Callable
 from datetime import UTC, datetime
 
+import attrs
 import purerpc
 import trio
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from trio_mailer.core.errors import MailerError, MessageBuildError, ShuttingDown
 from trio_mailer.core.mail_lifecycle import MailRecord, MailState, OutboxError
-from trio_mailer.core.message import MailComposer
-from trio_mailer.core.rendering import MailKind, RenderError
+from trio_mailer.core.message import MailComposer, OutgoingMail
+from trio_mailer.core.rendering import MailKind, MailTemplates, RenderError
 from trio_mailer.delivery.mail_queue import MailQueue
 from trio_mailer.logs import printable
 from trio_mailer.metrics import Metrics
 from trio_mailer.store.outbox import MemoryOutbox, Outbox
 from trio_mailer.store.status_board import StatusBoard
 from trio_mailer.v1.mailer_grpc import MailerServicer
-from trio_mailer.v1.mailer_pb2 import MailStatus, MsgReply, MsgRequest, StatusRequest
+from trio_mailer.v1.mailer_pb2 import (
+    MailStatus,
+    MsgReply,
+    MsgRequest,
+    SendRequest,
+    StatusRequest,
+)
 
 log = logging.getLogger(__name__)
 
 QUEUE_FULL_REASON = "queue full"
 MAX_MESSAGE_ID_CHARS = 256
 _METHODS = {MailKind.PASSWORD: "SendPass", MailKind.RETRIEVE: "SendRetrieve"}
+_TEMPLATE_IN_LOG_CHARS = 64  # a caller's template name, in a log line, is cut to this
 _OUTCOMES = {
     purerpc.StatusCode.INVALID_ARGUMENT: "invalid",
     purerpc.StatusCode.UNAVAILABLE: "unavailable",
@@ -68,11 +76,36 @@ class MailerService(MailerServicer):  # type: ignore[misc]  # generated, untyped
         self.refused_queue_full = 0
         self._last_full_log = -math.inf
 
+    @property
+    def templates(self) -> MailTemplates:
+        return self._composer.templates
+
+    def replace_templates(self, templates: MailTemplates) -> None:
+        """Use ``templates`` from the next request on (a reload; they were checked already)."""
+        self._composer = attrs.evolve(self._composer, templates=templates)
+
+    async def Send(self, message: SendRequest) -> MsgReply:
+        # idempotency_key (field 5) is declared in the proto but not acted on here.
+        def compose(now: datetime) -> OutgoingMail:
+            return self._composer.compose_template(
+                message.template, message.to, dict(message.vars), now, locale=message.locale
+            )
+
+        return await self._submit("Send", message.template[:_TEMPLATE_IN_LOG_CHARS], compose)
+
     async def SendPass(self, message: MsgRequest) -> MsgReply:
-        return await self._submit(MailKind.PASSWORD, message)
+        return await self._submit_code(MailKind.PASSWORD, message)
 
     async def SendRetrieve(self, message: MsgRequest) -> MsgReply:
-        return await self._submit(MailKind.RETRIEVE, message)
+        return await self._submit_code(MailKind.RETRIEVE, message)
+
+    async def _submit_code(self, kind: MailKind, message: MsgRequest) -> MsgReply:
+        def compose(now: datetime) -> OutgoingMail:
+            return self._composer.compose(
+                kind, message.to, message.code, now, locale=message.locale
+            )
+
+        return await self._submit(_METHODS[kind], kind, compose)
 
     async def GetStatus(self, message: StatusRequest) -> MailStatus:
         record = await self._find(message.message_id)
@@ -110,23 +143,25 @@ class MailerService(MailerServicer):  # type: ignore[misc]  # generated, untyped
             )
         return record
 
-    def _queue_full(self, kind: MailKind) -> MsgReply:
+    def _queue_full(self, kind: str) -> MsgReply:
         self.refused_queue_full += 1
         # One line per second at most: a flood must not turn into a flood of log lines.
         now = time.monotonic()
         if now - self._last_full_log >= 1.0:
             log.warning(
                 "refusing %s mail: queue full (%d refused so far)",
-                kind.value,
+                kind,
                 self.refused_queue_full,
             )
             self._last_full_log = now
         return MsgReply(sent=False, reason=QUEUE_FULL_REASON)
 
-    async def _submit(self, kind: MailKind, request: MsgRequest) -> MsgReply:
+    async def _submit(
+        self, method: str, kind: str, compose: Callable[[datetime], OutgoingMail]
+    ) -> MsgReply:
         outcome = "internal"
         try:
-            reply = await self._accept(kind, request)
+            reply = await self._accept(printable(kind), compose)
             outcome = "accepted" if reply.sent else "queue_full"
             return reply
         except purerpc.RpcFailedError as exc:
@@ -134,9 +169,9 @@ class MailerService(MailerServicer):  # type: ignore[misc]  # generated, untyped
             raise
         finally:
             if self._metrics is not None:
-                self._metrics.requests.labels(_METHODS[kind], outcome).inc()
+                self._metrics.requests.labels(method, outcome).inc()
 
-    async def _accept(self, kind: MailKind, request: MsgRequest) -> MsgReply:
+    async def _accept(self, kind: str, compose: Callable[[datetime], OutgoingMail]) -> MsgReply:
         try:
             if self.draining:
                 raise ShuttingDown()
@@ -144,7 +179,7 @@ class MailerService(MailerServicer):  # type: ignore[misc]  # generated, untyped
             # message building, so the flood leaves the sender the CPU (and the GIL).
             if self._queue.full():
                 return self._queue_full(kind)
-            mail = self._composer.compose(kind, request.to, request.code, self._now())
+            mail = compose(self._now())
             try:
                 self._queue.reserve_nowait()
             except trio.WouldBlock:
@@ -159,7 +194,7 @@ class MailerService(MailerServicer):  # type: ignore[misc]  # generated, untyped
             self._board.track(record)
             self._queue.put_reserved(mail, accepted_at_s=trio.current_time())
         except OutboxError as exc:
-            log.error("cannot store a %s mail: %s", kind.value, exc)
+            log.error("cannot store a %s mail: %s", kind, exc)
             raise _rpc_error(
                 purerpc.StatusCode.UNAVAILABLE, "cannot store the mail right now; try again later"
             ) from None
@@ -167,18 +202,18 @@ class MailerService(MailerServicer):  # type: ignore[misc]  # generated, untyped
             log.error("message failed its safety check: %s", printable(exc.detail))
             raise _rpc_error(purerpc.StatusCode.INTERNAL, exc.message) from None
         except MailerError as exc:
-            log.info("refused %s request: %s", kind.value, printable(exc.message))
+            log.info("refused %s request: %s", kind, printable(exc.message))
             raise _rpc_error(purerpc.StatusCode(exc.grpc_status.value), exc.message) from None
         except RenderError as exc:
-            log.warning("rendering failed for a %s request: %s", kind.value, printable(str(exc)))
+            log.warning("rendering failed for a %s request: %s", kind, printable(str(exc)))
             raise _rpc_error(
                 purerpc.StatusCode.INVALID_ARGUMENT,
                 "request: the values cannot be rendered into the mail",
             ) from None
         except Exception:
-            log.exception("unexpected error while accepting a %s mail", kind.value)
+            log.exception("unexpected error while accepting a %s mail", kind)
             raise _rpc_error(purerpc.StatusCode.INTERNAL, "internal error") from None
-        log.debug("accepted %s mail %s", kind.value, mail.message_id)
+        log.debug("accepted %s mail %s", kind, mail.message_id)
         return MsgReply(sent=True, message_id=mail.message_id)
 
 
