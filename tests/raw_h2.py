@@ -210,7 +210,9 @@ class RawClient:
             result.data += frame.data
             result.ended = result.ended or "END_STREAM" in frame.flags
         elif isinstance(frame, RstStreamFrame):
-            self.streams.setdefault(frame.stream_id, StreamResult()).reset = frame.error_code
+            result = self.streams.setdefault(frame.stream_id, StreamResult())
+            if result.reset is None:  # the first one says why (later ones answer our frames)
+                result.reset = frame.error_code
         elif isinstance(frame, GoAwayFrame):
             self.goaway = frame.error_code
         elif isinstance(frame, PingFrame) and "ACK" in frame.flags:
