@@ -68,6 +68,8 @@ REFUSALS_PER_S = 10.0
 # Bytes read from the socket at a time: one read is processed without yielding to other
 # connections, so it is kept to about one full-size frame.
 READ_CHUNK_BYTES = 16 * 1024 + 9
+# A handler sending a message waits while more than this is queued for the socket.
+OUTPUT_HIGH_WATER_BYTES = 64 * 1024
 # Replies queued for a client that does not read: past this the connection is closed.
 MAX_UNSENT_OUTPUT_BYTES = 256 * 1024
 # The client's connection preface (and first SETTINGS) must arrive within this.

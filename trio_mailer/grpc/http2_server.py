@@ -321,7 +321,7 @@ class Http2Connection:
                         pass
                     # Let the last bytes (a GOAWAY, final statuses) leave, briefly.
                     with trio.move_on_after(lim.CLOSE_GRACE_S):
-                        await self._drain()
+                        await self._drain(0)
                     nursery.cancel_scope.cancel()
         except* (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as group:
             log.debug("gRPC connection from %s ended: %r", self._peer, group)
@@ -675,13 +675,15 @@ class Http2Connection:
                 chunk = bytes(self._out[: lim.READ_CHUNK_BYTES])
                 del self._out[: len(chunk)]
                 await self._stream.send_all(chunk)
+                self._drained.set()  # wakes every waiter: each checks its own condition
+                self._drained = trio.Event()
             self._out_ready = trio.Event()
-            self._drained.set()
-            self._drained = trio.Event()
 
-    async def _drain(self) -> None:
-        """Wait until the output buffer is handed to the socket (backpressure for handlers)."""
-        if self._out:
+    async def _drain(self, high_water_bytes: int = lim.OUTPUT_HIGH_WATER_BYTES) -> None:
+        """Wait while more than ``high_water_bytes`` wait for the socket (backpressure for
+        handlers; 0 when closing). Not "until empty": under steady load from many calls the
+        buffer is never empty, and every handler would wait forever."""
+        while len(self._out) > high_water_bytes:
             await self._drained.wait()
 
 
