@@ -38,6 +38,7 @@ from trio_mailer.core.message import MailComposer
 from trio_mailer.core.rendering import MailTemplates
 from trio_mailer.core.retry_policy import ReconnectBackoff, RetryPolicy
 from trio_mailer.delivery.mail_queue import Delivery, MailQueue
+from trio_mailer.delivery.relays import RelayChain
 from trio_mailer.delivery.sender import (
     Connector,
     FinishedMail,
@@ -85,14 +86,23 @@ EXIT_OK = 0
 EXIT_MAIL_LEFT_BEHIND = 1
 
 
-def relay_connector(config: Config, ssl_context: ssl.SSLContext | None) -> Connector:
-    """Connect real smtplib sessions to the configured relay."""
-    settings = RelaySettings.from_config(config)
+def relay_chain(config: Config, ssl_context: ssl.SSLContext | None) -> RelayChain:
+    """Real smtplib sessions to the configured relays, tried in order."""
+    first = RelaySettings.from_config(config)
 
-    async def connect() -> SmtpSession:
+    async def connect_one(settings: RelaySettings) -> SmtpSession:
         return await ThreadedSmtpSession.connect(settings, ssl_context)
 
-    return connect
+    return RelayChain(
+        [attrs.evolve(first, host=host, port=port) for host, port in config.relay_list],
+        connect_one,
+        ReconnectBackoff(base_s=config.retry_base_s, cap_s=config.retry_max_s),
+    )
+
+
+def relay_connector(config: Config, ssl_context: ssl.SSLContext | None) -> Connector:
+    """Connect real smtplib sessions to the configured relays."""
+    return relay_chain(config, ssl_context).connect
 
 
 @attrs.define
@@ -103,6 +113,7 @@ class MailerApp:
     grpc_ssl_context: ssl.SSLContext | None = None
     on_finished: Callable[[FinishedMail], None] | None = None
     outbox: Outbox | None = None  # given: used instead of the one the config names
+    relays: RelayChain | None = None  # the relays behind ``connect``, told of each 421
     queue: MailQueue = attrs.field(init=False)
     senders: list[Sender] = attrs.field(init=False)
     metrics: Metrics = attrs.field(init=False)
@@ -138,6 +149,9 @@ class MailerApp:
             )
             for _ in range(config.smtp_sessions)
         ]
+        if self.relays is not None:
+            for sender in self.senders:
+                sender.on_relay_closing = self.relays.trouble
         if self.on_finished is not None:
             self.watch_finished(self.on_finished)
         self.metrics = Metrics()
@@ -190,7 +204,14 @@ class MailerApp:
                 config.serve_host,
                 config.serve_port,
             )
-        return cls(config, templates, relay_connector(config, ssl_context), grpc_ssl_context)
+        chain = relay_chain(config, ssl_context)
+        return cls(
+            config,
+            templates,
+            chain.connect,
+            grpc_ssl_context,
+            relays=chain,
+        )
 
     def authorize(self, service: str, method: str, metadata: Sequence[tuple[str, str]]) -> bool:
         """Bearer-token check for a call (when tokens are configured); health checks and

@@ -156,6 +156,7 @@ class Sender:
     _connects: int = 0
     ever_connected: bool = False  # a session has succeeded since start-up
     start_after: trio.Event | None = None  # e.g. the start-up relay check's first outcome
+    on_relay_closing: Callable[[str, str], None] | None = None  # (relay, reason) after a 421
 
     def statistics(self) -> SenderStatistics:
         return SenderStatistics(
@@ -220,6 +221,8 @@ class Sender:
         if isinstance(outcome, SessionLost):
             if self.metrics is not None:
                 self.metrics.reply(None)
+            if outcome.closing and self.on_relay_closing is not None and self.relay_name:
+                self.on_relay_closing(self.relay_name, outcome.reason)
             self._failures += 1
             await self._drop_session(quit=False)
             result = (

@@ -242,10 +242,11 @@ class ProbeFailed(Exception):
 class SessionLost(Exception):
     """The session broke while sending; the mail must go again on a new session."""
 
-    def __init__(self, reason: str, *, after_data_end: bool) -> None:
+    def __init__(self, reason: str, *, after_data_end: bool, closing: bool = False) -> None:
         super().__init__(reason)
         self.reason = reason
         self.after_data_end = after_data_end
+        self.closing = closing  # the relay said 421: it is closing (overloaded, at a limit)
 
 
 def _reply(code: int, text: bytes | str) -> Reply:
@@ -484,7 +485,9 @@ class BlockingSmtp:
             return Rejected(command, _reply(code, text))
         self.close()
         if kind is ReplyClass.CLOSING:
-            raise SessionLost(f"{command}: {_reply(code, text)}", after_data_end=False)
+            raise SessionLost(
+                f"{command}: {_reply(code, text)}", after_data_end=False, closing=True
+            )
         raise SessionLost(
             f"{command}: unexpected reply {_reply(code, text)}",
             after_data_end=command == "DOT",
@@ -554,7 +557,11 @@ class ThreadedSmtpSession:
         session = cls(
             BlockingSmtp(settings, ssl_context),
             settings.timeout_s,
-            relay=f"{settings.host}:{settings.port}",
+            relay=(
+                f"[{settings.host}]:{settings.port}"
+                if ":" in settings.host
+                else f"{settings.host}:{settings.port}"
+            ),
         )
         try:
             await session._call(session._blocking.connect, round_trips=CONNECT_ROUND_TRIPS)
