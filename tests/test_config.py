@@ -30,6 +30,7 @@ def test_minimal_config_gets_the_documented_defaults() -> None:
     assert config == Config(
         relay_host="smtp.example.com",
         relay_port=465,
+        relays=(("smtp.example.com", 465),),
         smtp_tls=TlsMode.IMPLICIT,
         mail_from="noreply@example.com",
         service_name="trio-mailer",
