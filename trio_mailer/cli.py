@@ -22,7 +22,14 @@ import attrs
 import trio
 
 from trio_mailer.app import MailerApp
-from trio_mailer.client import SendFailed, client_ssl_context, send, send_template
+from trio_mailer.client import (
+    CALL_TIMEOUT_S,
+    CONNECT_TIMEOUT_S,
+    SendFailed,
+    client_ssl_context,
+    send,
+    send_template,
+)
 from trio_mailer.client import status as fetch_status
 from trio_mailer.core.config import (
     ConfigError,
@@ -222,6 +229,8 @@ def _send(args: argparse.Namespace) -> int:
                     locale=args.locale,
                     token=target.token,
                     ssl_context=target.ssl_context,
+                    connect_timeout_s=args.connect_timeout_s,
+                    call_timeout_s=args.timeout_s,
                 ),
                 target.host,
                 target.port,
@@ -239,7 +248,12 @@ def _send(args: argparse.Namespace) -> int:
             kind = MailKind.PASSWORD if args.kind == "pass" else MailKind.RETRIEVE
             reply = trio.run(
                 partial(
-                    send, locale=args.locale, token=target.token, ssl_context=target.ssl_context
+                    send,
+                    locale=args.locale,
+                    token=target.token,
+                    ssl_context=target.ssl_context,
+                    connect_timeout_s=args.connect_timeout_s,
+                    call_timeout_s=args.timeout_s,
                 ),
                 target.host,
                 target.port,
@@ -280,6 +294,8 @@ def _status(args: argparse.Namespace) -> int:
                 watch=args.watch,
                 token=target.token,
                 ssl_context=target.ssl_context,
+                connect_timeout_s=args.connect_timeout_s,
+                call_timeout_s=args.timeout_s,
             ),
             target.host,
             target.port,
@@ -303,6 +319,29 @@ def _client_options(command: argparse.ArgumentParser) -> None:
     command.add_argument("--ca", type=Path, help="CA file to verify the service with")
     command.add_argument("--cert", type=Path, help="client certificate (mTLS)")
     command.add_argument("--key", type=Path, help="client certificate's key (mTLS)")
+    command.add_argument(
+        "--connect-timeout-s",
+        type=_positive_seconds,
+        default=CONNECT_TIMEOUT_S,
+        help=f"give up connecting after this long ({CONNECT_TIMEOUT_S:g})",
+    )
+    command.add_argument(
+        "--timeout-s",
+        type=_positive_seconds,
+        default=CALL_TIMEOUT_S,
+        help=f"give up waiting for the reply after this long ({CALL_TIMEOUT_S:g}; "
+        "for --watch: for the first status)",
+    )
+
+
+def _positive_seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number of seconds, got {text!r}") from None
+    if not (0 < value <= 3600):
+        raise argparse.ArgumentTypeError(f"expected more than 0 and at most 3600, got {text!r}")
+    return value
 
 
 def _parser() -> argparse.ArgumentParser:

@@ -4,6 +4,11 @@ Thin: the work is in ``message.MailComposer`` (pure) and ``mail_queue.MailQueue`
 where errors become gRPC statuses: a ``MailerError`` maps to its own status and message; a
 rendering failure to INVALID_ARGUMENT; anything else to INTERNAL with a generic message, its
 detail logged and never sent to the client.
+
+Deadlines: a call's ``grpc-timeout`` (purerpc hands it over as ``request.timeout``) bounds the
+work before its mail is stored. A call whose deadline passes first stores nothing (a cancelled
+outbox ``add`` withdraws its row) and answers DEADLINE_EXCEEDED; a call the client cancels is
+counted as ``cancelled`` in the metrics.
 """
 
 from __future__ import annotations
@@ -13,6 +18,7 @@ import math
 import time
 from collections.abc import AsyncIterator, Callable
 from datetime import UTC, datetime
+from typing import Any
 
 import attrs
 import purerpc
@@ -20,6 +26,7 @@ import trio
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from trio_mailer.core.errors import MailerError, MessageBuildError, ShuttingDown
+from trio_mailer.core.grpc_deadline import deadline_s, timeout_s
 from trio_mailer.core.mail_lifecycle import MailRecord, MailState, OutboxError
 from trio_mailer.core.message import MailComposer, OutgoingMail
 from trio_mailer.core.rendering import MailKind, MailTemplates, RenderError
@@ -84,28 +91,30 @@ class MailerService(MailerServicer):  # type: ignore[misc]  # generated, untyped
         """Use ``templates`` from the next request on (a reload; they were checked already)."""
         self._composer = attrs.evolve(self._composer, templates=templates)
 
-    async def Send(self, message: SendRequest) -> MsgReply:
+    async def Send(self, message: SendRequest, request: Any = None) -> MsgReply:
         # idempotency_key (field 5) is declared in the proto but not acted on here.
         def compose(now: datetime) -> OutgoingMail:
             return self._composer.compose_template(
                 message.template, message.to, dict(message.vars), now, locale=message.locale
             )
 
-        return await self._submit("Send", message.template[:_TEMPLATE_IN_LOG_CHARS], compose)
+        return await self._submit(
+            "Send", message.template[:_TEMPLATE_IN_LOG_CHARS], compose, _deadline(request)
+        )
 
-    async def SendPass(self, message: MsgRequest) -> MsgReply:
-        return await self._submit_code(MailKind.PASSWORD, message)
+    async def SendPass(self, message: MsgRequest, request: Any = None) -> MsgReply:
+        return await self._submit_code(MailKind.PASSWORD, message, _deadline(request))
 
-    async def SendRetrieve(self, message: MsgRequest) -> MsgReply:
-        return await self._submit_code(MailKind.RETRIEVE, message)
+    async def SendRetrieve(self, message: MsgRequest, request: Any = None) -> MsgReply:
+        return await self._submit_code(MailKind.RETRIEVE, message, _deadline(request))
 
-    async def _submit_code(self, kind: MailKind, message: MsgRequest) -> MsgReply:
+    async def _submit_code(self, kind: MailKind, message: MsgRequest, deadline: float) -> MsgReply:
         def compose(now: datetime) -> OutgoingMail:
             return self._composer.compose(
                 kind, message.to, message.code, now, locale=message.locale
             )
 
-        return await self._submit(_METHODS[kind], kind, compose)
+        return await self._submit(_METHODS[kind], kind, compose, deadline)
 
     async def GetStatus(self, message: StatusRequest) -> MailStatus:
         record = await self._find(message.message_id)
@@ -116,11 +125,14 @@ class MailerService(MailerServicer):  # type: ignore[misc]  # generated, untyped
         record = await self._find(message.message_id)
         yield _status_message(record)
         while not record.state.terminal:
-            await self._board.wait_for_change(record.message_id)
+            # Look before waiting: a change that landed while this stream was suspended at
+            # ``yield`` (or a final state already moved to the outbox) is not missed.
             latest = await self._find(record.message_id)
-            if latest != record:
-                record = latest
-                yield _status_message(record)
+            if latest == record:
+                await self._board.wait_for_change(record.message_id)
+                continue
+            record = latest
+            yield _status_message(record)
 
     async def _find(self, message_id: str) -> MailRecord:
         if not message_id or len(message_id) > MAX_MESSAGE_ID_CHARS:
@@ -157,15 +169,29 @@ class MailerService(MailerServicer):  # type: ignore[misc]  # generated, untyped
         return MsgReply(sent=False, reason=QUEUE_FULL_REASON)
 
     async def _submit(
-        self, method: str, kind: str, compose: Callable[[datetime], OutgoingMail]
+        self,
+        method: str,
+        kind: str,
+        compose: Callable[[datetime], OutgoingMail],
+        deadline: float = math.inf,
     ) -> MsgReply:
         outcome = "internal"
         try:
-            reply = await self._accept(printable(kind), compose)
-            outcome = "accepted" if reply.sent else "queue_full"
-            return reply
+            with trio.move_on_at(deadline):
+                reply = await self._accept(printable(kind), compose)
+                outcome = "accepted" if reply.sent else "queue_full"
+                return reply
+            outcome = "deadline_exceeded"
+            log.info("%s call past its deadline before its mail was stored", method)
+            raise _rpc_error(
+                purerpc.StatusCode.DEADLINE_EXCEEDED, "deadline exceeded; nothing was stored"
+            )
         except purerpc.RpcFailedError as exc:
-            outcome = _OUTCOMES.get(exc.status.status_code, "internal")
+            if outcome != "deadline_exceeded":
+                outcome = _OUTCOMES.get(exc.status.status_code, "internal")
+            raise
+        except trio.Cancelled:
+            outcome = "cancelled"  # the client went away (or the server is stopping)
             raise
         finally:
             if self._metrics is not None:
@@ -215,6 +241,11 @@ class MailerService(MailerServicer):  # type: ignore[misc]  # generated, untyped
             raise _rpc_error(purerpc.StatusCode.INTERNAL, "internal error") from None
         log.debug("accepted %s mail %s", kind, mail.message_id)
         return MsgReply(sent=True, message_id=mail.message_id)
+
+
+def _deadline(request: Any) -> float:
+    """The call's deadline on the trio clock, from its ``grpc-timeout`` (inf: none)."""
+    return deadline_s(trio.current_time(), timeout_s(getattr(request, "timeout", None)))
 
 
 _STATE_NUMBERS = {
