@@ -27,6 +27,7 @@ import math
 import urllib.parse
 from collections import deque
 from collections.abc import Callable, Sequence
+from datetime import timedelta
 from typing import Any
 
 import attrs
@@ -585,7 +586,8 @@ class Http2Connection:
             )
         call.expect_message_type(method.signature.request_type)
         request = RequestReceived(call.stream_id, "http", head.service, head.method, "")
-        request.timeout = head.timeout_s
+        # As purerpc hands it over: a timedelta, or None without grpc-timeout.
+        request.timeout = None if head.timeout_s is None else timedelta(seconds=head.timeout_s)
         request.message_encoding = head.encoding
         request.custom_metadata = head.metadata
 
