@@ -24,8 +24,7 @@ from trio_mailer.app import MailerApp
 from trio_mailer.client import SendFailed, client_ssl_context, send
 from trio_mailer.client import status as fetch_status
 from trio_mailer.core.config import ConfigError, load_config, parse_host_port
-from trio_mailer.core.errors import exception_leaves
-from trio_mailer.core.mail_lifecycle import OutboxError
+from trio_mailer.core.errors import OutboxError, exception_leaves
 from trio_mailer.core.rendering import MailKind, TemplateError
 from trio_mailer.dev import environment as dev
 from trio_mailer.grpc.listener import BindError

@@ -35,6 +35,7 @@ from purerpc.wrappers import (
     call_server_unary_unary,
 )
 
+from trio_mailer import tls
 from trio_mailer.logs import printable
 
 log = logging.getLogger(__name__)
@@ -233,13 +234,7 @@ def make_server_ssl_context(cert: Path, key: Path, client_ca: Path | None = None
     Raises:
         ssl.SSLError, OSError: a file cannot be loaded.
     """
-    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-    context.load_cert_chain(str(cert), str(key))
-    context.set_alpn_protocols(["h2"])
-    if client_ca is not None:
-        context.verify_mode = ssl.CERT_REQUIRED
-        context.load_verify_locations(cafile=str(client_ca))
-    return context
+    return tls.server_context(cert, key, alpn=["h2"], client_ca=client_ca)
 
 
 async def open_grpc_listener(

@@ -59,14 +59,11 @@ from typing import Protocol, TypeVar
 import attrs
 import trio
 
+from trio_mailer.core.errors import OutboxConflict, OutboxCorrupt, OutboxError, OutboxFull
 from trio_mailer.core.mail_lifecycle import (
     TERMINAL_STATES,
     MailRecord,
     MailState,
-    OutboxConflict,
-    OutboxCorrupt,
-    OutboxError,
-    OutboxFull,
     StatusChange,
     apply_change,
     default_outbox_path,
