@@ -47,11 +47,11 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 CORE = ROOT / "trio_mailer" / "core"
 
-# The test files that exercise each module (pure and fast first). A module missing here runs
-# every tests/test_<module>.py there is.
+# The test files that exercise each module: plain tests of the core, run without conftest.py
+# (so each takes a fraction of a second). A module missing here runs tests/test_<module>.py.
 TESTS: dict[str, list[str]] = {
     "caller_auth": ["tests/test_caller_auth.py"],
-    "config": ["tests/test_config.py"],
+    "config": ["tests/test_config_checks.py", "tests/test_config.py"],
     "errors": ["tests/test_statuses.py", "tests/test_errors.py"],
     "health_decision": ["tests/test_health_decision.py"],
     "mail_lifecycle": ["tests/test_mail_lifecycle.py", "tests/test_outbox.py"],
@@ -361,6 +361,9 @@ def _start_tests(module: str, tree: ast.Module | None, tests: list[str]) -> int:
                 # The parent imported the plugins' packages (to fork warm): harmless here.
                 "-W",
                 "ignore::pytest.PytestAssertRewriteWarning",
+                # The core's tests need none of conftest's fixtures (relay, CA, harness), and
+                # importing it would load the whole service into every mutant's run.
+                "--noconftest",
                 *tests,
             ]
         )
@@ -443,7 +446,7 @@ def _preload() -> None:
     names = ["pytest", "_pytest.python", "_pytest.terminal", "pytest_trio", "hypothesis"]
     names += ["trio", "trio.testing", "anyio", "purerpc", "h2", "grpc", "google.protobuf"]
     names += ["jinja2", "attrs", "trustme", "prometheus_client", "email.utils", "sqlite3"]
-    names += ["smtplib", "ssl"]
+    names += ["smtplib", "ssl", "hypothesis.strategies", "trio_mailer"]
     for name in names:
         try:
             importlib.import_module(name)
