@@ -30,7 +30,7 @@ TEST_TIMEOUT_S = 10.0
 CLIENT_TIMEOUT_S = 5.0
 # smtplib would otherwise ask socket.getfqdn() for its EHLO name, which can stall on DNS.
 CLIENT_NAME = "client.test"
-LOGGER_NAME = "tests.capture_smtp"
+LOGGER_NAME = "tests.capture_relay"
 
 MESSAGE = (
     b"From: a@example.com\r\n"

@@ -1,7 +1,7 @@
-"""The ``trio-mailer`` command: ``serve``, ``dev`` and ``send``.
+"""The ``trio-mailer`` command: ``serve``, ``dev``, ``send`` and ``status``.
 
 The only place that exits the process: ``main(argv)`` returns the exit status.
-0 success; 1 mail left behind at shutdown (serve, dev) or a refused/failed call (send);
+0 success; 1 mail left behind at shutdown (serve, dev) or a refused/failed call (send, status);
 2 bad configuration or start-up failure (every problem listed, no traceback).
 """
 

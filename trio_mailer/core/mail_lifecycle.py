@@ -1,7 +1,8 @@
 """What the outbox stores about a mail, and the rules for changing it.
 
-Pure: no trio, sqlite3, smtplib or purerpc here. ``outbox.py`` stores these values (in SQLite or in
-memory); both apply a sender's report through ``apply_change``, so they cannot disagree.
+Pure: no trio, sqlite3, smtplib or purerpc here. ``store/outbox.py`` stores these values (in
+SQLite or in memory); both apply a sender's report through ``apply_change``, so they cannot
+disagree.
 
 Theory of operation
 -------------------
