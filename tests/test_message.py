@@ -105,3 +105,50 @@ def test_safety_check_catches_an_injected_header() -> None:
             check_serialized(data, to=to, message_id=message_id)
         assert info.value.detail.startswith(detail)
         assert info.value.message == "internal error"  # what a client would see
+
+
+@pytest.mark.parametrize(
+    ("bug", "detail"),
+    [
+        (
+            lambda data: data.replace(b"\r\nSubject:", b"\r\nBcc: evil@example.com\r\nSubject:"),
+            "serialized headers are",
+        ),
+        (
+            lambda data: data.replace(
+                b"To: user@example.com", b"To: user@example.com, evil@example.com"
+            ),
+            "serialized To does not hold",
+        ),
+        (
+            lambda data: data.replace(b"Message-ID: <", b"Message-ID: <x"),
+            "serialized Message-ID differs",
+        ),
+    ],
+    ids=["extra-header", "extra-recipient", "other-message-id"],
+)
+def test_compose_checks_what_the_serializer_wrote(
+    composer: MailComposer, monkeypatch: pytest.MonkeyPatch, bug: object, detail: str
+) -> None:
+    """A serializer that refolds a header (CVE-2024-6923's shape) is caught inside compose."""
+    real_as_bytes = email.message.EmailMessage.as_bytes
+
+    def buggy_as_bytes(self: email.message.EmailMessage, *args: object, **kwargs: object) -> bytes:
+        return bug(real_as_bytes(self, *args, **kwargs))  # type: ignore[operator,arg-type]
+
+    monkeypatch.setattr(email.message.EmailMessage, "as_bytes", buggy_as_bytes)
+    with pytest.raises(MessageBuildError) as info:
+        composer.compose(MailKind.PASSWORD, "user@example.com", "123456", NOW)
+    assert info.value.detail.startswith(detail)
+
+
+def test_compose_builds_a_message_that_passes_its_own_check(composer: MailComposer) -> None:
+    mail = composer.compose(MailKind.RETRIEVE, "user@example.com", "654321", NOW)
+    check_serialized(mail.data, to="user@example.com", message_id=mail.message_id)
+    assert mail.message_id.endswith("@example.com>")
+    assert mail.message_id.startswith("<") and len(mail.message_id) == len("<@example.com>") + 32
+    assert (mail.kind, mail.envelope_from, mail.envelope_to) == (
+        MailKind.RETRIEVE,
+        "noreply@example.com",
+        "user@example.com",
+    )
