@@ -542,6 +542,9 @@ def main(argv: list[str] | None = None) -> int:
             f" {len(mutants) - counted} equivalent excluded, {time.monotonic() - started:.0f} s",
             flush=True,
         )
+        for m in mutants:
+            if m.index in survived:
+                print(f"    survived: {m.module}.py:{m.line}: {m.change}    [{m.source_line}]")
     print("\nSurviving mutants (each a missing test, or an equivalent to list in EQUIVALENT):")
     for m in survivors:
         print(f"  trio_mailer/core/{m.module}.py:{m.line}: {m.change}    [{m.source_line}]")
