@@ -38,6 +38,7 @@ import importlib
 import importlib.util
 import json
 import os
+import random
 import signal
 import sys
 import time
@@ -230,13 +231,19 @@ class _Mutator(ast.NodeTransformer):
             if made is not None:
                 result = made
 
-        if isinstance(node, ast.Compare) and len(node.ops) == 1:
-            op = type(node.ops[0])
-            for new in _COMPARE_SWAPS.get(op, []):
-                offer(
-                    f"{_SYMBOLS[op]} -> {_SYMBOLS[new]}",
-                    lambda new=new: ast.Compare(node.left, [new()], node.comparators),
-                )
+        if isinstance(node, ast.Compare):
+            # Each operator of a chain on its own: `200 <= code < 300` has two boundaries.
+            for position, old in enumerate(node.ops):
+                op = type(old)
+                for new in _COMPARE_SWAPS.get(op, []):
+
+                    def swapped(new: type[ast.cmpop] = new, position: int = position) -> ast.AST:
+                        ops = list(node.ops)
+                        ops[position] = new()
+                        return ast.Compare(node.left, ops, node.comparators)
+
+                    where = f" (operator {position + 1})" if len(node.ops) > 1 else ""
+                    offer(f"{_SYMBOLS[op]} -> {_SYMBOLS[new]}{where}", swapped)
         elif isinstance(node, ast.BoolOp):
             op = type(node.op)
             new_op = ast.Or if op is ast.And else ast.And
@@ -460,8 +467,12 @@ def _run_module(module: str, tests: list[str], args: argparse.Namespace) -> dict
     baseline = _run_all(module, [(None, None)], tests, args.timeout_s * 5, 1)[None]
     if baseline != "survived":
         return {"error": f"the tests fail without any mutation ({baseline}): {tests}"}
+    candidates = [m for m in mutants if m.key() not in EQUIVALENT]
+    if args.sample and args.sample < len(candidates):
+        # A quick estimate on a slow machine: a seeded random sample of the mutants.
+        candidates = random.Random(args.seed).sample(candidates, args.sample)
     to_run: list[tuple[object, ast.Module | None]] = [
-        (m.index, mutated_source(source, m.index)) for m in mutants if m.key() not in EQUIVALENT
+        (m.index, mutated_source(source, m.index)) for m in candidates
     ]
     outcomes = _run_all(module, to_run, tests, args.timeout_s, args.jobs)
     return {
@@ -505,6 +516,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--list", action="store_true", help="list the mutants, run nothing")
     parser.add_argument("--timeout-s", type=float, default=120.0, help="per mutant")
     parser.add_argument("--jobs", type=int, default=2, help="mutants run at once")
+    parser.add_argument(
+        "--sample", type=int, default=0, help="run only this many mutants per module (an estimate)"
+    )
+    parser.add_argument("--seed", type=int, default=1, help="for --sample")
     args = parser.parse_args(argv)
     os.chdir(ROOT)
     sys.path.insert(0, str(ROOT))
@@ -523,6 +538,7 @@ def main(argv: list[str] | None = None) -> int:
         tests = TESTS.get(module) or [f"tests/test_{module}.py"]
         tests = [t for t in tests if (ROOT / t).exists()]
         excluded += [(m, EQUIVALENT[m.key()]) for m in mutants if m.key() in EQUIVALENT]
+        n_equivalent = sum(1 for m in mutants if m.key() in EQUIVALENT)
         if not tests:
             print(f"{module}: no test files", flush=True)
             scores.append((module, 0, len(mutants), len(mutants)))
@@ -536,10 +552,11 @@ def main(argv: list[str] | None = None) -> int:
         survived = set(result["survived"])  # type: ignore[call-overload]
         survivors += [m for m in mutants if m.index in survived]
         scores.append((module, killed, counted, len(mutants)))
+        sampled = f" (a sample of {counted})" if counted < len(mutants) - n_equivalent else ""
         print(
-            f"{module}: {killed}/{counted} killed"
+            f"{module}{sampled}: {killed}/{counted} killed"
             f" ({100 * killed / counted if counted else 100:.1f}%),"
-            f" {len(mutants) - counted} equivalent excluded, {time.monotonic() - started:.0f} s",
+            f" {n_equivalent} equivalent excluded, {time.monotonic() - started:.0f} s",
             flush=True,
         )
         for m in mutants:
