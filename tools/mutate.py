@@ -64,7 +64,19 @@ TESTS: dict[str, list[str]] = {
 }
 
 # (module, the source line stripped, the change as printed) -> why the mutant is equivalent.
-EQUIVALENT: dict[tuple[str, str, str], str] = {}
+_DOMAIN_UNREACHABLE = (
+    "an address is at most 254 characters, so its domain is at most 252: a domain limit of "
+    "252 or more is never what refuses one"
+)
+EQUIVALENT: dict[tuple[str, str, str], str] = {
+    ("validation", "MAX_DOMAIN_CHARS = 253", "253 -> 254"): _DOMAIN_UNREACHABLE,
+    ("validation", "MAX_DOMAIN_CHARS = 253", "253 -> 252"): _DOMAIN_UNREACHABLE,
+    (
+        "validation",
+        "if len(domain) > MAX_DOMAIN_CHARS or not _DOMAIN.fullmatch(domain):",
+        "> -> >=",
+    ): _DOMAIN_UNREACHABLE,
+}
 
 
 @dataclass(frozen=True)
