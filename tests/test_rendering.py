@@ -96,3 +96,76 @@ def test_render_error_for_values_that_break_the_subject(tmp_path: Path) -> None:
     )
     with pytest.raises(RenderError, match="the subject is 205 characters, over 200"):
         templates.render(MailKind.PASSWORD, {**VARS, "code": "x" * 200})
+
+
+def test_mail_kind_values_name_the_template_files() -> None:
+    """Golden: the values are the stored kind and the template's file name."""
+    assert {k.name: k.value for k in MailKind} == {"PASSWORD": "password", "RETRIEVE": "retrieve"}
+    assert MailKind.PASSWORD.template_name == "mail/password.msg"
+
+
+def test_a_subject_of_exactly_200_characters_is_fine(tmp_path: Path) -> None:
+    subject_is_code = GOOD.replace("Code for {{ service_name }}", "{{ code }}")
+    templates = MailTemplates.load(
+        write_templates(tmp_path, password=subject_is_code, retrieve=GOOD)
+    )
+    assert templates.render(MailKind.PASSWORD, {**VARS, "code": "x" * 200}).subject == "x" * 200
+    with pytest.raises(RenderError, match=r"^the subject is 201 characters, over 200$"):
+        templates.render(MailKind.PASSWORD, {**VARS, "code": "x" * 201})
+
+
+@pytest.mark.parametrize("char", ["\r", "\n", "\x00"])
+def test_a_value_that_splits_the_subject_is_refused(tmp_path: Path, char: str) -> None:
+    subject_is_code = GOOD.replace("Code for {{ service_name }}", "A{{ code }}B")
+    templates = MailTemplates.load(
+        write_templates(tmp_path, password=subject_is_code, retrieve=GOOD)
+    )
+    with pytest.raises(RenderError, match=r"^the subject spans more than one line$"):
+        templates.render(MailKind.PASSWORD, {**VARS, "code": f"1{char}2"})
+
+
+def test_subject_spaces_are_trimmed_and_the_body_ends_with_one_newline(tmp_path: Path) -> None:
+    text = (
+        "{% block subject %}  Code  {% endblock %}"
+        "{% block body %}\n\nfirst <b>{{ code }}</b>{% endblock %}"
+    )
+    templates = MailTemplates.load(write_templates(tmp_path, password=text, retrieve=GOOD))
+    rendered = templates.render(MailKind.PASSWORD, {**VARS, "code": "<1&2>"})
+    assert rendered.subject == "Code"
+    # One leading newline is layout and goes; the second stays. Plain text: nothing escaped.
+    assert rendered.body == "\nfirst <b><1&2></b>\n"
+
+
+def test_a_body_that_ends_with_a_newline_keeps_exactly_one(tmp_path: Path) -> None:
+    text = "{% block subject %}S{% endblock %}{% block body %}line\n{% endblock %}"
+    templates = MailTemplates.load(write_templates(tmp_path, password=text, retrieve=GOOD))
+    assert templates.render(MailKind.PASSWORD, VARS).body == "line\n"
+
+
+def test_a_missing_value_at_render_time_is_a_render_error(tmp_path: Path) -> None:
+    templates = MailTemplates.load(write_templates(tmp_path, password=GOOD, retrieve=GOOD))
+    with pytest.raises(RenderError) as caught:
+        templates.render(MailKind.PASSWORD, {"code": "1", "to": "a@b.c"})
+    assert str(caught.value) == "mail/password.msg: 'service_name' is undefined"
+
+
+def test_the_template_error_lists_every_problem(tmp_path: Path) -> None:
+    with pytest.raises(TemplateError) as caught:
+        MailTemplates.load(tmp_path)
+    assert str(caught.value) == (
+        "mail templates are not usable:\n"
+        f"  - {tmp_path / 'mail/password.msg'}: not found\n"
+        f"  - {tmp_path / 'mail/retrieve.msg'}: not found"
+    )
+
+
+def test_the_sample_values_are_used_at_load(tmp_path: Path) -> None:
+    """Load renders every template with code, to and service_name; they all work."""
+    text = (
+        "{% block subject %}{{ code }}{{ to }}{{ service_name }}{% endblock %}"
+        "{% block body %}x{% endblock %}"
+    )
+    templates = MailTemplates.load(write_templates(tmp_path, password=text, retrieve=GOOD))
+    assert templates.render(MailKind.PASSWORD, VARS).subject == "739201user@example.comAcme"
+    assert templates.directory == tmp_path
+    assert "jinja2" not in repr(templates)
