@@ -174,6 +174,9 @@ def test_the_sample_values_are_used_at_load(tmp_path: Path) -> None:
 @pytest.mark.parametrize("variable", ["code", "to", "service_name"])
 def test_a_subject_of_one_variable_loads(tmp_path: Path, variable: str) -> None:
     """The load-time sample values are not empty, so such a subject passes the check."""
-    text = f"{{% block subject %}}{{{{ {variable} }}}}{{% endblock %}}{{% block body %}}x{{% endblock %}}"
+    text = (
+        f"{{% block subject %}}{{{{ {variable} }}}}{{% endblock %}}"
+        "{% block body %}x{% endblock %}"
+    )
     templates = MailTemplates.load(write_templates(tmp_path, password=text, retrieve=GOOD))
     assert templates.render(MailKind.PASSWORD, VARS).subject == VARS[variable]
