@@ -382,3 +382,15 @@ def test_default_texts_as_the_readme_shows_them() -> None:
 def test_only_passwords_are_taken_verbatim() -> None:
     verbatim = sorted(setting.env for setting in SETTINGS if not setting.strip)
     assert verbatim == ["MAILER_PASSWORD", "MAILER_USER"]
+
+
+def test_every_setting_says_what_it_means() -> None:
+    """`serve --help` and the README show each row's meaning: none may be blank."""
+    blank = [setting.env for setting in SETTINGS if not setting.meaning.strip()]
+    assert blank == []
+
+
+def test_a_bracketed_address_must_be_followed_by_a_port_or_nothing() -> None:
+    assert problems(MAILER_REMOTE_HOST="[2001:db8::1]x25") == [
+        "MAILER_REMOTE_HOST: expected [IPv6]:port, got '[2001:db8::1]x25'"
+    ]
