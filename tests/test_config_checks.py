@@ -39,7 +39,7 @@ def problems(**env: str) -> list[str]:
 INTEGERS = [
     ("MAILER_SERVE_PORT", "serve_port", 0, 65535),
     ("MAILER_QUEUE_SIZE", "queue_size", 1, 100_000),
-    ("MAILER_MAX_ATTEMPTS", "max_attempts", 1, 100),
+    ("MAILER_MAX_ATTEMPTS", "max_attempts", 1, 1_000_000),
     ("MAILER_RETRY_CAPACITY", "retry_capacity", 1, 100_000),
     ("MAILER_SMTP_SESSIONS", "smtp_sessions", 1, 64),
     ("MAILER_SESSION_MAX_MESSAGES", "session_max_messages", 1, 1_000_000),

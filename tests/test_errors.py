@@ -24,6 +24,7 @@ from trio_mailer.core.errors import (
 def test_grpc_status_numbers_are_the_specs() -> None:
     assert {s.name: s.value for s in GrpcStatus} == {
         "INVALID_ARGUMENT": 3,
+        "DEADLINE_EXCEEDED": 4,
         "NOT_FOUND": 5,
         "INTERNAL": 13,
         "UNAVAILABLE": 14,

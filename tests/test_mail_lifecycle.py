@@ -1,226 +1,171 @@
-"""The mail lifecycle rules (core/mail_lifecycle.py): stored values, records, apply_change."""
+"""The mail lifecycle table (pure), the session policy and the grpc-timeout parser."""
 
 from __future__ import annotations
 
+import datetime
 import math
-from pathlib import Path
 
-import attrs
 import pytest
 
-from trio_mailer.core.errors import OutboxConflict
+from trio_mailer.core.grpc_deadline import BadTimeout, deadline_s, parse_grpc_timeout, timeout_s
 from trio_mailer.core.mail_lifecycle import (
-    MAIL_KINDS,
-    TERMINAL_STATES,
-    MailRecord,
+    TRANSITIONS,
     MailState,
+    OutboxConflict,
     StatusChange,
-    apply_change,
-    default_outbox_path,
+    check_change,
 )
-from trio_mailer.core.message import OutgoingMail
-from trio_mailer.core.rendering import MailKind
+from trio_mailer.core.retry_policy import AttemptResult, GiveUp, RetryAt, RetryPolicy
+from trio_mailer.core.session_policy import (
+    SessionAction,
+    after_rejection,
+    should_probe,
+    should_recycle,
+)
 
-T0 = 1_790_000_000.0
+from .test_outbox import queued
 
-
-def test_stored_state_values_are_pinned() -> None:
-    """Golden: these strings are in every outbox file; changing one makes old files unreadable."""
-    assert {state.name: state.value for state in MailState} == {
-        "QUEUED": "queued",
-        "SENDING": "sending",
-        "RETRY_WAIT": "retry_wait",
-        "DELIVERED": "delivered",
-        "FAILED": "failed",
-        "EXPIRED": "expired",
-    }
-    assert MailState("retry_wait") is MailState.RETRY_WAIT
-
-
-def test_stored_kind_values_are_pinned() -> None:
-    """Golden: the kind column holds these strings."""
-    assert MAIL_KINDS == {"password", "retrieve"}
-
-
-def test_terminal_states() -> None:
-    assert TERMINAL_STATES == {MailState.DELIVERED, MailState.FAILED, MailState.EXPIRED}
-    assert [s for s in MailState if s.terminal] == [
-        MailState.DELIVERED,
-        MailState.FAILED,
-        MailState.EXPIRED,
-    ]
+S = MailState
+ALLOWED = {
+    (S.QUEUED, S.QUEUED),
+    (S.QUEUED, S.SENDING),
+    (S.QUEUED, S.FAILED),
+    (S.QUEUED, S.EXPIRED),
+    (S.SENDING, S.SENDING),
+    (S.SENDING, S.QUEUED),
+    (S.SENDING, S.RETRY_WAIT),
+    (S.SENDING, S.DELIVERED),
+    (S.SENDING, S.FAILED),
+    (S.SENDING, S.EXPIRED),
+    (S.RETRY_WAIT, S.RETRY_WAIT),
+    (S.RETRY_WAIT, S.SENDING),
+    (S.RETRY_WAIT, S.FAILED),
+    (S.RETRY_WAIT, S.EXPIRED),
+}
 
 
-def mail(n: int = 1) -> OutgoingMail:
-    return OutgoingMail(
-        message_id=f"<{n}@x.example>",
-        kind=MailKind.PASSWORD,
-        envelope_from="mailer@x.example",
-        envelope_to="user@y.example",
-        data=b"Subject: code\r\n\r\n123456\r\n",
+def in_state(state: MailState, attempts: int = 1):  # type: ignore[no-untyped-def]
+    record = queued(1)
+    if state is S.QUEUED:
+        return record
+    import attrs
+
+    return attrs.evolve(
+        record,
+        state=state,
+        attempts=attempts,
+        finished_at_unix=5.0 if state.terminal else None,
     )
 
 
-def queued() -> MailRecord:
-    return MailRecord.accepted(mail(), T0)
+def change_to(state: MailState, attempts: int = 1) -> StatusChange:
+    return StatusChange("<1@x.example>", state, attempts, None, "", 10.0)
 
 
-def change(state: MailState, attempts: int, at: float, **kwargs: object) -> StatusChange:
-    fields: dict[str, object] = {"last_reply_code": None, "last_reply_text": "", **kwargs}
-    return StatusChange("<1@x.example>", state, attempts, at_unix=T0 + at, **fields)  # type: ignore[arg-type]
+def test_the_table_is_exactly_the_documented_one() -> None:
+    """Every allowed move is listed; terminal states allow none."""
+    table = {(source, target) for source, targets in TRANSITIONS.items() for target in targets}
+    assert table == ALLOWED
+    assert set(TRANSITIONS) == set(MailState)
 
 
-def test_accepted_is_queued_with_no_attempt() -> None:
-    record = queued()
-    assert record == MailRecord(
-        message_id="<1@x.example>",
-        kind="password",
-        envelope_from="mailer@x.example",
-        envelope_to="user@y.example",
-        data=b"Subject: code\r\n\r\n123456\r\n",
-        accepted_at_unix=T0,
-        state=MailState.QUEUED,
-        attempts=0,
-        last_reply_code=None,
-        last_reply_text="",
-        last_attempt_at_unix=None,
-        finished_at_unix=None,
-        possible_duplicate=False,
+@pytest.mark.parametrize("source", list(MailState))
+@pytest.mark.parametrize("target", list(MailState))
+def test_every_change_is_checked_against_the_table(source: MailState, target: MailState) -> None:
+    """Allowed: applied, no problem. Refused: a problem naming the mail, and a defined state:
+    an outcome is still recorded, a non-terminal move is ignored. Terminal: OutboxConflict."""
+    record = in_state(source)
+    attempts = 1 if source is S.QUEUED and target is S.SENDING else record.attempts
+    if source.terminal:
+        with pytest.raises(OutboxConflict):
+            check_change(record, change_to(target, attempts))
+        return
+    applied = check_change(record, change_to(target, attempts))
+    if (source, target) in ALLOWED:
+        assert applied.problem is None
+        assert applied.record.state is target
+    else:
+        assert applied.problem is not None and "<1@x.example>" in applied.problem
+        assert f"{source.value} -> {target.value} is not allowed" in applied.problem
+        assert applied.record.state is (target if target.terminal else source)
+    assert (applied.record.finished_at_unix is not None) == applied.record.state.terminal
+
+
+def test_an_outcome_with_fewer_attempts_is_recorded_with_the_higher_count() -> None:
+    """Issue 10 item 1: the change that once took the service down now leaves EXPIRED, attempts
+    kept, and a problem to log."""
+    applied = check_change(in_state(S.SENDING, attempts=3), change_to(S.EXPIRED, 2))
+    assert (applied.record.state, applied.record.attempts) == (S.EXPIRED, 3)
+    assert applied.problem == (
+        "<1@x.example>: refused status change (attempts: expected 3 or more, got 2); "
+        "kept as expired with 3 attempt(s)"
     )
-    assert record.to_mail() == mail()
-    assert "Subject" not in repr(record)  # the message is never logged
 
 
 @pytest.mark.parametrize(
-    ("changes", "message"),
+    ("command", "code", "text", "before", "result", "session"),
     [
-        (
-            {"kind": "newsletter"},
-            "kind: expected one of ['password', 'retrieve'], got 'newsletter'",
-        ),
-        ({"attempts": -1}, "attempts: expected 0 or more, got -1"),
-        ({"accepted_at_unix": math.nan}, "accepted_at_unix: expected a finite number of seconds"),
-        ({"accepted_at_unix": math.inf}, "accepted_at_unix: expected a finite number of seconds"),
-        (
-            {"last_attempt_at_unix": math.inf},
-            "last_attempt_at_unix: expected a finite number of seconds",
-        ),
-        (
-            {"finished_at_unix": T0},
-            "finished_at_unix: expected None for state queued, got 1790000000.0",
-        ),
-        (
-            {"state": MailState.DELIVERED},
-            "finished_at_unix: expected a time for state delivered, got None",
-        ),
+        ("MAIL", 452, "4.5.3 Too many messages sent", 100, "session lost", "replace"),
+        ("RCPT", 452, "4.5.3 Too many recipients", 0, "session lost", "replace"),
+        ("MAIL", 451, "too many messages per session", 3, "session lost", "replace"),
+        ("MAIL", 451, "too many messages per session", 0, "transient", "keep"),
+        ("MAIL", 452, "4.3.1 out of storage", 5, "transient", "keep"),
+        ("RCPT", 450, "4.2.0 greylisted", 5, "transient", "keep"),
+        ("RCPT", 550, "5.1.1 no such user", 5, "permanent", "keep"),
+        ("DOT", 554, "5.7.1 spam", 0, "permanent", "keep"),
+        ("DATA", 250, "ok", 0, "session lost", "replace"),
     ],
 )
-def test_a_record_that_breaks_the_rules_cannot_be_made(
-    changes: dict[str, object], message: str
+def test_a_4xx_the_relay_ties_to_the_session_replaces_it(
+    command: str, code: int, text: str, before: int, result: str, session: str
 ) -> None:
-    with pytest.raises(ValueError) as caught:
-        attrs.evolve(queued(), **changes)  # type: ignore[arg-type]
-    assert str(caught.value).startswith(message)
+    decision = after_rejection(command, code, text, session_attempts_before=before)
+    assert decision.result is AttemptResult(result)
+    assert decision.session is SessionAction(session)
 
 
-def test_a_record_with_good_optional_times_is_fine() -> None:
-    record = attrs.evolve(queued(), attempts=0, last_attempt_at_unix=T0 + 1)
-    assert record.last_attempt_at_unix == T0 + 1
-    done = attrs.evolve(queued(), state=MailState.FAILED, finished_at_unix=T0 + 2)
-    assert done.finished_at_unix == T0 + 2
+def test_probe_and_recycle_decisions() -> None:
+    assert should_probe(used=True, idle_s=1.0, noop_idle_s=1.0)
+    assert not should_probe(used=True, idle_s=0.5, noop_idle_s=1.0)
+    assert not should_probe(used=False, idle_s=100.0, noop_idle_s=1.0)
+    assert should_recycle(attempts=100, age_s=1, max_messages=100, max_age_s=300)
+    assert should_recycle(attempts=1, age_s=300, max_messages=100, max_age_s=300)
+    assert not should_recycle(attempts=99, age_s=299, max_messages=100, max_age_s=300)
 
 
-@pytest.mark.parametrize(
-    ("changes", "message"),
-    [
-        ({"attempts": -1}, "attempts: expected 0 or more, got -1"),
-        ({"at_unix": math.nan}, "at_unix: expected a finite number of seconds"),
-    ],
-)
-def test_a_bad_status_change_cannot_be_made(changes: dict[str, object], message: str) -> None:
-    good = change(MailState.SENDING, 1, at=1)
-    with pytest.raises(ValueError) as caught:
-        attrs.evolve(good, **changes)  # type: ignore[arg-type]
-    assert str(caught.value).startswith(message)
-    assert good.possible_duplicate is False  # the default
-
-
-def test_apply_change_follows_the_sender() -> None:
-    """SENDING counts an attempt (its time), RETRY_WAIT keeps it, DELIVERED finishes."""
-    sending = apply_change(queued(), change(MailState.SENDING, 1, at=1))
-    assert (sending.state, sending.attempts, sending.last_attempt_at_unix) == (
-        MailState.SENDING,
-        1,
-        T0 + 1,
-    )
-    assert sending.finished_at_unix is None
-    waiting = apply_change(
-        sending,
-        change(MailState.RETRY_WAIT, 1, at=2, last_reply_code=451, last_reply_text="later"),
-    )
-    assert (waiting.last_reply_code, waiting.last_reply_text) == (451, "later")
-    assert waiting.last_attempt_at_unix == T0 + 1  # no new attempt: the time stays
-    assert waiting.finished_at_unix is None
-    delivered = apply_change(waiting, change(MailState.DELIVERED, 2, at=3, last_reply_code=250))
-    assert (delivered.attempts, delivered.last_attempt_at_unix) == (2, T0 + 3)
-    assert delivered.finished_at_unix == T0 + 3
-    assert delivered.last_reply_code == 250
-    assert delivered.accepted_at_unix == T0  # untouched
-
-
-def test_possible_duplicate_is_sticky() -> None:
-    flagged = apply_change(queued(), change(MailState.SENDING, 1, at=1, possible_duplicate=True))
-    assert flagged.possible_duplicate is True
-    later = apply_change(flagged, change(MailState.RETRY_WAIT, 1, at=2))
-    assert later.possible_duplicate is True
-    plain = apply_change(queued(), change(MailState.SENDING, 1, at=1))
-    assert plain.possible_duplicate is False
-
-
-@pytest.mark.parametrize("state", sorted(TERMINAL_STATES, key=lambda s: s.value))
-def test_a_finished_mail_never_changes_again(state: MailState) -> None:
-    done = apply_change(queued(), change(state, 1, at=1))
-    with pytest.raises(OutboxConflict) as caught:
-        apply_change(done, change(MailState.SENDING, 2, at=2))
-    assert str(caught.value) == (
-        f"outbox: <1@x.example> is already {state.value}; it cannot become sending"
-    )
-
-
-def test_attempts_never_go_down_but_may_stay() -> None:
-    sending = apply_change(queued(), change(MailState.SENDING, 2, at=1))
-    with pytest.raises(OutboxConflict) as caught:
-        apply_change(sending, change(MailState.RETRY_WAIT, 1, at=2))
-    assert str(caught.value) == "outbox: <1@x.example>: attempts: expected 2 or more, got 1"
-    same = apply_change(sending, change(MailState.RETRY_WAIT, 2, at=2))
-    assert same.attempts == 2
-
-
-def test_a_change_for_another_mail_is_a_bug() -> None:
-    other = attrs.evolve(change(MailState.SENDING, 1, at=1), message_id="<2@x.example>")
-    with pytest.raises(ValueError) as caught:
-        apply_change(queued(), other)
-    assert str(caught.value) == "message_id: expected '<1@x.example>', got '<2@x.example>'"
+def test_the_default_policy_retries_a_4xx_until_the_ttl_decides() -> None:
+    """Issue 10 item 4: with the defaults, 4xx retries outlast greylisting (300 s) and stop only
+    at the time to live (600 s), whatever the jitter draws."""
+    policy = RetryPolicy()
+    for rand in (0.0, 0.5, 1.0):
+        now, attempts = 0.0, 1
+        while isinstance(
+            decision := policy.after_failure(
+                AttemptResult.TRANSIENT, attempts=attempts, accepted_at_s=0, now_s=now, rand=rand
+            ),
+            RetryAt,
+        ):
+            now, attempts = decision.at_s + 0.1, attempts + 1
+        assert isinstance(decision, GiveUp)
+        assert decision.reason.startswith("time to live"), (rand, attempts)
+        assert now > 540
 
 
 @pytest.mark.parametrize(
-    ("env", "expected"),
-    [
-        ({"XDG_STATE_HOME": "/s", "HOME": "/h"}, "/s/trio-mailer/outbox.sqlite3"),
-        ({"XDG_STATE_HOME": "", "HOME": "/h"}, "/h/.local/state/trio-mailer/outbox.sqlite3"),
-        ({"XDG_STATE_HOME": "rel", "HOME": "/h"}, "/h/.local/state/trio-mailer/outbox.sqlite3"),
-        ({"HOME": "/h"}, "/h/.local/state/trio-mailer/outbox.sqlite3"),
-    ],
-)
-def test_default_outbox_path(env: dict[str, str], expected: str) -> None:
-    assert default_outbox_path(env) == Path(expected)
+    ("value", "seconds"),
+    [("1H", 3600), ("2M", 120), ("3S", 3), ("250m", 0.25), ("5u", 5e-6), ("7n", 7e-9),
+     ("99999999S", 99999999)],
+)  # fmt: skip
+def test_grpc_timeout_values_parse(value: str, seconds: float) -> None:
+    assert parse_grpc_timeout(value) == pytest.approx(seconds)
 
 
-@pytest.mark.parametrize("env", [{}, {"HOME": ""}, {"HOME": "h", "XDG_STATE_HOME": "s"}])
-def test_default_outbox_path_needs_an_absolute_directory(env: dict[str, str]) -> None:
-    with pytest.raises(ValueError) as caught:
-        default_outbox_path(env)
-    assert str(caught.value) == (
-        "XDG_STATE_HOME or HOME: expected an absolute path, got "
-        f"{env.get('XDG_STATE_HOME', '')!r} and {env.get('HOME', '')!r}"
-    )
+@pytest.mark.parametrize("value", ["", "S", "1", "1s", "123456789S", "-1S", "1.5S", " 1S", "1SS"])
+def test_malformed_grpc_timeouts_are_refused_with_the_value(value: str) -> None:
+    with pytest.raises(BadTimeout, match="grpc-timeout: expected 1 to 8 digits"):
+        parse_grpc_timeout(value)
+
+
+def test_a_call_without_timeout_has_no_deadline() -> None:
+    assert deadline_s(10.0, timeout_s(None)) == math.inf
+    assert deadline_s(10.0, timeout_s(datetime.timedelta(milliseconds=2))) == pytest.approx(10.002)

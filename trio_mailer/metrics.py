@@ -37,7 +37,8 @@ class Metrics:
         self.requests = Counter(
             "trio_mailer_requests",
             "gRPC requests by method and outcome "
-            "(accepted, queue_full, invalid, unauthenticated, unavailable, internal)",
+            "(accepted, queue_full, invalid, unauthenticated, unavailable, deadline_exceeded, "
+            "cancelled, internal)",
             ["method", "outcome"],
             registry=r,
         )
@@ -45,6 +46,12 @@ class Metrics:
             "trio_mailer_mails",
             "Mails by final outcome (delivered, failed, expired)",
             ["outcome"],
+            registry=r,
+        )
+        self.delivered_by_relay = Counter(
+            "trio_mailer_delivered_by_relay",
+            "Mails delivered, by the relay (host:port) that took them",
+            ["relay"],
             registry=r,
         )
         self.retries = Counter("trio_mailer_retries", "Attempts scheduled again", registry=r)
@@ -97,6 +104,9 @@ class Metrics:
 
     def reply(self, code: int | None) -> None:
         self.smtp_replies.labels("none" if code is None else f"{code // 100}xx").inc()
+
+    def delivered_via(self, relay: str) -> None:
+        self.delivered_by_relay.labels(relay or "unknown").inc()
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

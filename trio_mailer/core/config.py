@@ -21,6 +21,7 @@ import attrs
 from trio_mailer.core.caller_auth import TokenSet, is_loopback
 from trio_mailer.core.errors import InvalidRequest
 from trio_mailer.core.mail_lifecycle import default_outbox_path
+from trio_mailer.core.rendering import DEFAULT_LOCALE, validate_locale
 from trio_mailer.core.validation import reject_unsafe_header_text, validate_address
 
 T = TypeVar("T")
@@ -172,6 +173,13 @@ def _text(text: str) -> str:
     return text
 
 
+def _locale(text: str) -> str:
+    try:
+        return validate_locale("MAILER_DEFAULT_LOCALE", text)
+    except InvalidRequest as exc:
+        raise _Refused(exc.message) from None
+
+
 def _service_name(text: str) -> str:
     try:
         reject_unsafe_header_text("MAILER_SERVICENAME", text)
@@ -257,12 +265,17 @@ def _check_remote(values: dict[str, Any], _env: Mapping[str, str]) -> str | None
     tls: TlsMode = values["smtp_tls"]
     remote = values.pop("remote_host")
     values["relay_host"], values["relay_port"] = "", tls.default_port
+    values["relays"] = ()
     if remote is None:
         return None
-    try:
-        values["relay_host"], values["relay_port"] = parse_host_port(remote, tls.default_port)
-    except ValueError as exc:
-        return f"MAILER_REMOTE_HOST: {exc}, got {remote!r}"
+    relays = []
+    for part in remote.split(","):
+        try:
+            relays.append(parse_host_port(part.strip(), tls.default_port))
+        except ValueError as exc:
+            return f"MAILER_REMOTE_HOST: {exc}, got {part.strip()!r}"
+    values["relays"] = tuple(relays)
+    values["relay_host"], values["relay_port"] = relays[0]
     return None
 
 
@@ -353,7 +366,8 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("MAILER_SMTP_TLS", "smtp_tls", TlsMode.IMPLICIT, _tls_mode,
             "implicit (TLS from the first byte), starttls (required), or none (plaintext)"),
     Setting("MAILER_REMOTE_HOST", "remote_host", None, _text,
-            "the SMTP relay, host:port ([v6addr]:port); without a port: 465, 587 or 25 by TLS mode",
+            "the SMTP relay, host:port ([v6addr]:port); without a port: 465, 587 or 25 by TLS "
+            "mode; several, comma-separated, are tried in order",
             required="the SMTP relay as host:port", check=_check_remote),
     Setting("MAILER_FROM", "mail_from", "", _mail_from,
             "the sender address (envelope and From:)",
@@ -369,6 +383,8 @@ SETTINGS: tuple[Setting, ...] = (
             "an extra CA bundle (PEM) to trust for the relay's certificate"),
     Setting("MAILER_TEMPLATES_DIR", "templates_dir", _UNSET, _directory,
             "a directory with the mail templates (default: the shipped ones)"),
+    Setting("MAILER_DEFAULT_LOCALE", "default_locale", DEFAULT_LOCALE, _locale,
+            "the language of mail/<name>.msg, and the last locale fallback"),
     Setting("MAILER_SMTP_TIMEOUT_S", "smtp_timeout_s", 30.0, _seconds_between(0, 3600),
             "timeout of each SMTP socket operation"),
     Setting("MAILER_SERVE_HOST", "serve_host", "127.0.0.1", _text,
@@ -383,8 +399,8 @@ SETTINGS: tuple[Setting, ...] = (
             "first retry and reconnect delay"),
     Setting("MAILER_RETRY_MAX_S", "retry_max_s", 60.0, _seconds_between(0, DAY_S),
             "cap on retry and reconnect delays", check=_check_retry_max),
-    Setting("MAILER_MAX_ATTEMPTS", "max_attempts", 8, _int_in(1, 100),
-            "attempts per mail before it is reported failed"),
+    Setting("MAILER_MAX_ATTEMPTS", "max_attempts", 1000, _int_in(1, 1_000_000),
+            "upper bound on attempts per mail; the time to live decides first"),
     Setting("MAILER_MESSAGE_TTL_S", "message_ttl_s", 600.0, _seconds_between(0, 7 * DAY_S),
             "a mail not delivered this long after acceptance is reported failed"),
     Setting("MAILER_RETRY_CAPACITY", "retry_capacity", 100, _int_in(1, MAX_QUEUE_SIZE),
@@ -434,9 +450,10 @@ def default(field: str) -> Any:
 
 @attrs.frozen
 class Config:
-    relay_host: str
+    relay_host: str  # the first relay
     relay_port: int
     mail_from: str
+    relays: tuple[tuple[str, int], ...] = ()  # every relay, in order; () means just the first
     smtp_tls: TlsMode = default("smtp_tls")
     service_name: str = default("service_name")
     smtp_user: str | None = default("smtp_user")
@@ -447,6 +464,7 @@ class Config:
     serve_port: int = default("serve_port")
     queue_size: int = default("queue_size")
     templates_dir: Path = attrs.field(factory=shipped_templates_dir)
+    default_locale: str = default("default_locale")
     shutdown_grace_s: float = default("shutdown_grace_s")
     retry_base_s: float = default("retry_base_s")
     retry_max_s: float = default("retry_max_s")
@@ -470,15 +488,22 @@ class Config:
     outbox_path: Path | None = None  # None: the in-memory outbox (MAILER_OUTBOX=memory)
     status_retention_s: float = default("status_retention_s")
 
+    @property
+    def relay_list(self) -> tuple[tuple[str, int], ...]:
+        """Every relay as (host, port), in the order they are tried."""
+        return self.relays or ((self.relay_host, self.relay_port),)
+
     def describe(self) -> str:
         """The effective configuration for the start-up log line, without secrets."""
         auth = f"user={self.smtp_user!r} password=***" if self.smtp_user else "no AUTH"
+        relays = ",".join(f"{host}:{port}" for host, port in self.relay_list)
         return (
-            f"relay={self.relay_host}:{self.relay_port} tls={self.smtp_tls.value} {auth} "
+            f"relay={relays} tls={self.smtp_tls.value} {auth} "
             f"ca_file={self.smtp_ca_file or 'system store'} from={self.mail_from} "
             f"service_name={self.service_name!r} listen={self.serve_host}:{self.serve_port} "
             f"queue_size={self.queue_size} smtp_timeout_s={self.smtp_timeout_s:g} "
             f"shutdown_grace_s={self.shutdown_grace_s:g} templates={self.templates_dir} "
+            f"default_locale={self.default_locale} "
             f"retry_base_s={self.retry_base_s:g} retry_max_s={self.retry_max_s:g} "
             f"max_attempts={self.max_attempts} message_ttl_s={self.message_ttl_s:g} "
             f"retry_capacity={self.retry_capacity} smtp_sessions={self.smtp_sessions} "

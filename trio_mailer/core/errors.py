@@ -20,6 +20,7 @@ class GrpcStatus(enum.Enum):
     """The gRPC status codes this service answers with (names and numbers as in the gRPC spec)."""
 
     INVALID_ARGUMENT = 3
+    DEADLINE_EXCEEDED = 4
     NOT_FOUND = 5
     INTERNAL = 13
     UNAVAILABLE = 14

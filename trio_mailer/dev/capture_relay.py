@@ -270,6 +270,7 @@ class CaptureSMTPServer:
             long-running `dev` relay does not grow without bound.
         pipelining: advertise RFC 2920 PIPELINING in EHLO (commands are handled in order either
             way).
+        on_mail: called with each mail as it is recorded (the dev web inbox listens here).
 
     Raises:
         ValueError: `tls_mode` is unknown, or needs an `ssl_context` that is missing.
@@ -291,6 +292,7 @@ class CaptureSMTPServer:
         idle_timeout_s: float = IDLE_TIMEOUT_S,
         history_limit: int | None = None,
         pipelining: bool = False,
+        on_mail: Callable[[ReceivedMail], None] | None = None,
     ) -> None:
         if tls_mode not in TLS_MODES:
             raise ValueError(f"tls_mode: expected one of {', '.join(TLS_MODES)}, got {tls_mode!r}")
@@ -313,6 +315,7 @@ class CaptureSMTPServer:
         self._idle_timeout_s = idle_timeout_s
         self._history_limit = history_limit
         self._pipelining = pipelining
+        self._on_mail = on_mail
 
         self.received: list[ReceivedMail] = []
         self.sessions_opened = 0
@@ -734,6 +737,8 @@ class CaptureSMTPServer:
             file_name or "-",
         )
         self._mail_arrived.unpark_all()
+        if self._on_mail is not None:
+            self._on_mail(mail)
 
     async def _noop(self, session: Session, argument: str, replacement: str | None) -> None:
         await self._send(session, _resolve("250 2.0.0 Ok", replacement)[0])

@@ -5,6 +5,11 @@ Errors become gRPC statuses through ``grpc.statuses.rpc_error``: a core error (`
 maps to its own status; a ``MailerError`` shows its message, an outbox error a generic one; a
 rendering failure is INVALID_ARGUMENT; anything else INTERNAL with a generic message, its detail
 logged and never sent to the client.
+
+Deadlines: a call's ``grpc-timeout`` (purerpc hands it over as ``request.timeout``) bounds the
+work before its mail is stored. A call whose deadline passes first stores nothing (a cancelled
+outbox ``add`` withdraws its row) and answers DEADLINE_EXCEEDED; a call the client cancels is
+counted as ``cancelled`` in the metrics.
 """
 
 from __future__ import annotations
@@ -14,7 +19,9 @@ import math
 import time
 from collections.abc import AsyncIterator, Callable
 from datetime import UTC, datetime
+from typing import Any
 
+import attrs
 import purerpc
 import trio
 from google.protobuf.timestamp_pb2 import Timestamp
@@ -28,9 +35,10 @@ from trio_mailer.core.errors import (
     OutboxError,
     ShuttingDown,
 )
+from trio_mailer.core.grpc_deadline import deadline_s, timeout_s
 from trio_mailer.core.mail_lifecycle import MailRecord, MailState
-from trio_mailer.core.message import MailComposer
-from trio_mailer.core.rendering import MailKind, RenderError
+from trio_mailer.core.message import MailComposer, OutgoingMail
+from trio_mailer.core.rendering import MailKind, MailTemplates, RenderError
 from trio_mailer.delivery.mail_queue import MailQueue
 from trio_mailer.grpc.statuses import rpc_error, status_error
 from trio_mailer.logs import printable
@@ -38,13 +46,20 @@ from trio_mailer.metrics import Metrics
 from trio_mailer.store.outbox import MemoryOutbox, Outbox
 from trio_mailer.store.status_board import StatusBoard
 from trio_mailer.v1.mailer_grpc import MailerServicer
-from trio_mailer.v1.mailer_pb2 import MailStatus, MsgReply, MsgRequest, StatusRequest
+from trio_mailer.v1.mailer_pb2 import (
+    MailStatus,
+    MsgReply,
+    MsgRequest,
+    SendRequest,
+    StatusRequest,
+)
 
 log = logging.getLogger(__name__)
 
 QUEUE_FULL_REASON = "queue full"
 MAX_MESSAGE_ID_CHARS = 256
 _METHODS = {MailKind.PASSWORD: "SendPass", MailKind.RETRIEVE: "SendRetrieve"}
+_TEMPLATE_IN_LOG_CHARS = 64  # a caller's template name, in a log line, is cut to this
 _OUTCOMES = {
     purerpc.StatusCode.INVALID_ARGUMENT: "invalid",
     purerpc.StatusCode.UNAVAILABLE: "unavailable",
@@ -74,11 +89,38 @@ class MailerService(MailerServicer):  # type: ignore[misc]  # generated, untyped
         self.refused_queue_full = 0
         self._last_full_log = -math.inf
 
-    async def SendPass(self, message: MsgRequest) -> MsgReply:
-        return await self._submit(MailKind.PASSWORD, message)
+    @property
+    def templates(self) -> MailTemplates:
+        return self._composer.templates
 
-    async def SendRetrieve(self, message: MsgRequest) -> MsgReply:
-        return await self._submit(MailKind.RETRIEVE, message)
+    def replace_templates(self, templates: MailTemplates) -> None:
+        """Use ``templates`` from the next request on (a reload; they were checked already)."""
+        self._composer = attrs.evolve(self._composer, templates=templates)
+
+    async def Send(self, message: SendRequest, request: Any = None) -> MsgReply:
+        # idempotency_key (field 5) is declared in the proto but not acted on here.
+        def compose(now: datetime) -> OutgoingMail:
+            return self._composer.compose_template(
+                message.template, message.to, dict(message.vars), now, locale=message.locale
+            )
+
+        return await self._submit(
+            "Send", message.template[:_TEMPLATE_IN_LOG_CHARS], compose, _deadline(request)
+        )
+
+    async def SendPass(self, message: MsgRequest, request: Any = None) -> MsgReply:
+        return await self._submit_code(MailKind.PASSWORD, message, _deadline(request))
+
+    async def SendRetrieve(self, message: MsgRequest, request: Any = None) -> MsgReply:
+        return await self._submit_code(MailKind.RETRIEVE, message, _deadline(request))
+
+    async def _submit_code(self, kind: MailKind, message: MsgRequest, deadline: float) -> MsgReply:
+        def compose(now: datetime) -> OutgoingMail:
+            return self._composer.compose(
+                kind, message.to, message.code, now, locale=message.locale
+            )
+
+        return await self._submit(_METHODS[kind], kind, compose, deadline)
 
     async def GetStatus(self, message: StatusRequest) -> MailStatus:
         record = await self._find(message.message_id)
@@ -89,11 +131,14 @@ class MailerService(MailerServicer):  # type: ignore[misc]  # generated, untyped
         record = await self._find(message.message_id)
         yield _status_message(record)
         while not record.state.terminal:
-            await self._board.wait_for_change(record.message_id)
+            # Look before waiting: a change that landed while this stream was suspended at
+            # ``yield`` (or a final state already moved to the outbox) is not missed.
             latest = await self._find(record.message_id)
-            if latest != record:
-                record = latest
-                yield _status_message(record)
+            if latest == record:
+                await self._board.wait_for_change(record.message_id)
+                continue
+            record = latest
+            yield _status_message(record)
 
     async def _find(self, message_id: str) -> MailRecord:
         if not message_id or len(message_id) > MAX_MESSAGE_ID_CHARS:
@@ -114,33 +159,49 @@ class MailerService(MailerServicer):  # type: ignore[misc]  # generated, untyped
             raise rpc_error(MailNotFound())
         return record
 
-    def _queue_full(self, kind: MailKind) -> MsgReply:
+    def _queue_full(self, kind: str) -> MsgReply:
         self.refused_queue_full += 1
         # One line per second at most: a flood must not turn into a flood of log lines.
         now = time.monotonic()
         if now - self._last_full_log >= 1.0:
             log.warning(
                 "refusing %s mail: queue full (%d refused so far)",
-                kind.value,
+                kind,
                 self.refused_queue_full,
             )
             self._last_full_log = now
         return MsgReply(sent=False, reason=QUEUE_FULL_REASON)
 
-    async def _submit(self, kind: MailKind, request: MsgRequest) -> MsgReply:
+    async def _submit(
+        self,
+        method: str,
+        kind: str,
+        compose: Callable[[datetime], OutgoingMail],
+        deadline: float = math.inf,
+    ) -> MsgReply:
         outcome = "internal"
         try:
-            reply = await self._accept(kind, request)
-            outcome = "accepted" if reply.sent else "queue_full"
-            return reply
+            with trio.move_on_at(deadline):
+                reply = await self._accept(printable(kind), compose)
+                outcome = "accepted" if reply.sent else "queue_full"
+                return reply
+            outcome = "deadline_exceeded"
+            log.info("%s call past its deadline before its mail was stored", method)
+            raise status_error(
+                GrpcStatus.DEADLINE_EXCEEDED, "deadline exceeded; nothing was stored"
+            )
         except purerpc.RpcFailedError as exc:
-            outcome = _OUTCOMES.get(exc.status.status_code, "internal")
+            if outcome != "deadline_exceeded":
+                outcome = _OUTCOMES.get(exc.status.status_code, "internal")
+            raise
+        except trio.Cancelled:
+            outcome = "cancelled"  # the client went away (or the server is stopping)
             raise
         finally:
             if self._metrics is not None:
-                self._metrics.requests.labels(_METHODS[kind], outcome).inc()
+                self._metrics.requests.labels(method, outcome).inc()
 
-    async def _accept(self, kind: MailKind, request: MsgRequest) -> MsgReply:
+    async def _accept(self, kind: str, compose: Callable[[datetime], OutgoingMail]) -> MsgReply:
         try:
             if self.draining:
                 raise ShuttingDown()
@@ -148,7 +209,7 @@ class MailerService(MailerServicer):  # type: ignore[misc]  # generated, untyped
             # message building, so the flood leaves the sender the CPU (and the GIL).
             if self._queue.full():
                 return self._queue_full(kind)
-            mail = self._composer.compose(kind, request.to, request.code, self._now())
+            mail = compose(self._now())
             try:
                 self._queue.reserve_nowait()
             except trio.WouldBlock:
@@ -163,24 +224,29 @@ class MailerService(MailerServicer):  # type: ignore[misc]  # generated, untyped
             self._board.track(record)
             self._queue.put_reserved(mail, accepted_at_s=trio.current_time())
         except OutboxError as exc:
-            log.error("cannot store a %s mail: %s", kind.value, exc)
+            log.error("cannot store a %s mail: %s", kind, exc)
             raise rpc_error(exc, "cannot store the mail right now; try again later") from None
         except MessageBuildError as exc:
             log.error("message failed its safety check: %s", printable(exc.detail))
             raise rpc_error(exc) from None
         except MailerError as exc:
-            log.info("refused %s request: %s", kind.value, printable(exc.message))
+            log.info("refused %s request: %s", kind, printable(exc.message))
             raise rpc_error(exc) from None
         except RenderError as exc:
-            log.warning("rendering failed for a %s request: %s", kind.value, printable(str(exc)))
+            log.warning("rendering failed for a %s request: %s", kind, printable(str(exc)))
             raise rpc_error(
                 InvalidRequest("request", "the values cannot be rendered into the mail")
             ) from None
         except Exception:
-            log.exception("unexpected error while accepting a %s mail", kind.value)
+            log.exception("unexpected error while accepting a %s mail", kind)
             raise status_error(GrpcStatus.INTERNAL, "internal error") from None
-        log.debug("accepted %s mail %s", kind.value, mail.message_id)
+        log.debug("accepted %s mail %s", kind, mail.message_id)
         return MsgReply(sent=True, message_id=mail.message_id)
+
+
+def _deadline(request: Any) -> float:
+    """The call's deadline on the trio clock, from its ``grpc-timeout`` (inf: none)."""
+    return deadline_s(trio.current_time(), timeout_s(getattr(request, "timeout", None)))
 
 
 _STATE_NUMBERS = {

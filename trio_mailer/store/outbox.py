@@ -65,7 +65,7 @@ from trio_mailer.core.mail_lifecycle import (
     MailRecord,
     MailState,
     StatusChange,
-    apply_change,
+    check_change,
     default_outbox_path,
 )
 
@@ -269,7 +269,7 @@ def _apply(conn: sqlite3.Connection, change: _Change, path: Path) -> None:
         current = _select_one(conn, change.message_id, path)
         if current is None:
             raise OutboxConflict(f"{change.message_id} is not in the outbox")
-        new = apply_change(current, change)
+        new = _checked(current, change)
         conn.execute(
             _UPDATE,
             (
@@ -285,6 +285,15 @@ def _apply(conn: sqlite3.Connection, change: _Change, path: Path) -> None:
         )
     else:
         conn.execute(_WITHDRAW, (change.message_id, MailState.QUEUED.value))
+
+
+def _checked(current: MailRecord, change: StatusChange) -> MailRecord:
+    # A change the lifecycle table refuses is a sender bug: logged, and the row is kept in the
+    # defined state ``check_change`` chose, never left to take the service down.
+    applied = check_change(current, change)
+    if applied.problem is not None:
+        log.error("outbox: %s", applied.problem, extra={"message_id": change.message_id})
+    return applied.record
 
 
 def _rollback(conn: sqlite3.Connection) -> None:
@@ -778,7 +787,7 @@ class MemoryOutbox:
         current = self._records.get(change.message_id)
         if current is None:
             raise OutboxConflict(f"{change.message_id} is not in the outbox")
-        self._records[change.message_id] = apply_change(current, change)
+        self._records[change.message_id] = _checked(current, change)
         self._commits += 1
 
     async def unfinished(
