@@ -183,5 +183,5 @@ def test_reconnect_backoff_is_zero_without_failures() -> None:
 
 
 def test_policy_defaults_come_from_the_config_table() -> None:
-    assert RetryPolicy() == RetryPolicy(base_s=1.0, max_s=60.0, max_attempts=8, ttl_s=600.0)
+    assert RetryPolicy() == RetryPolicy(base_s=1.0, max_s=60.0, max_attempts=1000, ttl_s=600.0)
     assert ReconnectBackoff() == ReconnectBackoff(base_s=1.0, cap_s=60.0)
