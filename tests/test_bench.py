@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from .conftest import subprocess_env
+from .helpers import subprocess_env
 
 ROOT = Path(__file__).resolve().parent.parent
 SECTIONS = ("egress", "overload", "ingress", "e2e", "attacks")

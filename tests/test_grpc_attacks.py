@@ -37,7 +37,7 @@ from trio_mailer.grpc.listener import (
 from trio_mailer.grpc_std.health.v1 import health_pb2
 
 from . import raw_h2
-from .conftest import subprocess_env
+from .helpers import subprocess_env
 from .raw_h2 import RawClient, grpc_headers, grpc_message
 
 OK, INTERNAL, UNIMPLEMENTED, UNAUTHENTICATED = 0, 13, 12, 16

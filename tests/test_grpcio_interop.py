@@ -8,7 +8,7 @@ import trio
 
 from trio_mailer.v1.mailer_pb2 import MsgReply, MsgRequest
 
-from .conftest import Harness
+from .helpers import Harness
 
 
 def grpcio_call(port: int, method: str, request: MsgRequest) -> MsgReply:

@@ -31,9 +31,9 @@ import trio
 
 from trio_mailer.core.caller_auth import is_loopback
 from trio_mailer.core.config import Config, TlsMode
-from trio_mailer.core.errors import ShuttingDown
+from trio_mailer.core.errors import OutboxError, ShuttingDown
 from trio_mailer.core.health_decision import SenderStatistics, is_serving
-from trio_mailer.core.mail_lifecycle import MailRecord, MailState, OutboxError
+from trio_mailer.core.mail_lifecycle import MailRecord, MailState
 from trio_mailer.core.message import MailComposer
 from trio_mailer.core.rendering import MailTemplates, TemplateError
 from trio_mailer.core.retry_policy import ReconnectBackoff, RetryPolicy
@@ -65,7 +65,7 @@ from trio_mailer.grpc.mailer_service import MailerService
 from trio_mailer.grpc.reflection_service import reflection_services
 from trio_mailer.logs import printable
 from trio_mailer.metrics import Metrics, serve_metrics
-from trio_mailer.store.outbox import MemoryOutbox, Outbox, SqliteOutbox
+from trio_mailer.store.outbox import Outbox, open_outbox
 from trio_mailer.store.status_board import StatusBoard
 from trio_mailer.v1 import mailer_pb2
 
@@ -353,30 +353,16 @@ class MailerApp:
         Raises:
             BindError: the gRPC port cannot be bound.
         """
-        outbox = await self._open_outbox()
-        try:
-            return await self._run_with(outbox, task_status)
-        finally:
-            with trio.CancelScope(shield=True):
-                await outbox.aclose()
-
-    async def _open_outbox(self) -> Outbox:
-        """The file outbox (checked: a damaged file stops start-up), or the in-memory one.
-
-        Raises:
-            OutboxError: the file is not a usable outbox, or cannot be opened.
-        """
-        if self.outbox is not None:
-            return self.outbox
-        if self.config.outbox_path is None:
+        path = self.config.outbox_path
+        if self.outbox is None and path is None:
             log.warning(
                 "MAILER_OUTBOX=memory: accepted mail lives only in memory and is lost if the "
                 "process is killed"
             )
-            return MemoryOutbox()
-        outbox = await SqliteOutbox.open(self.config.outbox_path)
-        log.info("outbox: %s", self.config.outbox_path)
-        return outbox
+        async with open_outbox(path, use=self.outbox) as outbox:
+            if self.outbox is None and path is not None:
+                log.info("outbox: %s", path)
+            return await self._run_with(outbox, task_status)
 
     async def _recover(self, outbox: Outbox) -> None:
         """Queue every mail a previous run accepted and did not finish (attempts and time to

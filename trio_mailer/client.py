@@ -21,6 +21,7 @@ import attrs
 import purerpc
 import trio
 
+from trio_mailer import tls
 from trio_mailer.core.errors import exception_leaves
 from trio_mailer.core.rendering import MailKind
 from trio_mailer.grpc.purerpc_internals import Channel, client_channel
@@ -89,11 +90,7 @@ def client_ssl_context(
     Raises:
         ssl.SSLError, OSError: a file cannot be loaded.
     """
-    context = ssl.create_default_context(cafile=str(ca_file) if ca_file else None)
-    context.set_alpn_protocols(["h2"])
-    if cert is not None:
-        context.load_cert_chain(str(cert), str(key) if key else None)
-    return context
+    return tls.client_context(ca_file, alpn=["h2"], cert=cert, key=key)
 
 
 async def send(

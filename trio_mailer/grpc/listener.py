@@ -27,6 +27,7 @@ import attrs
 import purerpc
 import trio
 
+from trio_mailer import tls
 from trio_mailer.core.http2_limits import MAX_MESSAGE_BYTES
 from trio_mailer.grpc.http2_server import Authorizer, Limits, log_client_fault, serve_connection
 from trio_mailer.logs import printable
@@ -80,13 +81,7 @@ def make_server_ssl_context(cert: Path, key: Path, client_ca: Path | None = None
     Raises:
         ssl.SSLError, OSError: a file cannot be loaded.
     """
-    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-    context.load_cert_chain(str(cert), str(key))
-    context.set_alpn_protocols(["h2"])
-    if client_ca is not None:
-        context.verify_mode = ssl.CERT_REQUIRED
-        context.load_verify_locations(cafile=str(client_ca))
-    return context
+    return tls.server_context(cert, key, alpn=["h2"], client_ca=client_ca)
 
 
 async def open_grpc_listener(
@@ -164,20 +159,20 @@ class _Accepting:
             peer = _peer_name(tcp)
             stream: trio.abc.Stream = tcp
             if self.ssl_context is not None:
-                tls = await self._handshake(tcp, peer)
-                if tls is None:
+                secured = await self._handshake(tcp, peer)
+                if secured is None:
                     return
-                stream = tls
+                stream = secured
             await serve_connection(stream, self.services, self.authorizer, self.limits, peer)
         finally:
             self.open_connections -= 1
 
     async def _handshake(self, tcp: trio.SocketStream, peer: str) -> trio.SSLStream[Any] | None:
         assert self.ssl_context is not None
-        tls = trio.SSLStream(tcp, self.ssl_context, server_side=True)
+        secured = trio.SSLStream(tcp, self.ssl_context, server_side=True)
         try:
             with trio.fail_after(TLS_HANDSHAKE_TIMEOUT_S):
-                await tls.do_handshake()
+                await secured.do_handshake()
         except (trio.TooSlowError, trio.BrokenResourceError, OSError) as exc:
             await trio.aclose_forcefully(tcp)
             cause = exc.__cause__ if isinstance(exc, trio.BrokenResourceError) else exc
@@ -190,7 +185,7 @@ class _Accepting:
                 peer,
             )
             return None
-        return tls
+        return secured
 
 
 def _peer_name(stream: trio.SocketStream) -> str:

@@ -1,9 +1,10 @@
 """The ``trio_mailer.v1.Mailer`` gRPC handlers: validate, render, queue, answer.
 
-Thin: the work is in ``message.MailComposer`` (pure) and ``mail_queue.MailQueue``. This is also
-where errors become gRPC statuses: a ``MailerError`` maps to its own status and message; a
-rendering failure to INVALID_ARGUMENT; anything else to INTERNAL with a generic message, its
-detail logged and never sent to the client.
+Thin: the work is in ``core.message.MailComposer`` (pure) and ``delivery.mail_queue.MailQueue``.
+Errors become gRPC statuses through ``grpc.statuses.rpc_error``: a core error (``core.errors``)
+maps to its own status; a ``MailerError`` shows its message, an outbox error a generic one; a
+rendering failure is INVALID_ARGUMENT; anything else INTERNAL with a generic message, its detail
+logged and never sent to the client.
 
 Deadlines: a call's ``grpc-timeout`` (purerpc hands it over as ``request.timeout``) bounds the
 work before its mail is stored. A call whose deadline passes first stores nothing (a cancelled
@@ -25,12 +26,21 @@ import purerpc
 import trio
 from google.protobuf.timestamp_pb2 import Timestamp
 
-from trio_mailer.core.errors import MailerError, MessageBuildError, ShuttingDown
+from trio_mailer.core.errors import (
+    GrpcStatus,
+    InvalidRequest,
+    MailerError,
+    MailNotFound,
+    MessageBuildError,
+    OutboxError,
+    ShuttingDown,
+)
 from trio_mailer.core.grpc_deadline import deadline_s, timeout_s
-from trio_mailer.core.mail_lifecycle import MailRecord, MailState, OutboxError
+from trio_mailer.core.mail_lifecycle import MailRecord, MailState
 from trio_mailer.core.message import MailComposer, OutgoingMail
 from trio_mailer.core.rendering import MailKind, MailTemplates, RenderError
 from trio_mailer.delivery.mail_queue import MailQueue
+from trio_mailer.grpc.statuses import rpc_error, status_error
 from trio_mailer.logs import printable
 from trio_mailer.metrics import Metrics
 from trio_mailer.store.outbox import MemoryOutbox, Outbox
@@ -54,10 +64,6 @@ _OUTCOMES = {
     purerpc.StatusCode.INVALID_ARGUMENT: "invalid",
     purerpc.StatusCode.UNAVAILABLE: "unavailable",
 }
-
-
-def _rpc_error(status: purerpc.StatusCode, message: str) -> purerpc.RpcFailedError:
-    return purerpc.RpcFailedError(purerpc.Status(status, message))
 
 
 class MailerService(MailerServicer):  # type: ignore[misc]  # generated, untyped base
@@ -136,10 +142,11 @@ class MailerService(MailerServicer):  # type: ignore[misc]  # generated, untyped
 
     async def _find(self, message_id: str) -> MailRecord:
         if not message_id or len(message_id) > MAX_MESSAGE_ID_CHARS:
-            raise _rpc_error(
-                purerpc.StatusCode.INVALID_ARGUMENT,
-                f"message_id: expected 1 to {MAX_MESSAGE_ID_CHARS} characters, "
-                f"got {len(message_id)}",
+            raise rpc_error(
+                InvalidRequest(
+                    "message_id",
+                    f"expected 1 to {MAX_MESSAGE_ID_CHARS} characters, got {len(message_id)}",
+                )
             )
         record = self._board.get(message_id)
         if record is None:
@@ -147,12 +154,9 @@ class MailerService(MailerServicer):  # type: ignore[misc]  # generated, untyped
                 record = await self.outbox.get(message_id)
             except OutboxError as exc:
                 log.error("cannot read the outbox: %s", exc)
-                raise _rpc_error(purerpc.StatusCode.UNAVAILABLE, "status unavailable") from None
+                raise rpc_error(exc, "status unavailable") from None
         if record is None:
-            raise _rpc_error(
-                purerpc.StatusCode.NOT_FOUND,
-                "message_id: no such mail here (never accepted, or older than the retention)",
-            )
+            raise rpc_error(MailNotFound())
         return record
 
     def _queue_full(self, kind: str) -> MsgReply:
@@ -183,8 +187,8 @@ class MailerService(MailerServicer):  # type: ignore[misc]  # generated, untyped
                 return reply
             outcome = "deadline_exceeded"
             log.info("%s call past its deadline before its mail was stored", method)
-            raise _rpc_error(
-                purerpc.StatusCode.DEADLINE_EXCEEDED, "deadline exceeded; nothing was stored"
+            raise status_error(
+                GrpcStatus.DEADLINE_EXCEEDED, "deadline exceeded; nothing was stored"
             )
         except purerpc.RpcFailedError as exc:
             if outcome != "deadline_exceeded":
@@ -221,24 +225,21 @@ class MailerService(MailerServicer):  # type: ignore[misc]  # generated, untyped
             self._queue.put_reserved(mail, accepted_at_s=trio.current_time())
         except OutboxError as exc:
             log.error("cannot store a %s mail: %s", kind, exc)
-            raise _rpc_error(
-                purerpc.StatusCode.UNAVAILABLE, "cannot store the mail right now; try again later"
-            ) from None
+            raise rpc_error(exc, "cannot store the mail right now; try again later") from None
         except MessageBuildError as exc:
             log.error("message failed its safety check: %s", printable(exc.detail))
-            raise _rpc_error(purerpc.StatusCode.INTERNAL, exc.message) from None
+            raise rpc_error(exc) from None
         except MailerError as exc:
             log.info("refused %s request: %s", kind, printable(exc.message))
-            raise _rpc_error(purerpc.StatusCode(exc.grpc_status.value), exc.message) from None
+            raise rpc_error(exc) from None
         except RenderError as exc:
             log.warning("rendering failed for a %s request: %s", kind, printable(str(exc)))
-            raise _rpc_error(
-                purerpc.StatusCode.INVALID_ARGUMENT,
-                "request: the values cannot be rendered into the mail",
+            raise rpc_error(
+                InvalidRequest("request", "the values cannot be rendered into the mail")
             ) from None
         except Exception:
             log.exception("unexpected error while accepting a %s mail", kind)
-            raise _rpc_error(purerpc.StatusCode.INTERNAL, "internal error") from None
+            raise status_error(GrpcStatus.INTERNAL, "internal error") from None
         log.debug("accepted %s mail %s", kind, mail.message_id)
         return MsgReply(sent=True, message_id=mail.message_id)
 

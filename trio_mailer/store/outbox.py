@@ -52,21 +52,18 @@ import math
 import os
 import sqlite3
 import uuid
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Protocol, TypeVar
 
 import attrs
 import trio
 
+from trio_mailer.core.errors import OutboxConflict, OutboxCorrupt, OutboxError, OutboxFull
 from trio_mailer.core.mail_lifecycle import (
     TERMINAL_STATES,
     MailRecord,
     MailState,
-    OutboxConflict,
-    OutboxCorrupt,
-    OutboxError,
-    OutboxFull,
     StatusChange,
     check_change,
     default_outbox_path,
@@ -85,6 +82,7 @@ __all__ = [
     "SqliteOutbox",
     "StatusChange",
     "default_outbox_path",
+    "open_outbox",
 ]
 
 log = logging.getLogger(__name__)
@@ -839,3 +837,31 @@ class MemoryOutbox:
         await trio.lowlevel.checkpoint()
         if self._closed:
             raise trio.ClosedResourceError("the outbox is closed")
+
+
+@contextlib.asynccontextmanager
+async def open_outbox(
+    path: Path | None, *, max_size_bytes: int | None = None, use: Outbox | None = None
+) -> AsyncIterator[Outbox]:
+    """``async with open_outbox(config.outbox_path) as outbox:`` the outbox, closed on the way out.
+
+    Args:
+        path: the SQLite file (checked: a damaged file stops start-up); None: in memory.
+        max_size_bytes: a cap on the file's size (``SqliteOutbox.open``).
+        use: an outbox already made (tests): used, and closed, instead of opening one.
+
+    Raises:
+        OutboxError: the file is not a usable outbox, or cannot be opened.
+    """
+    if use is not None:
+        outbox = use
+    elif path is None:
+        outbox = MemoryOutbox()
+    else:
+        outbox = await SqliteOutbox.open(path, max_size_bytes=max_size_bytes)
+    try:
+        yield outbox
+    finally:
+        # Closing commits what is pending: it must run even when the caller is cancelled.
+        with trio.CancelScope(shield=True):
+            await outbox.aclose()
