@@ -47,18 +47,18 @@ from trio_mailer.delivery.smtp_session import (
     ThreadedSmtpSession,
     make_relay_ssl_context,
 )
+from trio_mailer.grpc.admin_service import AdminService
+from trio_mailer.grpc.admission import AdmissionControl
 from trio_mailer.grpc.health_service import FILE_DESCRIPTOR as HEALTH_FILE_DESCRIPTOR
 from trio_mailer.grpc.health_service import SERVICE_NAME as HEALTH_SERVICE_NAME
 from trio_mailer.grpc.health_service import HealthState, ServingStatus, health_service
 from trio_mailer.grpc.listener import (
+    PEER_IDENTITY,
     bound_port,
     make_server_ssl_context,
     open_grpc_listener,
     serve_grpc,
 )
-from trio_mailer.grpc.admin_service import AdminService
-from trio_mailer.grpc.admission import AdmissionControl
-from trio_mailer.grpc.listener import PEER_IDENTITY
 from trio_mailer.grpc.mailer_service import ANONYMOUS_CALLER, MailerService
 from trio_mailer.grpc.reflection_service import reflection_services
 from trio_mailer.metrics import Metrics, serve_metrics

@@ -24,8 +24,8 @@ from trio_mailer.core.errors import InvalidRequest, MailerError, MessageBuildErr
 from trio_mailer.core.idempotency import payload_fingerprint, validate_idempotency_key
 from trio_mailer.core.mail_lifecycle import MailRecord, MailState, OutboxError
 from trio_mailer.core.message import MailComposer
-from trio_mailer.core.rendering import MailKind, RenderError
 from trio_mailer.core.rate_limits import retry_after_ms
+from trio_mailer.core.rendering import MailKind, RenderError
 from trio_mailer.delivery.mail_queue import MailQueue
 from trio_mailer.grpc.admission import (
     CALLER_LIMITED,

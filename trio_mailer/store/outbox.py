@@ -73,8 +73,8 @@ from trio_mailer.core.mail_lifecycle import (
 )
 from trio_mailer.store import admission_tables as admission
 from trio_mailer.store.admission_tables import (
-    AcceptedAt,
     Acceptance,
+    AcceptedAt,
     IdempotencyHit,
     KeyEntry,
     MemoryAdmission,
