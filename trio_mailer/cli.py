@@ -14,6 +14,7 @@ import signal
 import ssl
 import sys
 from collections.abc import Awaitable, Callable, Mapping, Sequence
+from datetime import UTC
 from functools import partial
 from pathlib import Path
 
@@ -21,7 +22,13 @@ import attrs
 import trio
 
 from trio_mailer.app import MailerApp
-from trio_mailer.client import SendFailed, client_ssl_context, send
+from trio_mailer.client import (
+    SendFailed,
+    client_ssl_context,
+    list_suppressed,
+    remove_suppressed,
+    send,
+)
 from trio_mailer.client import status as fetch_status
 from trio_mailer.core.config import ConfigError, load_config, parse_host_port
 from trio_mailer.core.errors import exception_leaves
@@ -162,7 +169,12 @@ def _send(args: argparse.Namespace) -> int:
     kind = MailKind.PASSWORD if args.kind == "pass" else MailKind.RETRIEVE
     try:
         reply = trio.run(
-            partial(send, token=target.token, ssl_context=target.ssl_context),
+            partial(
+                send,
+                token=target.token,
+                ssl_context=target.ssl_context,
+                idempotency_key=args.idempotency_key or "",
+            ),
             target.host,
             target.port,
             kind,
@@ -175,7 +187,8 @@ def _send(args: argparse.Namespace) -> int:
     if reply.sent:
         print(f"sent=true message_id={reply.message_id}")
         return 0
-    print(f"sent=false reason={reply.reason}")
+    retry = f" retry_after_ms={reply.retry_after_ms}" if reply.retry_after_ms else ""
+    print(f"sent=false reason={reply.reason}{retry}")
     return 1
 
 
@@ -214,6 +227,34 @@ def _status(args: argparse.Namespace) -> int:
     return 0
 
 
+def _suppressed(args: argparse.Namespace) -> int:
+    target = _target("suppressed", args)
+    if target is None:
+        return EXIT_START_FAILED
+    try:
+        if args.action == "remove":
+            removed = trio.run(
+                partial(remove_suppressed, token=target.token, ssl_context=target.ssl_context),
+                target.host,
+                target.port,
+                args.address,
+            )
+            print(f"removed {args.address}" if removed else f"not suppressed: {args.address}")
+            return 0 if removed else 1
+        entries = trio.run(
+            partial(list_suppressed, token=target.token, ssl_context=target.ssl_context),
+            target.host,
+            target.port,
+        )
+    except SendFailed as exc:
+        print(f"error: {exc.status}: {exc.detail}", file=sys.stderr)
+        return 1
+    for entry in entries:
+        until = entry.until.ToDatetime(tzinfo=UTC).isoformat(timespec="seconds")
+        print(f"{entry.address}\tuntil={until}\t{entry.reply_code} {entry.reply_text}")
+    return 0
+
+
 def _client_options(command: argparse.ArgumentParser) -> None:
     command.add_argument(
         "--server", default="127.0.0.1:20100", help="the service's HOST:PORT (127.0.0.1:20100)"
@@ -245,6 +286,9 @@ def _parser() -> argparse.ArgumentParser:
     send_cmd.add_argument("--to", required=True, help="recipient address")
     send_cmd.add_argument("--code", required=True, help="the code the mail carries")
     send_cmd.add_argument("--kind", choices=["pass", "retrieve"], default="pass")
+    send_cmd.add_argument(
+        "--idempotency-key", help="the same key on a retry gets the first reply, not a second mail"
+    )
     _client_options(send_cmd)
     send_cmd.set_defaults(run=_send)
     status_cmd = commands.add_parser("status", help="where a mail stands, by its Message-ID")
@@ -254,6 +298,18 @@ def _parser() -> argparse.ArgumentParser:
     )
     _client_options(status_cmd)
     status_cmd.set_defaults(run=_status)
+    suppressed_cmd = commands.add_parser(
+        "suppressed", help="the running service's list of dead addresses (list, remove ADDR)"
+    )
+    actions = suppressed_cmd.add_subparsers(dest="action", required=True)
+    list_cmd = actions.add_parser(
+        "list", help="every address on the list, with the reply that put it there"
+    )
+    remove_cmd = actions.add_parser("remove", help="take an address off the list")
+    remove_cmd.add_argument("address")
+    for action in (list_cmd, remove_cmd):
+        _client_options(action)
+    suppressed_cmd.set_defaults(run=_suppressed)
     return parser
 
 
