@@ -23,6 +23,7 @@ from trio_mailer.v1.mailer_pb2 import StatusRequest
 from .admission_helpers import as_caller, build_service, queued, refused_with, send
 
 TIMEOUT_S = 20
+ROOT = Path(__file__).resolve().parent.parent  # the child imports tests.admission_helpers
 KEY = "reset-form/7f3a9c"
 
 
@@ -241,7 +242,7 @@ async def test_kill_9_between_the_commit_and_the_answer_then_a_retry_makes_one_m
             check=False,
             capture_stdout=True,
             capture_stderr=True,
-            cwd=Path(__file__).resolve().parent.parent,
+            cwd=ROOT,
         )
         assert child.returncode == -signal.SIGKILL, child.stderr.decode()
         assert b"answered" not in child.stdout
