@@ -210,16 +210,20 @@ class AdmissionControl:
             with trio.move_on_after(PRUNE_INTERVAL_S):
                 await self._store_wanted.wait()
             self._store_wanted = trio.Event()
-            while self._to_store:
-                address, entry = next(iter(self._to_store.items()))
-                try:
-                    await self.outbox.suppress(entry)
-                except OutboxError as exc:
-                    log.error("cannot store the suppression of %s: %s", mask(address), exc)
-                    break  # kept for the next round
-                if self._to_store.get(address) is entry:
-                    del self._to_store[address]
+            await self.flush()
             await self._prune()
+
+    async def flush(self) -> None:
+        """Store the suppressions not yet in the outbox (one that fails waits for next time)."""
+        while self._to_store:
+            address, entry = next(iter(self._to_store.items()))
+            try:
+                await self.outbox.suppress(entry)
+            except OutboxError as exc:
+                log.error("cannot store the suppression of %s: %s", mask(address), exc)
+                return
+            if self._to_store.get(address) is entry:
+                del self._to_store[address]
 
     async def _prune(self) -> None:
         now = self.wall_clock()
