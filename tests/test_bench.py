@@ -17,7 +17,7 @@ import pytest
 from .conftest import subprocess_env
 
 ROOT = Path(__file__).resolve().parent.parent
-SECTIONS = ("egress", "overload", "ingress", "e2e")
+SECTIONS = ("egress", "overload", "ingress", "e2e", "admission")
 TIMEOUT_S = 240
 
 
