@@ -121,8 +121,10 @@ class Ticket:
             return None
         return None if entry is None else self.resolve(entry)
 
-    def acceptance(self, message_id: str) -> Acceptance:
-        """What the outbox stores beside the mail, in its commit."""
+    def acceptance(self, message_id: str) -> Acceptance | None:
+        """What the outbox stores beside the mail, in its commit (None: nothing)."""
+        if self.key is None and not self._control.limits_on:
+            return None
         return Acceptance(
             message_id=message_id,
             caller=self.caller,
