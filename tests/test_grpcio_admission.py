@@ -19,8 +19,7 @@ from trio_mailer.v1.mailer_pb2 import (
     StatusRequest,
 )
 
-from .test_faults import FAST
-from .test_suppression import DEAD
+from .test_suppression import DEAD, ON
 
 
 def session(port: int) -> dict[str, object]:
@@ -71,7 +70,7 @@ async def test_grpcio_uses_keys_retry_after_status_by_key_and_the_admin_service(
     start_harness,
 ) -> None:
     with trio.fail_after(60):
-        async with start_harness(env={**FAST, "MAILER_RECIPIENT_LIMIT": "1/600"}) as h:
+        async with start_harness(env={**ON, "MAILER_RECIPIENT_LIMIT": "1/600"}) as h:
             out = await trio.to_thread.run_sync(session, h.grpc_port)
             h.relay.add_fault(Fault("RCPT", reply=DEAD))
             reply = await h.stub.SendPass(MsgRequest(to="gone@example.com", code="1"))

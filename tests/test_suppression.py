@@ -20,6 +20,7 @@ from trio_mailer.v1.mailer_pb2 import MsgRequest
 from .conftest import subprocess_env
 from .test_faults import FAST
 
+ON = {**FAST, "MAILER_SUPPRESS_S": "604800"}  # the default (tests/conftest.py turns it off)
 DEAD = "550 5.1.1 <gone@example.com>: Recipient address rejected: User unknown"
 
 
@@ -37,7 +38,7 @@ async def cli(*args: str) -> tuple[int, str]:
 async def test_a_dead_address_is_suppressed_listed_and_removed(start_harness, caplog) -> None:
     caplog.set_level(logging.INFO)
     with trio.fail_after(60):
-        async with start_harness(env=FAST) as h:
+        async with start_harness(env=ON) as h:
             h.relay.add_fault(Fault("RCPT", reply=DEAD))
             first = await h.stub.SendPass(MsgRequest(to="gone@example.com", code="1"))
             assert first.sent
@@ -73,7 +74,7 @@ async def test_a_dead_address_is_suppressed_listed_and_removed(start_harness, ca
 
 async def test_other_permanent_failures_do_not_suppress(start_harness) -> None:
     with trio.fail_after(60):
-        async with start_harness(env=FAST) as h:
+        async with start_harness(env=ON) as h:
             h.relay.add_fault(Fault("RCPT", reply="550 5.7.1 relaying denied"))
             await h.stub.SendPass(MsgRequest(to="user@example.com", code="1"))
             await h.wait_finished(1)
