@@ -232,6 +232,9 @@ class MailerService(MailerServicer):  # type: ignore[misc]  # generated, untyped
         try:
             if self.draining:
                 raise ShuttingDown()
+            if not message.idempotency_key and self._queue.full():
+                # The flood's path: nothing to look up, nothing to count, nothing to build.
+                return self._queue_full(kind), False
             key = validate_idempotency_key(message.idempotency_key)
             ticket = await self.admission.begin(
                 self._identify(_metadata(request)),
