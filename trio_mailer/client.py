@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import ssl
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from contextlib import AsyncExitStack, aclosing, asynccontextmanager
 from pathlib import Path
 from typing import Any, TypeVar
@@ -24,6 +24,7 @@ from trio_mailer.v1.mailer_pb2 import (
     MsgReply,
     MsgRequest,
     RemoveSuppressedRequest,
+    SendRequest,
     StatusRequest,
     SuppressedAddress,
 )
@@ -87,6 +88,7 @@ async def send(
     to: str,
     code: str,
     *,
+    locale: str = "",
     token: str | None = None,
     ssl_context: ssl.SSLContext | None = None,
     idempotency_key: str = "",
@@ -99,8 +101,42 @@ async def send(
 
     async def call(stub: MailerStub, metadata: Metadata) -> MsgReply:
         method = stub.SendPass if kind is MailKind.PASSWORD else stub.SendRetrieve
-        request = MsgRequest(to=to, code=code, idempotency_key=idempotency_key)
-        reply: MsgReply = await method(request, metadata=metadata)
+        reply: MsgReply = await method(
+            MsgRequest(to=to, code=code, locale=locale, idempotency_key=idempotency_key),
+            metadata=metadata,
+        )
+        return reply
+
+    return await _call(host, port, call, token=token, ssl_context=ssl_context)
+
+
+async def send_template(
+    host: str,
+    port: int,
+    template: str,
+    to: str,
+    variables: Mapping[str, str],
+    *,
+    locale: str = "",
+    token: str | None = None,
+    ssl_context: ssl.SSLContext | None = None,
+    idempotency_key: str = "",
+) -> MsgReply:
+    """Ask the service at ``host:port`` for a mail from ``template`` (the ``Send`` call).
+
+    Raises:
+        SendFailed: with the gRPC status name and its message.
+    """
+
+    async def call(stub: MailerStub, metadata: Metadata) -> MsgReply:
+        request = SendRequest(
+            to=to,
+            template=template,
+            vars=dict(variables),
+            locale=locale,
+            idempotency_key=idempotency_key,
+        )
+        reply: MsgReply = await stub.Send(request, metadata=metadata)
         return reply
 
     return await _call(host, port, call, token=token, ssl_context=ssl_context)
