@@ -153,10 +153,12 @@ async def test_unfinished_lists_non_terminal_mail_oldest_accepted_first(outbox: 
         ]
         for record in records:
             await outbox.add(record)
+        await outbox.record(change(records[4], MailState.SENDING, 1, at=49))
         await outbox.record(change(records[4], MailState.DELIVERED, 1, at=50, reply=(250, "ok")))
         await outbox.record(change(records[5], MailState.FAILED, 1, at=50, reply=(550, "no")))
         await outbox.record(change(records[6], MailState.EXPIRED, 0, at=700))
         await outbox.record(change(records[2], MailState.SENDING, 1, at=50))
+        await outbox.record(change(records[0], MailState.SENDING, 1, at=49))
         await outbox.record(change(records[0], MailState.RETRY_WAIT, 1, at=50, reply=(451, "")))
         unfinished = await outbox.unfinished()
         assert [r.message_id for r in unfinished] == [
@@ -197,7 +199,6 @@ async def test_unfinished_comes_a_page_at_a_time(outbox: Outbox) -> None:
         pytest.param("duplicate", id="add-twice"),
         pytest.param("unknown", id="change-unknown-mail"),
         pytest.param("finished", id="change-finished-mail"),
-        pytest.param("fewer-attempts", id="attempts-go-down"),
     ],
 )
 async def test_a_change_that_breaks_the_rules_is_refused_and_stores_nothing(
@@ -218,17 +219,42 @@ async def test_a_change_that_breaks_the_rules_is_refused_and_stores_nothing(
                 await outbox.record(change(queued(2), MailState.SENDING, 1, at=3))
             elif bad == "finished":
                 await outbox.record(change(record, MailState.DELIVERED, 3, at=3))
-            else:
-                await outbox.record(change(record, MailState.RETRY_WAIT, 1, at=3))
         assert await outbox.get(record.message_id) == before
         assert caught.value.grpc_status is GrpcStatus.INTERNAL
         expected = {
             "duplicate": "<1@x.example> is already in the outbox",
             "unknown": "<2@x.example> is not in the outbox",
             "finished": "<1@x.example> is already failed; it cannot become delivered",
-            "fewer-attempts": "<1@x.example>: attempts: expected 2 or more, got 1",
         }[bad]
         assert caught.value.problem == expected
+
+
+@pytest.mark.parametrize(
+    ("state", "attempts", "expected_state", "problem"),
+    [
+        (MailState.RETRY_WAIT, 1, MailState.RETRY_WAIT, "attempts: expected 2 or more, got 1"),
+        (MailState.FAILED, 1, MailState.FAILED, "attempts: expected 2 or more, got 1"),
+    ],
+)
+async def test_a_change_that_breaks_the_rules_is_logged_and_leaves_a_defined_state(
+    outbox: Outbox,
+    caplog: pytest.LogCaptureFixture,
+    state: MailState,
+    attempts: int,
+    expected_state: MailState,
+    problem: str,
+) -> None:
+    """Attempts going down (issue 10, item 1): no exception, ERROR with the id, attempts kept."""
+    with trio.fail_after(TIMEOUT_S):
+        record = queued(1)
+        await outbox.add(record)
+        await outbox.record(change(record, MailState.SENDING, 2, at=1))
+        await outbox.record(change(record, state, attempts, at=3))
+        stored = await outbox.get(record.message_id)
+    assert stored is not None
+    assert (stored.state, stored.attempts) == (expected_state, 2)
+    [error] = [r for r in caplog.records if r.levelname == "ERROR"]
+    assert "<1@x.example>" in error.getMessage() and problem in error.getMessage()
 
 
 async def test_a_refused_change_does_not_fail_the_others_in_its_commit(outbox: Outbox) -> None:

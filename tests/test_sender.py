@@ -23,7 +23,6 @@ from trio_mailer.delivery.sender import FinishedMail, Sender
 from trio_mailer.delivery.smtp_session import (
     ConnectFailed,
     Delivered,
-    ProbeFailed,
     Rejected,
     Reply,
     SessionLost,
@@ -78,13 +77,13 @@ class FakeSession:
     relay: FakeRelay
     number: int
 
-    async def send(self, mail: OutgoingMail, *, probe_first: bool = False) -> Delivered | Rejected:
-        if probe_first:
-            await trio.lowlevel.checkpoint()
-            answer = self.relay.probe_answers.pop(0) if self.relay.probe_answers else True
-            self.relay.log(f"probe {'ok' if answer else 'failed'}")
-            if not answer:
-                raise ProbeFailed()
+    async def probe(self) -> bool:
+        await trio.lowlevel.checkpoint()
+        answer = self.relay.probe_answers.pop(0) if self.relay.probe_answers else True
+        self.relay.log(f"probe {'ok' if answer else 'failed'}")
+        return answer
+
+    async def send(self, mail: OutgoingMail) -> Delivered | Rejected:
         await trio.sleep(0.01)  # one round of SMTP on a fast relay
         outcome = (
             self.relay.send_outcomes.pop(0)

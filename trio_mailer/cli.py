@@ -23,6 +23,8 @@ import trio
 
 from trio_mailer.app import MailerApp
 from trio_mailer.client import (
+    CALL_TIMEOUT_S,
+    CONNECT_TIMEOUT_S,
     SendFailed,
     client_ssl_context,
     list_suppressed,
@@ -230,6 +232,8 @@ def _send(args: argparse.Namespace) -> int:
                     idempotency_key=args.idempotency_key or "",
                     token=target.token,
                     ssl_context=target.ssl_context,
+                    connect_timeout_s=args.connect_timeout_s,
+                    call_timeout_s=args.timeout_s,
                 ),
                 target.host,
                 target.port,
@@ -252,6 +256,8 @@ def _send(args: argparse.Namespace) -> int:
                     token=target.token,
                     ssl_context=target.ssl_context,
                     idempotency_key=args.idempotency_key or "",
+                    connect_timeout_s=args.connect_timeout_s,
+                    call_timeout_s=args.timeout_s,
                 ),
                 target.host,
                 target.port,
@@ -293,6 +299,8 @@ def _status(args: argparse.Namespace) -> int:
                 watch=args.watch,
                 token=target.token,
                 ssl_context=target.ssl_context,
+                connect_timeout_s=args.connect_timeout_s,
+                call_timeout_s=args.timeout_s,
             ),
             target.host,
             target.port,
@@ -344,6 +352,29 @@ def _client_options(command: argparse.ArgumentParser) -> None:
     command.add_argument("--ca", type=Path, help="CA file to verify the service with")
     command.add_argument("--cert", type=Path, help="client certificate (mTLS)")
     command.add_argument("--key", type=Path, help="client certificate's key (mTLS)")
+    command.add_argument(
+        "--connect-timeout-s",
+        type=_positive_seconds,
+        default=CONNECT_TIMEOUT_S,
+        help=f"give up connecting after this long ({CONNECT_TIMEOUT_S:g})",
+    )
+    command.add_argument(
+        "--timeout-s",
+        type=_positive_seconds,
+        default=CALL_TIMEOUT_S,
+        help=f"give up waiting for the reply after this long ({CALL_TIMEOUT_S:g}; "
+        "for --watch: for the first status)",
+    )
+
+
+def _positive_seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number of seconds, got {text!r}") from None
+    if not (0 < value <= 3600):
+        raise argparse.ArgumentTypeError(f"expected more than 0 and at most 3600, got {text!r}")
+    return value
 
 
 def _parser() -> argparse.ArgumentParser:

@@ -1,7 +1,14 @@
-"""``trio-mailer send``: call a running service and print its reply."""
+"""``trio-mailer send`` and ``status``: call a running service and print its reply.
+
+Every call is bounded: ``connect_timeout_s`` for the connection (TCP, TLS), then
+``call_timeout_s`` for the reply (for ``status --watch``: for the first status; the stream may
+then run until the final state). Past either, the call fails with ``SendFailed`` naming the
+phase, and the CLI exits non-zero: a port that accepts and never speaks no longer hangs it.
+"""
 
 from __future__ import annotations
 
+import math
 import ssl
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from contextlib import AsyncExitStack, aclosing, asynccontextmanager
@@ -12,6 +19,7 @@ import anyio
 import anyio.abc
 import attrs
 import purerpc
+import trio
 from purerpc.grpc_proto import GRPCProtoSocket
 from purerpc.grpclib.config import GRPCConfiguration
 
@@ -39,6 +47,27 @@ class SendFailed(Exception):
 
 
 T = TypeVar("T")
+
+CONNECT_TIMEOUT_S = 10.0  # TCP connect and TLS handshake
+CALL_TIMEOUT_S = 30.0  # from the request to its reply (the first one, for a watch)
+
+
+@attrs.define
+class _Budget:
+    """One cancel scope for the whole call, its deadline moved as the call makes progress."""
+
+    scope: trio.CancelScope
+    call_timeout_s: float
+    phase: str = "connect"
+
+    def connected(self) -> None:
+        self.phase = "call"
+        self.scope.deadline = trio.current_time() + self.call_timeout_s
+
+    def answered(self) -> None:
+        """The first reply came: a watch may now wait as long as the mail takes."""
+        self.phase = "stream"
+        self.scope.deadline = math.inf
 
 
 @asynccontextmanager
@@ -92,14 +121,17 @@ async def send(
     token: str | None = None,
     ssl_context: ssl.SSLContext | None = None,
     idempotency_key: str = "",
+    connect_timeout_s: float = CONNECT_TIMEOUT_S,
+    call_timeout_s: float = CALL_TIMEOUT_S,
 ) -> MsgReply:
     """Ask the service at ``host:port`` for a ``kind`` mail.
 
     Raises:
-        SendFailed: with the gRPC status name and its message.
+        SendFailed: with the gRPC status name and its message (DEADLINE_EXCEEDED past a
+            timeout).
     """
 
-    async def call(stub: MailerStub, metadata: Metadata) -> MsgReply:
+    async def call(stub: MailerStub, metadata: Metadata, budget: _Budget) -> MsgReply:
         method = stub.SendPass if kind is MailKind.PASSWORD else stub.SendRetrieve
         reply: MsgReply = await method(
             MsgRequest(to=to, code=code, locale=locale, idempotency_key=idempotency_key),
@@ -107,7 +139,15 @@ async def send(
         )
         return reply
 
-    return await _call(host, port, call, token=token, ssl_context=ssl_context)
+    return await _call(
+        host,
+        port,
+        call,
+        token=token,
+        ssl_context=ssl_context,
+        connect_timeout_s=connect_timeout_s,
+        call_timeout_s=call_timeout_s,
+    )
 
 
 async def send_template(
@@ -121,6 +161,8 @@ async def send_template(
     token: str | None = None,
     ssl_context: ssl.SSLContext | None = None,
     idempotency_key: str = "",
+    connect_timeout_s: float = CONNECT_TIMEOUT_S,
+    call_timeout_s: float = CALL_TIMEOUT_S,
 ) -> MsgReply:
     """Ask the service at ``host:port`` for a mail from ``template`` (the ``Send`` call).
 
@@ -128,7 +170,7 @@ async def send_template(
         SendFailed: with the gRPC status name and its message.
     """
 
-    async def call(stub: MailerStub, metadata: Metadata) -> MsgReply:
+    async def call(stub: MailerStub, metadata: Metadata, budget: _Budget) -> MsgReply:
         request = SendRequest(
             to=to,
             template=template,
@@ -139,7 +181,15 @@ async def send_template(
         reply: MsgReply = await stub.Send(request, metadata=metadata)
         return reply
 
-    return await _call(host, port, call, token=token, ssl_context=ssl_context)
+    return await _call(
+        host,
+        port,
+        call,
+        token=token,
+        ssl_context=ssl_context,
+        connect_timeout_s=connect_timeout_s,
+        call_timeout_s=call_timeout_s,
+    )
 
 
 async def status(
@@ -152,6 +202,8 @@ async def status(
     token: str | None = None,
     ssl_context: ssl.SSLContext | None = None,
     idempotency_key: str = "",
+    connect_timeout_s: float = CONNECT_TIMEOUT_S,
+    call_timeout_s: float = CALL_TIMEOUT_S,
 ) -> None:
     """Report the status of ``message_id`` to ``on_status``; with ``watch``, every change until
     the final state.
@@ -160,16 +212,25 @@ async def status(
         SendFailed: with the gRPC status name and its message.
     """
 
-    async def call(stub: MailerStub, metadata: Metadata) -> None:
+    async def call(stub: MailerStub, metadata: Metadata, budget: _Budget) -> None:
         request = StatusRequest(message_id=message_id, idempotency_key=idempotency_key)
         if not watch:
             on_status(await stub.GetStatus(request, metadata=metadata))
             return
         async with aclosing(stub.WatchStatus(request, metadata=metadata)) as changes:
             async for change in changes:
+                budget.answered()
                 on_status(change)
 
-    await _call(host, port, call, token=token, ssl_context=ssl_context)
+    await _call(
+        host,
+        port,
+        call,
+        token=token,
+        ssl_context=ssl_context,
+        connect_timeout_s=connect_timeout_s,
+        call_timeout_s=call_timeout_s,
+    )
 
 
 async def list_suppressed(
@@ -185,12 +246,21 @@ async def list_suppressed(
         SendFailed: with the gRPC status name and its message.
     """
 
-    async def call(admin: MailerAdminStub, metadata: Metadata) -> list[SuppressedAddress]:
+    async def call(
+        admin: MailerAdminStub, metadata: Metadata, _budget: _Budget
+    ) -> list[SuppressedAddress]:
         reply = await admin.ListSuppressed(ListSuppressedRequest(), metadata=metadata)
         return list(reply.addresses)
 
     return await _call(
-        host, port, call, token=token, ssl_context=ssl_context, make_stub=MailerAdminStub
+        host,
+        port,
+        call,
+        token=token,
+        ssl_context=ssl_context,
+        connect_timeout_s=CONNECT_TIMEOUT_S,
+        call_timeout_s=CALL_TIMEOUT_S,
+        make_stub=MailerAdminStub,
     )
 
 
@@ -208,14 +278,21 @@ async def remove_suppressed(
         SendFailed: with the gRPC status name and its message.
     """
 
-    async def call(admin: MailerAdminStub, metadata: Metadata) -> bool:
+    async def call(admin: MailerAdminStub, metadata: Metadata, _budget: _Budget) -> bool:
         reply = await admin.RemoveSuppressed(
             RemoveSuppressedRequest(address=address), metadata=metadata
         )
         return bool(reply.removed)
 
     return await _call(
-        host, port, call, token=token, ssl_context=ssl_context, make_stub=MailerAdminStub
+        host,
+        port,
+        call,
+        token=token,
+        ssl_context=ssl_context,
+        connect_timeout_s=CONNECT_TIMEOUT_S,
+        call_timeout_s=CALL_TIMEOUT_S,
+        make_stub=MailerAdminStub,
     )
 
 
@@ -225,17 +302,29 @@ Metadata = list[tuple[str, str]] | None
 async def _call(
     host: str,
     port: int,
-    call: Callable[[Any, Metadata], Awaitable[T]],
+    call: Callable[[Any, Metadata, _Budget], Awaitable[T]],
     *,
     token: str | None,
     ssl_context: ssl.SSLContext | None,
+    connect_timeout_s: float,
+    call_timeout_s: float,
     make_stub: Callable[[Any], Any] = MailerStub,
 ) -> T:
     metadata = [("authorization", f"Bearer {token}")] if token else None
+    budget = _Budget(
+        trio.CancelScope(deadline=trio.current_time() + connect_timeout_s), call_timeout_s
+    )
     # purerpc's client runs the call in a task group, so errors arrive inside exception groups.
     try:
-        async with open_channel(host, port, ssl_context) as channel:
-            return await call(make_stub(channel), metadata)
+        with budget.scope:
+            async with open_channel(host, port, ssl_context) as channel:
+                budget.connected()
+                return await call(make_stub(channel), metadata, budget)
+        if budget.phase == "connect":
+            detail = f"cannot reach {host}:{port}: no connection within {connect_timeout_s:g}s"
+        else:
+            detail = f"no reply from {host}:{port} within {call_timeout_s:g}s"
+        raise SendFailed("DEADLINE_EXCEEDED", detail)
     except* purerpc.RpcFailedError as group:
         rpc_status = exception_leaves(group)[0].status
         raise SendFailed(rpc_status.status_code.name, rpc_status.status_message) from None

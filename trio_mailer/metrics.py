@@ -38,7 +38,8 @@ class Metrics:
             "trio_mailer_requests",
             "gRPC requests by method and outcome (accepted, repeat, queue_full, "
             "recipient_rate_limited, caller_rate_limited, suppressed, invalid, "
-            "idempotency_conflict, idempotency_busy, unauthenticated, unavailable, internal)",
+            "idempotency_conflict, idempotency_busy, unauthenticated, unavailable, "
+            "deadline_exceeded, cancelled, internal)",
             ["method", "outcome"],
             registry=r,
         )
@@ -51,6 +52,12 @@ class Metrics:
         self.suppressed_addresses = Gauge(
             "trio_mailer_suppressed_addresses",
             "Addresses on the suppression list now",
+            registry=r,
+        )
+        self.delivered_by_relay = Counter(
+            "trio_mailer_delivered_by_relay",
+            "Mails delivered, by the relay (host:port) that took them",
+            ["relay"],
             registry=r,
         )
         self.retries = Counter("trio_mailer_retries", "Attempts scheduled again", registry=r)
@@ -103,6 +110,9 @@ class Metrics:
 
     def reply(self, code: int | None) -> None:
         self.smtp_replies.labels("none" if code is None else f"{code // 100}xx").inc()
+
+    def delivered_via(self, relay: str) -> None:
+        self.delivered_by_relay.labels(relay or "unknown").inc()
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -268,12 +268,17 @@ def _check_remote(values: dict[str, Any], _env: Mapping[str, str]) -> str | None
     tls: TlsMode = values["smtp_tls"]
     remote = values.pop("remote_host")
     values["relay_host"], values["relay_port"] = "", tls.default_port
+    values["relays"] = ()
     if remote is None:
         return None
-    try:
-        values["relay_host"], values["relay_port"] = parse_host_port(remote, tls.default_port)
-    except ValueError as exc:
-        return f"MAILER_REMOTE_HOST: {exc}, got {remote!r}"
+    relays = []
+    for part in remote.split(","):
+        try:
+            relays.append(parse_host_port(part.strip(), tls.default_port))
+        except ValueError as exc:
+            return f"MAILER_REMOTE_HOST: {exc}, got {part.strip()!r}"
+    values["relays"] = tuple(relays)
+    values["relay_host"], values["relay_port"] = relays[0]
     return None
 
 
@@ -364,7 +369,8 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("MAILER_SMTP_TLS", "smtp_tls", TlsMode.IMPLICIT, _tls_mode,
             "implicit (TLS from the first byte), starttls (required), or none (plaintext)"),
     Setting("MAILER_REMOTE_HOST", "remote_host", None, _text,
-            "the SMTP relay, host:port ([v6addr]:port); without a port: 465, 587 or 25 by TLS mode",
+            "the SMTP relay, host:port ([v6addr]:port); without a port: 465, 587 or 25 by TLS "
+            "mode; several, comma-separated, are tried in order",
             required="the SMTP relay as host:port", check=_check_remote),
     Setting("MAILER_FROM", "mail_from", "", _mail_from,
             "the sender address (envelope and From:)",
@@ -396,8 +402,8 @@ SETTINGS: tuple[Setting, ...] = (
             "first retry and reconnect delay"),
     Setting("MAILER_RETRY_MAX_S", "retry_max_s", 60.0, _seconds_between(0, DAY_S),
             "cap on retry and reconnect delays", check=_check_retry_max),
-    Setting("MAILER_MAX_ATTEMPTS", "max_attempts", 8, _int_in(1, 100),
-            "attempts per mail before it is reported failed"),
+    Setting("MAILER_MAX_ATTEMPTS", "max_attempts", 1000, _int_in(1, 1_000_000),
+            "upper bound on attempts per mail; the time to live decides first"),
     Setting("MAILER_MESSAGE_TTL_S", "message_ttl_s", 600.0, _seconds_between(0, 7 * DAY_S),
             "a mail not delivered this long after acceptance is reported failed"),
     Setting("MAILER_RETRY_CAPACITY", "retry_capacity", 100, _int_in(1, MAX_QUEUE_SIZE),
@@ -456,9 +462,10 @@ def default(field: str) -> Any:
 
 @attrs.frozen
 class Config:
-    relay_host: str
+    relay_host: str  # the first relay
     relay_port: int
     mail_from: str
+    relays: tuple[tuple[str, int], ...] = ()  # every relay, in order; () means just the first
     smtp_tls: TlsMode = default("smtp_tls")
     service_name: str = default("service_name")
     smtp_user: str | None = default("smtp_user")
@@ -497,11 +504,17 @@ class Config:
     caller_limit: RateLimit | None = default("caller_limit")
     suppress_s: float = default("suppress_s")
 
+    @property
+    def relay_list(self) -> tuple[tuple[str, int], ...]:
+        """Every relay as (host, port), in the order they are tried."""
+        return self.relays or ((self.relay_host, self.relay_port),)
+
     def describe(self) -> str:
         """The effective configuration for the start-up log line, without secrets."""
         auth = f"user={self.smtp_user!r} password=***" if self.smtp_user else "no AUTH"
+        relays = ",".join(f"{host}:{port}" for host, port in self.relay_list)
         return (
-            f"relay={self.relay_host}:{self.relay_port} tls={self.smtp_tls.value} {auth} "
+            f"relay={relays} tls={self.smtp_tls.value} {auth} "
             f"ca_file={self.smtp_ca_file or 'system store'} from={self.mail_from} "
             f"service_name={self.service_name!r} listen={self.serve_host}:{self.serve_port} "
             f"queue_size={self.queue_size} smtp_timeout_s={self.smtp_timeout_s:g} "

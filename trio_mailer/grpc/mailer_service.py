@@ -4,6 +4,11 @@ Thin: the work is in ``message.MailComposer`` (pure) and ``mail_queue.MailQueue`
 where errors become gRPC statuses: a ``MailerError`` maps to its own status and message; a
 rendering failure to INVALID_ARGUMENT; anything else to INTERNAL with a generic message, its
 detail logged and never sent to the client.
+
+Deadlines: a call's ``grpc-timeout`` (purerpc hands it over as ``request.timeout``) bounds the
+work before its mail is stored. A call whose deadline passes first stores nothing (a cancelled
+outbox ``add`` withdraws its row) and answers DEADLINE_EXCEEDED; a call the client cancels is
+counted as ``cancelled`` in the metrics.
 """
 
 from __future__ import annotations
@@ -22,6 +27,7 @@ from google.protobuf.timestamp_pb2 import Timestamp
 
 from trio_mailer.core.addresses import mask
 from trio_mailer.core.errors import InvalidRequest, MailerError, MessageBuildError, ShuttingDown
+from trio_mailer.core.grpc_deadline import deadline_s, timeout_s
 from trio_mailer.core.idempotency import payload_fingerprint, validate_idempotency_key
 from trio_mailer.core.mail_lifecycle import MailRecord, MailState, OutboxError
 from trio_mailer.core.message import MailComposer, OutgoingMail
@@ -100,6 +106,7 @@ class _Call:
     fingerprint_fields: tuple[tuple[str, str], ...]
     compose: Callable[[datetime], OutgoingMail]
     request: Any  # purerpc's call (headers, deadline), or None
+    deadline: float  # on the trio clock (inf: none)
 
 
 def _rpc_error(status: purerpc.StatusCode, message: str) -> purerpc.RpcFailedError:
@@ -165,6 +172,7 @@ class MailerService(MailerServicer):  # type: ignore[misc]  # generated, untyped
             fields,
             compose,
             request,
+            _deadline(request),
         )
         return await self._submit(call)
 
@@ -189,6 +197,7 @@ class MailerService(MailerServicer):  # type: ignore[misc]  # generated, untyped
             fields,
             compose,
             request,
+            _deadline(request),
         )
         return await self._submit(call)
 
@@ -203,11 +212,14 @@ class MailerService(MailerServicer):  # type: ignore[misc]  # generated, untyped
         record = await self._find(await self._status_id(message, request))
         yield _status_message(record)
         while not record.state.terminal:
-            await self._board.wait_for_change(record.message_id)
+            # Look before waiting: a change that landed while this stream was suspended at
+            # ``yield`` (or a final state already moved to the outbox) is not missed.
             latest = await self._find(record.message_id)
-            if latest != record:
-                record = latest
-                yield _status_message(record)
+            if latest == record:
+                await self._board.wait_for_change(record.message_id)
+                continue
+            record = latest
+            yield _status_message(record)
 
     async def _status_id(self, message: StatusRequest, request: Any) -> str:
         """The message_id a StatusRequest names, directly or by the caller's idempotency key."""
@@ -282,14 +294,24 @@ class MailerService(MailerServicer):  # type: ignore[misc]  # generated, untyped
     async def _submit(self, call: _Call) -> MsgReply:
         outcome = "internal"
         try:
-            reply, repeat = await self._admit(call)
-            if repeat:
-                outcome = "repeat"
-            else:
-                outcome = "accepted" if reply.sent else _REFUSAL_OUTCOMES[reply.reason]
-            return reply
+            with trio.move_on_at(call.deadline):
+                reply, repeat = await self._admit(call)
+                if repeat:
+                    outcome = "repeat"
+                else:
+                    outcome = "accepted" if reply.sent else _REFUSAL_OUTCOMES[reply.reason]
+                return reply
+            outcome = "deadline_exceeded"
+            log.info("%s call past its deadline before its mail was stored", call.method)
+            raise _rpc_error(
+                purerpc.StatusCode.DEADLINE_EXCEEDED, "deadline exceeded; nothing was stored"
+            )
         except purerpc.RpcFailedError as exc:
-            outcome = _OUTCOMES.get(exc.status.status_code, "internal")
+            if outcome != "deadline_exceeded":
+                outcome = _OUTCOMES.get(exc.status.status_code, "internal")
+            raise
+        except trio.Cancelled:
+            outcome = "cancelled"  # the client went away (or the server is stopping)
             raise
         finally:
             if self._metrics is not None:
@@ -387,6 +409,11 @@ class MailerService(MailerServicer):  # type: ignore[misc]  # generated, untyped
 
 def _repeat_reply(repeat: Repeat) -> MsgReply:
     return MsgReply(sent=True, message_id=repeat.message_id)
+
+
+def _deadline(request: Any) -> float:
+    """The call's deadline on the trio clock, from its ``grpc-timeout`` (inf: none)."""
+    return deadline_s(trio.current_time(), timeout_s(getattr(request, "timeout", None)))
 
 
 _STATE_NUMBERS = {

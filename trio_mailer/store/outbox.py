@@ -68,7 +68,7 @@ from trio_mailer.core.mail_lifecycle import (
     OutboxError,
     OutboxFull,
     StatusChange,
-    apply_change,
+    check_change,
     default_outbox_path,
 )
 from trio_mailer.store import admission_tables as admission
@@ -313,7 +313,7 @@ def _apply(conn: sqlite3.Connection, change: _Change, path: Path) -> None:
         current = _select_one(conn, change.message_id, path)
         if current is None:
             raise OutboxConflict(f"{change.message_id} is not in the outbox")
-        new = apply_change(current, change)
+        new = _checked(current, change)
         conn.execute(
             _UPDATE,
             (
@@ -329,6 +329,15 @@ def _apply(conn: sqlite3.Connection, change: _Change, path: Path) -> None:
         )
     elif conn.execute(_WITHDRAW, (change.message_id, MailState.QUEUED.value)).rowcount:
         admission.withdraw_acceptance(conn, change.message_id)
+
+
+def _checked(current: MailRecord, change: StatusChange) -> MailRecord:
+    # A change the lifecycle table refuses is a sender bug: logged, and the row is kept in the
+    # defined state ``check_change`` chose, never left to take the service down.
+    applied = check_change(current, change)
+    if applied.problem is not None:
+        log.error("outbox: %s", applied.problem, extra={"message_id": change.message_id})
+    return applied.record
 
 
 def _rollback(conn: sqlite3.Connection) -> None:
@@ -915,7 +924,7 @@ class MemoryOutbox:
         current = self._records.get(change.message_id)
         if current is None:
             raise OutboxConflict(f"{change.message_id} is not in the outbox")
-        self._records[change.message_id] = apply_change(current, change)
+        self._records[change.message_id] = _checked(current, change)
         self._commits += 1
 
     async def unfinished(
