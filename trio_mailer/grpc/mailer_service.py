@@ -87,7 +87,7 @@ def _anonymous(_metadata: Sequence[tuple[str, str]]) -> str:
 
 
 def _metadata(request: Any) -> Sequence[tuple[str, str]]:
-    return () if request is None else tuple(request.custom_metadata or ())
+    return tuple(getattr(request, "custom_metadata", None) or ())
 
 
 def _deadline_s(request: Any) -> float | None:
@@ -137,7 +137,7 @@ class MailerService(MailerServicer):  # type: ignore[misc]  # generated, untyped
         self.admission = (
             admission
             if admission is not None
-            else AdmissionControl(window_s=86400.0, wall_clock=wall_clock)
+            else AdmissionControl(window_s=86400.0, wall_clock=wall_clock, outbox=self.outbox)
         )
         self._identify = identify
         self.draining = False
@@ -373,7 +373,11 @@ class MailerService(MailerServicer):  # type: ignore[misc]  # generated, untyped
             try:
                 # Durable before the caller hears sent=true (with the file outbox); the key and
                 # the rate-limit row are in the same commit.
-                await self.outbox.add(record, ticket.acceptance(mail.message_id))
+                acceptance = ticket.acceptance(mail.message_id)
+                if acceptance is None:
+                    await self.outbox.add(record)
+                else:
+                    await self.outbox.add(record, acceptance)
             except IdempotencyHit as hit:
                 self._queue.release()
                 return _repeat_reply(ticket.resolve(hit.entry))
