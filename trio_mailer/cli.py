@@ -27,6 +27,8 @@ from trio_mailer.client import (
     CONNECT_TIMEOUT_S,
     SendFailed,
     client_ssl_context,
+    list_suppressed,
+    remove_suppressed,
     send,
     send_template,
 )
@@ -231,6 +233,7 @@ def _send(args: argparse.Namespace) -> int:
                 partial(
                     send_template,
                     locale=args.locale,
+                    idempotency_key=args.idempotency_key or "",
                     token=target.token,
                     ssl_context=target.ssl_context,
                     connect_timeout_s=args.connect_timeout_s,
@@ -256,6 +259,7 @@ def _send(args: argparse.Namespace) -> int:
                     locale=args.locale,
                     token=target.token,
                     ssl_context=target.ssl_context,
+                    idempotency_key=args.idempotency_key or "",
                     connect_timeout_s=args.connect_timeout_s,
                     call_timeout_s=args.timeout_s,
                 ),
@@ -271,7 +275,8 @@ def _send(args: argparse.Namespace) -> int:
     if reply.sent:
         print(f"sent=true message_id={reply.message_id}")
         return 0
-    print(f"sent=false reason={reply.reason}")
+    retry = f" retry_after_ms={reply.retry_after_ms}" if reply.retry_after_ms else ""
+    print(f"sent=false reason={reply.reason}{retry}")
     return 1
 
 
@@ -309,6 +314,34 @@ def _status(args: argparse.Namespace) -> int:
     except SendFailed as exc:
         print(f"error: {exc.status}: {exc.detail}", file=sys.stderr)
         return 1
+    return 0
+
+
+def _suppressed(args: argparse.Namespace) -> int:
+    target = _target("suppressed", args)
+    if target is None:
+        return EXIT_START_FAILED
+    try:
+        if args.action == "remove":
+            removed = trio.run(
+                partial(remove_suppressed, token=target.token, ssl_context=target.ssl_context),
+                target.host,
+                target.port,
+                args.address,
+            )
+            print(f"removed {args.address}" if removed else f"not suppressed: {args.address}")
+            return 0 if removed else 1
+        entries = trio.run(
+            partial(list_suppressed, token=target.token, ssl_context=target.ssl_context),
+            target.host,
+            target.port,
+        )
+    except SendFailed as exc:
+        print(f"error: {exc.status}: {exc.detail}", file=sys.stderr)
+        return 1
+    for entry in entries:
+        until = entry.until.ToDatetime(tzinfo=UTC).isoformat(timespec="seconds")
+        print(f"{entry.address}\tuntil={until}\t{entry.reply_code} {entry.reply_text}")
     return 0
 
 
@@ -373,6 +406,9 @@ def _parser() -> argparse.ArgumentParser:
     send_cmd.add_argument("--to", required=True, help="recipient address")
     send_cmd.add_argument("--code", help="the code the mail carries (SendPass/SendRetrieve)")
     send_cmd.add_argument("--kind", choices=["pass", "retrieve"], default="pass")
+    send_cmd.add_argument(
+        "--idempotency-key", help="the same key on a retry gets the first reply, not a second mail"
+    )
     send_cmd.add_argument("--template", help="send this template with Send (instead of --kind)")
     send_cmd.add_argument(
         "--var", action="append", default=[], metavar="NAME=VALUE", help="a template variable"
@@ -387,6 +423,18 @@ def _parser() -> argparse.ArgumentParser:
     )
     _client_options(status_cmd)
     status_cmd.set_defaults(run=_status)
+    suppressed_cmd = commands.add_parser(
+        "suppressed", help="the running service's list of dead addresses (list, remove ADDR)"
+    )
+    actions = suppressed_cmd.add_subparsers(dest="action", required=True)
+    list_cmd = actions.add_parser(
+        "list", help="every address on the list, with the reply that put it there"
+    )
+    remove_cmd = actions.add_parser("remove", help="take an address off the list")
+    remove_cmd.add_argument("address")
+    for action in (list_cmd, remove_cmd):
+        _client_options(action)
+    suppressed_cmd.set_defaults(run=_suppressed)
     render_cmd = commands.add_parser(
         "render", help="print a rendered mail without sending it (templates from MAILER_*)"
     )

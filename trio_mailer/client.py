@@ -13,7 +13,7 @@ import ssl
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from contextlib import AsyncExitStack, aclosing, asynccontextmanager
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import anyio
 import anyio.abc
@@ -25,8 +25,17 @@ from trio_mailer import tls
 from trio_mailer.core.errors import exception_leaves
 from trio_mailer.core.rendering import MailKind
 from trio_mailer.grpc.purerpc_internals import Channel, client_channel
-from trio_mailer.v1.mailer_grpc import MailerStub
-from trio_mailer.v1.mailer_pb2 import MailStatus, MsgReply, MsgRequest, SendRequest, StatusRequest
+from trio_mailer.v1.mailer_grpc import MailerAdminStub, MailerStub
+from trio_mailer.v1.mailer_pb2 import (
+    ListSuppressedRequest,
+    MailStatus,
+    MsgReply,
+    MsgRequest,
+    RemoveSuppressedRequest,
+    SendRequest,
+    StatusRequest,
+    SuppressedAddress,
+)
 
 
 @attrs.frozen
@@ -103,6 +112,7 @@ async def send(
     locale: str = "",
     token: str | None = None,
     ssl_context: ssl.SSLContext | None = None,
+    idempotency_key: str = "",
     connect_timeout_s: float = CONNECT_TIMEOUT_S,
     call_timeout_s: float = CALL_TIMEOUT_S,
 ) -> MsgReply:
@@ -116,7 +126,8 @@ async def send(
     async def call(stub: MailerStub, metadata: Metadata, budget: _Budget) -> MsgReply:
         method = stub.SendPass if kind is MailKind.PASSWORD else stub.SendRetrieve
         reply: MsgReply = await method(
-            MsgRequest(to=to, code=code, locale=locale), metadata=metadata
+            MsgRequest(to=to, code=code, locale=locale, idempotency_key=idempotency_key),
+            metadata=metadata,
         )
         return reply
 
@@ -141,6 +152,7 @@ async def send_template(
     locale: str = "",
     token: str | None = None,
     ssl_context: ssl.SSLContext | None = None,
+    idempotency_key: str = "",
     connect_timeout_s: float = CONNECT_TIMEOUT_S,
     call_timeout_s: float = CALL_TIMEOUT_S,
 ) -> MsgReply:
@@ -151,7 +163,13 @@ async def send_template(
     """
 
     async def call(stub: MailerStub, metadata: Metadata, budget: _Budget) -> MsgReply:
-        request = SendRequest(to=to, template=template, vars=dict(variables), locale=locale)
+        request = SendRequest(
+            to=to,
+            template=template,
+            vars=dict(variables),
+            locale=locale,
+            idempotency_key=idempotency_key,
+        )
         reply: MsgReply = await stub.Send(request, metadata=metadata)
         return reply
 
@@ -175,6 +193,7 @@ async def status(
     watch: bool = False,
     token: str | None = None,
     ssl_context: ssl.SSLContext | None = None,
+    idempotency_key: str = "",
     connect_timeout_s: float = CONNECT_TIMEOUT_S,
     call_timeout_s: float = CALL_TIMEOUT_S,
 ) -> None:
@@ -186,7 +205,7 @@ async def status(
     """
 
     async def call(stub: MailerStub, metadata: Metadata, budget: _Budget) -> None:
-        request = StatusRequest(message_id=message_id)
+        request = StatusRequest(message_id=message_id, idempotency_key=idempotency_key)
         if not watch:
             on_status(await stub.GetStatus(request, metadata=metadata))
             return
@@ -206,18 +225,82 @@ async def status(
     )
 
 
+async def list_suppressed(
+    host: str,
+    port: int,
+    *,
+    token: str | None = None,
+    ssl_context: ssl.SSLContext | None = None,
+) -> list[SuppressedAddress]:
+    """The running service's suppression list.
+
+    Raises:
+        SendFailed: with the gRPC status name and its message.
+    """
+
+    async def call(
+        admin: MailerAdminStub, metadata: Metadata, _budget: _Budget
+    ) -> list[SuppressedAddress]:
+        reply = await admin.ListSuppressed(ListSuppressedRequest(), metadata=metadata)
+        return list(reply.addresses)
+
+    return await _call(
+        host,
+        port,
+        call,
+        token=token,
+        ssl_context=ssl_context,
+        connect_timeout_s=CONNECT_TIMEOUT_S,
+        call_timeout_s=CALL_TIMEOUT_S,
+        make_stub=MailerAdminStub,
+    )
+
+
+async def remove_suppressed(
+    host: str,
+    port: int,
+    address: str,
+    *,
+    token: str | None = None,
+    ssl_context: ssl.SSLContext | None = None,
+) -> bool:
+    """Take ``address`` off the running service's suppression list; False if it was not on it.
+
+    Raises:
+        SendFailed: with the gRPC status name and its message.
+    """
+
+    async def call(admin: MailerAdminStub, metadata: Metadata, _budget: _Budget) -> bool:
+        reply = await admin.RemoveSuppressed(
+            RemoveSuppressedRequest(address=address), metadata=metadata
+        )
+        return bool(reply.removed)
+
+    return await _call(
+        host,
+        port,
+        call,
+        token=token,
+        ssl_context=ssl_context,
+        connect_timeout_s=CONNECT_TIMEOUT_S,
+        call_timeout_s=CALL_TIMEOUT_S,
+        make_stub=MailerAdminStub,
+    )
+
+
 Metadata = list[tuple[str, str]] | None
 
 
 async def _call(
     host: str,
     port: int,
-    call: Callable[[MailerStub, Metadata, _Budget], Awaitable[T]],
+    call: Callable[[Any, Metadata, _Budget], Awaitable[T]],
     *,
     token: str | None,
     ssl_context: ssl.SSLContext | None,
     connect_timeout_s: float,
     call_timeout_s: float,
+    make_stub: Callable[[Any], Any] = MailerStub,
 ) -> T:
     metadata = [("authorization", f"Bearer {token}")] if token else None
     budget = _Budget(
@@ -228,7 +311,7 @@ async def _call(
         with budget.scope:
             async with open_channel(host, port, ssl_context) as channel:
                 budget.connected()
-                return await call(MailerStub(channel), metadata, budget)
+                return await call(make_stub(channel), metadata, budget)
         if budget.phase == "connect":
             detail = f"cannot reach {host}:{port}: no connection within {connect_timeout_s:g}s"
         else:

@@ -36,9 +36,10 @@ class Metrics:
         r = self.registry
         self.requests = Counter(
             "trio_mailer_requests",
-            "gRPC requests by method and outcome "
-            "(accepted, queue_full, invalid, unauthenticated, unavailable, deadline_exceeded, "
-            "cancelled, internal)",
+            "gRPC requests by method and outcome (accepted, repeat, queue_full, "
+            "recipient_rate_limited, caller_rate_limited, suppressed, invalid, "
+            "idempotency_conflict, idempotency_busy, unauthenticated, unavailable, "
+            "deadline_exceeded, cancelled, internal)",
             ["method", "outcome"],
             registry=r,
         )
@@ -46,6 +47,11 @@ class Metrics:
             "trio_mailer_mails",
             "Mails by final outcome (delivered, failed, expired)",
             ["outcome"],
+            registry=r,
+        )
+        self.suppressed_addresses = Gauge(
+            "trio_mailer_suppressed_addresses",
+            "Addresses on the suppression list now",
             registry=r,
         )
         self.delivered_by_relay = Counter(

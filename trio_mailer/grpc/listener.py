@@ -16,6 +16,7 @@ the configured address, runs its own accept loop, and hands each connection to
 
 from __future__ import annotations
 
+import contextvars
 import errno
 import logging
 import ssl
@@ -28,12 +29,14 @@ import purerpc
 import trio
 
 from trio_mailer import tls
+from trio_mailer.core.caller_auth import certificate_identity
 from trio_mailer.core.http2_limits import MAX_MESSAGE_BYTES
 from trio_mailer.grpc.http2_server import Authorizer, Limits, log_client_fault, serve_connection
 from trio_mailer.logs import printable
 
 __all__ = [
     "MAX_MESSAGE_BYTES",
+    "PEER_IDENTITY",
     "Authorizer",
     "BindError",
     "GrpcListener",
@@ -45,6 +48,22 @@ __all__ = [
 ]
 
 log = logging.getLogger(__name__)
+
+# The client certificate's identity (``cert:CN=...``) for the calls of a connection, or None:
+# set in each connection's task, read by the Mailer's handlers through the caller identity.
+PEER_IDENTITY: contextvars.ContextVar[str | None] = contextvars.ContextVar(
+    "trio_mailer_peer_identity", default=None
+)
+
+
+def _peer_identity(stream: trio.SSLStream[Any]) -> str | None:
+    certificate = stream.getpeercert()
+    if not certificate:
+        return None
+    subject = certificate.get("subject", ())
+    # ssl's typeshed entry is loose: "subject" is a tuple of RDNs, each a tuple of pairs.
+    return certificate_identity(subject) if isinstance(subject, tuple) else None
+
 
 TLS_HANDSHAKE_TIMEOUT_S = 10.0
 # After accept() runs out of file descriptors or buffers: wait this long before the next try.
@@ -162,6 +181,7 @@ class _Accepting:
                 secured = await self._handshake(tcp, peer)
                 if secured is None:
                     return
+                PEER_IDENTITY.set(_peer_identity(secured))  # this connection's task only
                 stream = secured
             await serve_connection(stream, self.services, self.authorizer, self.limits, peer)
         finally:

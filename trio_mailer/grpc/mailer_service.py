@@ -17,7 +17,7 @@ from __future__ import annotations
 import logging
 import math
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Sequence
 from datetime import UTC, datetime
 from typing import Any
 
@@ -26,6 +26,7 @@ import purerpc
 import trio
 from google.protobuf.timestamp_pb2 import Timestamp
 
+from trio_mailer.core.addresses import mask
 from trio_mailer.core.errors import (
     GrpcStatus,
     InvalidRequest,
@@ -36,13 +37,25 @@ from trio_mailer.core.errors import (
     ShuttingDown,
 )
 from trio_mailer.core.grpc_deadline import deadline_s, timeout_s
+from trio_mailer.core.idempotency import payload_fingerprint, validate_idempotency_key
 from trio_mailer.core.mail_lifecycle import MailRecord, MailState
 from trio_mailer.core.message import MailComposer, OutgoingMail
+from trio_mailer.core.rate_limits import retry_after_ms
 from trio_mailer.core.rendering import MailKind, MailTemplates, RenderError
 from trio_mailer.delivery.mail_queue import MailQueue
+from trio_mailer.grpc.admission import (
+    CALLER_LIMITED,
+    RECIPIENT_LIMITED,
+    SUPPRESSED,
+    AdmissionControl,
+    Refusal,
+    Repeat,
+    Ticket,
+)
 from trio_mailer.grpc.statuses import rpc_error, status_error
 from trio_mailer.logs import printable
 from trio_mailer.metrics import Metrics
+from trio_mailer.store.admission_tables import IdempotencyHit
 from trio_mailer.store.outbox import MemoryOutbox, Outbox
 from trio_mailer.store.status_board import StatusBoard
 from trio_mailer.v1.mailer_grpc import MailerServicer
@@ -63,7 +76,47 @@ _TEMPLATE_IN_LOG_CHARS = 64  # a caller's template name, in a log line, is cut t
 _OUTCOMES = {
     purerpc.StatusCode.INVALID_ARGUMENT: "invalid",
     purerpc.StatusCode.UNAVAILABLE: "unavailable",
+    purerpc.StatusCode.FAILED_PRECONDITION: "idempotency_conflict",
+    purerpc.StatusCode.ABORTED: "idempotency_busy",
 }
+# The metrics' outcome label for each refusal reason.
+_REFUSAL_OUTCOMES = {
+    QUEUE_FULL_REASON: "queue_full",
+    RECIPIENT_LIMITED: "recipient_rate_limited",
+    CALLER_LIMITED: "caller_rate_limited",
+    SUPPRESSED: "suppressed",
+}
+ANONYMOUS_CALLER = "anonymous"  # every unauthenticated caller: one idempotency space
+
+# Who is calling, from the call's request headers (and the connection): see app.caller_identity.
+Identify = Callable[[Sequence[tuple[str, str]]], str]
+
+
+def _anonymous(_metadata: Sequence[tuple[str, str]]) -> str:
+    return ANONYMOUS_CALLER
+
+
+def _metadata(request: Any) -> Sequence[tuple[str, str]]:
+    return tuple(getattr(request, "custom_metadata", None) or ())
+
+
+def _deadline_s(request: Any) -> float | None:
+    timeout = None if request is None else getattr(request, "timeout", None)
+    return None if timeout is None else float(timeout.total_seconds())
+
+
+@attrs.frozen
+class _Call:
+    """One send call, whatever its RPC: what admission and the log need, and how to build it."""
+
+    method: str  # for the metrics
+    kind: str  # for the log
+    to: str
+    key: str  # idempotency_key as sent
+    fingerprint_fields: tuple[tuple[str, str], ...]
+    compose: Callable[[datetime], OutgoingMail]
+    request: Any  # purerpc's call (headers, deadline), or None
+    deadline: float  # on the trio clock (inf: none)
 
 
 class MailerService(MailerServicer):  # type: ignore[misc]  # generated, untyped base
@@ -77,6 +130,8 @@ class MailerService(MailerServicer):  # type: ignore[misc]  # generated, untyped
         outbox: Outbox | None = None,
         board: StatusBoard | None = None,
         wall_clock: Callable[[], float] = time.time,
+        admission: AdmissionControl | None = None,
+        identify: Identify = _anonymous,
     ) -> None:
         self._composer = composer
         self._queue = queue
@@ -85,6 +140,12 @@ class MailerService(MailerServicer):  # type: ignore[misc]  # generated, untyped
         self.outbox: Outbox = outbox if outbox is not None else MemoryOutbox()
         self._board = board if board is not None else StatusBoard()
         self._wall_clock = wall_clock
+        self.admission = (
+            admission
+            if admission is not None
+            else AdmissionControl(window_s=86400.0, wall_clock=wall_clock, outbox=self.outbox)
+        )
+        self._identify = identify
         self.draining = False
         self.refused_queue_full = 0
         self._last_full_log = -math.inf
@@ -98,37 +159,63 @@ class MailerService(MailerServicer):  # type: ignore[misc]  # generated, untyped
         self._composer = attrs.evolve(self._composer, templates=templates)
 
     async def Send(self, message: SendRequest, request: Any = None) -> MsgReply:
-        # idempotency_key (field 5) is declared in the proto but not acted on here.
         def compose(now: datetime) -> OutgoingMail:
             return self._composer.compose_template(
                 message.template, message.to, dict(message.vars), now, locale=message.locale
             )
 
-        return await self._submit(
-            "Send", message.template[:_TEMPLATE_IN_LOG_CHARS], compose, _deadline(request)
+        fields = (
+            ("template", message.template),
+            ("to", message.to),
+            ("locale", message.locale),
+            *sorted(message.vars.items()),
         )
+        call = _Call(
+            "Send",
+            printable(message.template[:_TEMPLATE_IN_LOG_CHARS]),
+            message.to,
+            message.idempotency_key,
+            fields,
+            compose,
+            request,
+            _deadline(request),
+        )
+        return await self._submit(call)
 
     async def SendPass(self, message: MsgRequest, request: Any = None) -> MsgReply:
-        return await self._submit_code(MailKind.PASSWORD, message, _deadline(request))
+        return await self._submit_code(MailKind.PASSWORD, message, request)
 
     async def SendRetrieve(self, message: MsgRequest, request: Any = None) -> MsgReply:
-        return await self._submit_code(MailKind.RETRIEVE, message, _deadline(request))
+        return await self._submit_code(MailKind.RETRIEVE, message, request)
 
-    async def _submit_code(self, kind: MailKind, message: MsgRequest, deadline: float) -> MsgReply:
+    async def _submit_code(self, kind: MailKind, message: MsgRequest, request: Any) -> MsgReply:
         def compose(now: datetime) -> OutgoingMail:
             return self._composer.compose(
                 kind, message.to, message.code, now, locale=message.locale
             )
 
-        return await self._submit(_METHODS[kind], kind, compose, deadline)
+        fields = (("to", message.to), ("code", message.code), ("locale", message.locale))
+        call = _Call(
+            _METHODS[kind],
+            kind.value,
+            message.to,
+            message.idempotency_key,
+            fields,
+            compose,
+            request,
+            _deadline(request),
+        )
+        return await self._submit(call)
 
-    async def GetStatus(self, message: StatusRequest) -> MailStatus:
-        record = await self._find(message.message_id)
+    async def GetStatus(self, message: StatusRequest, request: Any = None) -> MailStatus:
+        record = await self._find(await self._status_id(message, request))
         return _status_message(record)
 
-    async def WatchStatus(self, message: StatusRequest) -> AsyncIterator[MailStatus]:
+    async def WatchStatus(
+        self, message: StatusRequest, request: Any = None
+    ) -> AsyncIterator[MailStatus]:
         """The current status, then each change, ending after a terminal state."""
-        record = await self._find(message.message_id)
+        record = await self._find(await self._status_id(message, request))
         yield _status_message(record)
         while not record.state.terminal:
             # Look before waiting: a change that landed while this stream was suspended at
@@ -139,6 +226,31 @@ class MailerService(MailerServicer):  # type: ignore[misc]  # generated, untyped
                 continue
             record = latest
             yield _status_message(record)
+
+    async def _status_id(self, message: StatusRequest, request: Any) -> str:
+        """The message_id a StatusRequest names, directly or by the caller's idempotency key."""
+        if not message.idempotency_key:
+            return str(message.message_id)
+        if message.message_id:
+            raise status_error(
+                GrpcStatus.INVALID_ARGUMENT,
+                "message_id, idempotency_key: expected one of the two, got both",
+            )
+        try:
+            key = validate_idempotency_key(message.idempotency_key)
+            assert key is not None
+            message_id = await self.admission.find(self._identify(_metadata(request)), key)
+        except InvalidRequest as exc:
+            raise status_error(GrpcStatus.INVALID_ARGUMENT, exc.message) from None
+        except OutboxError as exc:
+            log.error("cannot read the outbox: %s", exc)
+            raise status_error(GrpcStatus.UNAVAILABLE, "status unavailable") from None
+        if message_id is None:
+            raise status_error(
+                GrpcStatus.NOT_FOUND,
+                "idempotency_key: no mail from this caller with this key within the window",
+            )
+        return message_id
 
     async def _find(self, message_id: str) -> MailRecord:
         if not message_id or len(message_id) > MAX_MESSAGE_ID_CHARS:
@@ -159,6 +271,13 @@ class MailerService(MailerServicer):  # type: ignore[misc]  # generated, untyped
             raise rpc_error(MailNotFound())
         return record
 
+    def _refused(self, kind: str, to: str, refusal: Refusal) -> MsgReply:
+        # Without the code; the address masked.
+        log.info("refused %s mail to %s: %s", kind, mask(to), refusal.reason)
+        return MsgReply(
+            sent=False, reason=refusal.reason, retry_after_ms=retry_after_ms(refusal.retry_after_s)
+        )
+
     def _queue_full(self, kind: str) -> MsgReply:
         self.refused_queue_full += 1
         # One line per second at most: a flood must not turn into a flood of log lines.
@@ -170,23 +289,24 @@ class MailerService(MailerServicer):  # type: ignore[misc]  # generated, untyped
                 self.refused_queue_full,
             )
             self._last_full_log = now
-        return MsgReply(sent=False, reason=QUEUE_FULL_REASON)
+        return MsgReply(
+            sent=False,
+            reason=QUEUE_FULL_REASON,
+            retry_after_ms=retry_after_ms(self.admission.pace.next_place_s()),
+        )
 
-    async def _submit(
-        self,
-        method: str,
-        kind: str,
-        compose: Callable[[datetime], OutgoingMail],
-        deadline: float = math.inf,
-    ) -> MsgReply:
+    async def _submit(self, call: _Call) -> MsgReply:
         outcome = "internal"
         try:
-            with trio.move_on_at(deadline):
-                reply = await self._accept(printable(kind), compose)
-                outcome = "accepted" if reply.sent else "queue_full"
+            with trio.move_on_at(call.deadline):
+                reply, repeat = await self._admit(call)
+                if repeat:
+                    outcome = "repeat"
+                else:
+                    outcome = "accepted" if reply.sent else _REFUSAL_OUTCOMES[reply.reason]
                 return reply
             outcome = "deadline_exceeded"
-            log.info("%s call past its deadline before its mail was stored", method)
+            log.info("%s call past its deadline before its mail was stored", call.method)
             raise status_error(
                 GrpcStatus.DEADLINE_EXCEEDED, "deadline exceeded; nothing was stored"
             )
@@ -199,28 +319,76 @@ class MailerService(MailerServicer):  # type: ignore[misc]  # generated, untyped
             raise
         finally:
             if self._metrics is not None:
-                self._metrics.requests.labels(method, outcome).inc()
+                self._metrics.requests.labels(call.method, outcome).inc()
 
-    async def _accept(self, kind: str, compose: Callable[[datetime], OutgoingMail]) -> MsgReply:
+    async def _admit(self, call: _Call) -> tuple[MsgReply, bool]:
+        """The reply, and whether it repeats an earlier call's (same idempotency key)."""
+        kind = call.kind
         try:
             if self.draining:
                 raise ShuttingDown()
+            if not call.key and self._queue.full():
+                # The flood's path: nothing to look up, nothing to count, nothing to build.
+                return self._queue_full(kind), False
+            key = validate_idempotency_key(call.key)
+            ticket = await self.admission.begin(
+                self._identify(_metadata(call.request)),
+                key,
+                payload_fingerprint(call.method, call.fingerprint_fields),
+                call.to,
+                wait_s=_deadline_s(call.request),
+            )
+        except MailerError as exc:
+            log.info("refused %s request: %s", kind, printable(exc.message))
+            raise rpc_error(exc) from None
+        try:
+            reply = await self._accept(call, ticket)
+        finally:
+            ticket.close()
+        return reply, ticket.repeat is not None
+
+    async def _refuse(self, call: _Call, ticket: Ticket, refusal: Refusal | None) -> MsgReply:
+        """A refusal; but a stored first call of the ticket's key answers instead."""
+        repeat = await ticket.stored_repeat()
+        if repeat is not None:
+            return _repeat_reply(repeat)
+        if refusal is None:
+            return self._queue_full(call.kind)
+        return self._refused(call.kind, call.to, refusal)
+
+    async def _accept(self, call: _Call, ticket: Ticket) -> MsgReply:
+        kind = call.kind
+        try:
+            if ticket.repeat is not None:
+                return _repeat_reply(ticket.repeat)
+            refusal = ticket.refusal()
+            if refusal is not None:
+                return await self._refuse(call, ticket, refusal)
             # Under overload most calls end here: refuse before the costly validation and
             # message building, so the flood leaves the sender the CPU (and the GIL).
             if self._queue.full():
-                return self._queue_full(kind)
-            mail = compose(self._now())
+                return await self._refuse(call, ticket, None)
+            mail = call.compose(self._now())
             try:
                 self._queue.reserve_nowait()
             except trio.WouldBlock:
-                return self._queue_full(kind)
+                return await self._refuse(call, ticket, None)
             record = MailRecord.accepted(mail, accepted_at_unix=self._wall_clock())
             try:
-                # Durable before the caller hears sent=true (with the file outbox).
-                await self.outbox.add(record)
+                # Durable before the caller hears sent=true (with the file outbox); the key and
+                # the rate-limit row are in the same commit.
+                acceptance = ticket.acceptance(mail.message_id)
+                if acceptance is None:
+                    await self.outbox.add(record)
+                else:
+                    await self.outbox.add(record, acceptance)
+            except IdempotencyHit as hit:
+                self._queue.release()
+                return _repeat_reply(ticket.resolve(hit.entry))
             except BaseException:
                 self._queue.release()
                 raise
+            ticket.accepted(mail.message_id)
             self._board.track(record)
             self._queue.put_reserved(mail, accepted_at_s=trio.current_time())
         except OutboxError as exc:
@@ -242,6 +410,10 @@ class MailerService(MailerServicer):  # type: ignore[misc]  # generated, untyped
             raise status_error(GrpcStatus.INTERNAL, "internal error") from None
         log.debug("accepted %s mail %s", kind, mail.message_id)
         return MsgReply(sent=True, message_id=mail.message_id)
+
+
+def _repeat_reply(repeat: Repeat) -> MsgReply:
+    return MsgReply(sent=True, message_id=repeat.message_id)
 
 
 def _deadline(request: Any) -> float:
