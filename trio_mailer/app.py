@@ -51,16 +51,19 @@ from trio_mailer.delivery.smtp_session import (
     ThreadedSmtpSession,
     make_relay_ssl_context,
 )
+from trio_mailer.grpc.admin_service import AdminService
+from trio_mailer.grpc.admission import AdmissionControl
 from trio_mailer.grpc.health_service import FILE_DESCRIPTOR as HEALTH_FILE_DESCRIPTOR
 from trio_mailer.grpc.health_service import SERVICE_NAME as HEALTH_SERVICE_NAME
 from trio_mailer.grpc.health_service import HealthState, ServingStatus, health_service
 from trio_mailer.grpc.listener import (
+    PEER_IDENTITY,
     bound_port,
     make_server_ssl_context,
     open_grpc_listener,
     serve_grpc,
 )
-from trio_mailer.grpc.mailer_service import MailerService
+from trio_mailer.grpc.mailer_service import ANONYMOUS_CALLER, MailerService
 from trio_mailer.grpc.reflection_service import reflection_services
 from trio_mailer.logs import printable
 from trio_mailer.metrics import Metrics, serve_metrics
@@ -81,6 +84,7 @@ OPEN_SERVICES = frozenset(
 
 PRUNE_INTERVAL_S = 600.0  # how often finished mails past the retention are dropped
 HEALTH_POLL_S = 0.25  # how soon a Watch sees the relay go down or come back
+SUPPRESSION_FLUSH_S = 2.0  # how long shutdown may spend storing the last suppressions
 
 EXIT_OK = 0
 EXIT_MAIL_LEFT_BEHIND = 1
@@ -123,6 +127,10 @@ class MailerApp:
     service: MailerService = attrs.field(init=False)
     relay_verified: bool = attrs.field(init=False, default=False)  # a session succeeded
     relay_checked: trio.Event = attrs.field(init=False, factory=trio.Event)  # first check done
+    admission: AdmissionControl = attrs.field(init=False)
+    _finished_callback: Callable[[FinishedMail], None] | None = attrs.field(
+        init=False, default=None
+    )
     _shutdown: trio.Event = attrs.field(init=False, factory=trio.Event)
     _force: trio.Event = attrs.field(init=False, factory=trio.Event)
 
@@ -152,6 +160,8 @@ class MailerApp:
         if self.relays is not None:
             for sender in self.senders:
                 sender.on_relay_closing = self.relays.trouble
+        for sender in self.senders:
+            sender.on_finished = self._mail_finished
         if self.on_finished is not None:
             self.watch_finished(self.on_finished)
         self.metrics = Metrics()
@@ -169,7 +179,21 @@ class MailerApp:
             service_name=self.config.service_name,
         )
         self.board = StatusBoard()
-        self.service = MailerService(composer, self.queue, metrics=self.metrics, board=self.board)
+        self.admission = AdmissionControl(
+            window_s=config.idempotency_window_s,
+            recipient_limit=config.recipient_limit,
+            caller_limit=config.caller_limit,
+            suppress_s=config.suppress_s,
+            on_suppressed=self.metrics.suppressed_addresses.set,
+        )
+        self.service = MailerService(
+            composer,
+            self.queue,
+            metrics=self.metrics,
+            board=self.board,
+            admission=self.admission,
+            identify=self.caller_identity,
+        )
         for sender in self.senders:
             sender.board = self.board
         self.health = HealthState([self.service.service.name])
@@ -226,14 +250,27 @@ class MailerApp:
         self.metrics.requests.labels(method, "unauthenticated").inc()
         return False
 
+    def caller_identity(self, metadata: Sequence[tuple[str, str]]) -> str:
+        """Who is calling, for idempotency keys and the caller limit: the bearer token's
+        identity (a digest prefix, never the token) when tokens are configured, else the client
+        certificate's subject, else one shared "anonymous" space."""
+        tokens = self.config.auth_tokens
+        if tokens is not None:
+            identity = tokens.identify(metadata)
+            if identity is not None:
+                return identity
+        return PEER_IDENTITY.get() or ANONYMOUS_CALLER
+
     def grpc_services(self) -> list[purerpc.Service]:
-        """The Mailer, health checking, and server reflection (v1 and v1alpha)."""
+        """The Mailer, its admin, health checking, and server reflection (v1 and v1alpha)."""
         mailer = self.service.service
+        admin = AdminService(self.admission).service
         return [
             mailer,
+            admin,
             health_service(self.health),
             *reflection_services(
-                [mailer.name, HEALTH_SERVICE_NAME],
+                [mailer.name, admin.name, HEALTH_SERVICE_NAME],
                 [mailer_pb2.DESCRIPTOR, HEALTH_FILE_DESCRIPTOR],
             ),
         ]
@@ -292,8 +329,18 @@ class MailerApp:
 
     def watch_finished(self, callback: Callable[[FinishedMail], None]) -> None:
         """Have ``callback`` told of every mail's outcome (delivered or failed)."""
-        for sender in self.senders:
-            sender.on_finished = callback
+        self._finished_callback = callback
+
+    def _mail_finished(self, finished: FinishedMail) -> None:
+        """Every mail's outcome: the senders' pace, the suppression list, then the watcher."""
+        self.admission.pace.finished(trio.current_time())
+        if finished.outcome == "failed":
+            delivery = finished.delivery
+            self.admission.mail_failed(
+                delivery.mail.envelope_to, delivery.last_reply, delivery.message_id
+            )
+        if self._finished_callback is not None:
+            self._finished_callback(finished)
 
     def statistics(self) -> SenderStatistics:
         """The pool's counters, summed."""
@@ -401,6 +448,8 @@ class MailerApp:
     async def _run_with(self, outbox: Outbox, task_status: trio.TaskStatus[int]) -> int:
         config = self.config
         self.service.outbox = outbox
+        self.admission.outbox = outbox
+        await self.admission.load()  # the limits' counts and the suppression list, before serving
         for sender in self.senders:
             sender.outbox = outbox
         senders_done = trio.Event()
@@ -426,6 +475,7 @@ class MailerApp:
             nursery.start_soon(self._watch_health)
             nursery.start_soon(self._check_relay)
             nursery.start_soon(self._prune, outbox)
+            await nursery.start(self.admission.run)
             recovery_scope = trio.CancelScope()
 
             async def recover() -> None:
@@ -467,6 +517,8 @@ class MailerApp:
                     waiters.cancel_scope.cancel()
             senders_scope.cancel()
             await senders_done.wait()
+            with trio.move_on_after(SUPPRESSION_FLUSH_S):
+                await self.admission.flush()  # the last failures' suppressions, if any
             nursery.cancel_scope.cancel()
 
         left_behind = self._left_behind()

@@ -14,6 +14,7 @@ import signal
 import ssl
 import sys
 from collections.abc import Awaitable, Callable, Mapping, Sequence
+from datetime import UTC
 from functools import partial
 from pathlib import Path
 
@@ -26,6 +27,8 @@ from trio_mailer.client import (
     CONNECT_TIMEOUT_S,
     SendFailed,
     client_ssl_context,
+    list_suppressed,
+    remove_suppressed,
     send,
 )
 from trio_mailer.client import status as fetch_status
@@ -174,6 +177,7 @@ def _send(args: argparse.Namespace) -> int:
                 ssl_context=target.ssl_context,
                 connect_timeout_s=args.connect_timeout_s,
                 call_timeout_s=args.timeout_s,
+                idempotency_key=args.idempotency_key or "",
             ),
             target.host,
             target.port,
@@ -187,7 +191,8 @@ def _send(args: argparse.Namespace) -> int:
     if reply.sent:
         print(f"sent=true message_id={reply.message_id}")
         return 0
-    print(f"sent=false reason={reply.reason}")
+    retry = f" retry_after_ms={reply.retry_after_ms}" if reply.retry_after_ms else ""
+    print(f"sent=false reason={reply.reason}{retry}")
     return 1
 
 
@@ -225,6 +230,34 @@ def _status(args: argparse.Namespace) -> int:
     except SendFailed as exc:
         print(f"error: {exc.status}: {exc.detail}", file=sys.stderr)
         return 1
+    return 0
+
+
+def _suppressed(args: argparse.Namespace) -> int:
+    target = _target("suppressed", args)
+    if target is None:
+        return EXIT_START_FAILED
+    try:
+        if args.action == "remove":
+            removed = trio.run(
+                partial(remove_suppressed, token=target.token, ssl_context=target.ssl_context),
+                target.host,
+                target.port,
+                args.address,
+            )
+            print(f"removed {args.address}" if removed else f"not suppressed: {args.address}")
+            return 0 if removed else 1
+        entries = trio.run(
+            partial(list_suppressed, token=target.token, ssl_context=target.ssl_context),
+            target.host,
+            target.port,
+        )
+    except SendFailed as exc:
+        print(f"error: {exc.status}: {exc.detail}", file=sys.stderr)
+        return 1
+    for entry in entries:
+        until = entry.until.ToDatetime(tzinfo=UTC).isoformat(timespec="seconds")
+        print(f"{entry.address}\tuntil={until}\t{entry.reply_code} {entry.reply_text}")
     return 0
 
 
@@ -282,6 +315,9 @@ def _parser() -> argparse.ArgumentParser:
     send_cmd.add_argument("--to", required=True, help="recipient address")
     send_cmd.add_argument("--code", required=True, help="the code the mail carries")
     send_cmd.add_argument("--kind", choices=["pass", "retrieve"], default="pass")
+    send_cmd.add_argument(
+        "--idempotency-key", help="the same key on a retry gets the first reply, not a second mail"
+    )
     _client_options(send_cmd)
     send_cmd.set_defaults(run=_send)
     status_cmd = commands.add_parser("status", help="where a mail stands, by its Message-ID")
@@ -291,6 +327,18 @@ def _parser() -> argparse.ArgumentParser:
     )
     _client_options(status_cmd)
     status_cmd.set_defaults(run=_status)
+    suppressed_cmd = commands.add_parser(
+        "suppressed", help="the running service's list of dead addresses (list, remove ADDR)"
+    )
+    actions = suppressed_cmd.add_subparsers(dest="action", required=True)
+    list_cmd = actions.add_parser(
+        "list", help="every address on the list, with the reply that put it there"
+    )
+    remove_cmd = actions.add_parser("remove", help="take an address off the list")
+    remove_cmd.add_argument("address")
+    for action in (list_cmd, remove_cmd):
+        _client_options(action)
+    suppressed_cmd.set_defaults(run=_suppressed)
     return parser
 
 

@@ -13,7 +13,7 @@ import ssl
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import AsyncExitStack, aclosing, asynccontextmanager
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import anyio
 import anyio.abc
@@ -25,8 +25,16 @@ from purerpc.grpclib.config import GRPCConfiguration
 
 from trio_mailer.core.errors import exception_leaves
 from trio_mailer.core.rendering import MailKind
-from trio_mailer.v1.mailer_grpc import MailerStub
-from trio_mailer.v1.mailer_pb2 import MailStatus, MsgReply, MsgRequest, StatusRequest
+from trio_mailer.v1.mailer_grpc import MailerAdminStub, MailerStub
+from trio_mailer.v1.mailer_pb2 import (
+    ListSuppressedRequest,
+    MailStatus,
+    MsgReply,
+    MsgRequest,
+    RemoveSuppressedRequest,
+    StatusRequest,
+    SuppressedAddress,
+)
 
 
 @attrs.frozen
@@ -112,6 +120,7 @@ async def send(
     ssl_context: ssl.SSLContext | None = None,
     connect_timeout_s: float = CONNECT_TIMEOUT_S,
     call_timeout_s: float = CALL_TIMEOUT_S,
+    idempotency_key: str = "",
 ) -> MsgReply:
     """Ask the service at ``host:port`` for a ``kind`` mail.
 
@@ -122,7 +131,8 @@ async def send(
 
     async def call(stub: MailerStub, metadata: Metadata, budget: _Budget) -> MsgReply:
         method = stub.SendPass if kind is MailKind.PASSWORD else stub.SendRetrieve
-        reply: MsgReply = await method(MsgRequest(to=to, code=code), metadata=metadata)
+        request = MsgRequest(to=to, code=code, idempotency_key=idempotency_key)
+        reply: MsgReply = await method(request, metadata=metadata)
         return reply
 
     return await _call(
@@ -147,6 +157,7 @@ async def status(
     ssl_context: ssl.SSLContext | None = None,
     connect_timeout_s: float = CONNECT_TIMEOUT_S,
     call_timeout_s: float = CALL_TIMEOUT_S,
+    idempotency_key: str = "",
 ) -> None:
     """Report the status of ``message_id`` to ``on_status``; with ``watch``, every change until
     the final state.
@@ -156,7 +167,7 @@ async def status(
     """
 
     async def call(stub: MailerStub, metadata: Metadata, budget: _Budget) -> None:
-        request = StatusRequest(message_id=message_id)
+        request = StatusRequest(message_id=message_id, idempotency_key=idempotency_key)
         if not watch:
             on_status(await stub.GetStatus(request, metadata=metadata))
             return
@@ -176,18 +187,68 @@ async def status(
     )
 
 
+async def list_suppressed(
+    host: str,
+    port: int,
+    *,
+    token: str | None = None,
+    ssl_context: ssl.SSLContext | None = None,
+) -> list[SuppressedAddress]:
+    """The running service's suppression list.
+
+    Raises:
+        SendFailed: with the gRPC status name and its message.
+    """
+
+    async def call(
+        admin: MailerAdminStub, metadata: Metadata, budget: _Budget
+    ) -> list[SuppressedAddress]:
+        reply = await admin.ListSuppressed(ListSuppressedRequest(), metadata=metadata)
+        return list(reply.addresses)
+
+    return await _call(
+        host, port, call, token=token, ssl_context=ssl_context, make_stub=MailerAdminStub
+    )
+
+
+async def remove_suppressed(
+    host: str,
+    port: int,
+    address: str,
+    *,
+    token: str | None = None,
+    ssl_context: ssl.SSLContext | None = None,
+) -> bool:
+    """Take ``address`` off the running service's suppression list; False if it was not on it.
+
+    Raises:
+        SendFailed: with the gRPC status name and its message.
+    """
+
+    async def call(admin: MailerAdminStub, metadata: Metadata, budget: _Budget) -> bool:
+        reply = await admin.RemoveSuppressed(
+            RemoveSuppressedRequest(address=address), metadata=metadata
+        )
+        return bool(reply.removed)
+
+    return await _call(
+        host, port, call, token=token, ssl_context=ssl_context, make_stub=MailerAdminStub
+    )
+
+
 Metadata = list[tuple[str, str]] | None
 
 
 async def _call(
     host: str,
     port: int,
-    call: Callable[[MailerStub, Metadata, _Budget], Awaitable[T]],
+    call: Callable[[Any, Metadata, _Budget], Awaitable[T]],
     *,
     token: str | None,
     ssl_context: ssl.SSLContext | None,
-    connect_timeout_s: float,
-    call_timeout_s: float,
+    connect_timeout_s: float = CONNECT_TIMEOUT_S,
+    call_timeout_s: float = CALL_TIMEOUT_S,
+    make_stub: Callable[[Any], Any] = MailerStub,
 ) -> T:
     metadata = [("authorization", f"Bearer {token}")] if token else None
     budget = _Budget(
@@ -198,7 +259,7 @@ async def _call(
         with budget.scope:
             async with open_channel(host, port, ssl_context) as channel:
                 budget.connected()
-                return await call(MailerStub(channel), metadata, budget)
+                return await call(make_stub(channel), metadata, budget)
         if budget.phase == "connect":
             detail = f"cannot reach {host}:{port}: no connection within {connect_timeout_s:g}s"
         else:

@@ -36,9 +36,10 @@ class Metrics:
         r = self.registry
         self.requests = Counter(
             "trio_mailer_requests",
-            "gRPC requests by method and outcome "
-            "(accepted, queue_full, invalid, unauthenticated, unavailable, deadline_exceeded, "
-            "cancelled, internal)",
+            "gRPC requests by method and outcome (accepted, repeat, queue_full, "
+            "recipient_rate_limited, caller_rate_limited, suppressed, invalid, "
+            "idempotency_conflict, idempotency_busy, unauthenticated, unavailable, "
+            "deadline_exceeded, cancelled, internal)",
             ["method", "outcome"],
             registry=r,
         )
@@ -52,6 +53,11 @@ class Metrics:
             "trio_mailer_delivered_by_relay",
             "Mails delivered, by the relay (host:port) that took them",
             ["relay"],
+            registry=r,
+        )
+        self.suppressed_addresses = Gauge(
+            "trio_mailer_suppressed_addresses",
+            "Addresses on the suppression list now",
             registry=r,
         )
         self.retries = Counter("trio_mailer_retries", "Attempts scheduled again", registry=r)
