@@ -221,18 +221,19 @@ class MailerService(MailerServicer):  # type: ignore[misc]  # generated, untyped
     async def _submit(self, kind: MailKind, message: MsgRequest, request: Any) -> MsgReply:
         outcome = "internal"
         try:
-            with trio.move_on_at(_deadline(request)):
-                reply, repeat = await self._admit(kind, message, request)
-                if repeat:
-                    outcome = "repeat"
-                else:
-                    outcome = "accepted" if reply.sent else _REFUSAL_OUTCOMES[reply.reason]
-                return reply
-            outcome = "deadline_exceeded"
-            log.info("%s call past its deadline before its mail was stored", _METHODS[kind])
-            raise _rpc_error(
-                purerpc.StatusCode.DEADLINE_EXCEEDED, "deadline exceeded; nothing was stored"
-            )
+            admitted = await self._admit(kind, message, request)
+            if admitted is None:
+                outcome = "deadline_exceeded"
+                log.info("%s call past its deadline before its mail was stored", _METHODS[kind])
+                raise _rpc_error(
+                    purerpc.StatusCode.DEADLINE_EXCEEDED, "deadline exceeded; nothing was stored"
+                )
+            reply, repeat = admitted
+            if repeat:
+                outcome = "repeat"
+            else:
+                outcome = "accepted" if reply.sent else _REFUSAL_OUTCOMES[reply.reason]
+            return reply
         except purerpc.RpcFailedError as exc:
             if outcome != "deadline_exceeded":
                 outcome = _OUTCOMES.get(exc.status.status_code, "internal")
@@ -246,8 +247,14 @@ class MailerService(MailerServicer):  # type: ignore[misc]  # generated, untyped
 
     async def _admit(
         self, kind: MailKind, message: MsgRequest, request: Any
-    ) -> tuple[MsgReply, bool]:
-        """The reply, and whether it repeats an earlier call's (same idempotency key)."""
+    ) -> tuple[MsgReply, bool] | None:
+        """The reply, and whether it repeats an earlier call's (same idempotency key); None when
+        the call's deadline passed before its mail was stored.
+
+        A repeat waiting for a concurrent first call gives up at the deadline with its own
+        ABORTED answer (``wait_s``); the deadline scope covers the storing.
+        """
+        deadline = _deadline(request)
         try:
             if self.draining:
                 raise ShuttingDown()
@@ -263,10 +270,12 @@ class MailerService(MailerServicer):  # type: ignore[misc]  # generated, untyped
             log.info("refused %s request: %s", kind.value, printable(exc.message))
             raise _rpc_error(purerpc.StatusCode(exc.grpc_status.value), exc.message) from None
         try:
-            reply = await self._accept(kind, message, ticket)
+            with trio.move_on_at(deadline):
+                reply = await self._accept(kind, message, ticket)
+                return reply, ticket.repeat is not None
+            return None
         finally:
             ticket.close()
-        return reply, ticket.repeat is not None
 
     async def _refuse(
         self, kind: MailKind, message: MsgRequest, ticket: Ticket, refusal: Refusal | None
