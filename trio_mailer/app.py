@@ -30,7 +30,7 @@ import purerpc
 import trio
 
 from trio_mailer.core.caller_auth import is_loopback
-from trio_mailer.core.config import Config, TlsMode
+from trio_mailer.core.config import Config, DatabaseUrl, TlsMode
 from trio_mailer.core.errors import ShuttingDown
 from trio_mailer.core.health_decision import SenderStatistics, is_serving
 from trio_mailer.core.mail_lifecycle import MailRecord, MailState, OutboxError
@@ -68,6 +68,7 @@ from trio_mailer.grpc.reflection_service import reflection_services
 from trio_mailer.logs import printable
 from trio_mailer.metrics import Metrics, serve_metrics
 from trio_mailer.store.outbox import MemoryOutbox, Outbox, SqliteOutbox
+from trio_mailer.store.postgres_outbox import PostgresOutbox
 from trio_mailer.store.status_board import StatusBoard
 from trio_mailer.v1 import mailer_pb2
 
@@ -283,6 +284,9 @@ class MailerApp:
             now_s=trio.current_time(),
             down_after_s=self.config.health_down_after_s,
             relay_verified=self.relay_verified,
+            store_reachable=self.service.outbox.reachable()
+            if isinstance(self.service.outbox, PostgresOutbox)
+            else True,
         )
         self.health.set(ServingStatus.SERVING if serving else ServingStatus.NOT_SERVING)
 
@@ -394,9 +398,40 @@ class MailerApp:
                 "process is killed"
             )
             return MemoryOutbox()
+        if self.config.outbox_url is not None:
+            return await self._open_shared_outbox(self.config.outbox_url)
         outbox = await SqliteOutbox.open(self.config.outbox_path)
         log.info("outbox: %s", self.config.outbox_path)
         return outbox
+
+    async def _open_shared_outbox(self, url: DatabaseUrl) -> Outbox:
+        config = self.config
+        outbox = await PostgresOutbox.open(
+            url.url,
+            lease_s=config.lease_s,
+            pool_size=config.db_pool_size,
+            statement_timeout_s=config.db_timeout_s,
+            connect_timeout_s=config.db_timeout_s,
+        )
+        outbox.on_change = self.board.changed_elsewhere
+        self.admission.shared_store = True
+        log.info("outbox: %s (shared; this replica is %s)", url.masked(), outbox.owner)
+        return outbox
+
+    async def _claim(self, outbox: PostgresOutbox) -> None:
+        """Take the mail that no live replica holds (a dead replica's, once its lease lapsed;
+        a stopped one's at once), as room in the queue allows; runs until cancelled."""
+        while True:
+            try:
+                claimed = await outbox.claim()
+            except OutboxError as exc:
+                log.error("cannot claim mail: %s", exc)
+                claimed = []
+            if claimed:
+                log.info("claimed %d mail(s) that no live replica held", len(claimed))
+                await self._resume(claimed)
+                continue
+            await outbox.wait_for_work(outbox.lease_s / 2)
 
     async def _recover(self, outbox: Outbox) -> None:
         """Queue every mail a previous run accepted and did not finish (attempts and time to
@@ -480,7 +515,11 @@ class MailerApp:
 
             async def recover() -> None:
                 with recovery_scope:
-                    await self._recover(outbox)
+                    if isinstance(outbox, PostgresOutbox):
+                        await nursery.start(outbox.run)
+                        await self._claim(outbox)  # instead of reading every unfinished mail
+                    else:
+                        await self._recover(outbox)
 
             nursery.start_soon(recover)
             if config.metrics_port is not None:
@@ -529,7 +568,7 @@ class MailerApp:
                 mail.attempts,
                 mail.last_reply or "none",
                 "; kept in the outbox for the next start"
-                if self.config.outbox_path is not None
+                if self.config.outbox_path is not None or self.config.outbox_url is not None
                 else "; lost (in-memory outbox)",
                 extra={"message_id": mail.message_id},
             )

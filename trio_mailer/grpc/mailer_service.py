@@ -44,7 +44,7 @@ from trio_mailer.grpc.admission import (
 )
 from trio_mailer.logs import printable
 from trio_mailer.metrics import Metrics
-from trio_mailer.store.admission_tables import IdempotencyHit
+from trio_mailer.store.admission_tables import IdempotencyHit, StoreRefusal
 from trio_mailer.store.outbox import MemoryOutbox, Outbox
 from trio_mailer.store.status_board import StatusBoard
 from trio_mailer.v1.mailer_grpc import MailerServicer
@@ -312,6 +312,14 @@ class MailerService(MailerServicer):  # type: ignore[misc]  # generated, untyped
             except IdempotencyHit as hit:
                 self._queue.release()
                 return _repeat_reply(ticket.resolve(hit.entry))
+            except StoreRefusal as refused:
+                # Another replica's accepts filled the limit, or it suppressed the address.
+                self._queue.release()
+                return self._refused(
+                    kind,
+                    request.to,
+                    Refusal(_STORE_REFUSALS[refused.reason], refused.retry_after_s),
+                )
             except BaseException:
                 self._queue.release()
                 raise
@@ -345,6 +353,13 @@ class MailerService(MailerServicer):  # type: ignore[misc]  # generated, untyped
 def _deadline(request: Any) -> float:
     """The call's deadline on the trio clock, from its ``grpc-timeout`` (inf: none)."""
     return deadline_s(trio.current_time(), timeout_s(getattr(request, "timeout", None)))
+
+
+_STORE_REFUSALS = {
+    "recipient": RECIPIENT_LIMITED,
+    "caller": CALLER_LIMITED,
+    "suppressed": SUPPRESSED,
+}
 
 
 def _repeat_reply(repeat: Repeat) -> MsgReply:

@@ -167,6 +167,7 @@ class OutboxStatistics:
     failed_commits: int
     pending: int  # changes waiting for a commit to take them
     largest_batch: int  # the most changes one commit carried
+    round_trips: int = 0  # database round trips (a database server's outbox only)
 
 
 class Outbox(Protocol):
