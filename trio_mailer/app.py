@@ -392,14 +392,14 @@ class MailerApp:
         """
         if self.outbox is not None:
             return self.outbox
+        if self.config.outbox_url is not None:
+            return await self._open_shared_outbox(self.config.outbox_url)
         if self.config.outbox_path is None:
             log.warning(
                 "MAILER_OUTBOX=memory: accepted mail lives only in memory and is lost if the "
                 "process is killed"
             )
             return MemoryOutbox()
-        if self.config.outbox_url is not None:
-            return await self._open_shared_outbox(self.config.outbox_url)
         outbox = await SqliteOutbox.open(self.config.outbox_path)
         log.info("outbox: %s", self.config.outbox_path)
         return outbox

@@ -269,7 +269,9 @@ class PostgresOutbox:
             open=False,
             name="trio-mailer",
             timeout=connect_timeout_s,
-            reconnect_timeout=math.inf,
+            # Give up a background reconnection soon: the next call starts a fresh one, so
+            # a database back after a long outage is used at once, not after a long backoff.
+            reconnect_timeout=max(2.0, 2 * connect_timeout_s),
         )
         owner = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
         outbox = cls(
@@ -363,11 +365,12 @@ class PostgresOutbox:
             log.error("outbox commit of %d changes failed: %s", len(batch), exc)
             # It may have committed before the connection failed: withdraw the adds (only
             # untouched rows go), and keep the withdrawals, for the next batch.
-            self._pending.extend(
-                _Pending(_Withdraw(c.record.message_id)) if isinstance(c, _Add) else _Pending(c)
-                for c in changes
-                if isinstance(c, _Add | _Withdraw)
-            )
+            queued = {p.change for p in self._pending}
+            for c in changes:
+                withdraw = _Withdraw(c.record.message_id) if isinstance(c, _Add) else c
+                if isinstance(withdraw, _Withdraw) and withdraw not in queued:
+                    queued.add(withdraw)
+                    self._pending.append(_Pending(withdraw))
             outcomes = [exc] * len(batch)
         else:
             self._commits += 1
@@ -530,7 +533,7 @@ class PostgresOutbox:
         kwargs = _connect_kwargs(self.statement_timeout_s, self.statement_timeout_s)
 
         def connect() -> Any:
-            c = psycopg.connect(self.url, autocommit=True, **kwargs)
+            c = psycopg.connect(self.url, **kwargs)
             c.execute(f"LISTEN {schema.STATUS_CHANNEL}")
             c.execute(f"LISTEN {schema.WORK_CHANNEL}")
             return c
