@@ -315,3 +315,23 @@ async def test_the_mail_goes_to_whichever_sender_has_a_session(
         queue.close()
     assert [f.outcome for f in finished] == ["delivered"] * 4
     assert first.statistics().delivered == 4
+
+
+async def test_a_connect_that_ends_past_the_ttl_does_not_send_the_mail_late(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """The time to live passes while the connect is under way: expired, never sent late."""
+    relay = LimitedRelay()
+    finished: list[FinishedMail] = []
+
+    async def slow_connect() -> LimitedSession:
+        await trio.sleep(90)  # a relay that takes its time over the greeting and TLS
+        return await relay.connect()
+
+    sender = Sender(connect=slow_connect, policy=RetryPolicy(ttl_s=60), on_finished=finished.append)
+    queue = MailQueue.open(capacity=1, retry_capacity=1)
+    queue.put_nowait(mail(1))
+    queue.close()
+    await run_pool([sender], queue)
+    assert [f.outcome for f in finished] == ["expired"]
+    assert relay.delivered == []

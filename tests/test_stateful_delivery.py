@@ -9,7 +9,8 @@ command never moves time).
 
 Rules: accept mail; script the relay's answer to the next attempt (2xx, 4xx, a 4.5.3 session cap,
 5xx, 421, a drop before or after the final "."); refuse or allow connections; cap connections;
-advance the clock; restart the process (kill -9: every task cancelled, only the outbox kept).
+make connects slow; advance the clock; restart the process (kill -9: every task cancelled, only
+the outbox kept).
 
 Invariants: the senders never raise; every status change follows the lifecycle table (no
 "refused status change" is logged); memory stays within the queue's bounds; no attempt starts
@@ -68,13 +69,14 @@ class ScriptedRelay:
 
     up: bool = True
     max_connections: int = 100
+    connect_delay_s: float = 0.0  # greeting, TLS and AUTH taking their time
     open_sessions: int = 0
     script: list[str] = attrs.Factory(list)  # answers to the next attempts, in order
     received: list[tuple[str, float]] = attrs.Factory(list)  # (message id, mock time)
     attempts: list[tuple[str, float]] = attrs.Factory(list)
 
     async def connect(self) -> ScriptedSession:
-        await trio.lowlevel.checkpoint()
+        await trio.sleep(self.connect_delay_s)
         if not self.up:
             raise ConnectFailed("connection refused")
         if self.open_sessions >= self.max_connections:
@@ -275,6 +277,10 @@ class DeliveryMachine(RuleBasedStateMachine):
     def refuse_connections(self, up: bool) -> None:
         self.relay.up = up
 
+    @rule(delay=st.sampled_from([0.0, 2.0, 45.0, 75.0]))
+    def slow_connects(self, delay: float) -> None:
+        self.relay.connect_delay_s = delay
+
     @rule(limit=st.sampled_from([1, 100]))
     def cap_connections(self, limit: int) -> None:
         self.relay.max_connections = limit
@@ -344,6 +350,7 @@ class DeliveryMachine(RuleBasedStateMachine):
                 # Heal the relay and let every mail reach its outcome.
                 self.relay.up = True
                 self.relay.max_connections = 100
+                self.relay.connect_delay_s = 0.0
                 self.relay.script.clear()
                 self.advance_clock(70.0)
                 self.advance_clock(70.0)

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 import ssl
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from contextlib import AsyncExitStack, aclosing, asynccontextmanager
 from pathlib import Path
 from typing import Any, TypeVar
@@ -32,6 +32,7 @@ from trio_mailer.v1.mailer_pb2 import (
     MsgReply,
     MsgRequest,
     RemoveSuppressedRequest,
+    SendRequest,
     StatusRequest,
     SuppressedAddress,
 )
@@ -116,6 +117,7 @@ async def send(
     to: str,
     code: str,
     *,
+    locale: str = "",
     token: str | None = None,
     ssl_context: ssl.SSLContext | None = None,
     connect_timeout_s: float = CONNECT_TIMEOUT_S,
@@ -131,8 +133,45 @@ async def send(
 
     async def call(stub: MailerStub, metadata: Metadata, budget: _Budget) -> MsgReply:
         method = stub.SendPass if kind is MailKind.PASSWORD else stub.SendRetrieve
-        request = MsgRequest(to=to, code=code, idempotency_key=idempotency_key)
-        reply: MsgReply = await method(request, metadata=metadata)
+        reply: MsgReply = await method(
+            MsgRequest(to=to, code=code, locale=locale, idempotency_key=idempotency_key),
+            metadata=metadata,
+        )
+        return reply
+
+    return await _call(
+        host,
+        port,
+        call,
+        token=token,
+        ssl_context=ssl_context,
+        connect_timeout_s=connect_timeout_s,
+        call_timeout_s=call_timeout_s,
+    )
+
+
+async def send_template(
+    host: str,
+    port: int,
+    template: str,
+    to: str,
+    variables: Mapping[str, str],
+    *,
+    locale: str = "",
+    token: str | None = None,
+    ssl_context: ssl.SSLContext | None = None,
+    connect_timeout_s: float = CONNECT_TIMEOUT_S,
+    call_timeout_s: float = CALL_TIMEOUT_S,
+) -> MsgReply:
+    """Ask the service at ``host:port`` for a mail from ``template`` (the ``Send`` call).
+
+    Raises:
+        SendFailed: with the gRPC status name and its message.
+    """
+
+    async def call(stub: MailerStub, metadata: Metadata, budget: _Budget) -> MsgReply:
+        request = SendRequest(to=to, template=template, vars=dict(variables), locale=locale)
+        reply: MsgReply = await stub.Send(request, metadata=metadata)
         return reply
 
     return await _call(

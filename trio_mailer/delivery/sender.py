@@ -188,20 +188,29 @@ class Sender:
         finally:
             await self._drop_session(quit=False)
 
+    async def _expire_if_due(self, queue: MailQueue, delivery: Delivery) -> bool:
+        """Report the mail expired if its time to live has passed (it is never sent late)."""
+        if trio.current_time() < self.policy.deadline_s(delivery.accepted_at_s):
+            return False
+        unavailable = delivery.last_reply.startswith(RELAY_UNAVAILABLE_PREFIX)
+        await self._finish(
+            queue,
+            delivery,
+            f"{TTL_REASON_PREFIX} ({self.policy.ttl_s:g}s) passed"
+            + (" while the relay was unavailable" if unavailable else ""),
+        )
+        return True
+
     async def _attempt(self, queue: MailQueue, delivery: Delivery) -> None:
         deadline = self.policy.deadline_s(delivery.accepted_at_s)
-        if trio.current_time() >= deadline:
-            unavailable = delivery.last_reply.startswith(RELAY_UNAVAILABLE_PREFIX)
-            await self._finish(
-                queue,
-                delivery,
-                f"{TTL_REASON_PREFIX} ({self.policy.ttl_s:g}s) passed"
-                + (" while the relay was unavailable" if unavailable else ""),
-            )
+        if await self._expire_if_due(queue, delivery):
             return
         session = await self._usable_session()
         if session is None:
             await self._give_back(queue, delivery, deadline)
+            return
+        if await self._expire_if_due(queue, delivery):  # the connect took past its deadline
+            await self._recycle_if_due()
             return
         attempts = delivery.attempts + 1
         delivery = attrs.evolve(delivery, attempts=attempts)

@@ -20,6 +20,7 @@ from collections.abc import AsyncIterator, Callable, Sequence
 from datetime import UTC, datetime
 from typing import Any
 
+import attrs
 import purerpc
 import trio
 from google.protobuf.timestamp_pb2 import Timestamp
@@ -29,9 +30,9 @@ from trio_mailer.core.errors import InvalidRequest, MailerError, MessageBuildErr
 from trio_mailer.core.grpc_deadline import deadline_s, timeout_s
 from trio_mailer.core.idempotency import payload_fingerprint, validate_idempotency_key
 from trio_mailer.core.mail_lifecycle import MailRecord, MailState, OutboxError
-from trio_mailer.core.message import MailComposer
+from trio_mailer.core.message import MailComposer, OutgoingMail
 from trio_mailer.core.rate_limits import retry_after_ms
-from trio_mailer.core.rendering import MailKind, RenderError
+from trio_mailer.core.rendering import MailKind, MailTemplates, RenderError
 from trio_mailer.delivery.mail_queue import MailQueue
 from trio_mailer.grpc.admission import (
     CALLER_LIMITED,
@@ -48,13 +49,34 @@ from trio_mailer.store.admission_tables import IdempotencyHit, StoreRefusal
 from trio_mailer.store.outbox import MemoryOutbox, Outbox
 from trio_mailer.store.status_board import StatusBoard
 from trio_mailer.v1.mailer_grpc import MailerServicer
-from trio_mailer.v1.mailer_pb2 import MailStatus, MsgReply, MsgRequest, StatusRequest
+from trio_mailer.v1.mailer_pb2 import (
+    MailStatus,
+    MsgReply,
+    MsgRequest,
+    SendRequest,
+    StatusRequest,
+)
 
 log = logging.getLogger(__name__)
 
 QUEUE_FULL_REASON = "queue full"
 MAX_MESSAGE_ID_CHARS = 256
 _METHODS = {MailKind.PASSWORD: "SendPass", MailKind.RETRIEVE: "SendRetrieve"}
+_TEMPLATE_IN_LOG_CHARS = 64  # a caller's template name, in a log line, is cut to this
+
+
+@attrs.frozen
+class _Call:
+    """One send call, whatever its RPC: what admission and the outbox need of it."""
+
+    method: str  # for the metrics: SendPass, SendRetrieve, Send
+    label: str  # for the logs: the kind, or the template's name (printable, cut)
+    to: str
+    idempotency_key: str
+    fingerprint: str  # of the payload, for a repeated key
+    compose: Callable[[datetime], OutgoingMail]
+
+
 _OUTCOMES = {
     purerpc.StatusCode.INVALID_ARGUMENT: "invalid",
     purerpc.StatusCode.UNAVAILABLE: "unavailable",
@@ -122,11 +144,57 @@ class MailerService(MailerServicer):  # type: ignore[misc]  # generated, untyped
         self.refused_queue_full = 0
         self._last_full_log = -math.inf
 
+    @property
+    def templates(self) -> MailTemplates:
+        return self._composer.templates
+
+    def replace_templates(self, templates: MailTemplates) -> None:
+        """Use ``templates`` from the next request on (a reload; they were checked already)."""
+        self._composer = attrs.evolve(self._composer, templates=templates)
+
+    async def Send(self, message: SendRequest, request: Any = None) -> MsgReply:
+        variables = dict(message.vars)
+
+        def compose(now: datetime) -> OutgoingMail:
+            return self._composer.compose_template(
+                message.template, message.to, variables, now, locale=message.locale
+            )
+
+        fields = [("to", message.to), ("locale", message.locale)]
+        fields += [(f"var:{name}", variables[name]) for name in sorted(variables)]
+        call = _Call(
+            "Send",
+            printable(message.template[:_TEMPLATE_IN_LOG_CHARS]),
+            message.to,
+            message.idempotency_key,
+            payload_fingerprint(f"template:{message.template}", fields),
+            compose,
+        )
+        return await self._submit(call, request)
+
     async def SendPass(self, message: MsgRequest, request: Any = None) -> MsgReply:
-        return await self._submit(MailKind.PASSWORD, message, request)
+        return await self._submit(self._code_call(MailKind.PASSWORD, message), request)
 
     async def SendRetrieve(self, message: MsgRequest, request: Any = None) -> MsgReply:
-        return await self._submit(MailKind.RETRIEVE, message, request)
+        return await self._submit(self._code_call(MailKind.RETRIEVE, message), request)
+
+    def _code_call(self, kind: MailKind, message: MsgRequest) -> _Call:
+        def compose(now: datetime) -> OutgoingMail:
+            return self._composer.compose(
+                kind, message.to, message.code, now, locale=message.locale
+            )
+
+        fields = [("to", message.to), ("code", message.code)]
+        if message.locale:  # keys stored before locales existed keep matching
+            fields.append(("locale", message.locale))
+        return _Call(
+            _METHODS[kind],
+            kind.value,
+            message.to,
+            message.idempotency_key,
+            payload_fingerprint(kind.value, fields),
+            compose,
+        )
 
     async def GetStatus(self, message: StatusRequest, request: Any = None) -> MailStatus:
         record = await self._find(await self._status_id(message, request))
@@ -194,21 +262,21 @@ class MailerService(MailerServicer):  # type: ignore[misc]  # generated, untyped
             )
         return record
 
-    def _refused(self, kind: MailKind, to: str, refusal: Refusal) -> MsgReply:
+    def _refused(self, kind: str, to: str, refusal: Refusal) -> MsgReply:
         # Without the code; the address masked.
-        log.info("refused %s mail to %s: %s", kind.value, mask(to), refusal.reason)
+        log.info("refused %s mail to %s: %s", kind, mask(to), refusal.reason)
         return MsgReply(
             sent=False, reason=refusal.reason, retry_after_ms=retry_after_ms(refusal.retry_after_s)
         )
 
-    def _queue_full(self, kind: MailKind) -> MsgReply:
+    def _queue_full(self, kind: str) -> MsgReply:
         self.refused_queue_full += 1
         # One line per second at most: a flood must not turn into a flood of log lines.
         now = time.monotonic()
         if now - self._last_full_log >= 1.0:
             log.warning(
                 "refusing %s mail: queue full (%d refused so far)",
-                kind.value,
+                kind,
                 self.refused_queue_full,
             )
             self._last_full_log = now
@@ -218,13 +286,13 @@ class MailerService(MailerServicer):  # type: ignore[misc]  # generated, untyped
             retry_after_ms=retry_after_ms(self.admission.pace.next_place_s()),
         )
 
-    async def _submit(self, kind: MailKind, message: MsgRequest, request: Any) -> MsgReply:
+    async def _submit(self, call: _Call, request: Any) -> MsgReply:
         outcome = "internal"
         try:
-            admitted = await self._admit(kind, message, request)
+            admitted = await self._admit(call, request)
             if admitted is None:
                 outcome = "deadline_exceeded"
-                log.info("%s call past its deadline before its mail was stored", _METHODS[kind])
+                log.info("%s call past its deadline before its mail was stored", call.method)
                 raise _rpc_error(
                     purerpc.StatusCode.DEADLINE_EXCEEDED, "deadline exceeded; nothing was stored"
                 )
@@ -243,11 +311,9 @@ class MailerService(MailerServicer):  # type: ignore[misc]  # generated, untyped
             raise
         finally:
             if self._metrics is not None:
-                self._metrics.requests.labels(_METHODS[kind], outcome).inc()
+                self._metrics.requests.labels(call.method, outcome).inc()
 
-    async def _admit(
-        self, kind: MailKind, message: MsgRequest, request: Any
-    ) -> tuple[MsgReply, bool] | None:
+    async def _admit(self, call: _Call, request: Any) -> tuple[MsgReply, bool] | None:
         """The reply, and whether it repeats an earlier call's (same idempotency key); None when
         the call's deadline passed before its mail was stored.
 
@@ -258,52 +324,50 @@ class MailerService(MailerServicer):  # type: ignore[misc]  # generated, untyped
         try:
             if self.draining:
                 raise ShuttingDown()
-            key = validate_idempotency_key(message.idempotency_key)
+            key = validate_idempotency_key(call.idempotency_key)
             ticket = await self.admission.begin(
                 self._identify(_metadata(request)),
                 key,
-                payload_fingerprint(kind.value, [("to", message.to), ("code", message.code)]),
-                message.to,
+                call.fingerprint,
+                call.to,
                 wait_s=_deadline_s(request),
             )
         except MailerError as exc:
-            log.info("refused %s request: %s", kind.value, printable(exc.message))
+            log.info("refused %s request: %s", call.label, printable(exc.message))
             raise _rpc_error(purerpc.StatusCode(exc.grpc_status.value), exc.message) from None
         try:
             with trio.move_on_at(deadline):
-                reply = await self._accept(kind, message, ticket)
+                reply = await self._accept(call, ticket)
                 return reply, ticket.repeat is not None
             return None
         finally:
             ticket.close()
 
-    async def _refuse(
-        self, kind: MailKind, message: MsgRequest, ticket: Ticket, refusal: Refusal | None
-    ) -> MsgReply:
+    async def _refuse(self, call: _Call, ticket: Ticket, refusal: Refusal | None) -> MsgReply:
         """A refusal; but a stored first call of the ticket's key answers instead."""
         repeat = await ticket.stored_repeat()
         if repeat is not None:
             return _repeat_reply(repeat)
         if refusal is None:
-            return self._queue_full(kind)
-        return self._refused(kind, message.to, refusal)
+            return self._queue_full(call.label)
+        return self._refused(call.label, call.to, refusal)
 
-    async def _accept(self, kind: MailKind, request: MsgRequest, ticket: Ticket) -> MsgReply:
+    async def _accept(self, call: _Call, ticket: Ticket) -> MsgReply:
         try:
             if ticket.repeat is not None:
                 return _repeat_reply(ticket.repeat)
             refusal = ticket.refusal()
             if refusal is not None:
-                return await self._refuse(kind, request, ticket, refusal)
+                return await self._refuse(call, ticket, refusal)
             # Under overload most calls end here: refuse before the costly validation and
             # message building, so the flood leaves the sender the CPU (and the GIL).
             if self._queue.full():
-                return await self._refuse(kind, request, ticket, None)
-            mail = self._composer.compose(kind, request.to, request.code, self._now())
+                return await self._refuse(call, ticket, None)
+            mail = call.compose(self._now())
             try:
                 self._queue.reserve_nowait()
             except trio.WouldBlock:
-                return await self._refuse(kind, request, ticket, None)
+                return await self._refuse(call, ticket, None)
             record = MailRecord.accepted(mail, accepted_at_unix=self._wall_clock())
             try:
                 # Durable before the caller hears sent=true (with the file outbox); the key and
@@ -316,8 +380,8 @@ class MailerService(MailerServicer):  # type: ignore[misc]  # generated, untyped
                 # Another replica's accepts filled the limit, or it suppressed the address.
                 self._queue.release()
                 return self._refused(
-                    kind,
-                    request.to,
+                    call.label,
+                    call.to,
                     Refusal(_STORE_REFUSALS[refused.reason], refused.retry_after_s),
                 )
             except BaseException:
@@ -327,7 +391,7 @@ class MailerService(MailerServicer):  # type: ignore[misc]  # generated, untyped
             self._board.track(record)
             self._queue.put_reserved(mail, accepted_at_s=trio.current_time())
         except OutboxError as exc:
-            log.error("cannot store a %s mail: %s", kind.value, exc)
+            log.error("cannot store a %s mail: %s", call.label, exc)
             raise _rpc_error(
                 purerpc.StatusCode.UNAVAILABLE, "cannot store the mail right now; try again later"
             ) from None
@@ -335,18 +399,18 @@ class MailerService(MailerServicer):  # type: ignore[misc]  # generated, untyped
             log.error("message failed its safety check: %s", printable(exc.detail))
             raise _rpc_error(purerpc.StatusCode.INTERNAL, exc.message) from None
         except MailerError as exc:
-            log.info("refused %s request: %s", kind.value, printable(exc.message))
+            log.info("refused %s request: %s", call.label, printable(exc.message))
             raise _rpc_error(purerpc.StatusCode(exc.grpc_status.value), exc.message) from None
         except RenderError as exc:
-            log.warning("rendering failed for a %s request: %s", kind.value, printable(str(exc)))
+            log.warning("rendering failed for a %s request: %s", call.label, printable(str(exc)))
             raise _rpc_error(
                 purerpc.StatusCode.INVALID_ARGUMENT,
                 "request: the values cannot be rendered into the mail",
             ) from None
         except Exception:
-            log.exception("unexpected error while accepting a %s mail", kind.value)
+            log.exception("unexpected error while accepting a %s mail", call.label)
             raise _rpc_error(purerpc.StatusCode.INTERNAL, "internal error") from None
-        log.debug("accepted %s mail %s", kind.value, mail.message_id)
+        log.debug("accepted %s mail %s", call.label, mail.message_id)
         return MsgReply(sent=True, message_id=mail.message_id)
 
 
