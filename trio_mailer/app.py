@@ -602,13 +602,14 @@ class MailerApp:
         stored = outbox.statistics()
         log.info(
             "stopped: %d delivered, %d failed, %d left behind; outbox: %d changes in %d commits "
-            "(largest %d)",
+            "(largest %d)%s",
             stats.delivered,
             stats.failed,
             len(left_behind),
             stored.rows_committed,
             stored.commits,
             stored.largest_batch,
+            f"; {stored.round_trips} database round trips" if stored.round_trips else "",
         )
         return EXIT_MAIL_LEFT_BEHIND if left_behind else EXIT_OK
 
