@@ -297,3 +297,32 @@ def queued(n: int) -> MailRecord:
         data=f"Subject: code\r\n\r\ncode {n:06d}\r\n".encode(),
     )
     return MailRecord.accepted(mail, 1_790_000_000.0 + n)
+
+
+async def test_watch_status_on_one_replica_follows_a_mail_another_sends(
+    relay_tls: ssl.SSLContext, ca_file: Path, tmp_path: Path
+) -> None:
+    """A WatchStatus stream on replica B sees the changes replica A stores for its mail, woken
+    by NOTIFY (the stream does not poll), and ends at DELIVERED."""
+    relay = CaptureSMTPServer(ssl_context=relay_tls)
+    relay.add_fault(Fault("DOT", delay_s=2.0, reply="250 2.0.0 queued", times=1))
+    with fresh_database() as url, trio.fail_after(TIMEOUT_S):
+        async with trio.open_nursery() as nursery:
+            relay_port = await nursery.start(relay.serve, "127.0.0.1", 0)
+            async with replicas(2, url, relay_port, ca_file, tmp_path) as running:
+                (_, port_a), (_, port_b) = running
+                reply = await call(port_a, "watched@example.com")
+                assert reply.sent
+                seen = []
+                async with open_channel("127.0.0.1", port_b) as channel:
+                    stream = MailerStub(channel).WatchStatus(
+                        StatusRequest(message_id=reply.message_id)
+                    )
+                    async for change in stream:
+                        seen.append(change.state)
+                for service, _ in running:
+                    service.process.terminate()
+                    assert await service.finish() == 0, service.text
+            nursery.cancel_scope.cancel()
+    assert seen[0] != MailStatus.DELIVERED, seen
+    assert seen[-1] == MailStatus.DELIVERED, seen
