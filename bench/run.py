@@ -27,12 +27,12 @@ if __package__ in (None, ""):
 
 import attrs
 
-from bench import admission, e2e, egress, ingress, overload, replicas
+from bench import admission, attacks, e2e, egress, ingress, overload, replicas
 from bench.common import BenchError, Profile, TlsFiles
 from bench.procs import SinkProcess
 from bench.stats import Section
 
-SECTIONS = ("egress", "overload", "ingress", "e2e", "admission")
+SECTIONS = ("egress", "overload", "ingress", "e2e", "attacks", "admission")
 # Run only when named in --only: it needs a PostgreSQL server (run under .ci/postgres).
 OPTIONAL_SECTIONS = ("replicas",)
 EXIT_OK = 0
@@ -80,6 +80,7 @@ RUNNERS: dict[str, Callable[[Fixtures], Section]] = {
     "replicas": lambda f: replicas.run_section(
         f.profile, f.tls, f.sink(pipelining=True), f.log_dir
     ),
+    "attacks": lambda f: attacks.run_section(f.profile, f.tls, f.log_dir),
     "e2e": lambda f: e2e.run_section(
         f.profile,
         f.tls,

@@ -14,10 +14,10 @@ import purerpc
 import pytest
 import trio
 
-from trio_mailer.dev.capture_relay import Fault
 from trio_mailer.v1.mailer_pb2 import MsgRequest
 
-from .conftest import Harness
+from .fakes.fault_relay import Fault
+from .helpers import Harness
 
 
 def parsed(data: bytes) -> email.message.EmailMessage:

@@ -21,7 +21,7 @@ from trio_mailer.delivery.smtp_session import ConnectFailed, Delivered, Rejected
 from trio_mailer.store.outbox import MemoryOutbox
 from trio_mailer.store.status_board import StatusBoard
 
-from .test_sender import mail
+from .helpers import mail
 
 
 @attrs.define

@@ -12,32 +12,8 @@ import pytest
 import trio
 import trustme
 
-from trio_mailer.dev.capture_relay import CaptureSMTPServer, Fault
-from trio_mailer.v1.mailer_pb2 import MsgRequest
-
-from .conftest import Harness, server_context
-
-FAST = {
-    "MAILER_SMTP_TIMEOUT_S": "0.5",
-    "MAILER_RETRY_BASE_S": "0.05",
-    "MAILER_RETRY_MAX_S": "0.2",
-    "MAILER_SHUTDOWN_GRACE_S": "0",
-}
-
-
-async def send_pass(h: Harness, to: str = "user@example.com", code: str = "1") -> str:
-    reply = await h.stub.SendPass(MsgRequest(to=to, code=code))
-    assert reply.sent, reply.reason
-    return str(reply.message_id)
-
-
-def message_ids(relay: CaptureSMTPServer) -> list[str]:
-    ids = []
-    for mail in relay.received:
-        for line in mail.data.split(b"\r\n"):
-            if line.startswith(b"Message-ID: "):
-                ids.append(line.removeprefix(b"Message-ID: ").decode())
-    return ids
+from .fakes.fault_relay import Fault, FaultRelay
+from .helpers import FAST, message_ids, send_pass, server_context
 
 
 async def deliver_one_with(start_harness, *faults: Fault, env: dict[str, str] | None = None):
@@ -260,7 +236,7 @@ async def test_relay_refusing_connections_then_coming_back(
     start_harness, relay_tls, free_port: int
 ) -> None:
     """Connections refused for a while, then the relay starts: the waiting mail arrives."""
-    relay = CaptureSMTPServer(ssl_context=relay_tls)
+    relay = FaultRelay(ssl_context=relay_tls)
     with trio.fail_after(10):
         async with start_harness(env={**FAST, "MAILER_REMOTE_HOST": f"127.0.0.1:{free_port}"}) as h:
             message_id = await send_pass(h)

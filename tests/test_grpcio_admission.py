@@ -7,7 +7,6 @@ import grpc
 import pytest
 import trio
 
-from trio_mailer.dev.capture_relay import Fault
 from trio_mailer.v1.mailer_pb2 import (
     ListSuppressedReply,
     ListSuppressedRequest,
@@ -19,6 +18,7 @@ from trio_mailer.v1.mailer_pb2 import (
     StatusRequest,
 )
 
+from .fakes.fault_relay import Fault
 from .test_suppression import DEAD, ON
 
 

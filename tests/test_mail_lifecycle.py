@@ -23,7 +23,7 @@ from trio_mailer.core.session_policy import (
     should_recycle,
 )
 
-from .test_outbox import queued
+from .helpers import queued
 
 S = MailState
 ALLOWED = {

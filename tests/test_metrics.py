@@ -10,10 +10,10 @@ import pytest
 import trio
 from prometheus_client.parser import text_string_to_metric_families
 
-from trio_mailer.dev.capture_relay import Fault
 from trio_mailer.v1.mailer_pb2 import MsgRequest
 
-from .conftest import Harness
+from .fakes.fault_relay import Fault
+from .helpers import Harness
 
 TOKEN = "metrics-test-token-123456"
 

@@ -32,27 +32,14 @@ from trio_mailer.store.outbox import (
     SqliteOutbox,
     StatusChange,
     default_outbox_path,
+    open_outbox,
 )
 from trio_mailer.store.postgres_outbox import PostgresOutbox
 
+from .helpers import T0, queued
 from .postgres_helpers import fresh_database
 
 TIMEOUT_S = 10
-T0 = 1_790_000_000.0  # a wall-clock unix time
-
-
-def queued(
-    n: int, *, accepted_at_unix: float | None = None, data: bytes | None = None
-) -> MailRecord:
-    """A freshly accepted mail number ``n``."""
-    mail = OutgoingMail(
-        message_id=f"<{n}@x.example>",
-        kind=MailKind.RETRIEVE if n % 2 else MailKind.PASSWORD,
-        envelope_from="mailer@x.example",
-        envelope_to=f"user{n}@y.example",
-        data=data if data is not None else f"Subject: code\r\n\r\ncode {n:06d}\r\n".encode(),
-    )
-    return MailRecord.accepted(mail, T0 + n if accepted_at_unix is None else accepted_at_unix)
 
 
 def change(
@@ -90,6 +77,44 @@ async def outbox(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterato
 async def open_sqlite(path: Path, **kwargs: int) -> SqliteOutbox:
     with trio.fail_after(TIMEOUT_S):
         return await SqliteOutbox.open(path, **kwargs)
+
+
+# ---- open_outbox ----
+
+
+async def test_open_outbox_opens_the_file_and_closes_it_on_the_way_out(tmp_path: Path) -> None:
+    """The file outbox; what was added is committed at exit, even when the body raises."""
+    path = tmp_path / "outbox.sqlite3"
+    with trio.fail_after(TIMEOUT_S):
+        with pytest.raises(RuntimeError, match="body failed"):
+            async with open_outbox(path) as box:
+                assert isinstance(box, SqliteOutbox)
+                await box.add(queued(1))
+                raise RuntimeError("body failed")
+        async with open_outbox(path) as box:
+            assert await box.get(queued(1).message_id) == queued(1)
+
+
+async def test_open_outbox_without_a_path_is_in_memory_and_uses_what_it_is_given() -> None:
+    """None: a MemoryOutbox. ``use``: that outbox, closed at exit."""
+    with trio.fail_after(TIMEOUT_S):
+        async with open_outbox(None) as box:
+            assert isinstance(box, MemoryOutbox)
+        given = MemoryOutbox()
+        async with open_outbox(None, use=given) as box:
+            assert box is given
+            await box.add(queued(1))
+        with pytest.raises(trio.ClosedResourceError):
+            await given.add(queued(2))  # closed
+
+
+async def test_open_outbox_refuses_a_damaged_file(tmp_path: Path) -> None:
+    """A file that is not an outbox stops at the door: OutboxCorrupt, nothing yielded."""
+    path = tmp_path / "outbox.sqlite3"
+    path.write_bytes(b"not a database at all" * 100)
+    with trio.fail_after(TIMEOUT_S), pytest.raises(OutboxCorrupt):
+        async with open_outbox(path):
+            raise AssertionError("unreachable")
 
 
 # ---- behaviour shared by both outboxes ----

@@ -14,7 +14,7 @@ from trio_mailer.core.retry_policy import ReconnectBackoff
 from trio_mailer.delivery.relays import RelayChain
 from trio_mailer.delivery.smtp_session import ConnectFailed, RelaySettings
 
-from .test_faults import FAST, send_pass
+from .helpers import FAST, send_pass
 
 
 async def test_two_relays_one_down_the_mail_goes_to_the_other(

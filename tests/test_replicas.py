@@ -17,18 +17,17 @@ import pytest
 import trio
 
 from trio_mailer.client import open_channel
-from trio_mailer.core.mail_lifecycle import MailRecord, OutboxCorrupt, OutboxError
+from trio_mailer.core.errors import OutboxCorrupt, OutboxError
+from trio_mailer.core.mail_lifecycle import MailRecord
 from trio_mailer.core.message import OutgoingMail
 from trio_mailer.core.rendering import MailKind
-from trio_mailer.dev.capture_relay import CaptureSMTPServer, Fault
 from trio_mailer.store.postgres_outbox import PostgresOutbox, mask_url
 from trio_mailer.v1.mailer_grpc import MailerStub
 from trio_mailer.v1.mailer_pb2 import MailStatus, MsgReply, MsgRequest, StatusRequest
 
-from .conftest import relay_env, subprocess_env
+from .fakes.fault_relay import Fault, FaultRelay
+from .helpers import LISTENING, Service, message_ids, relay_env, start_service, subprocess_env
 from .postgres_helpers import fresh_database, server_url
-from .test_cli import LISTENING, Service, start_service
-from .test_faults import message_ids
 
 TIMEOUT_S = 120  # three interpreters on a busy machine
 LEASE_S = 2
@@ -85,7 +84,7 @@ async def status(port: int, message_id: str) -> MailStatus:
         return answer
 
 
-async def wait_delivered(relay: CaptureSMTPServer, accepted: list[str]) -> None:
+async def wait_delivered(relay: FaultRelay, accepted: list[str]) -> None:
     while not set(accepted) <= set(message_ids(relay)):
         await relay.wait_for_mails(relay.statistics().mails_received + 1)
 
@@ -96,7 +95,7 @@ async def test_three_replicas_share_mail_status_keys_and_limits(
     """Mail sent to each of three replicas is delivered once; any replica answers for any
     mail; a key repeated on another replica gets the first reply; the recipient limit counts
     every replica's accepts."""
-    relay = CaptureSMTPServer(ssl_context=relay_tls)
+    relay = FaultRelay(ssl_context=relay_tls)
     with fresh_database() as url, trio.fail_after(TIMEOUT_S):
         async with trio.open_nursery() as nursery:
             relay_port = await nursery.start(relay.serve, "127.0.0.1", 0)
@@ -141,7 +140,7 @@ async def test_kill_9_mid_send_the_others_deliver_within_the_lease(
     """One replica is killed while it sends its mail: the other two claim it once its lease
     lapses and deliver it; only the mail the kill caught mid-attempt may arrive twice, and it
     is flagged as a possible duplicate."""
-    relay = CaptureSMTPServer(ssl_context=relay_tls)
+    relay = FaultRelay(ssl_context=relay_tls)
     relay.add_fault(Fault("DOT", delay_s=0.05, reply="250 2.0.0 queued", times=-1))
     with fresh_database() as url, trio.fail_after(TIMEOUT_S):
         async with trio.open_nursery() as nursery:
@@ -304,7 +303,7 @@ async def test_watch_status_on_one_replica_follows_a_mail_another_sends(
 ) -> None:
     """A WatchStatus stream on replica B sees the changes replica A stores for its mail, woken
     by NOTIFY (the stream does not poll), and ends at DELIVERED."""
-    relay = CaptureSMTPServer(ssl_context=relay_tls)
+    relay = FaultRelay(ssl_context=relay_tls)
     relay.add_fault(Fault("DOT", delay_s=2.0, reply="250 2.0.0 queued", times=1))
     with fresh_database() as url, trio.fail_after(TIMEOUT_S):
         async with trio.open_nursery() as nursery:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 
 from trio_mailer.core.retry_policy import (
+    TTL_REASON_PREFIX,
     AttemptResult,
     GiveUp,
     ReconnectBackoff,
@@ -112,3 +113,75 @@ def test_configuration_error_waits_the_cap() -> None:
     backoff = ReconnectBackoff(base_s=1, cap_s=60)
     assert backoff.delay_s(1, 0.0, config_error=True) == 60.0
     assert backoff.delay_s(0, 0.0, config_error=True) == 0.0
+
+
+def test_attempt_result_and_ttl_values_are_stable() -> None:
+    """They appear in logs and metrics; the TTL prefix is how metrics count "expired"."""
+    assert {r.name: r.value for r in AttemptResult} == {
+        "DELIVERED": "delivered",
+        "PERMANENT": "permanent",
+        "TRANSIENT": "transient",
+        "SESSION_LOST": "session lost",
+        "OUTCOME_UNKNOWN": "outcome unknown",
+    }
+    assert TTL_REASON_PREFIX == "time to live"
+
+
+def test_give_up_reasons_are_exact() -> None:
+    after = {"accepted_at_s": 0.0, "now_s": 10.0, "rand": 1.0}
+    assert POLICY.after_failure(AttemptResult.PERMANENT, attempts=1, **after) == GiveUp(
+        "permanent failure"
+    )
+    assert POLICY.after_failure(AttemptResult.TRANSIENT, attempts=8, **after) == GiveUp(
+        "gave up after 8 attempts"
+    )
+    late = POLICY.after_failure(
+        AttemptResult.SESSION_LOST, attempts=1, accepted_at_s=0.0, now_s=600.0, rand=0.0
+    )
+    assert late == GiveUp("time to live (600s) would pass before the next attempt")
+
+
+def test_the_attempt_before_the_last_is_retried() -> None:
+    """max_attempts - 1 failed attempts: one more try (the boundary's other side)."""
+    result = POLICY.after_failure(
+        AttemptResult.SESSION_LOST, attempts=7, accepted_at_s=0.0, now_s=10.0, rand=0.0
+    )
+    assert result == RetryAt(10.0)
+
+
+def test_a_retry_just_before_the_deadline_still_happens() -> None:
+    result = POLICY.after_failure(
+        AttemptResult.TRANSIENT, attempts=1, accepted_at_s=0.0, now_s=598.0, rand=1.0
+    )
+    assert result == RetryAt(599.0)  # 1 s backoff, ends 1 s before accepted + 600
+
+
+def test_backoff_before_any_failure_is_the_base() -> None:
+    """attempts=0 (or less) is treated as the first step, never a fraction of it."""
+    assert POLICY.backoff_s(0, 1.0) == 1.0
+    assert POLICY.backoff_s(-3, 1.0) == 1.0
+
+
+def test_the_exponent_is_capped_at_64_not_earlier() -> None:
+    """The cap only keeps 2**n a finite float: a tiny base shows it is exactly 64."""
+    tiny = RetryPolicy(base_s=1e-30, max_s=86400, max_attempts=8, ttl_s=600)
+    assert tiny.backoff_s(65, 1.0) == 1e-30 * 2.0**64
+    assert tiny.backoff_s(10_000, 1.0) == 1e-30 * 2.0**64
+    assert tiny.backoff_s(64, 1.0) == 1e-30 * 2.0**63
+    backoff = ReconnectBackoff(base_s=1e-30, cap_s=86400)
+    assert backoff.delay_s(65, 1.0) == 1e-30 * 2.0**64
+    assert backoff.delay_s(10_000, 1.0) == 1e-30 * 2.0**64
+    assert backoff.delay_s(64, 1.0) == 1e-30 * 2.0**63
+
+
+def test_reconnect_backoff_is_zero_without_failures() -> None:
+    backoff = ReconnectBackoff(base_s=1, cap_s=60)
+    assert backoff.delay_s(0, 1.0) == 0.0
+    assert backoff.delay_s(-1, 1.0) == 0.0
+    assert backoff.delay_s(1, 0.0) == 0.5
+    assert backoff.delay_s(1, 1.0) == 1.0
+
+
+def test_policy_defaults_come_from_the_config_table() -> None:
+    assert RetryPolicy() == RetryPolicy(base_s=1.0, max_s=60.0, max_attempts=1000, ttl_s=600.0)
+    assert ReconnectBackoff() == ReconnectBackoff(base_s=1.0, cap_s=60.0)

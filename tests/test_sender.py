@@ -16,7 +16,6 @@ import trio.lowlevel
 import trio.testing
 
 from trio_mailer.core.message import OutgoingMail
-from trio_mailer.core.rendering import MailKind
 from trio_mailer.core.retry_policy import ReconnectBackoff, RetryPolicy
 from trio_mailer.delivery.mail_queue import MailQueue
 from trio_mailer.delivery.sender import FinishedMail, Sender
@@ -28,16 +27,7 @@ from trio_mailer.delivery.smtp_session import (
     SessionLost,
 )
 
-
-def mail(n: int) -> OutgoingMail:
-    return OutgoingMail(
-        message_id=f"<{n}@example.com>",
-        kind=MailKind.PASSWORD,
-        envelope_from="noreply@example.com",
-        envelope_to=f"user{n}@example.com",
-        data=b"Subject: x\r\n\r\nbody\r\n",
-    )
-
+from .helpers import mail
 
 Outcome = Delivered | Rejected | SessionLost
 

@@ -18,8 +18,7 @@ from trio_mailer.store.outbox import MemoryOutbox
 from trio_mailer.store.status_board import StatusBoard
 from trio_mailer.v1.mailer_pb2 import MailStatus, MsgRequest, StatusRequest
 
-from .test_properties import COMPOSER
-from .test_sender import mail
+from .helpers import COMPOSER, mail
 
 
 class SlowOutbox(MemoryOutbox):

@@ -4,10 +4,9 @@ from __future__ import annotations
 
 import trio
 
-from trio_mailer.dev.capture_relay import Fault
-
+from .fakes.fault_relay import Fault
+from .helpers import FAST, send_pass
 from .std_services import open_client, run_client
-from .test_faults import FAST, send_pass
 
 MAILER = "trio_mailer.v1.Mailer"
 

@@ -19,7 +19,8 @@ from trio_mailer.delivery.smtp_session import (
     RelaySettings,
     ThreadedSmtpSession,
 )
-from trio_mailer.dev.capture_relay import CaptureSMTPServer
+
+from .fakes.fault_relay import FaultRelay
 
 ENDLESS_AT = ["greeting", "ehlo"]
 
@@ -74,7 +75,7 @@ async def test_a_wrong_password_costs_one_auth_failure_and_the_session_says_quit
     relay_tls: ssl.SSLContext, ca_file: Path
 ) -> None:
     """Issue 10 item 11: one AUTH per connection (not PLAIN then LOGIN), then QUIT."""
-    relay = CaptureSMTPServer(ssl_context=relay_tls, credentials=("bot", "right"))
+    relay = FaultRelay(ssl_context=relay_tls, credentials=("bot", "right"))
     with trio.fail_after(30):
         async with trio.open_nursery() as nursery:
             port = await nursery.start(relay.serve, "127.0.0.1", 0)
@@ -94,7 +95,7 @@ async def test_a_wrong_password_costs_one_auth_failure_and_the_session_says_quit
 
 async def test_starttls_not_offered_is_a_configuration_error(relay_tls: ssl.SSLContext) -> None:
     """Issue 10 item 11: not an outage to retry at outage pace; and the session says QUIT."""
-    relay = CaptureSMTPServer(ssl_context=relay_tls, tls_mode="starttls", offer_starttls=False)
+    relay = FaultRelay(ssl_context=relay_tls, tls_mode="starttls", offer_starttls=False)
     with trio.fail_after(30):
         async with trio.open_nursery() as nursery:
             port = await nursery.start(relay.serve, "127.0.0.1", 0)

@@ -30,10 +30,10 @@ import purerpc
 import trio
 
 from trio_mailer.core.caller_auth import is_loopback
-from trio_mailer.core.config import Config, DatabaseUrl, TlsMode
-from trio_mailer.core.errors import ShuttingDown
+from trio_mailer.core.config import Config, TlsMode
+from trio_mailer.core.errors import OutboxError, ShuttingDown
 from trio_mailer.core.health_decision import SenderStatistics, is_serving
-from trio_mailer.core.mail_lifecycle import MailRecord, MailState, OutboxError
+from trio_mailer.core.mail_lifecycle import MailRecord, MailState
 from trio_mailer.core.message import MailComposer
 from trio_mailer.core.rendering import MailTemplates, TemplateError
 from trio_mailer.core.retry_policy import ReconnectBackoff, RetryPolicy
@@ -58,6 +58,7 @@ from trio_mailer.grpc.health_service import SERVICE_NAME as HEALTH_SERVICE_NAME
 from trio_mailer.grpc.health_service import HealthState, ServingStatus, health_service
 from trio_mailer.grpc.listener import (
     PEER_IDENTITY,
+    Limits,
     bound_port,
     make_server_ssl_context,
     open_grpc_listener,
@@ -67,8 +68,8 @@ from trio_mailer.grpc.mailer_service import ANONYMOUS_CALLER, MailerService
 from trio_mailer.grpc.reflection_service import reflection_services
 from trio_mailer.logs import printable
 from trio_mailer.metrics import Metrics, serve_metrics
-from trio_mailer.store.outbox import MemoryOutbox, Outbox, SqliteOutbox
-from trio_mailer.store.postgres_outbox import PostgresOutbox
+from trio_mailer.store.outbox import Outbox, open_outbox
+from trio_mailer.store.postgres_outbox import PostgresOutbox, mask_url
 from trio_mailer.store.status_board import StatusBoard
 from trio_mailer.v1 import mailer_pb2
 
@@ -403,46 +404,31 @@ class MailerApp:
         Raises:
             BindError: the gRPC port cannot be bound.
         """
-        outbox = await self._open_outbox()
-        try:
-            return await self._run_with(outbox, task_status)
-        finally:
-            with trio.CancelScope(shield=True):
-                await outbox.aclose()
-
-    async def _open_outbox(self) -> Outbox:
-        """The file outbox (checked: a damaged file stops start-up), or the in-memory one.
-
-        Raises:
-            OutboxError: the file is not a usable outbox, or cannot be opened.
-        """
-        if self.outbox is not None:
-            return self.outbox
-        if self.config.outbox_url is not None:
-            return await self._open_shared_outbox(self.config.outbox_url)
-        if self.config.outbox_path is None:
+        path = self.config.outbox_path
+        url = self.config.outbox_url
+        if self.outbox is None and path is None and url is None:
             log.warning(
                 "MAILER_OUTBOX=memory: accepted mail lives only in memory and is lost if the "
                 "process is killed"
             )
-            return MemoryOutbox()
-        outbox = await SqliteOutbox.open(self.config.outbox_path)
-        log.info("outbox: %s", self.config.outbox_path)
-        return outbox
+        async with open_outbox(
+            url or path,
+            use=self.outbox,
+            lease_s=self.config.lease_s,
+            pool_size=self.config.db_pool_size,
+            timeout_s=self.config.db_timeout_s,
+        ) as outbox:
+            if isinstance(outbox, PostgresOutbox):
+                self._share(outbox)
+            elif self.outbox is None and path is not None:
+                log.info("outbox: %s", path)
+            return await self._run_with(outbox, task_status)
 
-    async def _open_shared_outbox(self, url: DatabaseUrl) -> Outbox:
-        config = self.config
-        outbox = await PostgresOutbox.open(
-            url.url,
-            lease_s=config.lease_s,
-            pool_size=config.db_pool_size,
-            statement_timeout_s=config.db_timeout_s,
-            connect_timeout_s=config.db_timeout_s,
-        )
+    def _share(self, outbox: PostgresOutbox) -> None:
+        """Wire the shared outbox: watchers woken by other replicas, limits checked in it."""
         outbox.on_change = self.board.changed_elsewhere
         self.admission.shared_store = True
-        log.info("outbox: %s (shared; this replica is %s)", url.masked(), outbox.owner)
-        return outbox
+        log.info("outbox: %s (shared; this replica is %s)", mask_url(outbox.url), outbox.owner)
 
     async def _claim(self, outbox: PostgresOutbox) -> None:
         """Take the mail that no live replica holds (a dead replica's, once its lease lapsed;
@@ -530,7 +516,14 @@ class MailerApp:
         port = bound_port(listener)
         async with trio.open_nursery() as nursery:
             await nursery.start(
-                partial(serve_grpc, authorizer=self.authorize), listener, self.grpc_services()
+                partial(
+                    serve_grpc,
+                    authorizer=self.authorize,
+                    max_connections=config.max_connections,
+                    limits=Limits(idle_timeout_s=config.grpc_idle_timeout_s),
+                ),
+                listener,
+                self.grpc_services(),
             )
             nursery.start_soon(run_senders)
             nursery.start_soon(self._watch_health)

@@ -1,7 +1,7 @@
 """The ``trio-mailer`` command: ``serve``, ``dev``, ``send``, ``status`` and ``render``.
 
 The only place that exits the process: ``main(argv)`` returns the exit status.
-0 success; 1 mail left behind at shutdown (serve, dev) or a refused/failed call (send);
+0 success; 1 mail left behind at shutdown (serve, dev) or a refused/failed call (send, status);
 2 bad configuration or start-up failure (every problem listed, no traceback).
 """
 
@@ -39,8 +39,12 @@ from trio_mailer.core.config import (
     parse_host_port,
     shipped_templates_dir,
 )
-from trio_mailer.core.errors import InvalidRequest, MessageBuildError, exception_leaves
-from trio_mailer.core.mail_lifecycle import OutboxError
+from trio_mailer.core.errors import (
+    InvalidRequest,
+    MessageBuildError,
+    OutboxError,
+    exception_leaves,
+)
 from trio_mailer.core.message import MailComposer
 from trio_mailer.core.rendering import (
     DEFAULT_LOCALE,

@@ -20,11 +20,11 @@ import anyio.abc
 import attrs
 import purerpc
 import trio
-from purerpc.grpc_proto import GRPCProtoSocket
-from purerpc.grpclib.config import GRPCConfiguration
 
+from trio_mailer import tls
 from trio_mailer.core.errors import exception_leaves
 from trio_mailer.core.rendering import MailKind
+from trio_mailer.grpc.purerpc_internals import Channel, client_channel
 from trio_mailer.v1.mailer_grpc import MailerAdminStub, MailerStub
 from trio_mailer.v1.mailer_pb2 import (
     ListSuppressedRequest,
@@ -73,7 +73,7 @@ class _Budget:
 @asynccontextmanager
 async def open_channel(
     host: str, port: int, ssl_context: ssl.SSLContext | None = None
-) -> AsyncIterator[purerpc.client._Channel]:
+) -> AsyncIterator[Channel]:
     """A purerpc channel that, unlike ``purerpc.insecure_channel``, closes its socket.
 
     With ``ssl_context`` the connection uses TLS (see ``client_ssl_context``).
@@ -87,11 +87,7 @@ async def open_channel(
                 host, port, ssl_context=ssl_context, tls_standard_compatible=False
             )
         stack.push_async_callback(stream.aclose)
-        channel = purerpc.client._Channel(host, port)
-        channel._grpc_socket = await stack.enter_async_context(
-            GRPCProtoSocket(GRPCConfiguration(client_side=True), stream)
-        )
-        yield channel
+        yield await client_channel(stack, host, port, stream)
 
 
 def client_ssl_context(
@@ -103,11 +99,7 @@ def client_ssl_context(
     Raises:
         ssl.SSLError, OSError: a file cannot be loaded.
     """
-    context = ssl.create_default_context(cafile=str(ca_file) if ca_file else None)
-    context.set_alpn_protocols(["h2"])
-    if cert is not None:
-        context.load_cert_chain(str(cert), str(key) if key else None)
-    return context
+    return tls.client_context(ca_file, alpn=["h2"], cert=cert, key=key)
 
 
 async def send(

@@ -478,6 +478,10 @@ SETTINGS: tuple[Setting, ...] = (
             "at most COUNT accepted mails per caller identity in SECONDS (e.g. 100/1; 0: off)"),
     Setting("MAILER_SUPPRESS_S", "suppress_s", 7 * DAY_S, _seconds_from(0, 365 * DAY_S),
             "how long an address the relay called dead is refused (0: off)"),
+    Setting("MAILER_MAX_CONNECTIONS", "max_connections", 500, _int_in(1, 100_000),
+            "gRPC connections served at once; one beyond it is closed when accepted"),
+    Setting("MAILER_GRPC_IDLE_TIMEOUT_S", "grpc_idle_timeout_s", 300.0,
+            _seconds_between(0, DAY_S), "a gRPC connection without a call is closed after this"),
 )  # fmt: skip
 
 _BY_FIELD = {setting.field: setting for setting in SETTINGS}
@@ -535,6 +539,8 @@ class Config:
     recipient_limit: RateLimit | None = default("recipient_limit")
     caller_limit: RateLimit | None = default("caller_limit")
     suppress_s: float = default("suppress_s")
+    max_connections: int = default("max_connections")
+    grpc_idle_timeout_s: float = default("grpc_idle_timeout_s")
 
     @property
     def relay_list(self) -> tuple[tuple[str, int], ...]:
@@ -564,7 +570,9 @@ class Config:
             f"{self._database()}status_retention_s={self.status_retention_s:g} "
             f"idempotency_window_s={self.idempotency_window_s:g} "
             f"recipient_limit={self.recipient_limit or 'off'} "
-            f"caller_limit={self.caller_limit or 'off'} suppress_s={self.suppress_s:g}"
+            f"caller_limit={self.caller_limit or 'off'} suppress_s={self.suppress_s:g} "
+            f"max_connections={self.max_connections} "
+            f"grpc_idle_timeout_s={self.grpc_idle_timeout_s:g}"
         )
 
     def _database(self) -> str:

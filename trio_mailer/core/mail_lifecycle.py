@@ -1,7 +1,8 @@
 """What the outbox stores about a mail, and the rules for changing it.
 
-Pure: no trio, sqlite3, smtplib or purerpc here. ``outbox.py`` stores these values (in SQLite or in
-memory); both apply a sender's report through ``apply_change``, so they cannot disagree.
+Pure: no trio, sqlite3, smtplib or purerpc here. ``store/outbox.py`` stores these values (in
+SQLite or in memory); both apply a sender's report through ``apply_change``, so they cannot
+disagree.
 
 Theory of operation
 -------------------
@@ -54,7 +55,12 @@ from pathlib import Path, PurePath
 
 import attrs
 
-from trio_mailer.core.errors import GrpcStatus
+from trio_mailer.core.errors import OutboxConflict
+
+# The outbox errors live in errors.py with the others; these names stay importable from here.
+from trio_mailer.core.errors import OutboxCorrupt as OutboxCorrupt
+from trio_mailer.core.errors import OutboxError as OutboxError
+from trio_mailer.core.errors import OutboxFull as OutboxFull
 from trio_mailer.core.message import OutgoingMail
 from trio_mailer.core.rendering import TEMPLATE_NAME
 
@@ -191,47 +197,6 @@ class StatusChange:
     last_reply_text: str
     at_unix: float = attrs.field(validator=_finite)
     possible_duplicate: bool = False
-
-
-class OutboxError(Exception):
-    """The outbox cannot do what was asked; ``problem`` says why.
-
-    Not a ``MailerError``: the message names the file, which a gRPC client must not see. An
-    ``add`` that raises any ``OutboxError`` accepted nothing the caller can rely on, so the handler
-    answers ``grpc_status`` with a generic message and logs ``str(exc)``.
-    """
-
-    grpc_status: GrpcStatus = GrpcStatus.UNAVAILABLE
-
-    def __init__(self, problem: str, *, path: PurePath | None = None) -> None:
-        super().__init__(f"outbox {path}: {problem}" if path is not None else f"outbox: {problem}")
-        self.problem = problem
-        self.path = path
-
-
-class OutboxCorrupt(OutboxError):
-    """The file is not a usable outbox (not SQLite, damaged, another schema): start-up must stop.
-
-    The file is left exactly as it was, for a person to look at.
-    """
-
-    grpc_status = GrpcStatus.INTERNAL
-
-
-class OutboxFull(OutboxError):
-    """The disk (or the outbox's size cap) is full, or the file is read-only: nothing was stored."""
-
-    grpc_status = GrpcStatus.UNAVAILABLE
-
-
-class OutboxConflict(OutboxError):
-    """A change that breaks the rules: a duplicate ``add``, an unknown mail, a finished mail.
-
-    Only the offending call fails; the others in the same commit are stored. It means a bug in
-    the caller, hence INTERNAL.
-    """
-
-    grpc_status = GrpcStatus.INTERNAL
 
 
 @attrs.frozen

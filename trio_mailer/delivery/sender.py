@@ -47,8 +47,9 @@ import attrs
 import trio
 
 from trio_mailer.core.config import default
+from trio_mailer.core.errors import OutboxError
 from trio_mailer.core.health_decision import SenderStatistics
-from trio_mailer.core.mail_lifecycle import MailState, OutboxError, StatusChange
+from trio_mailer.core.mail_lifecycle import MailState, StatusChange
 from trio_mailer.core.message import OutgoingMail
 from trio_mailer.core.retry_policy import (
     TTL_REASON_PREFIX,

@@ -61,6 +61,7 @@ from typing import Any, TypeVar
 import attrs
 import trio
 
+from trio_mailer import tls
 from trio_mailer.core.config import Config, TlsMode
 from trio_mailer.core.message import OutgoingMail
 from trio_mailer.core.smtp_replies import ReplyClass, classify, is_auth_config_error
@@ -200,10 +201,7 @@ def make_relay_ssl_context(ca_file: Path | None) -> ssl.SSLContext:
     Raises:
         ssl.SSLError, OSError: ``ca_file`` cannot be read as PEM certificates.
     """
-    context = ssl.create_default_context()
-    if ca_file is not None:
-        context.load_verify_locations(cafile=str(ca_file))
-    return context
+    return tls.client_context(ca_file, system_store_too=True)
 
 
 @attrs.frozen

@@ -1,9 +1,10 @@
 """The ``trio_mailer.v1.Mailer`` gRPC handlers: validate, render, queue, answer.
 
-Thin: the work is in ``message.MailComposer`` (pure) and ``mail_queue.MailQueue``. This is also
-where errors become gRPC statuses: a ``MailerError`` maps to its own status and message; a
-rendering failure to INVALID_ARGUMENT; anything else to INTERNAL with a generic message, its
-detail logged and never sent to the client.
+Thin: the work is in ``core.message.MailComposer`` (pure) and ``delivery.mail_queue.MailQueue``.
+Errors become gRPC statuses through ``grpc.statuses.rpc_error``: a core error (``core.errors``)
+maps to its own status; a ``MailerError`` shows its message, an outbox error a generic one; a
+rendering failure is INVALID_ARGUMENT; anything else INTERNAL with a generic message, its detail
+logged and never sent to the client.
 
 Deadlines: a call's ``grpc-timeout`` (purerpc hands it over as ``request.timeout``) bounds the
 work before its mail is stored. A call whose deadline passes first stores nothing (a cancelled
@@ -26,10 +27,18 @@ import trio
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from trio_mailer.core.addresses import mask
-from trio_mailer.core.errors import InvalidRequest, MailerError, MessageBuildError, ShuttingDown
+from trio_mailer.core.errors import (
+    GrpcStatus,
+    InvalidRequest,
+    MailerError,
+    MailNotFound,
+    MessageBuildError,
+    OutboxError,
+    ShuttingDown,
+)
 from trio_mailer.core.grpc_deadline import deadline_s, timeout_s
 from trio_mailer.core.idempotency import payload_fingerprint, validate_idempotency_key
-from trio_mailer.core.mail_lifecycle import MailRecord, MailState, OutboxError
+from trio_mailer.core.mail_lifecycle import MailRecord, MailState
 from trio_mailer.core.message import MailComposer, OutgoingMail
 from trio_mailer.core.rate_limits import retry_after_ms
 from trio_mailer.core.rendering import MailKind, MailTemplates, RenderError
@@ -43,6 +52,7 @@ from trio_mailer.grpc.admission import (
     Repeat,
     Ticket,
 )
+from trio_mailer.grpc.statuses import rpc_error, status_error
 from trio_mailer.logs import printable
 from trio_mailer.metrics import Metrics
 from trio_mailer.store.admission_tables import IdempotencyHit, StoreRefusal
@@ -107,10 +117,6 @@ def _metadata(request: Any) -> Sequence[tuple[str, str]]:
 def _deadline_s(request: Any) -> float | None:
     timeout = None if request is None else getattr(request, "timeout", None)
     return None if timeout is None else float(timeout.total_seconds())
-
-
-def _rpc_error(status: purerpc.StatusCode, message: str) -> purerpc.RpcFailedError:
-    return purerpc.RpcFailedError(purerpc.Status(status, message))
 
 
 class MailerService(MailerServicer):  # type: ignore[misc]  # generated, untyped base
@@ -221,8 +227,8 @@ class MailerService(MailerServicer):  # type: ignore[misc]  # generated, untyped
         if not message.idempotency_key:
             return str(message.message_id)
         if message.message_id:
-            raise _rpc_error(
-                purerpc.StatusCode.INVALID_ARGUMENT,
+            raise status_error(
+                GrpcStatus.INVALID_ARGUMENT,
                 "message_id, idempotency_key: expected one of the two, got both",
             )
         try:
@@ -230,23 +236,24 @@ class MailerService(MailerServicer):  # type: ignore[misc]  # generated, untyped
             assert key is not None
             message_id = await self.admission.find(self._identify(_metadata(request)), key)
         except InvalidRequest as exc:
-            raise _rpc_error(purerpc.StatusCode.INVALID_ARGUMENT, exc.message) from None
+            raise status_error(GrpcStatus.INVALID_ARGUMENT, exc.message) from None
         except OutboxError as exc:
             log.error("cannot read the outbox: %s", exc)
-            raise _rpc_error(purerpc.StatusCode.UNAVAILABLE, "status unavailable") from None
+            raise status_error(GrpcStatus.UNAVAILABLE, "status unavailable") from None
         if message_id is None:
-            raise _rpc_error(
-                purerpc.StatusCode.NOT_FOUND,
+            raise status_error(
+                GrpcStatus.NOT_FOUND,
                 "idempotency_key: no mail from this caller with this key within the window",
             )
         return message_id
 
     async def _find(self, message_id: str) -> MailRecord:
         if not message_id or len(message_id) > MAX_MESSAGE_ID_CHARS:
-            raise _rpc_error(
-                purerpc.StatusCode.INVALID_ARGUMENT,
-                f"message_id: expected 1 to {MAX_MESSAGE_ID_CHARS} characters, "
-                f"got {len(message_id)}",
+            raise rpc_error(
+                InvalidRequest(
+                    "message_id",
+                    f"expected 1 to {MAX_MESSAGE_ID_CHARS} characters, got {len(message_id)}",
+                )
             )
         record = self._board.get(message_id)
         if record is None:
@@ -254,12 +261,9 @@ class MailerService(MailerServicer):  # type: ignore[misc]  # generated, untyped
                 record = await self.outbox.get(message_id)
             except OutboxError as exc:
                 log.error("cannot read the outbox: %s", exc)
-                raise _rpc_error(purerpc.StatusCode.UNAVAILABLE, "status unavailable") from None
+                raise rpc_error(exc, "status unavailable") from None
         if record is None:
-            raise _rpc_error(
-                purerpc.StatusCode.NOT_FOUND,
-                "message_id: no such mail here (never accepted, or older than the retention)",
-            )
+            raise rpc_error(MailNotFound())
         return record
 
     def _refused(self, kind: str, to: str, refusal: Refusal) -> MsgReply:
@@ -293,8 +297,8 @@ class MailerService(MailerServicer):  # type: ignore[misc]  # generated, untyped
             if admitted is None:
                 outcome = "deadline_exceeded"
                 log.info("%s call past its deadline before its mail was stored", call.method)
-                raise _rpc_error(
-                    purerpc.StatusCode.DEADLINE_EXCEEDED, "deadline exceeded; nothing was stored"
+                raise status_error(
+                    GrpcStatus.DEADLINE_EXCEEDED, "deadline exceeded; nothing was stored"
                 )
             reply, repeat = admitted
             if repeat:
@@ -334,7 +338,7 @@ class MailerService(MailerServicer):  # type: ignore[misc]  # generated, untyped
             )
         except MailerError as exc:
             log.info("refused %s request: %s", call.label, printable(exc.message))
-            raise _rpc_error(purerpc.StatusCode(exc.grpc_status.value), exc.message) from None
+            raise rpc_error(exc) from None
         try:
             with trio.move_on_at(deadline):
                 reply = await self._accept(call, ticket)
@@ -392,24 +396,24 @@ class MailerService(MailerServicer):  # type: ignore[misc]  # generated, untyped
             self._queue.put_reserved(mail, accepted_at_s=trio.current_time())
         except OutboxError as exc:
             log.error("cannot store a %s mail: %s", call.label, exc)
-            raise _rpc_error(
-                purerpc.StatusCode.UNAVAILABLE, "cannot store the mail right now; try again later"
+            raise status_error(
+                GrpcStatus.UNAVAILABLE, "cannot store the mail right now; try again later"
             ) from None
         except MessageBuildError as exc:
             log.error("message failed its safety check: %s", printable(exc.detail))
-            raise _rpc_error(purerpc.StatusCode.INTERNAL, exc.message) from None
+            raise rpc_error(exc) from None
         except MailerError as exc:
             log.info("refused %s request: %s", call.label, printable(exc.message))
-            raise _rpc_error(purerpc.StatusCode(exc.grpc_status.value), exc.message) from None
+            raise rpc_error(exc) from None
         except RenderError as exc:
             log.warning("rendering failed for a %s request: %s", call.label, printable(str(exc)))
-            raise _rpc_error(
-                purerpc.StatusCode.INVALID_ARGUMENT,
+            raise status_error(
+                GrpcStatus.INVALID_ARGUMENT,
                 "request: the values cannot be rendered into the mail",
             ) from None
         except Exception:
             log.exception("unexpected error while accepting a %s mail", call.label)
-            raise _rpc_error(purerpc.StatusCode.INTERNAL, "internal error") from None
+            raise status_error(GrpcStatus.INTERNAL, "internal error") from None
         log.debug("accepted %s mail %s", call.label, mail.message_id)
         return MsgReply(sent=True, message_id=mail.message_id)
 

@@ -21,7 +21,7 @@ import sqlite3
 
 import attrs
 
-from trio_mailer.core.mail_lifecycle import OutboxConflict
+from trio_mailer.core.errors import OutboxConflict
 
 ADMISSION_SCHEMA = (
     """

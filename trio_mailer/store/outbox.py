@@ -52,21 +52,19 @@ import math
 import os
 import sqlite3
 import uuid
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Protocol, TypeVar
 
 import attrs
 import trio
 
+from trio_mailer.core.config import DatabaseUrl, default
+from trio_mailer.core.errors import OutboxConflict, OutboxCorrupt, OutboxError, OutboxFull
 from trio_mailer.core.mail_lifecycle import (
     TERMINAL_STATES,
     MailRecord,
     MailState,
-    OutboxConflict,
-    OutboxCorrupt,
-    OutboxError,
-    OutboxFull,
     StatusChange,
     check_change,
     default_outbox_path,
@@ -94,6 +92,7 @@ __all__ = [
     "SqliteOutbox",
     "StatusChange",
     "default_outbox_path",
+    "open_outbox",
 ]
 
 log = logging.getLogger(__name__)
@@ -975,3 +974,50 @@ class MemoryOutbox:
         await trio.lowlevel.checkpoint()
         if self._closed:
             raise trio.ClosedResourceError("the outbox is closed")
+
+
+@contextlib.asynccontextmanager
+async def open_outbox(
+    path: Path | DatabaseUrl | None,
+    *,
+    max_size_bytes: int | None = None,
+    use: Outbox | None = None,
+    lease_s: float = default("lease_s"),
+    pool_size: int = default("db_pool_size"),
+    timeout_s: float = default("db_timeout_s"),
+) -> AsyncIterator[Outbox]:
+    """``async with open_outbox(config.outbox_path) as outbox:`` the outbox, closed on the way out.
+
+    Args:
+        path: the SQLite file (checked: a damaged file stops start-up); a ``DatabaseUrl``: the
+            PostgreSQL outbox shared by replicas (``postgres_outbox``); None: in memory.
+        max_size_bytes: a cap on the file's size (``SqliteOutbox.open``).
+        use: an outbox already made (tests): used, and closed, instead of opening one.
+        lease_s, pool_size, timeout_s: the PostgreSQL outbox's lease, pool and timeouts.
+
+    Raises:
+        OutboxError: the file or database is not a usable outbox, or cannot be opened.
+    """
+    outbox: Outbox
+    if use is not None:
+        outbox = use
+    elif path is None:
+        outbox = MemoryOutbox()
+    elif isinstance(path, DatabaseUrl):
+        from trio_mailer.store.postgres_outbox import PostgresOutbox  # it imports this module
+
+        outbox = await PostgresOutbox.open(
+            path.url,
+            lease_s=lease_s,
+            pool_size=pool_size,
+            statement_timeout_s=timeout_s,
+            connect_timeout_s=timeout_s,
+        )
+    else:
+        outbox = await SqliteOutbox.open(path, max_size_bytes=max_size_bytes)
+    try:
+        yield outbox
+    finally:
+        # Closing commits what is pending: it must run even when the caller is cancelled.
+        with trio.CancelScope(shield=True):
+            await outbox.aclose()

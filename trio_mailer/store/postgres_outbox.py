@@ -50,15 +50,8 @@ import attrs
 import trio
 
 from trio_mailer.core.config import DatabaseUrl
-from trio_mailer.core.mail_lifecycle import (
-    MailRecord,
-    MailState,
-    OutboxConflict,
-    OutboxCorrupt,
-    OutboxError,
-    StatusChange,
-    check_change,
-)
+from trio_mailer.core.errors import OutboxConflict, OutboxCorrupt, OutboxError
+from trio_mailer.core.mail_lifecycle import MailRecord, MailState, StatusChange, check_change
 from trio_mailer.store import postgres_schema as schema
 from trio_mailer.store.admission_tables import (
     Acceptance,
