@@ -26,6 +26,8 @@ def test_grpc_status_numbers_are_the_specs() -> None:
         "INVALID_ARGUMENT": 3,
         "DEADLINE_EXCEEDED": 4,
         "NOT_FOUND": 5,
+        "FAILED_PRECONDITION": 9,
+        "ABORTED": 10,
         "INTERNAL": 13,
         "UNAVAILABLE": 14,
     }

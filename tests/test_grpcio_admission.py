@@ -72,6 +72,7 @@ async def test_grpcio_uses_keys_retry_after_status_by_key_and_the_admin_service(
     with trio.fail_after(60):
         async with start_harness(env={**ON, "MAILER_RECIPIENT_LIMIT": "1/600"}) as h:
             out = await trio.to_thread.run_sync(session, h.grpc_port)
+            await h.wait_finished(1)  # the session's mail, before the relay turns on the next
             h.relay.add_fault(Fault("RCPT", reply=DEAD))
             reply = await h.stub.SendPass(MsgRequest(to="gone@example.com", code="1"))
             assert reply.sent
