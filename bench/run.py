@@ -76,11 +76,11 @@ RUNNERS: dict[str, Callable[[Fixtures], Section]] = {
         f.profile, f.tls, f.sink(pipelining=True), f.log_dir
     ),
     "ingress": lambda f: ingress.run_section(f.profile, f.tls, f.log_dir),
+    "attacks": lambda f: attacks.run_section(f.profile, f.tls, f.log_dir),
     "admission": lambda f: admission.run_section(f.profile, f.tls, f.log_dir),
     "replicas": lambda f: replicas.run_section(
         f.profile, f.tls, f.sink(pipelining=True), f.log_dir
     ),
-    "attacks": lambda f: attacks.run_section(f.profile, f.tls, f.log_dir),
     "e2e": lambda f: e2e.run_section(
         f.profile,
         f.tls,

@@ -127,12 +127,12 @@ class MailerApp:
     board: StatusBoard = attrs.field(init=False)
     metrics_port: int | None = attrs.field(init=False, default=None)  # once serving
     service: MailerService = attrs.field(init=False)
-    relay_verified: bool = attrs.field(init=False, default=False)  # a session succeeded
-    relay_checked: trio.Event = attrs.field(init=False, factory=trio.Event)  # first check done
     admission: AdmissionControl = attrs.field(init=False)
     _finished_callback: Callable[[FinishedMail], None] | None = attrs.field(
         init=False, default=None
     )
+    relay_verified: bool = attrs.field(init=False, default=False)  # a session succeeded
+    relay_checked: trio.Event = attrs.field(init=False, factory=trio.Event)  # first check done
     _shutdown: trio.Event = attrs.field(init=False, factory=trio.Event)
     _force: trio.Event = attrs.field(init=False, factory=trio.Event)
 
@@ -159,11 +159,11 @@ class MailerApp:
             )
             for _ in range(config.smtp_sessions)
         ]
+        for sender in self.senders:
+            sender.on_finished = self._mail_finished
         if self.relays is not None:
             for sender in self.senders:
                 sender.on_relay_closing = self.relays.trouble
-        for sender in self.senders:
-            sender.on_finished = self._mail_finished
         if self.on_finished is not None:
             self.watch_finished(self.on_finished)
         self.metrics = Metrics()

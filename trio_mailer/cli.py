@@ -233,6 +233,7 @@ def _send(args: argparse.Namespace) -> int:
                 partial(
                     send_template,
                     locale=args.locale,
+                    idempotency_key=args.idempotency_key or "",
                     token=target.token,
                     ssl_context=target.ssl_context,
                     connect_timeout_s=args.connect_timeout_s,
@@ -258,9 +259,9 @@ def _send(args: argparse.Namespace) -> int:
                     locale=args.locale,
                     token=target.token,
                     ssl_context=target.ssl_context,
+                    idempotency_key=args.idempotency_key or "",
                     connect_timeout_s=args.connect_timeout_s,
                     call_timeout_s=args.timeout_s,
-                    idempotency_key=args.idempotency_key or "",
                 ),
                 target.host,
                 target.port,

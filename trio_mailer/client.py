@@ -112,9 +112,9 @@ async def send(
     locale: str = "",
     token: str | None = None,
     ssl_context: ssl.SSLContext | None = None,
+    idempotency_key: str = "",
     connect_timeout_s: float = CONNECT_TIMEOUT_S,
     call_timeout_s: float = CALL_TIMEOUT_S,
-    idempotency_key: str = "",
 ) -> MsgReply:
     """Ask the service at ``host:port`` for a ``kind`` mail.
 
@@ -152,6 +152,7 @@ async def send_template(
     locale: str = "",
     token: str | None = None,
     ssl_context: ssl.SSLContext | None = None,
+    idempotency_key: str = "",
     connect_timeout_s: float = CONNECT_TIMEOUT_S,
     call_timeout_s: float = CALL_TIMEOUT_S,
 ) -> MsgReply:
@@ -162,7 +163,13 @@ async def send_template(
     """
 
     async def call(stub: MailerStub, metadata: Metadata, budget: _Budget) -> MsgReply:
-        request = SendRequest(to=to, template=template, vars=dict(variables), locale=locale)
+        request = SendRequest(
+            to=to,
+            template=template,
+            vars=dict(variables),
+            locale=locale,
+            idempotency_key=idempotency_key,
+        )
         reply: MsgReply = await stub.Send(request, metadata=metadata)
         return reply
 
@@ -186,9 +193,9 @@ async def status(
     watch: bool = False,
     token: str | None = None,
     ssl_context: ssl.SSLContext | None = None,
+    idempotency_key: str = "",
     connect_timeout_s: float = CONNECT_TIMEOUT_S,
     call_timeout_s: float = CALL_TIMEOUT_S,
-    idempotency_key: str = "",
 ) -> None:
     """Report the status of ``message_id`` to ``on_status``; with ``watch``, every change until
     the final state.
@@ -232,13 +239,20 @@ async def list_suppressed(
     """
 
     async def call(
-        admin: MailerAdminStub, metadata: Metadata, budget: _Budget
+        admin: MailerAdminStub, metadata: Metadata, _budget: _Budget
     ) -> list[SuppressedAddress]:
         reply = await admin.ListSuppressed(ListSuppressedRequest(), metadata=metadata)
         return list(reply.addresses)
 
     return await _call(
-        host, port, call, token=token, ssl_context=ssl_context, make_stub=MailerAdminStub
+        host,
+        port,
+        call,
+        token=token,
+        ssl_context=ssl_context,
+        connect_timeout_s=CONNECT_TIMEOUT_S,
+        call_timeout_s=CALL_TIMEOUT_S,
+        make_stub=MailerAdminStub,
     )
 
 
@@ -256,14 +270,21 @@ async def remove_suppressed(
         SendFailed: with the gRPC status name and its message.
     """
 
-    async def call(admin: MailerAdminStub, metadata: Metadata, budget: _Budget) -> bool:
+    async def call(admin: MailerAdminStub, metadata: Metadata, _budget: _Budget) -> bool:
         reply = await admin.RemoveSuppressed(
             RemoveSuppressedRequest(address=address), metadata=metadata
         )
         return bool(reply.removed)
 
     return await _call(
-        host, port, call, token=token, ssl_context=ssl_context, make_stub=MailerAdminStub
+        host,
+        port,
+        call,
+        token=token,
+        ssl_context=ssl_context,
+        connect_timeout_s=CONNECT_TIMEOUT_S,
+        call_timeout_s=CALL_TIMEOUT_S,
+        make_stub=MailerAdminStub,
     )
 
 
@@ -277,8 +298,8 @@ async def _call(
     *,
     token: str | None,
     ssl_context: ssl.SSLContext | None,
-    connect_timeout_s: float = CONNECT_TIMEOUT_S,
-    call_timeout_s: float = CALL_TIMEOUT_S,
+    connect_timeout_s: float,
+    call_timeout_s: float,
     make_stub: Callable[[Any], Any] = MailerStub,
 ) -> T:
     metadata = [("authorization", f"Bearer {token}")] if token else None

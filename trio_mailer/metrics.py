@@ -49,15 +49,15 @@ class Metrics:
             ["outcome"],
             registry=r,
         )
+        self.suppressed_addresses = Gauge(
+            "trio_mailer_suppressed_addresses",
+            "Addresses on the suppression list now",
+            registry=r,
+        )
         self.delivered_by_relay = Counter(
             "trio_mailer_delivered_by_relay",
             "Mails delivered, by the relay (host:port) that took them",
             ["relay"],
-            registry=r,
-        )
-        self.suppressed_addresses = Gauge(
-            "trio_mailer_suppressed_addresses",
-            "Addresses on the suppression list now",
             registry=r,
         )
         self.retries = Counter("trio_mailer_retries", "Attempts scheduled again", registry=r)

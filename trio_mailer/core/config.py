@@ -469,6 +469,10 @@ SETTINGS: tuple[Setting, ...] = (
             "PostgreSQL outbox: statement and connect timeout"),
     Setting("MAILER_STATUS_RETENTION_S", "status_retention_s", DAY_S,
             _seconds_between(0, 365 * DAY_S), "how long a finished mail's status stays queryable"),
+    Setting("MAILER_MAX_CONNECTIONS", "max_connections", 500, _int_in(1, 100_000),
+            "gRPC connections served at once; one beyond it is closed when accepted"),
+    Setting("MAILER_GRPC_IDLE_TIMEOUT_S", "grpc_idle_timeout_s", 300.0,
+            _seconds_between(0, DAY_S), "a gRPC connection without a call is closed after this"),
     Setting("MAILER_IDEMPOTENCY_WINDOW_S", "idempotency_window_s", DAY_S,
             _seconds_between(0, 30 * DAY_S),
             "how long an idempotency_key answers a repeat with the first reply"),
@@ -478,10 +482,6 @@ SETTINGS: tuple[Setting, ...] = (
             "at most COUNT accepted mails per caller identity in SECONDS (e.g. 100/1; 0: off)"),
     Setting("MAILER_SUPPRESS_S", "suppress_s", 7 * DAY_S, _seconds_from(0, 365 * DAY_S),
             "how long an address the relay called dead is refused (0: off)"),
-    Setting("MAILER_MAX_CONNECTIONS", "max_connections", 500, _int_in(1, 100_000),
-            "gRPC connections served at once; one beyond it is closed when accepted"),
-    Setting("MAILER_GRPC_IDLE_TIMEOUT_S", "grpc_idle_timeout_s", 300.0,
-            _seconds_between(0, DAY_S), "a gRPC connection without a call is closed after this"),
 )  # fmt: skip
 
 _BY_FIELD = {setting.field: setting for setting in SETTINGS}
@@ -535,12 +535,12 @@ class Config:
     db_pool_size: int = default("db_pool_size")
     db_timeout_s: float = default("db_timeout_s")
     status_retention_s: float = default("status_retention_s")
+    max_connections: int = default("max_connections")
+    grpc_idle_timeout_s: float = default("grpc_idle_timeout_s")
     idempotency_window_s: float = default("idempotency_window_s")
     recipient_limit: RateLimit | None = default("recipient_limit")
     caller_limit: RateLimit | None = default("caller_limit")
     suppress_s: float = default("suppress_s")
-    max_connections: int = default("max_connections")
-    grpc_idle_timeout_s: float = default("grpc_idle_timeout_s")
 
     @property
     def relay_list(self) -> tuple[tuple[str, int], ...]:
@@ -568,11 +568,11 @@ class Config:
             f"metrics_port={self.metrics_port or 'off'} log_format={self.log_format} "
             f"outbox={self.outbox_url or self.outbox_path or 'memory'} "
             f"{self._database()}status_retention_s={self.status_retention_s:g} "
+            f"max_connections={self.max_connections} "
+            f"grpc_idle_timeout_s={self.grpc_idle_timeout_s:g} "
             f"idempotency_window_s={self.idempotency_window_s:g} "
             f"recipient_limit={self.recipient_limit or 'off'} "
-            f"caller_limit={self.caller_limit or 'off'} suppress_s={self.suppress_s:g} "
-            f"max_connections={self.max_connections} "
-            f"grpc_idle_timeout_s={self.grpc_idle_timeout_s:g}"
+            f"caller_limit={self.caller_limit or 'off'} suppress_s={self.suppress_s:g}"
         )
 
     def _database(self) -> str:

@@ -49,6 +49,22 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
+# The client certificate's identity (``cert:CN=...``) for the calls of a connection, or None:
+# set in each connection's task, read by the Mailer's handlers through the caller identity.
+PEER_IDENTITY: contextvars.ContextVar[str | None] = contextvars.ContextVar(
+    "trio_mailer_peer_identity", default=None
+)
+
+
+def _peer_identity(stream: trio.SSLStream[Any]) -> str | None:
+    certificate = stream.getpeercert()
+    if not certificate:
+        return None
+    subject = certificate.get("subject", ())
+    # ssl's typeshed entry is loose: "subject" is a tuple of RDNs, each a tuple of pairs.
+    return certificate_identity(subject) if isinstance(subject, tuple) else None
+
+
 TLS_HANDSHAKE_TIMEOUT_S = 10.0
 # After accept() runs out of file descriptors or buffers: wait this long before the next try.
 ACCEPT_BACKOFF_S = 0.1
@@ -165,9 +181,8 @@ class _Accepting:
                 secured = await self._handshake(tcp, peer)
                 if secured is None:
                     return
+                PEER_IDENTITY.set(_peer_identity(secured))  # this connection's task only
                 stream = secured
-                # This connection's task (and the calls it starts) only.
-                PEER_IDENTITY.set(_peer_identity(secured))
             await serve_connection(stream, self.services, self.authorizer, self.limits, peer)
         finally:
             self.open_connections -= 1
@@ -191,22 +206,6 @@ class _Accepting:
             )
             return None
         return secured
-
-
-# The client certificate's identity (``cert:CN=...``) for the calls of a connection, or None:
-# set around each connection's handler, read by the Mailer's handlers through the caller identity.
-PEER_IDENTITY: contextvars.ContextVar[str | None] = contextvars.ContextVar(
-    "trio_mailer_peer_identity", default=None
-)
-
-
-def _peer_identity(stream: trio.SSLStream[Any]) -> str | None:
-    certificate = stream.getpeercert()
-    if not certificate:
-        return None
-    subject = certificate.get("subject", ())
-    # ssl's typeshed entry is loose: "subject" is a tuple of RDNs, each a tuple of pairs.
-    return certificate_identity(subject) if isinstance(subject, tuple) else None
 
 
 def _peer_name(stream: trio.SocketStream) -> str:

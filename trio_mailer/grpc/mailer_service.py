@@ -73,20 +73,6 @@ QUEUE_FULL_REASON = "queue full"
 MAX_MESSAGE_ID_CHARS = 256
 _METHODS = {MailKind.PASSWORD: "SendPass", MailKind.RETRIEVE: "SendRetrieve"}
 _TEMPLATE_IN_LOG_CHARS = 64  # a caller's template name, in a log line, is cut to this
-
-
-@attrs.frozen
-class _Call:
-    """One send call, whatever its RPC: what admission and the outbox need of it."""
-
-    method: str  # for the metrics: SendPass, SendRetrieve, Send
-    label: str  # for the logs: the kind, or the template's name (printable, cut)
-    to: str
-    idempotency_key: str
-    fingerprint: str  # of the payload, for a repeated key
-    compose: Callable[[datetime], OutgoingMail]
-
-
 _OUTCOMES = {
     purerpc.StatusCode.INVALID_ARGUMENT: "invalid",
     purerpc.StatusCode.UNAVAILABLE: "unavailable",
@@ -111,12 +97,26 @@ def _anonymous(_metadata: Sequence[tuple[str, str]]) -> str:
 
 
 def _metadata(request: Any) -> Sequence[tuple[str, str]]:
-    return () if request is None else tuple(request.custom_metadata or ())
+    return tuple(getattr(request, "custom_metadata", None) or ())
 
 
 def _deadline_s(request: Any) -> float | None:
     timeout = None if request is None else getattr(request, "timeout", None)
     return None if timeout is None else float(timeout.total_seconds())
+
+
+@attrs.frozen
+class _Call:
+    """One send call, whatever its RPC: what admission and the log need, and how to build it."""
+
+    method: str  # for the metrics
+    kind: str  # for the log
+    to: str
+    key: str  # idempotency_key as sent
+    fingerprint_fields: tuple[tuple[str, str], ...]
+    compose: Callable[[datetime], OutgoingMail]
+    request: Any  # purerpc's call (headers, deadline), or None
+    deadline: float  # on the trio clock (inf: none)
 
 
 class MailerService(MailerServicer):  # type: ignore[misc]  # generated, untyped base
@@ -143,7 +143,7 @@ class MailerService(MailerServicer):  # type: ignore[misc]  # generated, untyped
         self.admission = (
             admission
             if admission is not None
-            else AdmissionControl(window_s=86400.0, wall_clock=wall_clock)
+            else AdmissionControl(window_s=86400.0, wall_clock=wall_clock, outbox=self.outbox)
         )
         self._identify = identify
         self.draining = False
@@ -159,48 +159,53 @@ class MailerService(MailerServicer):  # type: ignore[misc]  # generated, untyped
         self._composer = attrs.evolve(self._composer, templates=templates)
 
     async def Send(self, message: SendRequest, request: Any = None) -> MsgReply:
-        variables = dict(message.vars)
-
         def compose(now: datetime) -> OutgoingMail:
             return self._composer.compose_template(
-                message.template, message.to, variables, now, locale=message.locale
+                message.template, message.to, dict(message.vars), now, locale=message.locale
             )
 
-        fields = [("to", message.to), ("locale", message.locale)]
-        fields += [(f"var:{name}", variables[name]) for name in sorted(variables)]
+        fields = (
+            ("template", message.template),
+            ("to", message.to),
+            ("locale", message.locale),
+            *sorted(message.vars.items()),
+        )
         call = _Call(
             "Send",
             printable(message.template[:_TEMPLATE_IN_LOG_CHARS]),
             message.to,
             message.idempotency_key,
-            payload_fingerprint(f"template:{message.template}", fields),
+            fields,
             compose,
+            request,
+            _deadline(request),
         )
-        return await self._submit(call, request)
+        return await self._submit(call)
 
     async def SendPass(self, message: MsgRequest, request: Any = None) -> MsgReply:
-        return await self._submit(self._code_call(MailKind.PASSWORD, message), request)
+        return await self._submit_code(MailKind.PASSWORD, message, request)
 
     async def SendRetrieve(self, message: MsgRequest, request: Any = None) -> MsgReply:
-        return await self._submit(self._code_call(MailKind.RETRIEVE, message), request)
+        return await self._submit_code(MailKind.RETRIEVE, message, request)
 
-    def _code_call(self, kind: MailKind, message: MsgRequest) -> _Call:
+    async def _submit_code(self, kind: MailKind, message: MsgRequest, request: Any) -> MsgReply:
         def compose(now: datetime) -> OutgoingMail:
             return self._composer.compose(
                 kind, message.to, message.code, now, locale=message.locale
             )
 
-        fields = [("to", message.to), ("code", message.code)]
-        if message.locale:  # keys stored before locales existed keep matching
-            fields.append(("locale", message.locale))
-        return _Call(
+        fields = (("to", message.to), ("code", message.code), ("locale", message.locale))
+        call = _Call(
             _METHODS[kind],
             kind.value,
             message.to,
             message.idempotency_key,
-            payload_fingerprint(kind.value, fields),
+            fields,
             compose,
+            request,
+            _deadline(request),
         )
+        return await self._submit(call)
 
     async def GetStatus(self, message: StatusRequest, request: Any = None) -> MailStatus:
         record = await self._find(await self._status_id(message, request))
@@ -290,22 +295,21 @@ class MailerService(MailerServicer):  # type: ignore[misc]  # generated, untyped
             retry_after_ms=retry_after_ms(self.admission.pace.next_place_s()),
         )
 
-    async def _submit(self, call: _Call, request: Any) -> MsgReply:
+    async def _submit(self, call: _Call) -> MsgReply:
         outcome = "internal"
         try:
-            admitted = await self._admit(call, request)
-            if admitted is None:
-                outcome = "deadline_exceeded"
-                log.info("%s call past its deadline before its mail was stored", call.method)
-                raise status_error(
-                    GrpcStatus.DEADLINE_EXCEEDED, "deadline exceeded; nothing was stored"
-                )
-            reply, repeat = admitted
-            if repeat:
-                outcome = "repeat"
-            else:
-                outcome = "accepted" if reply.sent else _REFUSAL_OUTCOMES[reply.reason]
-            return reply
+            with trio.move_on_at(call.deadline):
+                reply, repeat = await self._admit(call)
+                if repeat:
+                    outcome = "repeat"
+                else:
+                    outcome = "accepted" if reply.sent else _REFUSAL_OUTCOMES[reply.reason]
+                return reply
+            outcome = "deadline_exceeded"
+            log.info("%s call past its deadline before its mail was stored", call.method)
+            raise status_error(
+                GrpcStatus.DEADLINE_EXCEEDED, "deadline exceeded; nothing was stored"
+            )
         except purerpc.RpcFailedError as exc:
             if outcome != "deadline_exceeded":
                 outcome = _OUTCOMES.get(exc.status.status_code, "internal")
@@ -317,35 +321,31 @@ class MailerService(MailerServicer):  # type: ignore[misc]  # generated, untyped
             if self._metrics is not None:
                 self._metrics.requests.labels(call.method, outcome).inc()
 
-    async def _admit(self, call: _Call, request: Any) -> tuple[MsgReply, bool] | None:
-        """The reply, and whether it repeats an earlier call's (same idempotency key); None when
-        the call's deadline passed before its mail was stored.
-
-        A repeat waiting for a concurrent first call gives up at the deadline with its own
-        ABORTED answer (``wait_s``); the deadline scope covers the storing.
-        """
-        deadline = _deadline(request)
+    async def _admit(self, call: _Call) -> tuple[MsgReply, bool]:
+        """The reply, and whether it repeats an earlier call's (same idempotency key)."""
+        kind = call.kind
         try:
             if self.draining:
                 raise ShuttingDown()
-            key = validate_idempotency_key(call.idempotency_key)
+            if not call.key and self._queue.full():
+                # The flood's path: nothing to look up, nothing to count, nothing to build.
+                return self._queue_full(kind), False
+            key = validate_idempotency_key(call.key)
             ticket = await self.admission.begin(
-                self._identify(_metadata(request)),
+                self._identify(_metadata(call.request)),
                 key,
-                call.fingerprint,
+                payload_fingerprint(call.method, call.fingerprint_fields),
                 call.to,
-                wait_s=_deadline_s(request),
+                wait_s=_deadline_s(call.request),
             )
         except MailerError as exc:
-            log.info("refused %s request: %s", call.label, printable(exc.message))
+            log.info("refused %s request: %s", kind, printable(exc.message))
             raise rpc_error(exc) from None
         try:
-            with trio.move_on_at(deadline):
-                reply = await self._accept(call, ticket)
-                return reply, ticket.repeat is not None
-            return None
+            reply = await self._accept(call, ticket)
         finally:
             ticket.close()
+        return reply, ticket.repeat is not None
 
     async def _refuse(self, call: _Call, ticket: Ticket, refusal: Refusal | None) -> MsgReply:
         """A refusal; but a stored first call of the ticket's key answers instead."""
@@ -353,10 +353,11 @@ class MailerService(MailerServicer):  # type: ignore[misc]  # generated, untyped
         if repeat is not None:
             return _repeat_reply(repeat)
         if refusal is None:
-            return self._queue_full(call.label)
-        return self._refused(call.label, call.to, refusal)
+            return self._queue_full(call.kind)
+        return self._refused(call.kind, call.to, refusal)
 
     async def _accept(self, call: _Call, ticket: Ticket) -> MsgReply:
+        kind = call.kind
         try:
             if ticket.repeat is not None:
                 return _repeat_reply(ticket.repeat)
@@ -376,18 +377,20 @@ class MailerService(MailerServicer):  # type: ignore[misc]  # generated, untyped
             try:
                 # Durable before the caller hears sent=true (with the file outbox); the key and
                 # the rate-limit row are in the same commit.
-                await self.outbox.add(record, ticket.acceptance(mail.message_id))
+                acceptance = ticket.acceptance(mail.message_id)
+                if acceptance is None:
+                    await self.outbox.add(record)
+                else:
+                    await self.outbox.add(record, acceptance)
             except IdempotencyHit as hit:
                 self._queue.release()
                 return _repeat_reply(ticket.resolve(hit.entry))
             except StoreRefusal as refused:
-                # Another replica's accepts filled the limit, or it suppressed the address.
+                # A shared outbox: another replica's accepts filled the limit, or it
+                # suppressed the address.
                 self._queue.release()
-                return self._refused(
-                    call.label,
-                    call.to,
-                    Refusal(_STORE_REFUSALS[refused.reason], refused.retry_after_s),
-                )
+                reason = _STORE_REFUSALS[refused.reason]
+                return self._refused(kind, call.to, Refusal(reason, refused.retry_after_s))
             except BaseException:
                 self._queue.release()
                 raise
@@ -395,32 +398,24 @@ class MailerService(MailerServicer):  # type: ignore[misc]  # generated, untyped
             self._board.track(record)
             self._queue.put_reserved(mail, accepted_at_s=trio.current_time())
         except OutboxError as exc:
-            log.error("cannot store a %s mail: %s", call.label, exc)
-            raise status_error(
-                GrpcStatus.UNAVAILABLE, "cannot store the mail right now; try again later"
-            ) from None
+            log.error("cannot store a %s mail: %s", kind, exc)
+            raise rpc_error(exc, "cannot store the mail right now; try again later") from None
         except MessageBuildError as exc:
             log.error("message failed its safety check: %s", printable(exc.detail))
             raise rpc_error(exc) from None
         except MailerError as exc:
-            log.info("refused %s request: %s", call.label, printable(exc.message))
+            log.info("refused %s request: %s", kind, printable(exc.message))
             raise rpc_error(exc) from None
         except RenderError as exc:
-            log.warning("rendering failed for a %s request: %s", call.label, printable(str(exc)))
-            raise status_error(
-                GrpcStatus.INVALID_ARGUMENT,
-                "request: the values cannot be rendered into the mail",
+            log.warning("rendering failed for a %s request: %s", kind, printable(str(exc)))
+            raise rpc_error(
+                InvalidRequest("request", "the values cannot be rendered into the mail")
             ) from None
         except Exception:
-            log.exception("unexpected error while accepting a %s mail", call.label)
+            log.exception("unexpected error while accepting a %s mail", kind)
             raise status_error(GrpcStatus.INTERNAL, "internal error") from None
-        log.debug("accepted %s mail %s", call.label, mail.message_id)
+        log.debug("accepted %s mail %s", kind, mail.message_id)
         return MsgReply(sent=True, message_id=mail.message_id)
-
-
-def _deadline(request: Any) -> float:
-    """The call's deadline on the trio clock, from its ``grpc-timeout`` (inf: none)."""
-    return deadline_s(trio.current_time(), timeout_s(getattr(request, "timeout", None)))
 
 
 _STORE_REFUSALS = {
@@ -432,6 +427,11 @@ _STORE_REFUSALS = {
 
 def _repeat_reply(repeat: Repeat) -> MsgReply:
     return MsgReply(sent=True, message_id=repeat.message_id)
+
+
+def _deadline(request: Any) -> float:
+    """The call's deadline on the trio clock, from its ``grpc-timeout`` (inf: none)."""
+    return deadline_s(trio.current_time(), timeout_s(getattr(request, "timeout", None)))
 
 
 _STATE_NUMBERS = {
