@@ -27,12 +27,14 @@ if __package__ in (None, ""):
 
 import attrs
 
-from bench import admission, attacks, e2e, egress, ingress, overload
+from bench import admission, attacks, e2e, egress, ingress, overload, replicas
 from bench.common import BenchError, Profile, TlsFiles
 from bench.procs import SinkProcess
 from bench.stats import Section
 
 SECTIONS = ("egress", "overload", "ingress", "e2e", "attacks", "admission")
+# Run only when named in --only: it needs a PostgreSQL server (run under .ci/postgres).
+OPTIONAL_SECTIONS = ("replicas",)
 EXIT_OK = 0
 EXIT_FAILED = 1
 EXIT_USAGE = 2
@@ -76,6 +78,9 @@ RUNNERS: dict[str, Callable[[Fixtures], Section]] = {
     "ingress": lambda f: ingress.run_section(f.profile, f.tls, f.log_dir),
     "attacks": lambda f: attacks.run_section(f.profile, f.tls, f.log_dir),
     "admission": lambda f: admission.run_section(f.profile, f.tls, f.log_dir),
+    "replicas": lambda f: replicas.run_section(
+        f.profile, f.tls, f.sink(pipelining=True), f.log_dir
+    ),
     "e2e": lambda f: e2e.run_section(
         f.profile,
         f.tls,
@@ -103,9 +108,10 @@ def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
     )
     args = parser.parse_args(argv)
     args.sections = [name.strip() for name in args.only.split(",") if name.strip()]
-    unknown = [name for name in args.sections if name not in SECTIONS]
+    known = SECTIONS + OPTIONAL_SECTIONS
+    unknown = [name for name in args.sections if name not in known]
     if unknown or not args.sections:
-        parser.error(f"--only: expected some of {','.join(SECTIONS)}, got {args.only!r}")
+        parser.error(f"--only: expected some of {','.join(known)}, got {args.only!r}")
     if args.repeat is not None and not 1 <= args.repeat <= 100:
         parser.error(f"--repeat: expected 1 to 100, got {args.repeat}")
     return args

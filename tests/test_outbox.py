@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sqlite3
 import sys
@@ -33,8 +34,10 @@ from trio_mailer.store.outbox import (
     default_outbox_path,
     open_outbox,
 )
+from trio_mailer.store.postgres_outbox import PostgresOutbox
 
 from .helpers import T0, queued
+from .postgres_helpers import fresh_database
 
 TIMEOUT_S = 10
 
@@ -53,19 +56,22 @@ def change(
     )
 
 
-@pytest.fixture(params=["sqlite", "memory"])
+@pytest.fixture(params=["sqlite", "memory", "postgres"])
 async def outbox(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Outbox]:
-    with trio.fail_after(TIMEOUT_S):
-        box: Outbox = (
-            await SqliteOutbox.open(tmp_path / "outbox.sqlite3")
-            if request.param == "sqlite"
-            else MemoryOutbox()
-        )
-    try:
-        yield box
-    finally:
+    with contextlib.ExitStack() as stack:
         with trio.fail_after(TIMEOUT_S):
-            await box.aclose()
+            box: Outbox
+            if request.param == "sqlite":
+                box = await SqliteOutbox.open(tmp_path / "outbox.sqlite3")
+            elif request.param == "postgres":
+                box = await PostgresOutbox.open(stack.enter_context(fresh_database()))
+            else:
+                box = MemoryOutbox()
+        try:
+            yield box
+        finally:
+            with trio.fail_after(TIMEOUT_S):
+                await box.aclose()
 
 
 async def open_sqlite(path: Path, **kwargs: int) -> SqliteOutbox:

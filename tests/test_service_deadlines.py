@@ -13,6 +13,7 @@ from trio_mailer.core.mail_lifecycle import MailRecord, MailState, StatusChange
 from trio_mailer.delivery.mail_queue import MailQueue
 from trio_mailer.grpc.mailer_service import MailerService
 from trio_mailer.metrics import Metrics
+from trio_mailer.store.admission_tables import Acceptance
 from trio_mailer.store.outbox import MemoryOutbox
 from trio_mailer.store.status_board import StatusBoard
 from trio_mailer.v1.mailer_pb2 import MailStatus, MsgRequest, StatusRequest
@@ -25,9 +26,9 @@ class SlowOutbox(MemoryOutbox):
 
     delay_s = 1.0
 
-    async def add(self, record: MailRecord) -> None:
+    async def add(self, record: MailRecord, acceptance: Acceptance | None = None) -> None:
         await trio.sleep(self.delay_s)
-        await super().add(record)
+        await super().add(record, acceptance)
 
 
 class Call:
@@ -35,6 +36,7 @@ class Call:
 
     def __init__(self, timeout: datetime.timedelta | None) -> None:
         self.timeout = timeout
+        self.custom_metadata: list[tuple[str, str]] = []
 
 
 def requests(metrics: Metrics, outcome: str) -> float:

@@ -69,6 +69,7 @@ from trio_mailer.grpc.reflection_service import reflection_services
 from trio_mailer.logs import printable
 from trio_mailer.metrics import Metrics, serve_metrics
 from trio_mailer.store.outbox import Outbox, open_outbox
+from trio_mailer.store.postgres_outbox import PostgresOutbox, mask_url
 from trio_mailer.store.status_board import StatusBoard
 from trio_mailer.v1 import mailer_pb2
 
@@ -310,6 +311,9 @@ class MailerApp:
             now_s=trio.current_time(),
             down_after_s=self.config.health_down_after_s,
             relay_verified=self.relay_verified,
+            store_reachable=self.service.outbox.reachable()
+            if isinstance(self.service.outbox, PostgresOutbox)
+            else True,
         )
         self.health.set(ServingStatus.SERVING if serving else ServingStatus.NOT_SERVING)
 
@@ -401,15 +405,45 @@ class MailerApp:
             BindError: the gRPC port cannot be bound.
         """
         path = self.config.outbox_path
-        if self.outbox is None and path is None:
+        url = self.config.outbox_url
+        if self.outbox is None and path is None and url is None:
             log.warning(
                 "MAILER_OUTBOX=memory: accepted mail lives only in memory and is lost if the "
                 "process is killed"
             )
-        async with open_outbox(path, use=self.outbox) as outbox:
-            if self.outbox is None and path is not None:
+        async with open_outbox(
+            url or path,
+            use=self.outbox,
+            lease_s=self.config.lease_s,
+            pool_size=self.config.db_pool_size,
+            timeout_s=self.config.db_timeout_s,
+        ) as outbox:
+            if isinstance(outbox, PostgresOutbox):
+                self._share(outbox)
+            elif self.outbox is None and path is not None:
                 log.info("outbox: %s", path)
             return await self._run_with(outbox, task_status)
+
+    def _share(self, outbox: PostgresOutbox) -> None:
+        """Wire the shared outbox: watchers woken by other replicas, limits checked in it."""
+        outbox.on_change = self.board.changed_elsewhere
+        self.admission.shared_store = True
+        log.info("outbox: %s (shared; this replica is %s)", mask_url(outbox.url), outbox.owner)
+
+    async def _claim(self, outbox: PostgresOutbox) -> None:
+        """Take the mail that no live replica holds (a dead replica's, once its lease lapsed;
+        a stopped one's at once), as room in the queue allows; runs until cancelled."""
+        while True:
+            try:
+                claimed = await outbox.claim()
+            except OutboxError as exc:
+                log.error("cannot claim mail: %s", exc)
+                claimed = []
+            if claimed:
+                log.info("claimed %d mail(s) that no live replica held", len(claimed))
+                await self._resume(claimed)
+                continue
+            await outbox.wait_for_work(outbox.lease_s / 2)
 
     async def _recover(self, outbox: Outbox) -> None:
         """Queue every mail a previous run accepted and did not finish (attempts and time to
@@ -500,7 +534,11 @@ class MailerApp:
 
             async def recover() -> None:
                 with recovery_scope:
-                    await self._recover(outbox)
+                    if isinstance(outbox, PostgresOutbox):
+                        await nursery.start(outbox.run)
+                        await self._claim(outbox)  # instead of reading every unfinished mail
+                    else:
+                        await self._recover(outbox)
 
             nursery.start_soon(recover)
             if config.metrics_port is not None:
@@ -549,7 +587,7 @@ class MailerApp:
                 mail.attempts,
                 mail.last_reply or "none",
                 "; kept in the outbox for the next start"
-                if self.config.outbox_path is not None
+                if self.config.outbox_path is not None or self.config.outbox_url is not None
                 else "; lost (in-memory outbox)",
                 extra={"message_id": mail.message_id},
             )
@@ -557,13 +595,14 @@ class MailerApp:
         stored = outbox.statistics()
         log.info(
             "stopped: %d delivered, %d failed, %d left behind; outbox: %d changes in %d commits "
-            "(largest %d)",
+            "(largest %d)%s",
             stats.delivered,
             stats.failed,
             len(left_behind),
             stored.rows_committed,
             stored.commits,
             stored.largest_batch,
+            f"; {stored.round_trips} database round trips" if stored.round_trips else "",
         )
         return EXIT_MAIL_LEFT_BEHIND if left_behind else EXIT_OK
 

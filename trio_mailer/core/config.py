@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import enum
 import math
+import re
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any, TypeVar
@@ -214,9 +215,26 @@ def _token_file(text: str) -> TokenSet:
         raise _Refused(f"MAILER_AUTH_TOKENS_FILE: {exc}") from None
 
 
-def _outbox(text: str) -> Path | None:
+@attrs.frozen
+class DatabaseUrl:
+    """A libpq connection URI (``postgresql://`` or ``postgres://``): the shared outbox."""
+
+    url: str = attrs.field(repr=False)
+
+    def masked(self) -> str:
+        """The URI with its password as ``***`` (for logs)."""
+        masked = re.sub(r"^(postgres(?:ql)?://[^:/@?#]*):[^@/?#]*@", r"\1:***@", self.url)
+        return re.sub(r"(?i)([?&]password=)[^&]*", r"\1***", masked)
+
+    def __str__(self) -> str:
+        return self.masked()
+
+
+def _outbox(text: str) -> Path | DatabaseUrl | None:
     if text.lower() == "memory":
         return None
+    if text.startswith(("postgresql://", "postgres://")):
+        return DatabaseUrl(text)
     path = Path(text)
     if path.exists() and not path.is_file():
         raise ValueError("expected a file")
@@ -345,6 +363,9 @@ def _check_exposure(values: dict[str, Any], env: Mapping[str, str]) -> str | Non
 
 
 def _check_outbox(values: dict[str, Any], env: Mapping[str, str]) -> str | None:
+    values["outbox_url"] = None
+    if isinstance(values["outbox_path"], DatabaseUrl):
+        values["outbox_url"], values["outbox_path"] = values["outbox_path"], None
     if values["outbox_path"] is not _UNSET:
         return None
     values["outbox_path"] = None
@@ -438,7 +459,14 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("MAILER_HEALTH_DOWN_AFTER_S", "health_down_after_s", 30.0, _seconds_from(0, DAY_S),
             "how long the relay may be unreachable before health turns NOT_SERVING"),
     Setting("MAILER_OUTBOX", "outbox_path", _UNSET, _outbox,
-            "the durable outbox file, or memory", check=_check_outbox),
+            "the durable outbox file, memory, or postgresql://... (shared by replicas)",
+            check=_check_outbox),
+    Setting("MAILER_LEASE_S", "lease_s", 30.0, _seconds_between(0, 3600),
+            "PostgreSQL outbox: how long a replica's claim on its mail stands unrenewed"),
+    Setting("MAILER_DB_POOL_SIZE", "db_pool_size", 10, _int_in(2, 1000),
+            "PostgreSQL outbox: connections per replica"),
+    Setting("MAILER_DB_TIMEOUT_S", "db_timeout_s", 5.0, _seconds_between(0, 600),
+            "PostgreSQL outbox: statement and connect timeout"),
     Setting("MAILER_STATUS_RETENTION_S", "status_retention_s", DAY_S,
             _seconds_between(0, 365 * DAY_S), "how long a finished mail's status stays queryable"),
     Setting("MAILER_MAX_CONNECTIONS", "max_connections", 500, _int_in(1, 100_000),
@@ -502,6 +530,10 @@ class Config:
     log_format: str = default("log_format")
     health_down_after_s: float = default("health_down_after_s")
     outbox_path: Path | None = None  # None: the in-memory outbox (MAILER_OUTBOX=memory)
+    outbox_url: DatabaseUrl | None = None  # set: the shared PostgreSQL outbox (not the file)
+    lease_s: float = default("lease_s")
+    db_pool_size: int = default("db_pool_size")
+    db_timeout_s: float = default("db_timeout_s")
     status_retention_s: float = default("status_retention_s")
     max_connections: int = default("max_connections")
     grpc_idle_timeout_s: float = default("grpc_idle_timeout_s")
@@ -534,12 +566,21 @@ class Config:
             f"grpc_tls={'mTLS' if self.tls_client_ca else 'on' if self.tls_cert else 'off'} "
             f"tokens={len(self.auth_tokens.digests) if self.auth_tokens else 0} "
             f"metrics_port={self.metrics_port or 'off'} log_format={self.log_format} "
-            f"outbox={self.outbox_path or 'memory'} status_retention_s={self.status_retention_s:g} "
+            f"outbox={self.outbox_url or self.outbox_path or 'memory'} "
+            f"{self._database()}status_retention_s={self.status_retention_s:g} "
             f"max_connections={self.max_connections} "
             f"grpc_idle_timeout_s={self.grpc_idle_timeout_s:g} "
             f"idempotency_window_s={self.idempotency_window_s:g} "
             f"recipient_limit={self.recipient_limit or 'off'} "
             f"caller_limit={self.caller_limit or 'off'} suppress_s={self.suppress_s:g}"
+        )
+
+    def _database(self) -> str:
+        if self.outbox_url is None:
+            return ""
+        return (
+            f"lease_s={self.lease_s:g} db_pool_size={self.db_pool_size} "
+            f"db_timeout_s={self.db_timeout_s:g} "
         )
 
 

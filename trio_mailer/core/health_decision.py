@@ -35,8 +35,9 @@ def is_serving(
     now_s: float,
     down_after_s: float,
     relay_verified: bool = True,
+    store_reachable: bool = True,  # False: the shared outbox's database cannot be reached
 ) -> bool:
-    if draining or not relay_verified:
+    if draining or not relay_verified or not store_reachable:
         return False
     if any(s.sessions_up for s in senders):
         return True

@@ -123,8 +123,11 @@ class Ticket:
 
     def acceptance(self, message_id: str) -> Acceptance | None:
         """What the outbox stores beside the mail, in its commit (None: nothing)."""
-        if self.key is None and not self._control.limits_on:
+        control = self._control
+        check_suppressed = control.shared_store and control.suppress_s > 0
+        if self.key is None and not control.limits_on and not check_suppressed:
             return None
+        shared = control.shared_store
         return Acceptance(
             message_id=message_id,
             caller=self.caller,
@@ -132,8 +135,11 @@ class Ticket:
             accepted_at_unix=self.now_unix,
             key=self.key,
             fingerprint=self.fingerprint,
-            key_window_s=self._control.window_s,
-            log_for_limits=self._control.limits_on,
+            key_window_s=control.window_s,
+            log_for_limits=control.limits_on,
+            recipient_limit=_pair(control.recipient_limit) if shared else None,
+            caller_limit=_pair(control.caller_limit) if shared else None,
+            check_suppressed=check_suppressed,
         )
 
     def resolve(self, entry: KeyEntry) -> Repeat:
@@ -158,6 +164,10 @@ class Ticket:
         self._control._close(self)
 
 
+def _pair(limit: RateLimit | None) -> tuple[int, float] | None:
+    return None if limit is None else (limit.count, limit.period_s)
+
+
 @attrs.define(eq=False)
 class AdmissionControl:
     window_s: float
@@ -167,6 +177,9 @@ class AdmissionControl:
     wall_clock: Callable[[], float] = time.time
     outbox: Outbox = attrs.field(factory=MemoryOutbox)
     on_suppressed: Callable[[int], None] | None = None  # told the list's length on each change
+    # The outbox is shared by replicas: it checks the limits and the suppression list against
+    # every replica's rows in the mail's commit (this memory holds only this replica's).
+    shared_store: bool = False
     pace: Pace = attrs.field(factory=Pace)
     _keys: collections.OrderedDict[tuple[str, str], _KeyState] = attrs.field(
         factory=collections.OrderedDict

@@ -55,7 +55,7 @@ from trio_mailer.grpc.admission import (
 from trio_mailer.grpc.statuses import rpc_error, status_error
 from trio_mailer.logs import printable
 from trio_mailer.metrics import Metrics
-from trio_mailer.store.admission_tables import IdempotencyHit
+from trio_mailer.store.admission_tables import IdempotencyHit, StoreRefusal
 from trio_mailer.store.outbox import MemoryOutbox, Outbox
 from trio_mailer.store.status_board import StatusBoard
 from trio_mailer.v1.mailer_grpc import MailerServicer
@@ -385,6 +385,12 @@ class MailerService(MailerServicer):  # type: ignore[misc]  # generated, untyped
             except IdempotencyHit as hit:
                 self._queue.release()
                 return _repeat_reply(ticket.resolve(hit.entry))
+            except StoreRefusal as refused:
+                # A shared outbox: another replica's accepts filled the limit, or it
+                # suppressed the address.
+                self._queue.release()
+                reason = _STORE_REFUSALS[refused.reason]
+                return self._refused(kind, call.to, Refusal(reason, refused.retry_after_s))
             except BaseException:
                 self._queue.release()
                 raise
@@ -410,6 +416,13 @@ class MailerService(MailerServicer):  # type: ignore[misc]  # generated, untyped
             raise status_error(GrpcStatus.INTERNAL, "internal error") from None
         log.debug("accepted %s mail %s", kind, mail.message_id)
         return MsgReply(sent=True, message_id=mail.message_id)
+
+
+_STORE_REFUSALS = {
+    "recipient": RECIPIENT_LIMITED,
+    "caller": CALLER_LIMITED,
+    "suppressed": SUPPRESSED,
+}
 
 
 def _repeat_reply(repeat: Repeat) -> MsgReply:

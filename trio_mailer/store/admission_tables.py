@@ -96,6 +96,11 @@ class Acceptance:
     fingerprint: str = ""
     key_window_s: float = 0.0  # an older row with the same key is replaced
     log_for_limits: bool = True  # write the accept_log row (a rate limit is on)
+    # For a store shared by replicas (PostgreSQL), which checks them against every replica's
+    # accepts in the mail's commit: (count, period_s), and whether suppression is on.
+    recipient_limit: tuple[int, float] | None = None
+    caller_limit: tuple[int, float] | None = None
+    check_suppressed: bool = False
 
     def key_entry(self) -> KeyEntry | None:
         if self.key is None:
@@ -133,6 +138,16 @@ class IdempotencyHit(OutboxConflict):
     def __init__(self, entry: KeyEntry, *, path: object = None) -> None:
         super().__init__(f"idempotency key already used for {entry.message_id}")
         self.entry = entry
+
+
+class StoreRefusal(OutboxConflict):
+    """A shared store refused the mail: ``reason`` is "recipient", "caller" (over a rate limit,
+    counted across replicas) or "suppressed"; nothing was stored."""
+
+    def __init__(self, reason: str, retry_after_s: float) -> None:
+        super().__init__(f"refused by the shared store: {reason}")
+        self.reason = reason
+        self.retry_after_s = retry_after_s
 
 
 def migrate_to_2(conn: sqlite3.Connection) -> None:

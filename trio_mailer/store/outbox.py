@@ -59,6 +59,7 @@ from typing import Protocol, TypeVar
 import attrs
 import trio
 
+from trio_mailer.core.config import DatabaseUrl, default
 from trio_mailer.core.errors import OutboxConflict, OutboxCorrupt, OutboxError, OutboxFull
 from trio_mailer.core.mail_lifecycle import (
     TERMINAL_STATES,
@@ -165,6 +166,7 @@ class OutboxStatistics:
     failed_commits: int
     pending: int  # changes waiting for a commit to take them
     largest_batch: int  # the most changes one commit carried
+    round_trips: int = 0  # database round trips (a database server's outbox only)
 
 
 class Outbox(Protocol):
@@ -976,22 +978,41 @@ class MemoryOutbox:
 
 @contextlib.asynccontextmanager
 async def open_outbox(
-    path: Path | None, *, max_size_bytes: int | None = None, use: Outbox | None = None
+    path: Path | DatabaseUrl | None,
+    *,
+    max_size_bytes: int | None = None,
+    use: Outbox | None = None,
+    lease_s: float = default("lease_s"),
+    pool_size: int = default("db_pool_size"),
+    timeout_s: float = default("db_timeout_s"),
 ) -> AsyncIterator[Outbox]:
     """``async with open_outbox(config.outbox_path) as outbox:`` the outbox, closed on the way out.
 
     Args:
-        path: the SQLite file (checked: a damaged file stops start-up); None: in memory.
+        path: the SQLite file (checked: a damaged file stops start-up); a ``DatabaseUrl``: the
+            PostgreSQL outbox shared by replicas (``postgres_outbox``); None: in memory.
         max_size_bytes: a cap on the file's size (``SqliteOutbox.open``).
         use: an outbox already made (tests): used, and closed, instead of opening one.
+        lease_s, pool_size, timeout_s: the PostgreSQL outbox's lease, pool and timeouts.
 
     Raises:
-        OutboxError: the file is not a usable outbox, or cannot be opened.
+        OutboxError: the file or database is not a usable outbox, or cannot be opened.
     """
+    outbox: Outbox
     if use is not None:
         outbox = use
     elif path is None:
         outbox = MemoryOutbox()
+    elif isinstance(path, DatabaseUrl):
+        from trio_mailer.store.postgres_outbox import PostgresOutbox  # it imports this module
+
+        outbox = await PostgresOutbox.open(
+            path.url,
+            lease_s=lease_s,
+            pool_size=pool_size,
+            statement_timeout_s=timeout_s,
+            connect_timeout_s=timeout_s,
+        )
     else:
         outbox = await SqliteOutbox.open(path, max_size_bytes=max_size_bytes)
     try:

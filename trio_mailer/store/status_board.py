@@ -49,6 +49,10 @@ class StatusBoard:
         self._wakeups.wake(change.message_id)
         return record
 
+    def changed_elsewhere(self, message_id: str) -> None:
+        """Another replica stored a change of ``message_id`` (a NOTIFY): wake its watchers."""
+        self._wakeups.wake(message_id)
+
     def forget(self, message_id: str) -> None:
         """The mail's outcome is stored in the outbox: it answers from now on."""
         self._live.pop(message_id, None)
