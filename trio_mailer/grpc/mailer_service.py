@@ -33,6 +33,8 @@ from trio_mailer.v1.mailer_pb2 import MailStatus, MsgReply, MsgRequest, StatusRe
 log = logging.getLogger(__name__)
 
 QUEUE_FULL_REASON = "queue full"
+# The advice a "queue full" refusal carries (MsgReply.retry_after_ms).
+QUEUE_FULL_RETRY_AFTER_MS = 1_000
 MAX_MESSAGE_ID_CHARS = 256
 _METHODS = {MailKind.PASSWORD: "SendPass", MailKind.RETRIEVE: "SendRetrieve"}
 _OUTCOMES = {
@@ -121,7 +123,9 @@ class MailerService(MailerServicer):  # type: ignore[misc]  # generated, untyped
                 self.refused_queue_full,
             )
             self._last_full_log = now
-        return MsgReply(sent=False, reason=QUEUE_FULL_REASON)
+        return MsgReply(
+            sent=False, reason=QUEUE_FULL_REASON, retry_after_ms=QUEUE_FULL_RETRY_AFTER_MS
+        )
 
     async def _submit(self, kind: MailKind, request: MsgRequest) -> MsgReply:
         outcome = "internal"

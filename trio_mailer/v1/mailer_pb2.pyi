@@ -10,28 +10,34 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class MsgRequest(_message.Message):
-    __slots__ = ("to", "code")
+    __slots__ = ("to", "code", "idempotency_key")
     TO_FIELD_NUMBER: _ClassVar[int]
     CODE_FIELD_NUMBER: _ClassVar[int]
+    IDEMPOTENCY_KEY_FIELD_NUMBER: _ClassVar[int]
     to: str
     code: str
-    def __init__(self, to: _Optional[str] = ..., code: _Optional[str] = ...) -> None: ...
+    idempotency_key: str
+    def __init__(self, to: _Optional[str] = ..., code: _Optional[str] = ..., idempotency_key: _Optional[str] = ...) -> None: ...
 
 class MsgReply(_message.Message):
-    __slots__ = ("sent", "message_id", "reason")
+    __slots__ = ("sent", "message_id", "reason", "retry_after_ms")
     SENT_FIELD_NUMBER: _ClassVar[int]
     MESSAGE_ID_FIELD_NUMBER: _ClassVar[int]
     REASON_FIELD_NUMBER: _ClassVar[int]
+    RETRY_AFTER_MS_FIELD_NUMBER: _ClassVar[int]
     sent: bool
     message_id: str
     reason: str
-    def __init__(self, sent: _Optional[bool] = ..., message_id: _Optional[str] = ..., reason: _Optional[str] = ...) -> None: ...
+    retry_after_ms: int
+    def __init__(self, sent: _Optional[bool] = ..., message_id: _Optional[str] = ..., reason: _Optional[str] = ..., retry_after_ms: _Optional[int] = ...) -> None: ...
 
 class StatusRequest(_message.Message):
-    __slots__ = ("message_id",)
+    __slots__ = ("message_id", "idempotency_key")
     MESSAGE_ID_FIELD_NUMBER: _ClassVar[int]
+    IDEMPOTENCY_KEY_FIELD_NUMBER: _ClassVar[int]
     message_id: str
-    def __init__(self, message_id: _Optional[str] = ...) -> None: ...
+    idempotency_key: str
+    def __init__(self, message_id: _Optional[str] = ..., idempotency_key: _Optional[str] = ...) -> None: ...
 
 class MailStatus(_message.Message):
     __slots__ = ("message_id", "state", "attempts", "last_reply_code", "last_reply_text", "accepted_at", "last_attempt_at", "finished_at", "possible_duplicate")
