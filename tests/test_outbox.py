@@ -18,6 +18,7 @@ from trio_mailer.core.mail_lifecycle import OUTBOX_FILE, apply_change
 from trio_mailer.core.message import OutgoingMail
 from trio_mailer.core.rendering import MailKind
 from trio_mailer.store.outbox import (
+    SCHEMA_VERSION,
     MailRecord,
     MailState,
     MemoryOutbox,
@@ -317,7 +318,7 @@ async def test_open_creates_the_directories_and_an_outbox_file(tmp_path: Path) -
     ]
     with sqlite3.connect(f"{path.as_uri()}?mode=ro", uri=True) as conn:
         assert conn.execute("PRAGMA journal_mode").fetchone() == ("wal",)
-        assert conn.execute("PRAGMA user_version").fetchone() == (1,)
+        assert conn.execute("PRAGMA user_version").fetchone() == (SCHEMA_VERSION,)
     conn.close()
 
 

@@ -21,6 +21,7 @@ import attrs
 from trio_mailer.core.caller_auth import TokenSet, is_loopback
 from trio_mailer.core.errors import InvalidRequest
 from trio_mailer.core.mail_lifecycle import default_outbox_path
+from trio_mailer.core.rate_limits import RateLimit
 from trio_mailer.core.validation import reject_unsafe_header_text, validate_address
 
 T = TypeVar("T")
@@ -247,6 +248,8 @@ class Setting:
             return str(self.default.value)
         if isinstance(self.default, float):
             return f"{self.default:g}"
+        if isinstance(self.default, RateLimit):
+            return str(self.default)
         return str(self.default)
 
 
@@ -422,6 +425,15 @@ SETTINGS: tuple[Setting, ...] = (
             "the durable outbox file, or memory", check=_check_outbox),
     Setting("MAILER_STATUS_RETENTION_S", "status_retention_s", DAY_S,
             _seconds_between(0, 365 * DAY_S), "how long a finished mail's status stays queryable"),
+    Setting("MAILER_IDEMPOTENCY_WINDOW_S", "idempotency_window_s", DAY_S,
+            _seconds_between(0, 30 * DAY_S),
+            "how long an idempotency_key answers a repeat with the first reply"),
+    Setting("MAILER_RECIPIENT_LIMIT", "recipient_limit", RateLimit(5, 600.0), RateLimit.parse,
+            "at most COUNT accepted mails per recipient in SECONDS (COUNT/SECONDS; 0: off)"),
+    Setting("MAILER_CALLER_LIMIT", "caller_limit", None, RateLimit.parse,
+            "at most COUNT accepted mails per caller identity in SECONDS (e.g. 100/1; 0: off)"),
+    Setting("MAILER_SUPPRESS_S", "suppress_s", 7 * DAY_S, _seconds_from(0, 365 * DAY_S),
+            "how long an address the relay called dead is refused (0: off)"),
 )  # fmt: skip
 
 _BY_FIELD = {setting.field: setting for setting in SETTINGS}
@@ -469,6 +481,10 @@ class Config:
     health_down_after_s: float = default("health_down_after_s")
     outbox_path: Path | None = None  # None: the in-memory outbox (MAILER_OUTBOX=memory)
     status_retention_s: float = default("status_retention_s")
+    idempotency_window_s: float = default("idempotency_window_s")
+    recipient_limit: RateLimit | None = default("recipient_limit")
+    caller_limit: RateLimit | None = default("caller_limit")
+    suppress_s: float = default("suppress_s")
 
     def describe(self) -> str:
         """The effective configuration for the start-up log line, without secrets."""
@@ -487,7 +503,10 @@ class Config:
             f"grpc_tls={'mTLS' if self.tls_client_ca else 'on' if self.tls_cert else 'off'} "
             f"tokens={len(self.auth_tokens.digests) if self.auth_tokens else 0} "
             f"metrics_port={self.metrics_port or 'off'} log_format={self.log_format} "
-            f"outbox={self.outbox_path or 'memory'} status_retention_s={self.status_retention_s:g}"
+            f"outbox={self.outbox_path or 'memory'} status_retention_s={self.status_retention_s:g} "
+            f"idempotency_window_s={self.idempotency_window_s:g} "
+            f"recipient_limit={self.recipient_limit or 'off'} "
+            f"caller_limit={self.caller_limit or 'off'} suppress_s={self.suppress_s:g}"
         )
 
 

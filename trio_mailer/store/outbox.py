@@ -71,6 +71,15 @@ from trio_mailer.core.mail_lifecycle import (
     apply_change,
     default_outbox_path,
 )
+from trio_mailer.store import admission_tables as admission
+from trio_mailer.store.admission_tables import (
+    AcceptedAt,
+    Acceptance,
+    IdempotencyHit,
+    KeyEntry,
+    MemoryAdmission,
+    Suppression,
+)
 
 __all__ = [
     "MailRecord",
@@ -90,8 +99,11 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 R = TypeVar("R")
+T = TypeVar("T")
 
-SCHEMA_VERSION = 1  # PRAGMA user_version of the files this code writes and reads
+SCHEMA_VERSION = 2  # PRAGMA user_version of the files this code writes
+# Versions it opens: 1 (before the admission tables) is upgraded in place at open.
+READABLE_VERSIONS = (1, 2)
 APPLICATION_ID = 0x544D4F42  # PRAGMA application_id ("TMOB"): marks a trio-mailer outbox file
 BUSY_TIMEOUT_S = 1.0  # how long opening waits for another connection's lock on the file
 SQLITE_MAGIC = b"SQLite format 3\x00"  # the first 16 bytes of every SQLite database file
@@ -160,8 +172,16 @@ class OutboxStatistics:
 class Outbox(Protocol):
     """What the service needs of an outbox (``SqliteOutbox`` or ``MemoryOutbox``)."""
 
-    async def add(self, record: MailRecord) -> None: ...
+    async def add(self, record: MailRecord, acceptance: Acceptance | None = None) -> None: ...
     async def record(self, change: StatusChange) -> None: ...
+    async def find_key(self, caller: str, key: str, since_unix: float) -> KeyEntry | None: ...
+    async def accepted_since(self, since_unix: float) -> list[AcceptedAt]: ...
+    async def list_suppressed(self, now_unix: float) -> list[Suppression]: ...
+    async def suppress(self, entry: Suppression) -> None: ...
+    async def unsuppress(self, address: str) -> bool: ...
+    async def prune_admission(
+        self, *, keys_before: float, log_before: float, now_unix: float
+    ) -> int: ...
     async def unfinished(
         self, *, after: tuple[float, str] | None = None, limit: int | None = None
     ) -> list[MailRecord]: ...
@@ -178,7 +198,22 @@ class _Withdraw:
     message_id: str
 
 
-_Change = MailRecord | StatusChange | _Withdraw
+@attrs.frozen
+class _Accept:
+    """Add a mail with what admission stores beside it (its key, its rate-limit row)."""
+
+    record: MailRecord
+    acceptance: Acceptance
+
+
+_Change = MailRecord | _Accept | StatusChange | _Withdraw
+
+
+def _added(change: _Change) -> MailRecord | None:
+    """The mail a change adds, if it is an add."""
+    if isinstance(change, _Accept):
+        return change.record
+    return change if isinstance(change, MailRecord) else None
 
 
 @attrs.define(eq=False)
@@ -192,6 +227,8 @@ class _Pending:
 def _copy(error: OutboxError) -> OutboxError:
     # Each caller raises its own instance: one instance raised from many tasks would collect
     # all their tracebacks.
+    if isinstance(error, IdempotencyHit):
+        return IdempotencyHit(error.entry)
     return type(error)(error.problem, path=error.path)
 
 
@@ -261,7 +298,12 @@ def _apply(conn: sqlite3.Connection, change: _Change, path: Path) -> None:
         OutboxConflict: the change breaks the rules; nothing of it was written.
         sqlite3.Error: a storage failure (the caller rolls the transaction back).
     """
-    if isinstance(change, MailRecord):
+    if isinstance(change, _Accept):
+        # The key is checked first: a live one means nothing of this change is written.
+        admission.check_acceptance(conn, change.acceptance)
+        _apply(conn, change.record, path)
+        admission.write_acceptance(conn, change.acceptance)
+    elif isinstance(change, MailRecord):
         try:
             conn.execute(_INSERT, _record_to_row(change))
         except sqlite3.IntegrityError:
@@ -285,8 +327,8 @@ def _apply(conn: sqlite3.Connection, change: _Change, path: Path) -> None:
                 new.message_id,
             ),
         )
-    else:
-        conn.execute(_WITHDRAW, (change.message_id, MailState.QUEUED.value))
+    elif conn.execute(_WITHDRAW, (change.message_id, MailState.QUEUED.value)).rowcount:
+        admission.withdraw_acceptance(conn, change.message_id)
 
 
 def _rollback(conn: sqlite3.Connection) -> None:
@@ -330,6 +372,7 @@ def _create(path: Path) -> None:
             conn.execute("BEGIN IMMEDIATE")
             for statement in _SCHEMA:
                 conn.execute(statement)
+            admission.migrate_to_2(conn)
             # PRAGMA values cannot be bound as parameters; these are our own integers.
             conn.execute(f"PRAGMA application_id = {APPLICATION_ID:d}")
             conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION:d}")
@@ -381,10 +424,10 @@ def _check(path: Path) -> None:
                     f"expected {APPLICATION_ID:#x}",
                     path=path,
                 )
-            if version != SCHEMA_VERSION:
+            if version not in READABLE_VERSIONS:
                 raise OutboxCorrupt(
-                    f"unknown schema version {version} (this trio-mailer reads version "
-                    f"{SCHEMA_VERSION})",
+                    f"unknown schema version {version} (this trio-mailer reads versions "
+                    f"{', '.join(map(str, READABLE_VERSIONS))})",
                     path=path,
                 )
             columns = tuple(row[1] for row in conn.execute("PRAGMA table_info(mail)"))
@@ -393,6 +436,8 @@ def _check(path: Path) -> None:
                     f"table mail: expected the columns {list(_COLUMNS)}, got {list(columns)}",
                     path=path,
                 )
+            if version >= 2 and (problem := admission.check_columns(conn)) is not None:
+                raise OutboxCorrupt(problem, path=path)
             problems = [row[0] for row in conn.execute("PRAGMA quick_check")]
         except sqlite3.Error as exc:
             raise _storage_error(exc, path) from exc
@@ -436,6 +481,11 @@ def _open_read_write(path: Path, max_size_bytes: int | None) -> sqlite3.Connecti
             conn.execute(f"PRAGMA max_page_count = {max(1, max_size_bytes // page_size):d}")
         # Take the write lock now: a second process fails here, not at its first mail.
         conn.execute("BEGIN IMMEDIATE")
+        if conn.execute("PRAGMA user_version").fetchone()[0] < SCHEMA_VERSION:
+            # A file from before the admission tables: upgraded in this one transaction.
+            admission.migrate_to_2(conn)
+            conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION:d}")
+            log.info("outbox %s: upgraded to schema version %d", path, SCHEMA_VERSION)
         conn.execute("COMMIT")
     except sqlite3.Error as exc:
         conn.close()
@@ -452,6 +502,19 @@ def _open_blocking(path: Path, max_size_bytes: int | None) -> tuple[Path, sqlite
         _create(path)
     _check(path)
     return path, _open_read_write(path, max_size_bytes)
+
+
+def _in_transaction(
+    conn: sqlite3.Connection, fn: Callable[[sqlite3.Connection, T], R], *args: T
+) -> R:
+    try:
+        conn.execute("BEGIN IMMEDIATE")
+        result = fn(conn, *args)
+        conn.execute("COMMIT")
+    except BaseException:
+        _rollback(conn)
+        raise
+    return result
 
 
 # ---- the outboxes ----
@@ -498,18 +561,21 @@ class SqliteOutbox:
 
     # ---- writes: group commit ----
 
-    async def add(self, record: MailRecord) -> None:
+    async def add(self, record: MailRecord, acceptance: Acceptance | None = None) -> None:
         """Store a newly accepted mail; it is on disk when this returns.
 
+        With ``acceptance``, its idempotency key and rate-limit row go in the same commit.
         If the call is cancelled, the mail counts as not accepted (see the module docstring).
 
         Raises:
+            IdempotencyHit: ``acceptance`` has a key already used within its window; nothing
+                was stored.
             OutboxFull: no space (or the size cap), or the file became read-only.
             OutboxConflict: a mail with this Message-ID is already stored.
             OutboxError: another storage failure.
             trio.ClosedResourceError: the outbox was closed.
         """
-        await self._submit(record)
+        await self._submit(record if acceptance is None else _Accept(record, acceptance))
 
     async def record(self, change: StatusChange) -> None:
         """Store a status change reported by the sender; on disk when this returns.
@@ -641,13 +707,14 @@ class SqliteOutbox:
             self._pending.remove(item)
             return
         failed = item.settled and item.error is not None
-        if isinstance(item.change, MailRecord) and not failed and not self._closed:
+        added = _added(item.change)
+        if added is not None and not failed and not self._closed:
             log.warning(
                 "add of %s was cancelled during its commit; withdrawing it",
-                item.change.message_id,
-                extra={"message_id": item.change.message_id},
+                added.message_id,
+                extra={"message_id": added.message_id},
             )
-            self._pending.append(_Pending(_Withdraw(item.change.message_id)))
+            self._pending.append(_Pending(_Withdraw(added.message_id)))
 
     # ---- reads and upkeep ----
 
@@ -696,6 +763,40 @@ class SqliteOutbox:
             return cursor.rowcount
 
         return await self._run(delete)
+
+    # ---- admission: keys, the rate-limit log, the suppression list ----
+
+    async def find_key(self, caller: str, key: str, since_unix: float) -> KeyEntry | None:
+        """The stored key of ``caller`` created after ``since_unix``, or None."""
+        return await self._run(lambda conn: admission.find_key(conn, caller, key, since_unix))
+
+    async def accepted_since(self, since_unix: float) -> list[AcceptedAt]:
+        """The rate-limit log after ``since_unix``, oldest first (read at start-up)."""
+        return await self._run(lambda conn: admission.accepted_since(conn, since_unix))
+
+    async def list_suppressed(self, now_unix: float) -> list[Suppression]:
+        return await self._run(lambda conn: admission.list_suppressed(conn, now_unix))
+
+    async def suppress(self, entry: Suppression) -> None:
+        """Put (or renew) an address on the suppression list; on disk when this returns."""
+        await self._run(lambda conn: _in_transaction(conn, admission.write_suppression, entry))
+
+    async def unsuppress(self, address: str) -> bool:
+        """Take an address off the list; False when it was not on it."""
+        return await self._run(
+            lambda conn: _in_transaction(conn, admission.delete_suppression, address)
+        )
+
+    async def prune_admission(
+        self, *, keys_before: float, log_before: float, now_unix: float
+    ) -> int:
+        """Delete keys, rate-limit rows and suppressions that are past; returns how many."""
+        def prune(conn: sqlite3.Connection, now: float) -> int:
+            return admission.prune_admission(
+                conn, keys_before=keys_before, log_before=log_before, now_unix=now
+            )
+
+        return await self._run(lambda conn: _in_transaction(conn, prune, now_unix))
 
     async def _run(self, fn: Callable[[sqlite3.Connection], R]) -> R:
         if self._closed:
@@ -767,13 +868,46 @@ class MemoryOutbox:
     _records: dict[str, MailRecord] = attrs.field(factory=dict)
     _closed: bool = False
     _commits: int = 0
+    _admission: MemoryAdmission = attrs.field(factory=MemoryAdmission)
 
-    async def add(self, record: MailRecord) -> None:
+    async def add(self, record: MailRecord, acceptance: Acceptance | None = None) -> None:
         await self._checkpoint()
+        if acceptance is not None:
+            self._admission.check(acceptance)
         if record.message_id in self._records:
             raise OutboxConflict(f"{record.message_id} is already in the outbox")
         self._records[record.message_id] = record
+        if acceptance is not None:
+            self._admission.write(acceptance)
         self._commits += 1
+
+    async def find_key(self, caller: str, key: str, since_unix: float) -> KeyEntry | None:
+        await self._checkpoint()
+        return self._admission.find_key(caller, key, since_unix)
+
+    async def accepted_since(self, since_unix: float) -> list[AcceptedAt]:
+        await self._checkpoint()
+        return self._admission.accepted_since(since_unix)
+
+    async def list_suppressed(self, now_unix: float) -> list[Suppression]:
+        await self._checkpoint()
+        return self._admission.list_suppressed(now_unix)
+
+    async def suppress(self, entry: Suppression) -> None:
+        await self._checkpoint()
+        self._admission.suppressed[entry.address] = entry
+
+    async def unsuppress(self, address: str) -> bool:
+        await self._checkpoint()
+        return self._admission.suppressed.pop(address, None) is not None
+
+    async def prune_admission(
+        self, *, keys_before: float, log_before: float, now_unix: float
+    ) -> int:
+        await self._checkpoint()
+        return self._admission.prune(
+            keys_before=keys_before, log_before=log_before, now_unix=now_unix
+        )
 
     async def record(self, change: StatusChange) -> None:
         await self._checkpoint()

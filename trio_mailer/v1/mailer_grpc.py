@@ -98,3 +98,60 @@ class MailerStub:
                 trio_mailer_dot_v1_dot_mailer__pb2.MailStatus,
             )
         )
+
+
+class MailerAdminServicer(purerpc.Servicer):
+    async def ListSuppressed(self, input_message):
+        raise NotImplementedError()
+
+    async def RemoveSuppressed(self, input_message):
+        raise NotImplementedError()
+
+    @property
+    def service(self) -> purerpc.Service:
+        service_obj = purerpc.Service(
+            "trio_mailer.v1.MailerAdmin"
+        )
+        service_obj.add_method(
+            "ListSuppressed",
+            self.ListSuppressed,
+            purerpc.RPCSignature(
+                purerpc.Cardinality.UNARY_UNARY,
+                trio_mailer_dot_v1_dot_mailer__pb2.ListSuppressedRequest,
+                trio_mailer_dot_v1_dot_mailer__pb2.ListSuppressedReply,
+            )
+        )
+        service_obj.add_method(
+            "RemoveSuppressed",
+            self.RemoveSuppressed,
+            purerpc.RPCSignature(
+                purerpc.Cardinality.UNARY_UNARY,
+                trio_mailer_dot_v1_dot_mailer__pb2.RemoveSuppressedRequest,
+                trio_mailer_dot_v1_dot_mailer__pb2.RemoveSuppressedReply,
+            )
+        )
+        return service_obj
+
+
+class MailerAdminStub:
+    def __init__(self, channel):
+        self._client = purerpc.Client(
+            "trio_mailer.v1.MailerAdmin",
+            channel
+        )
+        self.ListSuppressed = self._client.get_method_stub(
+            "ListSuppressed",
+            purerpc.RPCSignature(
+                purerpc.Cardinality.UNARY_UNARY,
+                trio_mailer_dot_v1_dot_mailer__pb2.ListSuppressedRequest,
+                trio_mailer_dot_v1_dot_mailer__pb2.ListSuppressedReply,
+            )
+        )
+        self.RemoveSuppressed = self._client.get_method_stub(
+            "RemoveSuppressed",
+            purerpc.RPCSignature(
+                purerpc.Cardinality.UNARY_UNARY,
+                trio_mailer_dot_v1_dot_mailer__pb2.RemoveSuppressedRequest,
+                trio_mailer_dot_v1_dot_mailer__pb2.RemoveSuppressedReply,
+            )
+        )
