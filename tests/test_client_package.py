@@ -142,6 +142,9 @@ async def test_the_client_waits_out_a_restart_and_the_relay_gets_one_mail(
     ]
 
 
+@pytest.mark.xfail(
+    strict=True, reason="the service's idempotency keys (issue 12) not merged yet; then drop this"
+)
 async def test_a_repeat_with_the_same_key_after_a_restart_sends_nothing_new(
     relay_tls: ssl.SSLContext, ca_file: Path, tmp_path: Path
 ) -> None:
@@ -234,14 +237,17 @@ async def test_cancelling_a_watch_is_seen_by_the_service(start_harness) -> None:
                 result = await mailer.send_pass("user@example.com", "1")
                 assert isinstance(result, Accepted)
                 seen: list[MailState] = []
+                first = trio.Event()
                 async with trio.open_nursery() as nursery:
 
                     async def watch() -> None:
                         async with aclosing(mailer.watch(result.message_id)) as changes:
                             async for status in changes:
                                 seen.append(status.state)
+                                first.set()
 
                     nursery.start_soon(watch)
+                    await first.wait()
                     while h.app.board.watchers() == 0:  # noqa: ASYNC110 (the service's counter)
                         await trio.sleep(0.01)
                     nursery.cancel_scope.cancel()
