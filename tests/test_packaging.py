@@ -75,3 +75,49 @@ def test_installed_wheel_finds_its_templates_from_any_directory(tmp_path: Path) 
         timeout=60,
     )
     assert result.stdout.strip() == str(target / "trio_mailer" / "templates")
+
+
+def build_client_wheel(out_dir: Path) -> Path:
+    """Build trio-mailer-client's wheel (client/pyproject.toml) into ``out_dir``."""
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "wheel",
+            "--no-deps",
+            "--no-build-isolation",
+            "--wheel-dir",
+            str(out_dir),
+            str(ROOT / "client"),
+        ],
+        check=True,
+        capture_output=True,
+        timeout=300,
+    )
+    [wheel] = out_dir.glob("trio_mailer_client-*.whl")
+    return wheel
+
+
+def test_both_wheels_ship_mailer_proto_and_the_client_needs_only_three_packages(
+    tmp_path: Path,
+) -> None:
+    """mailer.proto is in both wheels; the client requires trio, grpcio and protobuf only."""
+    server = zipfile.ZipFile(build_wheel(tmp_path))
+    client = zipfile.ZipFile(build_client_wheel(tmp_path))
+    assert (
+        server.read("trio_mailer/v1/mailer.proto")
+        == (ROOT / "protos/trio_mailer/v1/mailer.proto").read_bytes()
+    )
+    assert (
+        client.read("trio_mailer_client/_generated/mailer.proto")
+        == (ROOT / "protos/trio_mailer/v1/mailer.proto").read_bytes()
+    )
+    assert "trio_mailer_client/py.typed" in client.namelist()
+    metadata = next(n for n in client.namelist() if n.endswith(".dist-info/METADATA"))
+    requires = [
+        line.split(":", 1)[1].strip().split(">")[0].split("<")[0]
+        for line in client.read(metadata).decode().splitlines()
+        if line.startswith("Requires-Dist:")
+    ]
+    assert sorted(requires) == ["grpcio", "protobuf", "trio"]
