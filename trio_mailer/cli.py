@@ -1,29 +1,33 @@
-"""The ``trio-mailer`` command: ``serve``, ``dev`` and ``send``.
+"""The ``trio-mailer`` command: ``serve``, ``dev``, ``send``, ``status`` and ``health``.
 
 The only place that exits the process: ``main(argv)`` returns the exit status.
-0 success; 1 mail left behind at shutdown (serve, dev) or a refused/failed call (send);
-2 bad configuration or start-up failure (every problem listed, no traceback).
+0 success; 1 mail left behind at shutdown (serve, dev), a refused/failed call (send, status), or
+a service that is not serving (health); 2 bad configuration or start-up failure (every problem
+listed, no traceback).
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.metadata
 import logging
 import os
 import signal
 import ssl
 import sys
 from collections.abc import Awaitable, Callable, Mapping, Sequence
+from datetime import UTC
 from functools import partial
 from pathlib import Path
 
 import attrs
 import trio
 
-from trio_mailer.app import MailerApp
-from trio_mailer.client import SendFailed, client_ssl_context, send
+from trio_mailer.app import MailerApp, TlsFileError
+from trio_mailer.client import SendFailed, check_health, client_ssl_context, send
 from trio_mailer.client import status as fetch_status
-from trio_mailer.core.config import ConfigError, load_config, parse_host_port
+from trio_mailer.core.call_policy import DEFAULT_TIMEOUT_S, normalise_message_id
+from trio_mailer.core.config import SETTINGS, ConfigError, load_config, parse_host_port
 from trio_mailer.core.errors import exception_leaves
 from trio_mailer.core.mail_lifecycle import OutboxError
 from trio_mailer.core.rendering import MailKind, TemplateError
@@ -76,7 +80,7 @@ def build_app(env: Mapping[str, str]) -> MailerApp | None:
         config = load_config(env)
         configure_logging(log_format=config.log_format)
         app = MailerApp.from_config(config)
-    except (ConfigError, TemplateError) as exc:
+    except (ConfigError, TemplateError, TlsFileError) as exc:
         print(f"trio-mailer: {exc}", file=sys.stderr)
         return None
     except (ssl.SSLError, OSError) as exc:
@@ -162,7 +166,13 @@ def _send(args: argparse.Namespace) -> int:
     kind = MailKind.PASSWORD if args.kind == "pass" else MailKind.RETRIEVE
     try:
         reply = trio.run(
-            partial(send, token=target.token, ssl_context=target.ssl_context),
+            partial(
+                send,
+                token=target.token,
+                ssl_context=target.ssl_context,
+                idempotency_key=args.idempotency_key,
+                timeout_s=args.timeout,
+            ),
             target.host,
             target.port,
             kind,
@@ -188,6 +198,10 @@ def _print_status(reply: MailStatus) -> None:
         parts.append(f"last_reply={reply.last_reply_code} {reply.last_reply_text!r}")
     if reply.possible_duplicate:
         parts.append("possible_duplicate=true")
+    for name in ("accepted_at", "last_attempt_at", "finished_at"):
+        if reply.HasField(name):
+            stamp = getattr(reply, name).ToDatetime(tzinfo=UTC)
+            parts.append(f"{name}={stamp.isoformat(timespec='milliseconds')}")
     print(" ".join(parts), flush=True)
 
 
@@ -196,22 +210,60 @@ def _status(args: argparse.Namespace) -> int:
     if target is None:
         return EXIT_START_FAILED
     try:
+        message_id = normalise_message_id(args.message_id)
+    except ValueError as exc:
+        print(f"trio-mailer status: {exc}", file=sys.stderr)
+        return EXIT_START_FAILED
+    try:
         trio.run(
             partial(
                 fetch_status,
                 watch=args.watch,
                 token=target.token,
                 ssl_context=target.ssl_context,
+                timeout_s=args.timeout,
             ),
             target.host,
             target.port,
-            args.message_id,
+            message_id,
             _print_status,
         )
     except SendFailed as exc:
         print(f"error: {exc.status}: {exc.detail}", file=sys.stderr)
         return 1
     return 0
+
+
+def _health(args: argparse.Namespace) -> int:
+    target = _target("health", args)
+    if target is None:
+        return EXIT_START_FAILED
+    try:
+        serving = trio.run(
+            partial(
+                check_health,
+                token=target.token,
+                ssl_context=target.ssl_context,
+                timeout_s=args.timeout,
+            ),
+            target.host,
+            target.port,
+            args.service,
+        )
+    except SendFailed as exc:
+        print(f"error: {exc.status}: {exc.detail}", file=sys.stderr)
+        return 1
+    print(serving)
+    return 0 if serving == "SERVING" else 1
+
+
+def _settings_help() -> str:
+    """The ``MAILER_*`` variables with their defaults, from the settings table."""
+    width = max(len(setting.env) for setting in SETTINGS)
+    lines = ["environment variables (default in brackets):"]
+    for setting in SETTINGS:
+        lines.append(f"  {setting.env:<{width}}  [{setting.default_text}] {setting.meaning}")
+    return "\n".join(lines)
 
 
 def _client_options(command: argparse.ArgumentParser) -> None:
@@ -225,14 +277,41 @@ def _client_options(command: argparse.ArgumentParser) -> None:
     command.add_argument("--ca", type=Path, help="CA file to verify the service with")
     command.add_argument("--cert", type=Path, help="client certificate (mTLS)")
     command.add_argument("--key", type=Path, help="client certificate's key (mTLS)")
+    command.add_argument(
+        "--timeout",
+        type=_positive_seconds,
+        default=DEFAULT_TIMEOUT_S,
+        metavar="SECONDS",
+        help=f"overall, retries included ({DEFAULT_TIMEOUT_S:g})",
+    )
+
+
+def _positive_seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected seconds, got {text!r}") from None
+    if not 0 < value <= 3600:
+        raise argparse.ArgumentTypeError(f"expected seconds from 0 to 3600, got {text!r}")
+    return value
 
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="trio-mailer", description="Transactional e-mail over gRPC, on Trio."
     )
+    parser.add_argument(
+        "--version",
+        action="version",
+        version=f"%(prog)s {importlib.metadata.version('trio-mailer')}",
+    )
     commands = parser.add_subparsers(dest="command", required=True)
-    serve = commands.add_parser("serve", help="run the service, configured from MAILER_* variables")
+    serve = commands.add_parser(
+        "serve",
+        help="run the service, configured from MAILER_* variables",
+        epilog=_settings_help(),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     serve.set_defaults(run=_serve)
     dev_cmd = commands.add_parser(
         "dev", help="run the service against an embedded capture relay (no configuration needed)"
@@ -245,15 +324,28 @@ def _parser() -> argparse.ArgumentParser:
     send_cmd.add_argument("--to", required=True, help="recipient address")
     send_cmd.add_argument("--code", required=True, help="the code the mail carries")
     send_cmd.add_argument("--kind", choices=["pass", "retrieve"], default="pass")
+    send_cmd.add_argument(
+        "--idempotency-key",
+        help="the key of this send (default: a fresh one, reused by its retries)",
+    )
     _client_options(send_cmd)
     send_cmd.set_defaults(run=_send)
     status_cmd = commands.add_parser("status", help="where a mail stands, by its Message-ID")
-    status_cmd.add_argument("message_id", help="as send printed it, with the angle brackets")
+    status_cmd.add_argument("message_id", help="as send printed it, with or without <>")
     status_cmd.add_argument(
         "--watch", action="store_true", help="print every change until the final state"
     )
     _client_options(status_cmd)
     status_cmd.set_defaults(run=_status)
+    health_cmd = commands.add_parser(
+        "health",
+        help="ask the gRPC health service; exit 0 when SERVING, 1 otherwise (for health checks)",
+    )
+    health_cmd.add_argument(
+        "--service", default="", help='the service to check ("" for the whole server)'
+    )
+    _client_options(health_cmd)
+    health_cmd.set_defaults(run=_health)
     return parser
 
 

@@ -1,20 +1,29 @@
-"""``trio-mailer send``: call a running service and print its reply."""
+"""``trio-mailer send``/``status``: call a running service and print its reply.
+
+The timeouts and retry rules are the client package's (``core/call_policy.py`` is a copy of
+``trio_mailer_client/_policy.py``): one idempotency key per send, reused by its retries;
+UNAVAILABLE and DEADLINE_EXCEEDED retried with capped jittered backoff within the overall
+timeout. The CLI stays on purerpc so that the service's install does not need grpcio.
+"""
 
 from __future__ import annotations
 
+import random
 import ssl
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import AsyncExitStack, aclosing, asynccontextmanager
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import anyio
 import anyio.abc
 import attrs
 import purerpc
+import trio
 from purerpc.grpc_proto import GRPCProtoSocket
 from purerpc.grpclib.config import GRPCConfiguration
 
+from trio_mailer.core.call_policy import DEFAULT_TIMEOUT_S, new_idempotency_key, retry_delay_s
 from trio_mailer.core.errors import exception_leaves
 from trio_mailer.core.rendering import MailKind
 from trio_mailer.v1.mailer_grpc import MailerStub
@@ -81,19 +90,52 @@ async def send(
     *,
     token: str | None = None,
     ssl_context: ssl.SSLContext | None = None,
+    idempotency_key: str | None = None,
+    timeout_s: float = DEFAULT_TIMEOUT_S,
 ) -> MsgReply:
-    """Ask the service at ``host:port`` for a ``kind`` mail.
+    """Ask the service at ``host:port`` for a ``kind`` mail, retrying within ``timeout_s``.
 
     Raises:
         SendFailed: with the gRPC status name and its message.
     """
+    request = MsgRequest(to=to, code=code, idempotency_key=idempotency_key or new_idempotency_key())
 
     async def call(stub: MailerStub, metadata: Metadata) -> MsgReply:
         method = stub.SendPass if kind is MailKind.PASSWORD else stub.SendRetrieve
-        reply: MsgReply = await method(MsgRequest(to=to, code=code), metadata=metadata)
+        reply: MsgReply = await method(request, metadata=metadata)
         return reply
 
-    return await _call(host, port, call, token=token, ssl_context=ssl_context)
+    return await with_retries(
+        lambda: _call(host, port, call, token=token, ssl_context=ssl_context), timeout_s
+    )
+
+
+async def with_retries(
+    attempt: Callable[[], Awaitable[T]],
+    timeout_s: float,
+    *,
+    jitter: Callable[[], float] = random.random,
+) -> T:
+    """``attempt()`` until it returns, by the client package's rules, within ``timeout_s``.
+
+    Raises:
+        SendFailed: a final status, or the last retryable one when the time ran out.
+    """
+    deadline = trio.current_time() + timeout_s
+    retry = 0
+    while True:
+        try:
+            with trio.fail_after(max(0.0, deadline - trio.current_time())):
+                return await attempt()
+        except trio.TooSlowError:
+            error = SendFailed("DEADLINE_EXCEEDED", f"no answer within {timeout_s:g} s")
+        except SendFailed as exc:
+            error = exc
+        delay = retry_delay_s(error.status, retry, deadline - trio.current_time(), jitter)
+        if delay is None:
+            raise error
+        await trio.sleep(delay)
+        retry += 1
 
 
 async def status(
@@ -105,9 +147,10 @@ async def status(
     watch: bool = False,
     token: str | None = None,
     ssl_context: ssl.SSLContext | None = None,
+    timeout_s: float = DEFAULT_TIMEOUT_S,
 ) -> None:
     """Report the status of ``message_id`` to ``on_status``; with ``watch``, every change until
-    the final state.
+    the final state. ``GetStatus`` is retried within ``timeout_s`` (a watch has no timeout).
 
     Raises:
         SendFailed: with the gRPC status name and its message.
@@ -122,7 +165,12 @@ async def status(
             async for change in changes:
                 on_status(change)
 
-    await _call(host, port, call, token=token, ssl_context=ssl_context)
+    if watch:
+        await _call(host, port, call, token=token, ssl_context=ssl_context)
+    else:
+        await with_retries(
+            lambda: _call(host, port, call, token=token, ssl_context=ssl_context), timeout_s
+        )
 
 
 Metadata = list[tuple[str, str]] | None
@@ -131,16 +179,17 @@ Metadata = list[tuple[str, str]] | None
 async def _call(
     host: str,
     port: int,
-    call: Callable[[MailerStub, Metadata], Awaitable[T]],
+    call: Callable[[Any, Metadata], Awaitable[T]],
     *,
     token: str | None,
     ssl_context: ssl.SSLContext | None,
+    make_stub: Callable[[Any], Any] = MailerStub,
 ) -> T:
     metadata = [("authorization", f"Bearer {token}")] if token else None
     # purerpc's client runs the call in a task group, so errors arrive inside exception groups.
     try:
         async with open_channel(host, port, ssl_context) as channel:
-            return await call(MailerStub(channel), metadata)
+            return await call(make_stub(channel), metadata)
     except* purerpc.RpcFailedError as group:
         rpc_status = exception_leaves(group)[0].status
         raise SendFailed(rpc_status.status_code.name, rpc_status.status_message) from None
@@ -148,3 +197,31 @@ async def _call(
         error = exception_leaves(group)[0]
         detail = f"cannot reach {host}:{port}: {error.strerror or error}"
         raise SendFailed("UNAVAILABLE", detail) from None
+
+
+async def check_health(
+    host: str,
+    port: int,
+    service: str = "",
+    *,
+    token: str | None = None,
+    ssl_context: ssl.SSLContext | None = None,
+    timeout_s: float = DEFAULT_TIMEOUT_S,
+) -> str:
+    """The serving status the gRPC health service reports for ``service`` ("" for the whole
+    server): "SERVING", "NOT_SERVING", ... Retried within ``timeout_s`` like the other calls.
+
+    Raises:
+        SendFailed: with the gRPC status name and its message (NOT_FOUND: unknown service).
+    """
+    from trio_mailer.grpc_std.health.v1.health_grpc import HealthStub
+    from trio_mailer.grpc_std.health.v1.health_pb2 import HealthCheckRequest, HealthCheckResponse
+
+    async def call(stub: HealthStub, metadata: Metadata) -> str:
+        reply = await stub.Check(HealthCheckRequest(service=service), metadata=metadata)
+        return str(HealthCheckResponse.ServingStatus.Name(reply.status))
+
+    return await with_retries(
+        lambda: _call(host, port, call, token=token, ssl_context=ssl_context, make_stub=HealthStub),
+        timeout_s,
+    )

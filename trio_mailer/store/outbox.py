@@ -73,8 +73,8 @@ from trio_mailer.core.mail_lifecycle import (
 )
 from trio_mailer.store import admission_tables as admission
 from trio_mailer.store.admission_tables import (
-    AcceptedAt,
     Acceptance,
+    AcceptedAt,
     IdempotencyHit,
     KeyEntry,
     MemoryAdmission,
@@ -791,6 +791,7 @@ class SqliteOutbox:
         self, *, keys_before: float, log_before: float, now_unix: float
     ) -> int:
         """Delete keys, rate-limit rows and suppressions that are past; returns how many."""
+
         def prune(conn: sqlite3.Connection, now: float) -> int:
             return admission.prune_admission(
                 conn, keys_before=keys_before, log_before=log_before, now_unix=now
