@@ -150,6 +150,7 @@ class MailerApp:
             service_name=self.config.service_name,
         )
         self.board = StatusBoard()
+        self.metrics.track_outbox(self.board.unfinished)
         self.service = MailerService(composer, self.queue, metrics=self.metrics, board=self.board)
         for sender in self.senders:
             sender.board = self.board
@@ -208,7 +209,7 @@ class MailerApp:
             return True
         if tokens.allows(metadata):
             return True
-        self.metrics.requests.labels(method, "unauthenticated").inc()
+        self.metrics.unauthenticated(method)
         return False
 
     def grpc_services(self) -> list[purerpc.Service]:

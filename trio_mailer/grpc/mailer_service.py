@@ -11,7 +11,8 @@ from __future__ import annotations
 import logging
 import math
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterator
+from contextlib import contextmanager
 from datetime import UTC, datetime
 
 import purerpc
@@ -37,6 +38,7 @@ QUEUE_FULL_REASON = "queue full"
 QUEUE_FULL_RETRY_AFTER_MS = 1_000
 MAX_MESSAGE_ID_CHARS = 256
 _METHODS = {MailKind.PASSWORD: "SendPass", MailKind.RETRIEVE: "SendRetrieve"}
+_SENDS = frozenset(_METHODS.values())
 _OUTCOMES = {
     purerpc.StatusCode.INVALID_ARGUMENT: "invalid",
     purerpc.StatusCode.UNAVAILABLE: "unavailable",
@@ -71,25 +73,43 @@ class MailerService(MailerServicer):  # type: ignore[misc]  # generated, untyped
         self._last_full_log = -math.inf
 
     async def SendPass(self, message: MsgRequest) -> MsgReply:
-        return await self._submit(MailKind.PASSWORD, message)
+        with self._observed("SendPass"):
+            return await self._submit(MailKind.PASSWORD, message)
 
     async def SendRetrieve(self, message: MsgRequest) -> MsgReply:
-        return await self._submit(MailKind.RETRIEVE, message)
+        with self._observed("SendRetrieve"):
+            return await self._submit(MailKind.RETRIEVE, message)
 
     async def GetStatus(self, message: StatusRequest) -> MailStatus:
-        record = await self._find(message.message_id)
-        return _status_message(record)
+        with self._observed("GetStatus"):
+            record = await self._find(message.message_id)
+            return _status_message(record)
 
     async def WatchStatus(self, message: StatusRequest) -> AsyncIterator[MailStatus]:
         """The current status, then each change, ending after a terminal state."""
-        record = await self._find(message.message_id)
-        yield _status_message(record)
-        while not record.state.terminal:
-            await self._board.wait_for_change(record.message_id)
-            latest = await self._find(record.message_id)
-            if latest != record:
-                record = latest
-                yield _status_message(record)
+        with self._observed("WatchStatus"):
+            record = await self._find(message.message_id)
+            yield _status_message(record)
+            while not record.state.terminal:
+                await self._board.wait_for_change(record.message_id)
+                latest = await self._find(record.message_id)
+                if latest != record:
+                    record = latest
+                    yield _status_message(record)
+
+    @contextmanager
+    def _observed(self, method: str) -> Iterator[None]:
+        """The gRPC metrics of one call (and the accept latency of a send)."""
+        if self._metrics is None:
+            yield
+            return
+        started = time.perf_counter()
+        with self._metrics.grpc_call(method, status_outcomes=method not in _SENDS):
+            try:
+                yield
+            finally:
+                if method in _SENDS:
+                    self._metrics.accept_latency.observe(time.perf_counter() - started)
 
     async def _find(self, message_id: str) -> MailRecord:
         if not message_id or len(message_id) > MAX_MESSAGE_ID_CHARS:
