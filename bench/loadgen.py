@@ -62,6 +62,8 @@ class Job:
     server_pid: int | None = None
     call_timeout_s: float = 5.0
     max_duration_s: float = 300.0
+    idempotency_keys: bool = False  # a fresh idempotency_key on every call
+    distinct_recipients: bool = False  # a new address on every call (for the recipient limit)
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> Job:
@@ -94,6 +96,7 @@ class _Run:
     calls: list[Call] = field(default_factory=list)
     tickets: int = 0  # count mode: calls still to be accepted
     sequence: int = 0
+    salt: str = field(default_factory=lambda: os.urandom(4).hex())  # keys unique across jobs
 
 
 def _cpu_s(pid: int) -> float:
@@ -136,7 +139,12 @@ class _CpuWindow:
 
 async def _one_call(run: _Run, call: grpc.aio.UnaryUnaryMultiCallable) -> Call:
     run.sequence += 1
-    request = MsgRequest(to=RECIPIENT, code=f"{run.sequence % 1_000_000:06d}")
+    n = run.sequence
+    request = MsgRequest(
+        to=f"user{n}-{run.salt}@example.com" if run.job.distinct_recipients else RECIPIENT,
+        code=f"{n % 1_000_000:06d}",
+        idempotency_key=f"bench-{run.salt}-{n}" if run.job.idempotency_keys else "",
+    )
     start = time.monotonic()
     try:
         reply: MsgReply = await call(request, timeout=run.job.call_timeout_s)

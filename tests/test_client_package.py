@@ -142,9 +142,6 @@ async def test_the_client_waits_out_a_restart_and_the_relay_gets_one_mail(
     ]
 
 
-@pytest.mark.xfail(
-    strict=True, reason="the service's idempotency keys (issue 12) not merged yet; then drop this"
-)
 async def test_a_repeat_with_the_same_key_after_a_restart_sends_nothing_new(
     relay_tls: ssl.SSLContext, ca_file: Path, tmp_path: Path
 ) -> None:

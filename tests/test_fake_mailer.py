@@ -184,7 +184,11 @@ def open_backend(
             yield FakeMailer()
             return
         outbox = str(tmp_path / "outbox.sqlite3")
-        async with relay_and_service(relay_tls, ca_file, tmp_path, MAILER_OUTBOX=outbox) as (
+        # The service's default limit (the tests' relay_env turns it off).
+        limit = {"MAILER_RECIPIENT_LIMIT": "5/600"}
+        async with relay_and_service(
+            relay_tls, ca_file, tmp_path, MAILER_OUTBOX=outbox, **limit
+        ) as (
             _relay,
             _service,
             port,
@@ -217,16 +221,6 @@ async def test_fake_and_service_agree_on_sends_errors_and_status(open_backend) -
     ]
 
 
-# Issue 12's server side (idempotency keys, per-recipient limit) is not on this branch yet: the
-# service case must fail until it lands, and then this mark must go (strict).
-NEEDS_ISSUE_12 = pytest.mark.xfail(
-    strict=True, reason="the service's idempotency keys and rate limits (issue 12) not merged yet"
-)
-
-
-@pytest.mark.parametrize(
-    "open_backend", ["fake", pytest.param("service", marks=NEEDS_ISSUE_12)], indirect=True
-)
 async def test_fake_and_service_agree_on_keys_and_the_recipient_limit(open_backend) -> None:
     """The same key twice is one mail; a key reused for another mail is FAILED_PRECONDITION;
     the sixth mail to one address in 600 s is refused with advice."""

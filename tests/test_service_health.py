@@ -59,6 +59,7 @@ async def test_reflection_lists_the_services_of_the_running_service(start_harnes
             [reflected] = await run_client(str(h.grpc_port), "reflect")
     assert set(reflected["services"]) == {
         MAILER,
+        "trio_mailer.v1.MailerAdmin",
         "grpc.health.v1.Health",
         "grpc.reflection.v1alpha.ServerReflection",
         "grpc.reflection.v1.ServerReflection",

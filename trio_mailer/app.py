@@ -49,16 +49,19 @@ from trio_mailer.delivery.smtp_session import (
     ThreadedSmtpSession,
     make_relay_ssl_context,
 )
+from trio_mailer.grpc.admin_service import AdminService
+from trio_mailer.grpc.admission import AdmissionControl
 from trio_mailer.grpc.health_service import FILE_DESCRIPTOR as HEALTH_FILE_DESCRIPTOR
 from trio_mailer.grpc.health_service import SERVICE_NAME as HEALTH_SERVICE_NAME
 from trio_mailer.grpc.health_service import HealthState, ServingStatus, health_service
 from trio_mailer.grpc.listener import (
+    PEER_IDENTITY,
     bound_port,
     make_server_ssl_context,
     open_grpc_listener,
     serve_grpc,
 )
-from trio_mailer.grpc.mailer_service import MailerService
+from trio_mailer.grpc.mailer_service import ANONYMOUS_CALLER, MailerService
 from trio_mailer.grpc.reflection_service import reflection_services
 from trio_mailer.metrics import Metrics, serve_metrics
 from trio_mailer.store.outbox import MemoryOutbox, Outbox, SqliteOutbox
@@ -108,6 +111,10 @@ class MailerApp:
     board: StatusBoard = attrs.field(init=False)
     metrics_port: int | None = attrs.field(init=False, default=None)  # once serving
     service: MailerService = attrs.field(init=False)
+    admission: AdmissionControl = attrs.field(init=False)
+    _finished_callback: Callable[[FinishedMail], None] | None = attrs.field(
+        init=False, default=None
+    )
     _shutdown: trio.Event = attrs.field(init=False, factory=trio.Event)
     _force: trio.Event = attrs.field(init=False, factory=trio.Event)
 
@@ -133,6 +140,8 @@ class MailerApp:
             )
             for _ in range(config.smtp_sessions)
         ]
+        for sender in self.senders:
+            sender.on_finished = self._mail_finished
         if self.on_finished is not None:
             self.watch_finished(self.on_finished)
         self.metrics = Metrics()
@@ -151,7 +160,21 @@ class MailerApp:
         )
         self.board = StatusBoard()
         self.metrics.track_outbox(self.board.unfinished)
-        self.service = MailerService(composer, self.queue, metrics=self.metrics, board=self.board)
+        self.admission = AdmissionControl(
+            window_s=config.idempotency_window_s,
+            recipient_limit=config.recipient_limit,
+            caller_limit=config.caller_limit,
+            suppress_s=config.suppress_s,
+            on_suppressed=self.metrics.suppressed_addresses.set,
+        )
+        self.service = MailerService(
+            composer,
+            self.queue,
+            metrics=self.metrics,
+            board=self.board,
+            admission=self.admission,
+            identify=self.caller_identity,
+        )
         for sender in self.senders:
             sender.board = self.board
         self.health = HealthState([self.service.service.name])
@@ -212,14 +235,27 @@ class MailerApp:
         self.metrics.unauthenticated(method)
         return False
 
+    def caller_identity(self, metadata: Sequence[tuple[str, str]]) -> str:
+        """Who is calling, for idempotency keys and the caller limit: the bearer token's
+        identity (a digest prefix, never the token) when tokens are configured, else the client
+        certificate's subject, else one shared "anonymous" space."""
+        tokens = self.config.auth_tokens
+        if tokens is not None:
+            identity = tokens.identify(metadata)
+            if identity is not None:
+                return identity
+        return PEER_IDENTITY.get() or ANONYMOUS_CALLER
+
     def grpc_services(self) -> list[purerpc.Service]:
-        """The Mailer, health checking, and server reflection (v1 and v1alpha)."""
+        """The Mailer, its admin, health checking, and server reflection (v1 and v1alpha)."""
         mailer = self.service.service
+        admin = AdminService(self.admission).service
         return [
             mailer,
+            admin,
             health_service(self.health),
             *reflection_services(
-                [mailer.name, HEALTH_SERVICE_NAME],
+                [mailer.name, admin.name, HEALTH_SERVICE_NAME],
                 [mailer_pb2.DESCRIPTOR, HEALTH_FILE_DESCRIPTOR],
             ),
         ]
@@ -241,8 +277,18 @@ class MailerApp:
 
     def watch_finished(self, callback: Callable[[FinishedMail], None]) -> None:
         """Have ``callback`` told of every mail's outcome (delivered or failed)."""
-        for sender in self.senders:
-            sender.on_finished = callback
+        self._finished_callback = callback
+
+    def _mail_finished(self, finished: FinishedMail) -> None:
+        """Every mail's outcome: the senders' pace, the suppression list, then the watcher."""
+        self.admission.pace.finished(trio.current_time())
+        if finished.outcome == "failed":
+            delivery = finished.delivery
+            self.admission.mail_failed(
+                delivery.mail.envelope_to, delivery.last_reply, delivery.message_id
+            )
+        if self._finished_callback is not None:
+            self._finished_callback(finished)
 
     def statistics(self) -> SenderStatistics:
         """The pool's counters, summed."""
@@ -347,6 +393,8 @@ class MailerApp:
     async def _run_with(self, outbox: Outbox, task_status: trio.TaskStatus[int]) -> int:
         config = self.config
         self.service.outbox = outbox
+        self.admission.outbox = outbox
+        await self.admission.load()  # the limits' counts and the suppression list, before serving
         for sender in self.senders:
             sender.outbox = outbox
         senders_done = trio.Event()
@@ -371,6 +419,7 @@ class MailerApp:
             nursery.start_soon(run_senders)
             nursery.start_soon(self._watch_health)
             nursery.start_soon(self._prune, outbox)
+            await nursery.start(self.admission.run)
             recovery_scope = trio.CancelScope()
 
             async def recover() -> None:

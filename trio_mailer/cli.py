@@ -24,7 +24,14 @@ import attrs
 import trio
 
 from trio_mailer.app import MailerApp, TlsFileError
-from trio_mailer.client import SendFailed, check_health, client_ssl_context, send
+from trio_mailer.client import (
+    SendFailed,
+    check_health,
+    client_ssl_context,
+    list_suppressed,
+    remove_suppressed,
+    send,
+)
 from trio_mailer.client import status as fetch_status
 from trio_mailer.core.call_policy import DEFAULT_TIMEOUT_S, normalise_message_id
 from trio_mailer.core.config import SETTINGS, ConfigError, load_config, parse_host_port
@@ -185,7 +192,8 @@ def _send(args: argparse.Namespace) -> int:
     if reply.sent:
         print(f"sent=true message_id={reply.message_id}")
         return 0
-    print(f"sent=false reason={reply.reason}")
+    retry = f" retry_after_ms={reply.retry_after_ms}" if reply.retry_after_ms else ""
+    print(f"sent=false reason={reply.reason}{retry}")
     return 1
 
 
@@ -255,6 +263,34 @@ def _health(args: argparse.Namespace) -> int:
         return 1
     print(serving)
     return 0 if serving == "SERVING" else 1
+
+
+def _suppressed(args: argparse.Namespace) -> int:
+    target = _target("suppressed", args)
+    if target is None:
+        return EXIT_START_FAILED
+    try:
+        if args.action == "remove":
+            removed = trio.run(
+                partial(remove_suppressed, token=target.token, ssl_context=target.ssl_context),
+                target.host,
+                target.port,
+                args.address,
+            )
+            print(f"removed {args.address}" if removed else f"not suppressed: {args.address}")
+            return 0 if removed else 1
+        entries = trio.run(
+            partial(list_suppressed, token=target.token, ssl_context=target.ssl_context),
+            target.host,
+            target.port,
+        )
+    except SendFailed as exc:
+        print(f"error: {exc.status}: {exc.detail}", file=sys.stderr)
+        return 1
+    for entry in entries:
+        until = entry.until.ToDatetime(tzinfo=UTC).isoformat(timespec="seconds")
+        print(f"{entry.address}\tuntil={until}\t{entry.reply_code} {entry.reply_text}")
+    return 0
 
 
 def _settings_help() -> str:
@@ -346,6 +382,18 @@ def _parser() -> argparse.ArgumentParser:
     )
     _client_options(health_cmd)
     health_cmd.set_defaults(run=_health)
+    suppressed_cmd = commands.add_parser(
+        "suppressed", help="the running service's list of dead addresses (list, remove ADDR)"
+    )
+    actions = suppressed_cmd.add_subparsers(dest="action", required=True)
+    list_cmd = actions.add_parser(
+        "list", help="every address on the list, with the reply that put it there"
+    )
+    remove_cmd = actions.add_parser("remove", help="take an address off the list")
+    remove_cmd.add_argument("address")
+    for action in (list_cmd, remove_cmd):
+        _client_options(action)
+    suppressed_cmd.set_defaults(run=_suppressed)
     return parser
 
 

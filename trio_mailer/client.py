@@ -26,8 +26,16 @@ from purerpc.grpclib.config import GRPCConfiguration
 from trio_mailer.core.call_policy import DEFAULT_TIMEOUT_S, new_idempotency_key, retry_delay_s
 from trio_mailer.core.errors import exception_leaves
 from trio_mailer.core.rendering import MailKind
-from trio_mailer.v1.mailer_grpc import MailerStub
-from trio_mailer.v1.mailer_pb2 import MailStatus, MsgReply, MsgRequest, StatusRequest
+from trio_mailer.v1.mailer_grpc import MailerAdminStub, MailerStub
+from trio_mailer.v1.mailer_pb2 import (
+    ListSuppressedRequest,
+    MailStatus,
+    MsgReply,
+    MsgRequest,
+    RemoveSuppressedRequest,
+    StatusRequest,
+    SuppressedAddress,
+)
 
 
 @attrs.frozen
@@ -148,6 +156,7 @@ async def status(
     token: str | None = None,
     ssl_context: ssl.SSLContext | None = None,
     timeout_s: float = DEFAULT_TIMEOUT_S,
+    idempotency_key: str = "",
 ) -> None:
     """Report the status of ``message_id`` to ``on_status``; with ``watch``, every change until
     the final state. ``GetStatus`` is retried within ``timeout_s`` (a watch has no timeout).
@@ -157,7 +166,7 @@ async def status(
     """
 
     async def call(stub: MailerStub, metadata: Metadata) -> None:
-        request = StatusRequest(message_id=message_id)
+        request = StatusRequest(message_id=message_id, idempotency_key=idempotency_key)
         if not watch:
             on_status(await stub.GetStatus(request, metadata=metadata))
             return
@@ -171,6 +180,53 @@ async def status(
         await with_retries(
             lambda: _call(host, port, call, token=token, ssl_context=ssl_context), timeout_s
         )
+
+
+async def list_suppressed(
+    host: str,
+    port: int,
+    *,
+    token: str | None = None,
+    ssl_context: ssl.SSLContext | None = None,
+) -> list[SuppressedAddress]:
+    """The running service's suppression list.
+
+    Raises:
+        SendFailed: with the gRPC status name and its message.
+    """
+
+    async def call(admin: MailerAdminStub, metadata: Metadata) -> list[SuppressedAddress]:
+        reply = await admin.ListSuppressed(ListSuppressedRequest(), metadata=metadata)
+        return list(reply.addresses)
+
+    return await _call(
+        host, port, call, token=token, ssl_context=ssl_context, make_stub=MailerAdminStub
+    )
+
+
+async def remove_suppressed(
+    host: str,
+    port: int,
+    address: str,
+    *,
+    token: str | None = None,
+    ssl_context: ssl.SSLContext | None = None,
+) -> bool:
+    """Take ``address`` off the running service's suppression list; False if it was not on it.
+
+    Raises:
+        SendFailed: with the gRPC status name and its message.
+    """
+
+    async def call(admin: MailerAdminStub, metadata: Metadata) -> bool:
+        reply = await admin.RemoveSuppressed(
+            RemoveSuppressedRequest(address=address), metadata=metadata
+        )
+        return bool(reply.removed)
+
+    return await _call(
+        host, port, call, token=token, ssl_context=ssl_context, make_stub=MailerAdminStub
+    )
 
 
 Metadata = list[tuple[str, str]] | None

@@ -140,8 +140,9 @@ class Metrics:
         )
         self.requests = Counter(
             "trio_mailer_requests",
-            "gRPC requests by method and outcome "
-            "(accepted, queue_full, invalid, unauthenticated, unavailable, internal)",
+            "gRPC requests by method and outcome (accepted, repeat, queue_full, "
+            "recipient_rate_limited, caller_rate_limited, suppressed, invalid, "
+            "idempotency_conflict, idempotency_busy, unauthenticated, unavailable, internal)",
             ["method", "outcome"],
             registry=r,
         )
@@ -149,6 +150,11 @@ class Metrics:
             "trio_mailer_mails",
             "Mails by final outcome (delivered, failed, expired)",
             ["outcome"],
+            registry=r,
+        )
+        self.suppressed_addresses = Gauge(
+            "trio_mailer_suppressed_addresses",
+            "Addresses on the suppression list now",
             registry=r,
         )
         self.retries = Counter("trio_mailer_retries", "Attempts scheduled again", registry=r)

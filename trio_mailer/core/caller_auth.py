@@ -19,6 +19,17 @@ import attrs
 
 _SHA256_LINE = re.compile(r"sha256:([0-9a-fA-F]{64})")
 MIN_TOKEN_CHARS = 16
+TOKEN_ID_HEX_DIGITS = 16  # a caller's identity: this much of its token's digest
+# Short names for the attributes of a certificate subject.
+_SUBJECT_NAMES = {
+    "commonName": "CN",
+    "organizationName": "O",
+    "organizationalUnitName": "OU",
+    "countryName": "C",
+    "stateOrProvinceName": "ST",
+    "localityName": "L",
+    "emailAddress": "emailAddress",
+}
 
 
 def _digest(token: str) -> bytes:
@@ -59,6 +70,15 @@ class TokenSet:
 
     def allows(self, metadata: Iterable[tuple[str, str]]) -> bool:
         """True when ``metadata`` carries ``authorization: Bearer <a configured token>``."""
+        return self._match(metadata) is not None
+
+    def identify(self, metadata: Iterable[tuple[str, str]]) -> str | None:
+        """The caller's identity when ``metadata`` carries a configured token:
+        ``token:`` and the first 16 hex digits of its SHA-256 (never the token), else None."""
+        digest = self._match(metadata)
+        return None if digest is None else f"token:{digest.hex()[:TOKEN_ID_HEX_DIGITS]}"
+
+    def _match(self, metadata: Iterable[tuple[str, str]]) -> bytes | None:
         presented = None
         for name, value in metadata:
             if name.lower() == "authorization":
@@ -67,11 +87,11 @@ class TokenSet:
                     presented = _digest(token.strip())
                 break
         if presented is None:
-            return False
+            return None
         matched = False
         for digest in self.digests:  # no early exit: every digest is compared
             matched |= hmac.compare_digest(presented, digest)
-        return matched
+        return presented if matched else None
 
 
 def is_loopback(host: str) -> bool:
@@ -82,3 +102,9 @@ def is_loopback(host: str) -> bool:
         return ipaddress.ip_address(host).is_loopback
     except ValueError:
         return False
+
+
+def certificate_identity(subject: Iterable[Iterable[tuple[str, str]]]) -> str | None:
+    """``cert:CN=billing,O=Acme`` from ``ssl.getpeercert()["subject"]``; None when empty."""
+    parts = [f"{_SUBJECT_NAMES.get(name, name)}={value}" for rdn in subject for name, value in rdn]
+    return f"cert:{','.join(parts)}" if parts else None

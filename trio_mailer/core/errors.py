@@ -17,6 +17,8 @@ class GrpcStatus(enum.Enum):
     """The gRPC status codes this service answers with (names as in the gRPC spec)."""
 
     INVALID_ARGUMENT = 3
+    FAILED_PRECONDITION = 9
+    ABORTED = 10
     INTERNAL = 13
     UNAVAILABLE = 14
 

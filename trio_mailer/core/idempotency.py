@@ -12,7 +12,7 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Iterable
 
-from trio_mailer.core.errors import InvalidRequest
+from trio_mailer.core.errors import GrpcStatus, InvalidRequest, MailerError
 
 MAX_KEY_CHARS = 256
 _PRINTABLE = frozenset(chr(c) for c in range(0x20, 0x7F))  # printable ASCII, space included
@@ -48,3 +48,27 @@ def payload_fingerprint(method: str, fields: Iterable[tuple[str, str]]) -> str:
         digest.update(len(data).to_bytes(4, "big"))
         digest.update(data)
     return digest.hexdigest()
+
+
+class KeyConflict(MailerError):
+    """The key was used before for another payload: FAILED_PRECONDITION naming the field."""
+
+    grpc_status = GrpcStatus.FAILED_PRECONDITION
+
+    def __init__(self) -> None:
+        super().__init__(
+            "idempotency_key: already used for a mail with another to, code or kind; "
+            "use a new key for a new mail"
+        )
+
+
+class KeyBusy(MailerError):
+    """A repeat waited for the first call with its key longer than it may: ABORTED."""
+
+    grpc_status = GrpcStatus.ABORTED
+
+    def __init__(self) -> None:
+        super().__init__(
+            "idempotency_key: the first call with this key is still being handled; "
+            "retry with the same key"
+        )

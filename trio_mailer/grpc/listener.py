@@ -12,6 +12,7 @@ logs other connection errors at DEBUG.
 
 from __future__ import annotations
 
+import contextvars
 import logging
 import ssl
 from collections.abc import Callable, Iterable, Sequence
@@ -22,7 +23,7 @@ import anyio
 import anyio.abc
 import purerpc
 import trio
-from anyio.streams.tls import TLSListener
+from anyio.streams.tls import TLSAttribute, TLSListener
 from purerpc.grpc_proto import GRPCProtoSocket, GRPCProtoStream
 from purerpc.grpclib.connection import GRPCConfiguration
 from purerpc.grpclib.events import RequestReceived
@@ -35,6 +36,7 @@ from purerpc.wrappers import (
     call_server_unary_unary,
 )
 
+from trio_mailer.core.caller_auth import certificate_identity
 from trio_mailer.logs import printable
 
 log = logging.getLogger(__name__)
@@ -49,6 +51,22 @@ _CALLERS = {
     Cardinality.STREAM_UNARY: call_server_stream_unary,
     Cardinality.STREAM_STREAM: call_server_stream_stream,
 }
+
+
+# The client certificate's identity (``cert:CN=...``) for the calls of a connection, or None:
+# set around each connection's handler, read by the Mailer's handlers through the caller identity.
+PEER_IDENTITY: contextvars.ContextVar[str | None] = contextvars.ContextVar(
+    "trio_mailer_peer_identity", default=None
+)
+
+
+def _peer_identity(stream: anyio.abc.SocketStream) -> str | None:
+    certificate = stream.extra(TLSAttribute.peer_certificate, None)
+    if not certificate:
+        return None
+    subject = certificate.get("subject", ())
+    # ssl's typeshed entry is loose: "subject" is a tuple of RDNs, each a tuple of pairs.
+    return certificate_identity(subject) if isinstance(subject, tuple) else None  # type: ignore[arg-type]
 
 
 class BindError(Exception):
@@ -130,6 +148,7 @@ class _ConnectionHandler:
         self._config = GRPCConfiguration(client_side=False, max_message_length=MAX_MESSAGE_BYTES)
 
     async def __call__(self, stream: anyio.abc.SocketStream) -> None:
+        PEER_IDENTITY.set(_peer_identity(stream))  # this connection's task (and its calls) only
         try:
             # purerpc never closes the connection's socket: the ``async with stream`` does.
             async with stream, GRPCProtoSocket(self._config, stream) as grpc_socket:

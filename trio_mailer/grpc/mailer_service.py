@@ -11,21 +11,35 @@ from __future__ import annotations
 import logging
 import math
 import time
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from contextlib import contextmanager
 from datetime import UTC, datetime
+from typing import Any
 
 import purerpc
 import trio
 from google.protobuf.timestamp_pb2 import Timestamp
 
-from trio_mailer.core.errors import MailerError, MessageBuildError, ShuttingDown
+from trio_mailer.core.addresses import mask
+from trio_mailer.core.errors import InvalidRequest, MailerError, MessageBuildError, ShuttingDown
+from trio_mailer.core.idempotency import payload_fingerprint, validate_idempotency_key
 from trio_mailer.core.mail_lifecycle import MailRecord, MailState, OutboxError
 from trio_mailer.core.message import MailComposer
+from trio_mailer.core.rate_limits import retry_after_ms
 from trio_mailer.core.rendering import MailKind, RenderError
 from trio_mailer.delivery.mail_queue import MailQueue
+from trio_mailer.grpc.admission import (
+    CALLER_LIMITED,
+    RECIPIENT_LIMITED,
+    SUPPRESSED,
+    AdmissionControl,
+    Refusal,
+    Repeat,
+    Ticket,
+)
 from trio_mailer.logs import printable
 from trio_mailer.metrics import Metrics
+from trio_mailer.store.admission_tables import IdempotencyHit
 from trio_mailer.store.outbox import MemoryOutbox, Outbox
 from trio_mailer.store.status_board import StatusBoard
 from trio_mailer.v1.mailer_grpc import MailerServicer
@@ -34,15 +48,39 @@ from trio_mailer.v1.mailer_pb2 import MailStatus, MsgReply, MsgRequest, StatusRe
 log = logging.getLogger(__name__)
 
 QUEUE_FULL_REASON = "queue full"
-# The advice a "queue full" refusal carries (MsgReply.retry_after_ms).
-QUEUE_FULL_RETRY_AFTER_MS = 1_000
 MAX_MESSAGE_ID_CHARS = 256
 _METHODS = {MailKind.PASSWORD: "SendPass", MailKind.RETRIEVE: "SendRetrieve"}
 _SENDS = frozenset(_METHODS.values())
 _OUTCOMES = {
     purerpc.StatusCode.INVALID_ARGUMENT: "invalid",
     purerpc.StatusCode.UNAVAILABLE: "unavailable",
+    purerpc.StatusCode.FAILED_PRECONDITION: "idempotency_conflict",
+    purerpc.StatusCode.ABORTED: "idempotency_busy",
 }
+# The metrics' outcome label for each refusal reason.
+_REFUSAL_OUTCOMES = {
+    QUEUE_FULL_REASON: "queue_full",
+    RECIPIENT_LIMITED: "recipient_rate_limited",
+    CALLER_LIMITED: "caller_rate_limited",
+    SUPPRESSED: "suppressed",
+}
+ANONYMOUS_CALLER = "anonymous"  # every unauthenticated caller: one idempotency space
+
+# Who is calling, from the call's request headers (and the connection): see app.caller_identity.
+Identify = Callable[[Sequence[tuple[str, str]]], str]
+
+
+def _anonymous(_metadata: Sequence[tuple[str, str]]) -> str:
+    return ANONYMOUS_CALLER
+
+
+def _metadata(request: Any) -> Sequence[tuple[str, str]]:
+    return () if request is None else tuple(request.custom_metadata or ())
+
+
+def _deadline_s(request: Any) -> float | None:
+    timeout = None if request is None else getattr(request, "timeout", None)
+    return None if timeout is None else float(timeout.total_seconds())
 
 
 def _rpc_error(status: purerpc.StatusCode, message: str) -> purerpc.RpcFailedError:
@@ -60,6 +98,8 @@ class MailerService(MailerServicer):  # type: ignore[misc]  # generated, untyped
         outbox: Outbox | None = None,
         board: StatusBoard | None = None,
         wall_clock: Callable[[], float] = time.time,
+        admission: AdmissionControl | None = None,
+        identify: Identify = _anonymous,
     ) -> None:
         self._composer = composer
         self._queue = queue
@@ -68,27 +108,35 @@ class MailerService(MailerServicer):  # type: ignore[misc]  # generated, untyped
         self.outbox: Outbox = outbox if outbox is not None else MemoryOutbox()
         self._board = board if board is not None else StatusBoard()
         self._wall_clock = wall_clock
+        self.admission = (
+            admission
+            if admission is not None
+            else AdmissionControl(window_s=86400.0, wall_clock=wall_clock)
+        )
+        self._identify = identify
         self.draining = False
         self.refused_queue_full = 0
         self._last_full_log = -math.inf
 
-    async def SendPass(self, message: MsgRequest) -> MsgReply:
+    async def SendPass(self, message: MsgRequest, request: Any = None) -> MsgReply:
         with self._observed("SendPass"):
-            return await self._submit(MailKind.PASSWORD, message)
+            return await self._submit(MailKind.PASSWORD, message, request)
 
-    async def SendRetrieve(self, message: MsgRequest) -> MsgReply:
+    async def SendRetrieve(self, message: MsgRequest, request: Any = None) -> MsgReply:
         with self._observed("SendRetrieve"):
-            return await self._submit(MailKind.RETRIEVE, message)
+            return await self._submit(MailKind.RETRIEVE, message, request)
 
-    async def GetStatus(self, message: StatusRequest) -> MailStatus:
+    async def GetStatus(self, message: StatusRequest, request: Any = None) -> MailStatus:
         with self._observed("GetStatus"):
-            record = await self._find(message.message_id)
+            record = await self._find(await self._status_id(message, request))
             return _status_message(record)
 
-    async def WatchStatus(self, message: StatusRequest) -> AsyncIterator[MailStatus]:
+    async def WatchStatus(
+        self, message: StatusRequest, request: Any = None
+    ) -> AsyncIterator[MailStatus]:
         """The current status, then each change, ending after a terminal state."""
         with self._observed("WatchStatus"):
-            record = await self._find(message.message_id)
+            record = await self._find(await self._status_id(message, request))
             yield _status_message(record)
             while not record.state.terminal:
                 await self._board.wait_for_change(record.message_id)
@@ -111,6 +159,31 @@ class MailerService(MailerServicer):  # type: ignore[misc]  # generated, untyped
                 if method in _SENDS:
                     self._metrics.accept_latency.observe(time.perf_counter() - started)
 
+    async def _status_id(self, message: StatusRequest, request: Any) -> str:
+        """The message_id a StatusRequest names, directly or by the caller's idempotency key."""
+        if not message.idempotency_key:
+            return str(message.message_id)
+        if message.message_id:
+            raise _rpc_error(
+                purerpc.StatusCode.INVALID_ARGUMENT,
+                "message_id, idempotency_key: expected one of the two, got both",
+            )
+        try:
+            key = validate_idempotency_key(message.idempotency_key)
+            assert key is not None
+            message_id = await self.admission.find(self._identify(_metadata(request)), key)
+        except InvalidRequest as exc:
+            raise _rpc_error(purerpc.StatusCode.INVALID_ARGUMENT, exc.message) from None
+        except OutboxError as exc:
+            log.error("cannot read the outbox: %s", exc)
+            raise _rpc_error(purerpc.StatusCode.UNAVAILABLE, "status unavailable") from None
+        if message_id is None:
+            raise _rpc_error(
+                purerpc.StatusCode.NOT_FOUND,
+                "idempotency_key: no mail from this caller with this key within the window",
+            )
+        return message_id
+
     async def _find(self, message_id: str) -> MailRecord:
         if not message_id or len(message_id) > MAX_MESSAGE_ID_CHARS:
             raise _rpc_error(
@@ -132,6 +205,13 @@ class MailerService(MailerServicer):  # type: ignore[misc]  # generated, untyped
             )
         return record
 
+    def _refused(self, kind: MailKind, to: str, refusal: Refusal) -> MsgReply:
+        # Without the code; the address masked.
+        log.info("refused %s mail to %s: %s", kind.value, mask(to), refusal.reason)
+        return MsgReply(
+            sent=False, reason=refusal.reason, retry_after_ms=retry_after_ms(refusal.retry_after_s)
+        )
+
     def _queue_full(self, kind: MailKind) -> MsgReply:
         self.refused_queue_full += 1
         # One line per second at most: a flood must not turn into a flood of log lines.
@@ -144,14 +224,19 @@ class MailerService(MailerServicer):  # type: ignore[misc]  # generated, untyped
             )
             self._last_full_log = now
         return MsgReply(
-            sent=False, reason=QUEUE_FULL_REASON, retry_after_ms=QUEUE_FULL_RETRY_AFTER_MS
+            sent=False,
+            reason=QUEUE_FULL_REASON,
+            retry_after_ms=retry_after_ms(self.admission.pace.next_place_s()),
         )
 
-    async def _submit(self, kind: MailKind, request: MsgRequest) -> MsgReply:
+    async def _submit(self, kind: MailKind, message: MsgRequest, request: Any) -> MsgReply:
         outcome = "internal"
         try:
-            reply = await self._accept(kind, request)
-            outcome = "accepted" if reply.sent else "queue_full"
+            reply, repeat = await self._admit(kind, message, request)
+            if repeat:
+                outcome = "repeat"
+            else:
+                outcome = "accepted" if reply.sent else _REFUSAL_OUTCOMES[reply.reason]
             return reply
         except purerpc.RpcFailedError as exc:
             outcome = _OUTCOMES.get(exc.status.status_code, "internal")
@@ -160,26 +245,69 @@ class MailerService(MailerServicer):  # type: ignore[misc]  # generated, untyped
             if self._metrics is not None:
                 self._metrics.requests.labels(_METHODS[kind], outcome).inc()
 
-    async def _accept(self, kind: MailKind, request: MsgRequest) -> MsgReply:
+    async def _admit(
+        self, kind: MailKind, message: MsgRequest, request: Any
+    ) -> tuple[MsgReply, bool]:
+        """The reply, and whether it repeats an earlier call's (same idempotency key)."""
         try:
             if self.draining:
                 raise ShuttingDown()
+            key = validate_idempotency_key(message.idempotency_key)
+            ticket = await self.admission.begin(
+                self._identify(_metadata(request)),
+                key,
+                payload_fingerprint(kind.value, [("to", message.to), ("code", message.code)]),
+                message.to,
+                wait_s=_deadline_s(request),
+            )
+        except MailerError as exc:
+            log.info("refused %s request: %s", kind.value, printable(exc.message))
+            raise _rpc_error(purerpc.StatusCode(exc.grpc_status.value), exc.message) from None
+        try:
+            reply = await self._accept(kind, message, ticket)
+        finally:
+            ticket.close()
+        return reply, ticket.repeat is not None
+
+    async def _refuse(
+        self, kind: MailKind, message: MsgRequest, ticket: Ticket, refusal: Refusal | None
+    ) -> MsgReply:
+        """A refusal; but a stored first call of the ticket's key answers instead."""
+        repeat = await ticket.stored_repeat()
+        if repeat is not None:
+            return _repeat_reply(repeat)
+        if refusal is None:
+            return self._queue_full(kind)
+        return self._refused(kind, message.to, refusal)
+
+    async def _accept(self, kind: MailKind, request: MsgRequest, ticket: Ticket) -> MsgReply:
+        try:
+            if ticket.repeat is not None:
+                return _repeat_reply(ticket.repeat)
+            refusal = ticket.refusal()
+            if refusal is not None:
+                return await self._refuse(kind, request, ticket, refusal)
             # Under overload most calls end here: refuse before the costly validation and
             # message building, so the flood leaves the sender the CPU (and the GIL).
             if self._queue.full():
-                return self._queue_full(kind)
+                return await self._refuse(kind, request, ticket, None)
             mail = self._composer.compose(kind, request.to, request.code, self._now())
             try:
                 self._queue.reserve_nowait()
             except trio.WouldBlock:
-                return self._queue_full(kind)
+                return await self._refuse(kind, request, ticket, None)
             record = MailRecord.accepted(mail, accepted_at_unix=self._wall_clock())
             try:
-                # Durable before the caller hears sent=true (with the file outbox).
-                await self.outbox.add(record)
+                # Durable before the caller hears sent=true (with the file outbox); the key and
+                # the rate-limit row are in the same commit.
+                await self.outbox.add(record, ticket.acceptance(mail.message_id))
+            except IdempotencyHit as hit:
+                self._queue.release()
+                return _repeat_reply(ticket.resolve(hit.entry))
             except BaseException:
                 self._queue.release()
                 raise
+            ticket.accepted(mail.message_id)
             self._board.track(record)
             self._queue.put_reserved(mail, accepted_at_s=trio.current_time())
         except OutboxError as exc:
@@ -204,6 +332,10 @@ class MailerService(MailerServicer):  # type: ignore[misc]  # generated, untyped
             raise _rpc_error(purerpc.StatusCode.INTERNAL, "internal error") from None
         log.debug("accepted %s mail %s", kind.value, mail.message_id)
         return MsgReply(sent=True, message_id=mail.message_id)
+
+
+def _repeat_reply(repeat: Repeat) -> MsgReply:
+    return MsgReply(sent=True, message_id=repeat.message_id)
 
 
 _STATE_NUMBERS = {
