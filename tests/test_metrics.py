@@ -205,3 +205,19 @@ async def test_promtool_accepts_the_exposition(start_harness) -> None:
             check=False,
         )
     assert (result.returncode, result.stdout + result.stderr) == (0, b"")
+
+
+def test_every_outcome_the_service_counts_is_pre_created() -> None:
+    """The outcome labels mailer_service can use are all in metrics.SEND_OUTCOMES."""
+    from trio_mailer.grpc import mailer_service
+    from trio_mailer.metrics import SEND_OUTCOMES
+
+    used = {
+        "accepted",
+        "repeat",
+        "internal",
+        "unauthenticated",
+        *mailer_service._OUTCOMES.values(),
+        *mailer_service._REFUSAL_OUTCOMES.values(),
+    }
+    assert used <= set(SEND_OUTCOMES)

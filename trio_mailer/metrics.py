@@ -53,7 +53,20 @@ disable_created_metrics()  # type: ignore[no-untyped-call]
 
 MAILER_SERVICE = "trio_mailer.v1.Mailer"
 # The known label values, pre-created at 0.
-SEND_OUTCOMES = ("accepted", "queue_full", "invalid", "unauthenticated", "unavailable", "internal")
+SEND_OUTCOMES = (
+    "accepted",
+    "repeat",  # answered from its idempotency key
+    "queue_full",
+    "recipient_rate_limited",
+    "caller_rate_limited",
+    "suppressed",
+    "invalid",
+    "idempotency_conflict",
+    "idempotency_busy",
+    "unauthenticated",
+    "unavailable",
+    "internal",
+)
 STATUS_OUTCOMES = ("ok", "not_found", "invalid", "unauthenticated", "unavailable", "internal")
 REQUEST_LABELS: dict[str, tuple[str, ...]] = {
     "SendPass": SEND_OUTCOMES,
@@ -73,6 +86,7 @@ GRPC_CODES = (
     "INVALID_ARGUMENT",
     "NOT_FOUND",
     "FAILED_PRECONDITION",
+    "ABORTED",
     "UNAUTHENTICATED",
     "UNAVAILABLE",
     "INTERNAL",
