@@ -81,6 +81,7 @@ OPEN_SERVICES = frozenset(
 
 PRUNE_INTERVAL_S = 600.0  # how often finished mails past the retention are dropped
 HEALTH_POLL_S = 0.25  # how soon a Watch sees the relay go down or come back
+SUPPRESSION_FLUSH_S = 2.0  # how long shutdown may spend storing the last suppressions
 
 EXIT_OK = 0
 EXIT_MAIL_LEFT_BEHIND = 1
@@ -461,6 +462,8 @@ class MailerApp:
                     waiters.cancel_scope.cancel()
             senders_scope.cancel()
             await senders_done.wait()
+            with trio.move_on_after(SUPPRESSION_FLUSH_S):
+                await self.admission.flush()  # the last failures' suppressions, if any
             nursery.cancel_scope.cancel()
 
         left_behind = self._left_behind()

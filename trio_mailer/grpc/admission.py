@@ -270,13 +270,15 @@ class AdmissionControl:
         if key is None:
             return ticket
         slot = (caller, key)
-        limit_s = KEY_WAIT_MAX_S if wait_s is None else max(0.0, wait_s)
-        with trio.move_on_after(limit_s) as waiting:
-            while (state := self._keys.get(slot)) is not None and state.message_id is None:
-                await state.done.wait()
-        if waiting.cancelled_caught:
-            raise KeyBusy()
-        ticket.now_unix = self.wall_clock()
+        state = self._keys.get(slot)
+        if state is not None and state.message_id is None:  # the first call is in flight
+            limit_s = KEY_WAIT_MAX_S if wait_s is None else max(0.0, wait_s)
+            with trio.move_on_after(limit_s) as waiting:
+                while (state := self._keys.get(slot)) is not None and state.message_id is None:
+                    await state.done.wait()
+            if waiting.cancelled_caught:
+                raise KeyBusy()
+            ticket.now_unix = self.wall_clock()
         if state is not None and state.created_at_unix > ticket.now_unix - self.window_s:
             assert state.message_id is not None
             self._keys.move_to_end(slot)
