@@ -60,7 +60,7 @@ async def test_status_with_or_without_brackets_prints_the_timestamps(
 ) -> None:
     """status takes the id either way and prints accepted_at/last_attempt_at/finished_at;
     health says SERVING and exits 0."""
-    with trio.fail_after(60):
+    with trio.fail_after(120):
         async with relay_and_service(relay_tls, ca_file, tmp_path) as (relay, _service, port):
             server = f"127.0.0.1:{port}"
             async with trio_mailer_client.open_mailer(server) as mailer:
@@ -95,7 +95,7 @@ async def test_health_exits_1_when_not_serving_or_unreachable(
     unknown service name and a service that is not there."""
     relay = CaptureSMTPServer(ssl_context=relay_tls)
     relay.add_fault(Fault("GREETING", reply="554 5.3.2 not now", times=-1))
-    with trio.fail_after(60):
+    with trio.fail_after(120):
         async with trio.open_nursery() as nursery:
             relay_port = await nursery.start(relay.serve, "127.0.0.1", 0)
             async with running_service(
