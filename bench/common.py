@@ -48,7 +48,9 @@ class Profile:
             repeat=2,
             egress_mails=300,
             egress_near_mails=60,
-            overload_warmup_s=0.3,
+            # Long enough for the flood to fill the queue (100) before the window opens, also
+            # on a loaded machine, now that a mail has two parts to build.
+            overload_warmup_s=1.0,
             overload_window_s=1.0,
             ingress_levels=(1, 16, 64),
             ingress_warmup_s=0.15,

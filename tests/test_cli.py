@@ -166,7 +166,8 @@ async def test_dev_captures_mail_sent_with_the_send_command(tmp_path: Path) -> N
     outbox = tmp_path / "captured"
     with trio.fail_after(60):
         env = subprocess_env(MAILER_SERVE_PORT="0", MAILER_METRICS_PORT="0")
-        async with start_service(["dev", "--outbox", str(outbox)], env, tmp_path) as service:
+        dev_args = ["dev", "--outbox", str(outbox), "--inbox-port", "0"]
+        async with start_service(dev_args, env, tmp_path) as service:
             port = int((await service.read_until(LISTENING)).group(1))
             send = [sys.executable, "-m", "trio_mailer", "send", "--server", f"127.0.0.1:{port}"]
             ok = await trio.run_process(

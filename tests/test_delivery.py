@@ -50,7 +50,9 @@ async def test_mail_arrives_over_implicit_tls_with_headers_and_body(start_harnes
             assert message["To"] == "user@example.com"
             assert message["From"] == "Acme <noreply@example.com>"
             assert message["Subject"] == "Your Acme password code"
-            assert "\n    739201\r\n" in message.get_content()
+            text = message.get_body(preferencelist=("plain",))
+            assert text is not None
+            assert "\n    739201\r\n" in text.get_content()
             assert "AUTH" in {verb for _, verb in h.relay.commands}
 
 
@@ -292,7 +294,7 @@ def _fields(config: object) -> dict[str, object]:
 
 
 class _BrokenComposer:
-    def compose(self, *args: object) -> object:
+    def compose(self, *args: object, **kwargs: object) -> object:
         raise RuntimeError("secret internal detail /etc/passwd")
 
 

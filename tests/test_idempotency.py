@@ -18,9 +18,9 @@ from trio_mailer.core.mail_lifecycle import MailRecord
 from trio_mailer.grpc.mailer_service import MailerService
 from trio_mailer.store.admission_tables import Acceptance
 from trio_mailer.store.outbox import MemoryOutbox, SqliteOutbox
-from trio_mailer.v1.mailer_pb2 import StatusRequest
+from trio_mailer.v1.mailer_pb2 import SendRequest, StatusRequest
 
-from .admission_helpers import as_caller, build_service, queued, refused_with, send
+from .admission_helpers import FakeCall, as_caller, build_service, queued, refused_with, send
 
 TIMEOUT_S = 20
 ROOT = Path(__file__).resolve().parent.parent  # the child imports tests.admission_helpers
@@ -256,3 +256,22 @@ async def test_kill_9_between_the_commit_and_the_answer_then_a_retry_makes_one_m
     assert len(stored) == 1  # the mail was stored, with its key...
     assert retry.sent and retry.message_id == stored[0].message_id  # ...so the retry gets it
     assert after == stored  # and nothing new
+
+
+async def test_send_takes_an_idempotency_key_too() -> None:
+    """Send (template + vars) uses the same rules: a repeat answers, other vars conflict."""
+    with trio.fail_after(TIMEOUT_S):
+        service = build_service()
+        request = SendRequest(
+            to="user@example.com", template="password", vars={"code": "1"}, idempotency_key=KEY
+        )
+        first = await service.Send(request, FakeCall())
+        again = await service.Send(request, FakeCall())
+        other = SendRequest(
+            to="user@example.com", template="password", vars={"code": "2"}, idempotency_key=KEY
+        )
+        with pytest.raises(purerpc.RpcFailedError) as info:
+            await service.Send(other, FakeCall())
+    assert first.sent and again == first
+    assert info.value.status.status_code == purerpc.StatusCode.FAILED_PRECONDITION
+    assert queued(service) == 1

@@ -813,7 +813,7 @@ def test_a_change_for_another_mail_is_a_value_error() -> None:
 @pytest.mark.parametrize(
     ("fields", "message"),
     [
-        ({"kind": "newsletter"}, "kind: expected one of"),
+        ({"kind": "News Letter"}, "kind: expected a template name"),
         ({"attempts": -1}, "attempts: expected 0 or more, got -1"),
         ({"state": MailState.DELIVERED}, "finished_at_unix: expected a time"),
         ({"finished_at_unix": T0}, "finished_at_unix: expected None for state queued"),
@@ -852,3 +852,24 @@ async def test_a_second_process_cannot_open_an_outbox_in_use(tmp_path: Path) -> 
             await first.aclose()
         again = await SqliteOutbox.open(path)  # free once the first is closed
         await again.aclose()
+
+
+async def test_a_mail_of_any_template_is_stored_and_resumed_as_built(tmp_path: Path) -> None:
+    """The outbox stores the built message and the template's name: a Send mail (any
+    template) and an old "password" row both come back unchanged after a reopen."""
+    path = tmp_path / "outbox.sqlite3"
+    welcome = attrs.evolve(queued(1), kind="welcome-2", data=b"Subject: hi\r\n\r\nbuilt\r\n")
+    legacy = queued(2)
+    assert legacy.kind == "password"
+    with trio.fail_after(TIMEOUT_S):
+        outbox = await SqliteOutbox.open(path)
+        await outbox.add(welcome)
+        await outbox.add(legacy)
+        await outbox.aclose()
+        outbox = await SqliteOutbox.open(path)
+        try:
+            resumed = await outbox.unfinished(after=None, limit=10)
+        finally:
+            await outbox.aclose()
+    assert [record.to_mail() for record in resumed] == [welcome.to_mail(), legacy.to_mail()]
+    assert resumed[0].to_mail().kind == "welcome-2"

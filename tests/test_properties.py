@@ -18,7 +18,7 @@ from hypothesis import strategies as st
 
 from trio_mailer.core.config import shipped_templates_dir
 from trio_mailer.core.errors import InvalidRequest
-from trio_mailer.core.message import EXPECTED_HEADERS, MailComposer
+from trio_mailer.core.message import EXPECTED_MULTIPART_HEADERS, EXPECTED_PART_HEADERS, MailComposer
 from trio_mailer.core.rendering import MailKind, MailTemplates
 
 NOW = datetime(2026, 11, 27, 12, 0, tzinfo=UTC)
@@ -93,15 +93,19 @@ def test_refused_or_exactly_one_safe_message(to: str, code: str, kind: MailKind)
         return
     parsed = email.message_from_bytes(mail.data, policy=email.policy.default)
     assert isinstance(parsed, email.message.EmailMessage)
-    assert sorted(name.lower() for name in parsed.keys()) == sorted(EXPECTED_HEADERS)
+    assert sorted(name.lower() for name in parsed.keys()) == sorted(EXPECTED_MULTIPART_HEADERS)
+    for part in parsed.iter_parts():
+        assert sorted(name.lower() for name in part.keys()) == sorted(EXPECTED_PART_HEADERS)
     assert [a.addr_spec for a in parsed["To"].addresses] == [to]
     assert mail.envelope_to == to
     # Unfolded (a long address may be folded onto a continuation line), To is the address.
     head = mail.data.split(b"\r\n\r\n", 1)[0]
     unfolded = head.replace(b"\r\n ", b" ").replace(b"\r\n\t", b" ").split(b"\r\n")
     assert f"To: {to}".encode() in unfolded
-    rendered = TEMPLATES.render(kind, {"code": code, "to": to, "service_name": "Acme"})
-    assert parsed.get_content().replace("\r\n", "\n") == rendered.body
+    rendered = TEMPLATES.render(kind, {"code": code}, builtins={"to": to, "service_name": "Acme"})
+    text, html = (part.get_content().replace("\r\n", "\n") for part in parsed.iter_parts())
+    assert text == rendered.text
+    assert html == rendered.html
     # No bare CR or LF anywhere: every line ends in CRLF.
     assert mail.data.replace(b"\r\n", b"").count(b"\n") == 0
     assert mail.data.replace(b"\r\n", b"").count(b"\r") == 0

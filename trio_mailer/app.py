@@ -35,7 +35,7 @@ from trio_mailer.core.config import Config, TlsMode
 from trio_mailer.core.health_decision import SenderStatistics, is_serving
 from trio_mailer.core.mail_lifecycle import MailRecord, MailState, OutboxError
 from trio_mailer.core.message import MailComposer
-from trio_mailer.core.rendering import MailTemplates
+from trio_mailer.core.rendering import MailTemplates, TemplateError
 from trio_mailer.core.retry_policy import ReconnectBackoff, RetryPolicy
 from trio_mailer.delivery.mail_queue import Delivery, MailQueue
 from trio_mailer.delivery.sender import (
@@ -188,7 +188,7 @@ class MailerApp:
             TemplateError: a template is missing or broken.
             TlsFileError: a certificate, key or CA file cannot be loaded (named).
         """
-        templates = MailTemplates.load(config.templates_dir)
+        templates = MailTemplates.load(config.templates_dir, config.default_locale)
         ssl_context = None
         if config.smtp_tls is TlsMode.NONE:
             log.warning(
@@ -222,6 +222,32 @@ class MailerApp:
                 config.serve_port,
             )
         return cls(config, templates, relay_connector(config, ssl_context), grpc_ssl_context)
+
+    def reload_templates(self) -> bool:
+        """Load and check the templates again (SIGHUP) and use them if they are all good.
+
+        A broken set is refused: every problem is logged at ERROR and the running templates
+        stay. Mails already accepted are unaffected either way (the outbox holds built messages).
+
+        Returns:
+            True when the new templates are in use.
+        """
+        try:
+            templates = MailTemplates.load(self.config.templates_dir, self.config.default_locale)
+        except TemplateError as exc:
+            log.error("templates not reloaded, keeping the running ones: %s", exc)
+            return False
+        except OSError as exc:
+            log.error("templates not reloaded, keeping the running ones: %s", exc)
+            return False
+        self.templates = templates
+        self.service.replace_templates(templates)
+        log.info(
+            "templates reloaded from %s: %s",
+            self.config.templates_dir,
+            ", ".join(f"{n} ({'/'.join(templates.locales(n))})" for n in templates.names()),
+        )
+        return True
 
     def authorize(self, service: str, method: str, metadata: Sequence[tuple[str, str]]) -> bool:
         """Bearer-token check for a call (when tokens are configured); health checks and

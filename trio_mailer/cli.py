@@ -1,4 +1,5 @@
-"""The ``trio-mailer`` command: ``serve``, ``dev``, ``send``, ``status`` and ``health``.
+"""The ``trio-mailer`` command: ``serve``, ``dev``, ``send``, ``status``, ``health`` and
+``render``.
 
 The only place that exits the process: ``main(argv)`` returns the exit status.
 0 success; 1 mail left behind at shutdown (serve, dev), a refused/failed call (send, status), or
@@ -16,7 +17,7 @@ import signal
 import ssl
 import sys
 from collections.abc import Awaitable, Callable, Mapping, Sequence
-from datetime import UTC
+from datetime import UTC, datetime
 from functools import partial
 from pathlib import Path
 
@@ -31,14 +32,32 @@ from trio_mailer.client import (
     list_suppressed,
     remove_suppressed,
     send,
+    send_template,
 )
 from trio_mailer.client import status as fetch_status
 from trio_mailer.core.call_policy import DEFAULT_TIMEOUT_S, normalise_message_id
-from trio_mailer.core.config import SETTINGS, ConfigError, load_config, parse_host_port
-from trio_mailer.core.errors import exception_leaves
+from trio_mailer.core.config import (
+    SETTINGS,
+    ConfigError,
+    load_config,
+    parse_host_port,
+    shipped_templates_dir,
+)
+from trio_mailer.core.errors import InvalidRequest, MessageBuildError, exception_leaves
 from trio_mailer.core.mail_lifecycle import OutboxError
-from trio_mailer.core.rendering import MailKind, TemplateError
+from trio_mailer.core.message import MailComposer
+from trio_mailer.core.rendering import (
+    DEFAULT_LOCALE,
+    SAMPLE_VALUE,
+    MailKind,
+    MailTemplates,
+    RenderError,
+    TemplateError,
+    sample_variables,
+)
 from trio_mailer.dev import environment as dev
+from trio_mailer.dev.inbox import DEFAULT_INBOX_PORT, Inbox, InboxApp
+from trio_mailer.dev.inbox_http import serve_http
 from trio_mailer.grpc.listener import BindError
 from trio_mailer.logs import configure_logging
 from trio_mailer.v1.mailer_pb2 import MailStatus
@@ -49,13 +68,18 @@ EXIT_START_FAILED = 2
 
 
 async def run_until_signalled(app: MailerApp) -> int:
-    """Run ``app``; the first SIGINT/SIGTERM starts the drain, a second one cuts it short."""
-    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+    """Run ``app``; the first SIGINT/SIGTERM starts the drain, a second one cuts it short;
+    SIGHUP reloads the templates (a broken set is refused and the running one kept)."""
+    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM, signal.SIGHUP) as signals:
         async with trio.open_nursery() as nursery:
 
             async def watch_signals() -> None:
                 received = 0
                 async for signum in signals:
+                    if signum == signal.SIGHUP:
+                        log.info("received SIGHUP: reloading the templates")
+                        app.reload_templates()
+                        continue
                     received += 1
                     log.info(
                         "received %s%s",
@@ -108,13 +132,27 @@ def _serve(args: argparse.Namespace) -> int:
 def _dev(args: argparse.Namespace) -> int:
     configure_logging()
     with dev.throwaway_tls() as tls:
-        return run_trio(_run_dev, tls, args.outbox.resolve())
+        return run_trio(_run_dev, tls, args.outbox.resolve(), args.inbox_port)
 
 
-async def _run_dev(tls: dev.DevTls, outbox: Path) -> int:
-    relay = dev.capture_relay(tls, outbox)
+async def _run_dev(tls: dev.DevTls, outbox: Path, inbox_port: int | None = None) -> int:
+    inbox = Inbox()
+    relay = dev.capture_relay(tls, outbox, on_mail=inbox.add)
     async with trio.open_nursery() as nursery:
         relay_port = await nursery.start(relay.serve, "127.0.0.1", 0)
+        if inbox_port is not None:
+            web = InboxApp(inbox)
+            try:
+                web.port = await nursery.start(serve_http, web, "127.0.0.1", inbox_port)
+            except OSError as exc:
+                print(
+                    f"trio-mailer: cannot serve the dev inbox on 127.0.0.1:{inbox_port}: {exc} "
+                    "(choose another with --inbox-port)",
+                    file=sys.stderr,
+                )
+                nursery.cancel_scope.cancel()
+                return EXIT_START_FAILED
+            log.info("dev: web inbox on http://127.0.0.1:%d/", web.port)
         app = build_app(dev.relay_env(os.environ, relay_port, tls, outbox))
         if app is None:
             nursery.cancel_scope.cancel()
@@ -166,26 +204,69 @@ def _target(command: str, args: argparse.Namespace) -> _Target | None:
     return _Target(host, port, ssl_context, token)
 
 
+def _parse_vars(command: str, pairs: Sequence[str]) -> dict[str, str] | None:
+    """``["k=v", ...]`` as a dict, or None after printing what is wrong."""
+    variables: dict[str, str] = {}
+    for pair in pairs:
+        name, sep, value = pair.partition("=")
+        if not sep or not name:
+            print(
+                f"trio-mailer {command}: --var: expected NAME=VALUE, got {pair!r}", file=sys.stderr
+            )
+            return None
+        variables[name] = value
+    return variables
+
+
 def _send(args: argparse.Namespace) -> int:
     target = _target("send", args)
     if target is None:
         return EXIT_START_FAILED
-    kind = MailKind.PASSWORD if args.kind == "pass" else MailKind.RETRIEVE
+    variables = _parse_vars("send", args.var)
+    if variables is None:
+        return EXIT_START_FAILED
     try:
-        reply = trio.run(
-            partial(
-                send,
-                token=target.token,
-                ssl_context=target.ssl_context,
-                idempotency_key=args.idempotency_key,
-                timeout_s=args.timeout,
-            ),
-            target.host,
-            target.port,
-            kind,
-            args.to,
-            args.code,
-        )
+        if args.template is not None:
+            if args.code is not None:
+                variables.setdefault("code", args.code)
+            reply = trio.run(
+                partial(
+                    send_template,
+                    locale=args.locale,
+                    idempotency_key=args.idempotency_key or "",
+                    timeout_s=args.timeout,
+                    token=target.token,
+                    ssl_context=target.ssl_context,
+                ),
+                target.host,
+                target.port,
+                args.template,
+                args.to,
+                variables,
+            )
+        else:
+            if args.code is None or variables:
+                print(
+                    "trio-mailer send: --code is required (or --template with --var NAME=VALUE)",
+                    file=sys.stderr,
+                )
+                return EXIT_START_FAILED
+            kind = MailKind.PASSWORD if args.kind == "pass" else MailKind.RETRIEVE
+            reply = trio.run(
+                partial(
+                    send,
+                    locale=args.locale,
+                    token=target.token,
+                    ssl_context=target.ssl_context,
+                    idempotency_key=args.idempotency_key or "",
+                    timeout_s=args.timeout,
+                ),
+                target.host,
+                target.port,
+                kind,
+                args.to,
+                args.code,
+            )
     except SendFailed as exc:
         print(f"error: {exc.status}: {exc.detail}", file=sys.stderr)
         return 1
@@ -355,15 +436,27 @@ def _parser() -> argparse.ArgumentParser:
     dev_cmd.add_argument(
         "--outbox", type=Path, default=Path("outbox"), help="where captured mails go (./outbox)"
     )
+    dev_cmd.add_argument(
+        "--inbox-port",
+        type=_port_or_off,
+        default=DEFAULT_INBOX_PORT,
+        help=f"the web inbox's port on 127.0.0.1 ({DEFAULT_INBOX_PORT}; 0: any free port; "
+        "off: no inbox)",
+    )
     dev_cmd.set_defaults(run=_dev)
     send_cmd = commands.add_parser("send", help="ask a running service to send a mail")
     send_cmd.add_argument("--to", required=True, help="recipient address")
-    send_cmd.add_argument("--code", required=True, help="the code the mail carries")
+    send_cmd.add_argument("--code", help="the code the mail carries (SendPass/SendRetrieve)")
     send_cmd.add_argument("--kind", choices=["pass", "retrieve"], default="pass")
     send_cmd.add_argument(
         "--idempotency-key",
         help="the key of this send (default: a fresh one, reused by its retries)",
     )
+    send_cmd.add_argument("--template", help="send this template with Send (instead of --kind)")
+    send_cmd.add_argument(
+        "--var", action="append", default=[], metavar="NAME=VALUE", help="a template variable"
+    )
+    send_cmd.add_argument("--locale", default="", help="the mail's language, e.g. ru or pt-BR")
     _client_options(send_cmd)
     send_cmd.set_defaults(run=_send)
     status_cmd = commands.add_parser("status", help="where a mail stands, by its Message-ID")
@@ -394,7 +487,94 @@ def _parser() -> argparse.ArgumentParser:
     for action in (list_cmd, remove_cmd):
         _client_options(action)
     suppressed_cmd.set_defaults(run=_suppressed)
+    render_cmd = commands.add_parser(
+        "render", help="print a rendered mail without sending it (templates from MAILER_*)"
+    )
+    render_cmd.add_argument("template", help="the template's name, e.g. password")
+    render_cmd.add_argument("--locale", default="", help="e.g. ru or pt-BR (falls back)")
+    render_cmd.add_argument(
+        "--var",
+        action="append",
+        default=[],
+        metavar="NAME=VALUE",
+        help="a variable; those not given get sample values",
+    )
+    render_cmd.add_argument("--to", default="user@example.com", help="the recipient shown")
+    shown = render_cmd.add_mutually_exclusive_group()
+    shown.add_argument("--text", dest="part", action="store_const", const="text", help="text part")
+    shown.add_argument("--html", dest="part", action="store_const", const="html", help="html part")
+    shown.add_argument(
+        "--eml", dest="part", action="store_const", const="eml", help="the whole message (.eml)"
+    )
+    render_cmd.set_defaults(run=_render, part="summary")
     return parser
+
+
+def _port_or_off(text: str) -> int | None:
+    if text == "off":
+        return None
+    try:
+        port = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a port 0-65535 or off, got {text!r}") from None
+    if not 0 <= port <= 65535:
+        raise argparse.ArgumentTypeError(f"expected a port 0-65535 or off, got {text!r}")
+    return port
+
+
+def _render(args: argparse.Namespace) -> int:
+    """Render a template as the service would, from the same MAILER_* settings."""
+    env = dict(os.environ)
+    try:
+        templates = MailTemplates.load(
+            Path(env.get("MAILER_TEMPLATES_DIR") or shipped_templates_dir()),
+            env.get("MAILER_DEFAULT_LOCALE") or DEFAULT_LOCALE,
+        )
+    except TemplateError as exc:
+        print(f"trio-mailer: {exc}", file=sys.stderr)
+        return EXIT_START_FAILED
+    variables = _parse_vars("render", args.var)
+    if variables is None:
+        return EXIT_START_FAILED
+    service_name = env.get("MAILER_SERVICENAME") or "trio-mailer"
+    try:
+        required = templates.requires(args.template)
+        for name in sorted(required - variables.keys()):
+            print(f"trio-mailer render: {name} not given, using {SAMPLE_VALUE!r}", file=sys.stderr)
+        variables = {**sample_variables(required), **variables}
+        composer = MailComposer(templates, env.get("MAILER_FROM") or dev.DEV_FROM, service_name)
+        mail = composer.compose_template(
+            args.template, args.to, variables, datetime.now(UTC), locale=args.locale
+        )
+        rendered = templates.render(
+            args.template,
+            variables,
+            locale=args.locale,
+            builtins={"to": args.to, "service_name": service_name},
+        )
+    except InvalidRequest as exc:
+        print(f"trio-mailer render: {exc.message}", file=sys.stderr)
+        return 1
+    except (RenderError, MessageBuildError) as exc:
+        print(f"trio-mailer render: cannot render: {exc}", file=sys.stderr)
+        return 1
+    if args.part == "eml":
+        sys.stdout.buffer.write(mail.data)
+    elif args.part == "html":
+        if rendered.html is None:
+            print(f"trio-mailer render: {args.template} has no html part", file=sys.stderr)
+            return 1
+        sys.stdout.write(rendered.html)
+    elif args.part == "text":
+        sys.stdout.write(rendered.text)
+    else:
+        sys.stdout.write(
+            f"Template: {args.template} (locale {rendered.locale})\n"
+            f"Subject: {rendered.subject}\n"
+            f"Parts: text{' + html' if rendered.html is not None else ''}\n\n{rendered.text}"
+        )
+    sys.stdout.flush()
+    return 0
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import random
 import ssl
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from contextlib import AsyncExitStack, aclosing, asynccontextmanager
 from pathlib import Path
 from typing import Any, TypeVar
@@ -33,6 +33,7 @@ from trio_mailer.v1.mailer_pb2 import (
     MsgReply,
     MsgRequest,
     RemoveSuppressedRequest,
+    SendRequest,
     StatusRequest,
     SuppressedAddress,
 )
@@ -96,6 +97,7 @@ async def send(
     to: str,
     code: str,
     *,
+    locale: str = "",
     token: str | None = None,
     ssl_context: ssl.SSLContext | None = None,
     idempotency_key: str | None = None,
@@ -106,11 +108,49 @@ async def send(
     Raises:
         SendFailed: with the gRPC status name and its message.
     """
-    request = MsgRequest(to=to, code=code, idempotency_key=idempotency_key or new_idempotency_key())
+    request = MsgRequest(
+        to=to, code=code, locale=locale, idempotency_key=idempotency_key or new_idempotency_key()
+    )
 
     async def call(stub: MailerStub, metadata: Metadata) -> MsgReply:
         method = stub.SendPass if kind is MailKind.PASSWORD else stub.SendRetrieve
         reply: MsgReply = await method(request, metadata=metadata)
+        return reply
+
+    return await with_retries(
+        lambda: _call(host, port, call, token=token, ssl_context=ssl_context), timeout_s
+    )
+
+
+async def send_template(
+    host: str,
+    port: int,
+    template: str,
+    to: str,
+    variables: Mapping[str, str],
+    *,
+    locale: str = "",
+    token: str | None = None,
+    ssl_context: ssl.SSLContext | None = None,
+    idempotency_key: str = "",
+    timeout_s: float = DEFAULT_TIMEOUT_S,
+) -> MsgReply:
+    """Ask the service at ``host:port`` for a mail from ``template`` (the ``Send`` call),
+    retrying within ``timeout_s`` with one idempotency key, as ``send`` does.
+
+    Raises:
+        SendFailed: with the gRPC status name and its message.
+    """
+    request = SendRequest(
+        to=to,
+        template=template,
+        vars=dict(variables),
+        locale=locale,
+        idempotency_key=idempotency_key or new_idempotency_key(),
+    )
+
+    async def call(stub: MailerStub, metadata: Metadata) -> MsgReply:
+        reply: MsgReply = await stub.Send(request, metadata=metadata)
         return reply
 
     return await with_retries(

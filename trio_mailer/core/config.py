@@ -22,6 +22,7 @@ from trio_mailer.core.caller_auth import TokenSet, is_loopback
 from trio_mailer.core.errors import InvalidRequest
 from trio_mailer.core.mail_lifecycle import default_outbox_path
 from trio_mailer.core.rate_limits import RateLimit
+from trio_mailer.core.rendering import DEFAULT_LOCALE, validate_locale
 from trio_mailer.core.validation import reject_unsafe_header_text, validate_address
 
 T = TypeVar("T")
@@ -174,6 +175,13 @@ def _directory(text: str) -> Path:
 
 def _text(text: str) -> str:
     return text
+
+
+def _locale(text: str) -> str:
+    try:
+        return validate_locale("MAILER_DEFAULT_LOCALE", text)
+    except InvalidRequest as exc:
+        raise _Refused(exc.message) from None
 
 
 def _service_name(text: str) -> str:
@@ -375,6 +383,8 @@ SETTINGS: tuple[Setting, ...] = (
             "an extra CA bundle (PEM) to trust for the relay's certificate"),
     Setting("MAILER_TEMPLATES_DIR", "templates_dir", _UNSET, _directory,
             "a directory with the mail templates (default: the shipped ones)"),
+    Setting("MAILER_DEFAULT_LOCALE", "default_locale", DEFAULT_LOCALE, _locale,
+            "the language of mail/<name>.msg, and the last locale fallback"),
     Setting("MAILER_SMTP_TIMEOUT_S", "smtp_timeout_s", 30.0, _seconds_between(0, 3600),
             "timeout of each SMTP socket operation"),
     Setting("MAILER_SERVE_HOST", "serve_host", "127.0.0.1", _text,
@@ -462,6 +472,7 @@ class Config:
     serve_port: int = default("serve_port")
     queue_size: int = default("queue_size")
     templates_dir: Path = attrs.field(factory=shipped_templates_dir)
+    default_locale: str = default("default_locale")
     shutdown_grace_s: float = default("shutdown_grace_s")
     retry_base_s: float = default("retry_base_s")
     retry_max_s: float = default("retry_max_s")
@@ -498,6 +509,7 @@ class Config:
             f"service_name={self.service_name!r} listen={self.serve_host}:{self.serve_port} "
             f"queue_size={self.queue_size} smtp_timeout_s={self.smtp_timeout_s:g} "
             f"shutdown_grace_s={self.shutdown_grace_s:g} templates={self.templates_dir} "
+            f"default_locale={self.default_locale} "
             f"retry_base_s={self.retry_base_s:g} retry_max_s={self.retry_max_s:g} "
             f"max_attempts={self.max_attempts} message_ttl_s={self.message_ttl_s:g} "
             f"retry_capacity={self.retry_capacity} smtp_sessions={self.smtp_sessions} "

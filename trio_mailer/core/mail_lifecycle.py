@@ -36,9 +36,7 @@ import attrs
 
 from trio_mailer.core.errors import GrpcStatus
 from trio_mailer.core.message import OutgoingMail
-from trio_mailer.core.rendering import MailKind
-
-MAIL_KINDS = frozenset(kind.value for kind in MailKind)
+from trio_mailer.core.rendering import TEMPLATE_NAME
 
 
 class MailState(enum.Enum):
@@ -77,8 +75,11 @@ def _not_negative(_: object, attribute: attrs.Attribute[int], value: int) -> Non
 
 
 def _mail_kind(_: object, attribute: attrs.Attribute[str], value: str) -> None:
-    if value not in MAIL_KINDS:
-        raise ValueError(f"{attribute.name}: expected one of {sorted(MAIL_KINDS)}, got {value!r}")
+    # Any template name: files written before templates were open-ended hold "password" or
+    # "retrieve", which still match. The stored ``data`` is the built message, so a mail is
+    # resent as it was accepted even if the templates have changed since.
+    if not isinstance(value, str) or not TEMPLATE_NAME.fullmatch(value):
+        raise ValueError(f"{attribute.name}: expected a template name, got {value!r}")
 
 
 @attrs.frozen
@@ -86,7 +87,7 @@ class MailRecord:
     """One stored mail: everything needed to resume its delivery and to answer a status query."""
 
     message_id: str  # with angle brackets, as in the Message-ID header
-    kind: str = attrs.field(validator=_mail_kind)  # a MailKind value: "password" or "retrieve"
+    kind: str = attrs.field(validator=_mail_kind)  # the template name: "password", "retrieve", ...
     envelope_from: str
     envelope_to: str
     data: bytes = attrs.field(repr=False)  # the serialized message; never logged
@@ -112,7 +113,7 @@ class MailRecord:
         """The record of a mail just accepted: queued, no attempt yet."""
         return cls(
             message_id=mail.message_id,
-            kind=mail.kind.value,
+            kind=str(mail.kind),
             envelope_from=mail.envelope_from,
             envelope_to=mail.envelope_to,
             data=mail.data,
@@ -130,7 +131,7 @@ class MailRecord:
         """The mail to hand to the sender again (after a restart)."""
         return OutgoingMail(
             message_id=self.message_id,
-            kind=MailKind(self.kind),
+            kind=self.kind,
             envelope_from=self.envelope_from,
             envelope_to=self.envelope_to,
             data=self.data,

@@ -300,6 +300,7 @@ class CaptureSMTPServer:
             test's seeded random failures); None means no fault.
         pipelining: advertise RFC 2920 PIPELINING in EHLO (commands are handled in order either
             way; `pipelined_commands` counts those that came batched).
+        on_mail: called with each mail as it is recorded (the dev web inbox listens here).
 
     Raises:
         ValueError: `tls_mode` is unknown, or needs an `ssl_context` that is missing.
@@ -322,6 +323,7 @@ class CaptureSMTPServer:
         history_limit: int | None = None,
         chaos: Callable[[str], Fault | None] | None = None,
         pipelining: bool = False,
+        on_mail: Callable[[ReceivedMail], None] | None = None,
     ) -> None:
         if tls_mode not in TLS_MODES:
             raise ValueError(f"tls_mode: expected one of {', '.join(TLS_MODES)}, got {tls_mode!r}")
@@ -345,6 +347,7 @@ class CaptureSMTPServer:
         self._history_limit = history_limit
         self._chaos = chaos
         self._pipelining = pipelining
+        self._on_mail = on_mail
         self.pipelined_commands = 0
         """Commands that arrived with the next one already buffered behind them."""
 
@@ -827,6 +830,8 @@ class CaptureSMTPServer:
             file_name or "-",
         )
         self._mail_arrived.unpark_all()
+        if self._on_mail is not None:
+            self._on_mail(mail)
 
     async def _noop(self, session: _Session, argument: str, fault: Fault | None) -> None:
         await self._send(session, _resolve("250 2.0.0 Ok", fault)[0])

@@ -13,14 +13,14 @@ import logging
 import secrets
 import ssl
 import tempfile
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
 
 import attrs
 import trustme
 
-from trio_mailer.dev.capture_relay import CaptureSMTPServer
+from trio_mailer.dev.capture_relay import CaptureSMTPServer, ReceivedMail
 
 DEV_USER = "dev"
 DEV_FROM = "noreply@example.com"
@@ -47,7 +47,9 @@ def throwaway_tls() -> Iterator[DevTls]:
         yield DevTls(server_context, ca_file, secrets.token_urlsafe(16))
 
 
-def capture_relay(tls: DevTls, outbox: Path) -> CaptureSMTPServer:
+def capture_relay(
+    tls: DevTls, outbox: Path, on_mail: Callable[[ReceivedMail], None] | None = None
+) -> CaptureSMTPServer:
     return CaptureSMTPServer(
         ssl_context=tls.server_context,
         tls_mode="implicit",
@@ -56,6 +58,7 @@ def capture_relay(tls: DevTls, outbox: Path) -> CaptureSMTPServer:
         outbox_dir=outbox,
         log=logging.getLogger("trio_mailer.dev.relay"),
         history_limit=1000,  # the dev relay may run for days: keep memory bounded
+        on_mail=on_mail,  # the web inbox
     )
 
 

@@ -16,6 +16,7 @@ from contextlib import contextmanager
 from datetime import UTC, datetime
 from typing import Any
 
+import attrs
 import purerpc
 import trio
 from google.protobuf.timestamp_pb2 import Timestamp
@@ -24,9 +25,9 @@ from trio_mailer.core.addresses import mask
 from trio_mailer.core.errors import InvalidRequest, MailerError, MessageBuildError, ShuttingDown
 from trio_mailer.core.idempotency import payload_fingerprint, validate_idempotency_key
 from trio_mailer.core.mail_lifecycle import MailRecord, MailState, OutboxError
-from trio_mailer.core.message import MailComposer
+from trio_mailer.core.message import MailComposer, OutgoingMail
 from trio_mailer.core.rate_limits import retry_after_ms
-from trio_mailer.core.rendering import MailKind, RenderError
+from trio_mailer.core.rendering import MailKind, MailTemplates, RenderError
 from trio_mailer.delivery.mail_queue import MailQueue
 from trio_mailer.grpc.admission import (
     CALLER_LIMITED,
@@ -43,7 +44,13 @@ from trio_mailer.store.admission_tables import IdempotencyHit
 from trio_mailer.store.outbox import MemoryOutbox, Outbox
 from trio_mailer.store.status_board import StatusBoard
 from trio_mailer.v1.mailer_grpc import MailerServicer
-from trio_mailer.v1.mailer_pb2 import MailStatus, MsgReply, MsgRequest, StatusRequest
+from trio_mailer.v1.mailer_pb2 import (
+    MailStatus,
+    MsgReply,
+    MsgRequest,
+    SendRequest,
+    StatusRequest,
+)
 
 log = logging.getLogger(__name__)
 
@@ -51,6 +58,7 @@ QUEUE_FULL_REASON = "queue full"
 MAX_MESSAGE_ID_CHARS = 256
 _METHODS = {MailKind.PASSWORD: "SendPass", MailKind.RETRIEVE: "SendRetrieve"}
 _SENDS = frozenset(_METHODS.values())
+_TEMPLATE_IN_LOG_CHARS = 64  # a caller's template name, in a log line, is cut to this
 _OUTCOMES = {
     purerpc.StatusCode.INVALID_ARGUMENT: "invalid",
     purerpc.StatusCode.UNAVAILABLE: "unavailable",
@@ -81,6 +89,19 @@ def _metadata(request: Any) -> Sequence[tuple[str, str]]:
 def _deadline_s(request: Any) -> float | None:
     timeout = None if request is None else getattr(request, "timeout", None)
     return None if timeout is None else float(timeout.total_seconds())
+
+
+@attrs.frozen
+class _Call:
+    """One send call, whatever its RPC: what admission and the log need, and how to build it."""
+
+    method: str  # for the metrics
+    kind: str  # for the log
+    to: str
+    key: str  # idempotency_key as sent
+    fingerprint_fields: tuple[tuple[str, str], ...]
+    compose: Callable[[datetime], OutgoingMail]
+    request: Any  # purerpc's call (headers, deadline), or None
 
 
 def _rpc_error(status: purerpc.StatusCode, message: str) -> purerpc.RpcFailedError:
@@ -118,13 +139,62 @@ class MailerService(MailerServicer):  # type: ignore[misc]  # generated, untyped
         self.refused_queue_full = 0
         self._last_full_log = -math.inf
 
+    @property
+    def templates(self) -> MailTemplates:
+        return self._composer.templates
+
+    def replace_templates(self, templates: MailTemplates) -> None:
+        """Use ``templates`` from the next request on (a reload; they were checked already)."""
+        self._composer = attrs.evolve(self._composer, templates=templates)
+
+    async def Send(self, message: SendRequest, request: Any = None) -> MsgReply:
+        def compose(now: datetime) -> OutgoingMail:
+            return self._composer.compose_template(
+                message.template, message.to, dict(message.vars), now, locale=message.locale
+            )
+
+        fields = (
+            ("template", message.template),
+            ("to", message.to),
+            ("locale", message.locale),
+            *sorted(message.vars.items()),
+        )
+        call = _Call(
+            "Send",
+            printable(message.template[:_TEMPLATE_IN_LOG_CHARS]),
+            message.to,
+            message.idempotency_key,
+            fields,
+            compose,
+            request,
+        )
+        return await self._submit(call)
+
     async def SendPass(self, message: MsgRequest, request: Any = None) -> MsgReply:
         with self._observed("SendPass"):
-            return await self._submit(MailKind.PASSWORD, message, request)
+            return await self._submit_code(MailKind.PASSWORD, message, request)
 
     async def SendRetrieve(self, message: MsgRequest, request: Any = None) -> MsgReply:
         with self._observed("SendRetrieve"):
-            return await self._submit(MailKind.RETRIEVE, message, request)
+            return await self._submit_code(MailKind.RETRIEVE, message, request)
+
+    async def _submit_code(self, kind: MailKind, message: MsgRequest, request: Any) -> MsgReply:
+        def compose(now: datetime) -> OutgoingMail:
+            return self._composer.compose(
+                kind, message.to, message.code, now, locale=message.locale
+            )
+
+        fields = (("to", message.to), ("code", message.code), ("locale", message.locale))
+        call = _Call(
+            _METHODS[kind],
+            kind.value,
+            message.to,
+            message.idempotency_key,
+            fields,
+            compose,
+            request,
+        )
+        return await self._submit(call)
 
     async def GetStatus(self, message: StatusRequest, request: Any = None) -> MailStatus:
         with self._observed("GetStatus"):
@@ -205,21 +275,21 @@ class MailerService(MailerServicer):  # type: ignore[misc]  # generated, untyped
             )
         return record
 
-    def _refused(self, kind: MailKind, to: str, refusal: Refusal) -> MsgReply:
+    def _refused(self, kind: str, to: str, refusal: Refusal) -> MsgReply:
         # Without the code; the address masked.
-        log.info("refused %s mail to %s: %s", kind.value, mask(to), refusal.reason)
+        log.info("refused %s mail to %s: %s", kind, mask(to), refusal.reason)
         return MsgReply(
             sent=False, reason=refusal.reason, retry_after_ms=retry_after_ms(refusal.retry_after_s)
         )
 
-    def _queue_full(self, kind: MailKind) -> MsgReply:
+    def _queue_full(self, kind: str) -> MsgReply:
         self.refused_queue_full += 1
         # One line per second at most: a flood must not turn into a flood of log lines.
         now = time.monotonic()
         if now - self._last_full_log >= 1.0:
             log.warning(
                 "refusing %s mail: queue full (%d refused so far)",
-                kind.value,
+                kind,
                 self.refused_queue_full,
             )
             self._last_full_log = now
@@ -229,10 +299,10 @@ class MailerService(MailerServicer):  # type: ignore[misc]  # generated, untyped
             retry_after_ms=retry_after_ms(self.admission.pace.next_place_s()),
         )
 
-    async def _submit(self, kind: MailKind, message: MsgRequest, request: Any) -> MsgReply:
+    async def _submit(self, call: _Call) -> MsgReply:
         outcome = "internal"
         try:
-            reply, repeat = await self._admit(kind, message, request)
+            reply, repeat = await self._admit(call)
             if repeat:
                 outcome = "repeat"
             else:
@@ -243,59 +313,60 @@ class MailerService(MailerServicer):  # type: ignore[misc]  # generated, untyped
             raise
         finally:
             if self._metrics is not None:
-                self._metrics.requests.labels(_METHODS[kind], outcome).inc()
+                self._metrics.requests.labels(call.method, outcome).inc()
 
-    async def _admit(
-        self, kind: MailKind, message: MsgRequest, request: Any
-    ) -> tuple[MsgReply, bool]:
+    async def _admit(self, call: _Call) -> tuple[MsgReply, bool]:
         """The reply, and whether it repeats an earlier call's (same idempotency key)."""
+        kind = call.kind
         try:
             if self.draining:
                 raise ShuttingDown()
-            key = validate_idempotency_key(message.idempotency_key)
+            if not call.key and self._queue.full():
+                # The flood's path: nothing to look up, nothing to count, nothing to build.
+                return self._queue_full(kind), False
+            key = validate_idempotency_key(call.key)
             ticket = await self.admission.begin(
-                self._identify(_metadata(request)),
+                self._identify(_metadata(call.request)),
                 key,
-                payload_fingerprint(kind.value, [("to", message.to), ("code", message.code)]),
-                message.to,
-                wait_s=_deadline_s(request),
+                payload_fingerprint(call.method, call.fingerprint_fields),
+                call.to,
+                wait_s=_deadline_s(call.request),
             )
         except MailerError as exc:
-            log.info("refused %s request: %s", kind.value, printable(exc.message))
+            log.info("refused %s request: %s", kind, printable(exc.message))
             raise _rpc_error(purerpc.StatusCode(exc.grpc_status.value), exc.message) from None
         try:
-            reply = await self._accept(kind, message, ticket)
+            reply = await self._accept(call, ticket)
         finally:
             ticket.close()
         return reply, ticket.repeat is not None
 
-    async def _refuse(
-        self, kind: MailKind, message: MsgRequest, ticket: Ticket, refusal: Refusal | None
-    ) -> MsgReply:
+    async def _refuse(self, call: _Call, ticket: Ticket, refusal: Refusal | None) -> MsgReply:
         """A refusal; but a stored first call of the ticket's key answers instead."""
         repeat = await ticket.stored_repeat()
         if repeat is not None:
             return _repeat_reply(repeat)
         if refusal is None:
-            return self._queue_full(kind)
-        return self._refused(kind, message.to, refusal)
+            return self._queue_full(call.kind)
+        return self._refused(call.kind, call.to, refusal)
 
-    async def _accept(self, kind: MailKind, request: MsgRequest, ticket: Ticket) -> MsgReply:
+    async def _accept(self, call: _Call, ticket: Ticket) -> MsgReply:
+        kind = call.kind
         try:
             if ticket.repeat is not None:
                 return _repeat_reply(ticket.repeat)
             refusal = ticket.refusal()
             if refusal is not None:
-                return await self._refuse(kind, request, ticket, refusal)
+                return await self._refuse(call, ticket, refusal)
             # Under overload most calls end here: refuse before the costly validation and
             # message building, so the flood leaves the sender the CPU (and the GIL).
             if self._queue.full():
-                return await self._refuse(kind, request, ticket, None)
-            mail = self._composer.compose(kind, request.to, request.code, self._now())
+                return await self._refuse(call, ticket, None)
+            mail = call.compose(self._now())
             try:
                 self._queue.reserve_nowait()
             except trio.WouldBlock:
-                return await self._refuse(kind, request, ticket, None)
+                return await self._refuse(call, ticket, None)
             record = MailRecord.accepted(mail, accepted_at_unix=self._wall_clock())
             try:
                 # Durable before the caller hears sent=true (with the file outbox); the key and
@@ -311,7 +382,7 @@ class MailerService(MailerServicer):  # type: ignore[misc]  # generated, untyped
             self._board.track(record)
             self._queue.put_reserved(mail, accepted_at_s=trio.current_time())
         except OutboxError as exc:
-            log.error("cannot store a %s mail: %s", kind.value, exc)
+            log.error("cannot store a %s mail: %s", kind, exc)
             raise _rpc_error(
                 purerpc.StatusCode.UNAVAILABLE, "cannot store the mail right now; try again later"
             ) from None
@@ -319,18 +390,18 @@ class MailerService(MailerServicer):  # type: ignore[misc]  # generated, untyped
             log.error("message failed its safety check: %s", printable(exc.detail))
             raise _rpc_error(purerpc.StatusCode.INTERNAL, exc.message) from None
         except MailerError as exc:
-            log.info("refused %s request: %s", kind.value, printable(exc.message))
+            log.info("refused %s request: %s", kind, printable(exc.message))
             raise _rpc_error(purerpc.StatusCode(exc.grpc_status.value), exc.message) from None
         except RenderError as exc:
-            log.warning("rendering failed for a %s request: %s", kind.value, printable(str(exc)))
+            log.warning("rendering failed for a %s request: %s", kind, printable(str(exc)))
             raise _rpc_error(
                 purerpc.StatusCode.INVALID_ARGUMENT,
                 "request: the values cannot be rendered into the mail",
             ) from None
         except Exception:
-            log.exception("unexpected error while accepting a %s mail", kind.value)
+            log.exception("unexpected error while accepting a %s mail", kind)
             raise _rpc_error(purerpc.StatusCode.INTERNAL, "internal error") from None
-        log.debug("accepted %s mail %s", kind.value, mail.message_id)
+        log.debug("accepted %s mail %s", kind, mail.message_id)
         return MsgReply(sent=True, message_id=mail.message_id)
 
 

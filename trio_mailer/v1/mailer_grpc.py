@@ -4,6 +4,9 @@ import google.protobuf.timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
 class MailerServicer(purerpc.Servicer):
+    async def Send(self, input_message):
+        raise NotImplementedError()
+
     async def SendPass(self, input_message):
         raise NotImplementedError()
 
@@ -20,6 +23,15 @@ class MailerServicer(purerpc.Servicer):
     def service(self) -> purerpc.Service:
         service_obj = purerpc.Service(
             "trio_mailer.v1.Mailer"
+        )
+        service_obj.add_method(
+            "Send",
+            self.Send,
+            purerpc.RPCSignature(
+                purerpc.Cardinality.UNARY_UNARY,
+                trio_mailer_dot_v1_dot_mailer__pb2.SendRequest,
+                trio_mailer_dot_v1_dot_mailer__pb2.MsgReply,
+            )
         )
         service_obj.add_method(
             "SendPass",
@@ -65,6 +77,14 @@ class MailerStub:
         self._client = purerpc.Client(
             "trio_mailer.v1.Mailer",
             channel
+        )
+        self.Send = self._client.get_method_stub(
+            "Send",
+            purerpc.RPCSignature(
+                purerpc.Cardinality.UNARY_UNARY,
+                trio_mailer_dot_v1_dot_mailer__pb2.SendRequest,
+                trio_mailer_dot_v1_dot_mailer__pb2.MsgReply,
+            )
         )
         self.SendPass = self._client.get_method_stub(
             "SendPass",

@@ -25,35 +25,41 @@ _sym_db = _symbol_database.Default()
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1btrio_mailer/v1/mailer.proto\x12\x0etrio_mailer.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"?\n\nMsgRequest\x12\n\n\x02to\x18\x01 \x01(\t\x12\x0c\n\x04\x63ode\x18\x02 \x01(\t\x12\x17\n\x0fidempotency_key\x18\x03 \x01(\t\"T\n\x08MsgReply\x12\x0c\n\x04sent\x18\x01 \x01(\x08\x12\x12\n\nmessage_id\x18\x02 \x01(\t\x12\x0e\n\x06reason\x18\x03 \x01(\t\x12\x16\n\x0eretry_after_ms\x18\x04 \x01(\r\"<\n\rStatusRequest\x12\x12\n\nmessage_id\x18\x01 \x01(\t\x12\x17\n\x0fidempotency_key\x18\x02 \x01(\t\"\xb9\x03\n\nMailStatus\x12\x12\n\nmessage_id\x18\x01 \x01(\t\x12/\n\x05state\x18\x02 \x01(\x0e\x32 .trio_mailer.v1.MailStatus.State\x12\x10\n\x08\x61ttempts\x18\x03 \x01(\r\x12\x17\n\x0flast_reply_code\x18\x04 \x01(\r\x12\x17\n\x0flast_reply_text\x18\x05 \x01(\t\x12/\n\x0b\x61\x63\x63\x65pted_at\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x33\n\x0flast_attempt_at\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12/\n\x0b\x66inished_at\x18\x08 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x1a\n\x12possible_duplicate\x18\t \x01(\x08\"o\n\x05State\x12\x15\n\x11STATE_UNSPECIFIED\x10\x00\x12\n\n\x06QUEUED\x10\x01\x12\x0b\n\x07SENDING\x10\x02\x12\x0e\n\nRETRY_WAIT\x10\x03\x12\r\n\tDELIVERED\x10\x04\x12\n\n\x06\x46\x41ILED\x10\x05\x12\x0b\n\x07\x45XPIRED\x10\x06\"\x17\n\x15ListSuppressedRequest\"\xb6\x01\n\x11SuppressedAddress\x12\x0f\n\x07\x61\x64\x64ress\x18\x01 \x01(\t\x12)\n\x05since\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12)\n\x05until\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x12\n\nreply_code\x18\x04 \x01(\r\x12\x12\n\nreply_text\x18\x05 \x01(\t\x12\x12\n\nmessage_id\x18\x06 \x01(\t\"K\n\x13ListSuppressedReply\x12\x34\n\taddresses\x18\x01 \x03(\x0b\x32!.trio_mailer.v1.SuppressedAddress\"*\n\x17RemoveSuppressedRequest\x12\x0f\n\x07\x61\x64\x64ress\x18\x01 \x01(\t\"(\n\x15RemoveSuppressedReply\x12\x0f\n\x07removed\x18\x01 \x01(\x08\x32\xa4\x02\n\x06Mailer\x12@\n\x08SendPass\x12\x1a.trio_mailer.v1.MsgRequest\x1a\x18.trio_mailer.v1.MsgReply\x12\x44\n\x0cSendRetrieve\x12\x1a.trio_mailer.v1.MsgRequest\x1a\x18.trio_mailer.v1.MsgReply\x12\x46\n\tGetStatus\x12\x1d.trio_mailer.v1.StatusRequest\x1a\x1a.trio_mailer.v1.MailStatus\x12J\n\x0bWatchStatus\x12\x1d.trio_mailer.v1.StatusRequest\x1a\x1a.trio_mailer.v1.MailStatus0\x01\x32\xcf\x01\n\x0bMailerAdmin\x12\\\n\x0eListSuppressed\x12%.trio_mailer.v1.ListSuppressedRequest\x1a#.trio_mailer.v1.ListSuppressedReply\x12\x62\n\x10RemoveSuppressed\x12\'.trio_mailer.v1.RemoveSuppressedRequest\x1a%.trio_mailer.v1.RemoveSuppressedReplyb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1btrio_mailer/v1/mailer.proto\x12\x0etrio_mailer.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"O\n\nMsgRequest\x12\n\n\x02to\x18\x01 \x01(\t\x12\x0c\n\x04\x63ode\x18\x02 \x01(\t\x12\x17\n\x0fidempotency_key\x18\x03 \x01(\t\x12\x0e\n\x06locale\x18\x04 \x01(\t\"\xb6\x01\n\x0bSendRequest\x12\n\n\x02to\x18\x01 \x01(\t\x12\x10\n\x08template\x18\x02 \x01(\t\x12\x33\n\x04vars\x18\x03 \x03(\x0b\x32%.trio_mailer.v1.SendRequest.VarsEntry\x12\x0e\n\x06locale\x18\x04 \x01(\t\x12\x17\n\x0fidempotency_key\x18\x05 \x01(\t\x1a+\n\tVarsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"T\n\x08MsgReply\x12\x0c\n\x04sent\x18\x01 \x01(\x08\x12\x12\n\nmessage_id\x18\x02 \x01(\t\x12\x0e\n\x06reason\x18\x03 \x01(\t\x12\x16\n\x0eretry_after_ms\x18\x04 \x01(\r\"<\n\rStatusRequest\x12\x12\n\nmessage_id\x18\x01 \x01(\t\x12\x17\n\x0fidempotency_key\x18\x02 \x01(\t\"\xb9\x03\n\nMailStatus\x12\x12\n\nmessage_id\x18\x01 \x01(\t\x12/\n\x05state\x18\x02 \x01(\x0e\x32 .trio_mailer.v1.MailStatus.State\x12\x10\n\x08\x61ttempts\x18\x03 \x01(\r\x12\x17\n\x0flast_reply_code\x18\x04 \x01(\r\x12\x17\n\x0flast_reply_text\x18\x05 \x01(\t\x12/\n\x0b\x61\x63\x63\x65pted_at\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x33\n\x0flast_attempt_at\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12/\n\x0b\x66inished_at\x18\x08 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x1a\n\x12possible_duplicate\x18\t \x01(\x08\"o\n\x05State\x12\x15\n\x11STATE_UNSPECIFIED\x10\x00\x12\n\n\x06QUEUED\x10\x01\x12\x0b\n\x07SENDING\x10\x02\x12\x0e\n\nRETRY_WAIT\x10\x03\x12\r\n\tDELIVERED\x10\x04\x12\n\n\x06\x46\x41ILED\x10\x05\x12\x0b\n\x07\x45XPIRED\x10\x06\"\x17\n\x15ListSuppressedRequest\"\xb6\x01\n\x11SuppressedAddress\x12\x0f\n\x07\x61\x64\x64ress\x18\x01 \x01(\t\x12)\n\x05since\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12)\n\x05until\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x12\n\nreply_code\x18\x04 \x01(\r\x12\x12\n\nreply_text\x18\x05 \x01(\t\x12\x12\n\nmessage_id\x18\x06 \x01(\t\"K\n\x13ListSuppressedReply\x12\x34\n\taddresses\x18\x01 \x03(\x0b\x32!.trio_mailer.v1.SuppressedAddress\"*\n\x17RemoveSuppressedRequest\x12\x0f\n\x07\x61\x64\x64ress\x18\x01 \x01(\t\"(\n\x15RemoveSuppressedReply\x12\x0f\n\x07removed\x18\x01 \x01(\x08\x32\xe3\x02\n\x06Mailer\x12=\n\x04Send\x12\x1b.trio_mailer.v1.SendRequest\x1a\x18.trio_mailer.v1.MsgReply\x12@\n\x08SendPass\x12\x1a.trio_mailer.v1.MsgRequest\x1a\x18.trio_mailer.v1.MsgReply\x12\x44\n\x0cSendRetrieve\x12\x1a.trio_mailer.v1.MsgRequest\x1a\x18.trio_mailer.v1.MsgReply\x12\x46\n\tGetStatus\x12\x1d.trio_mailer.v1.StatusRequest\x1a\x1a.trio_mailer.v1.MailStatus\x12J\n\x0bWatchStatus\x12\x1d.trio_mailer.v1.StatusRequest\x1a\x1a.trio_mailer.v1.MailStatus0\x01\x32\xcf\x01\n\x0bMailerAdmin\x12\\\n\x0eListSuppressed\x12%.trio_mailer.v1.ListSuppressedRequest\x1a#.trio_mailer.v1.ListSuppressedReply\x12\x62\n\x10RemoveSuppressed\x12\'.trio_mailer.v1.RemoveSuppressedRequest\x1a%.trio_mailer.v1.RemoveSuppressedReplyb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'trio_mailer.v1.mailer_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
+  _globals['_SENDREQUEST_VARSENTRY']._loaded_options = None
+  _globals['_SENDREQUEST_VARSENTRY']._serialized_options = b'8\001'
   _globals['_MSGREQUEST']._serialized_start=80
-  _globals['_MSGREQUEST']._serialized_end=143
-  _globals['_MSGREPLY']._serialized_start=145
-  _globals['_MSGREPLY']._serialized_end=229
-  _globals['_STATUSREQUEST']._serialized_start=231
-  _globals['_STATUSREQUEST']._serialized_end=291
-  _globals['_MAILSTATUS']._serialized_start=294
-  _globals['_MAILSTATUS']._serialized_end=735
-  _globals['_MAILSTATUS_STATE']._serialized_start=624
-  _globals['_MAILSTATUS_STATE']._serialized_end=735
-  _globals['_LISTSUPPRESSEDREQUEST']._serialized_start=737
-  _globals['_LISTSUPPRESSEDREQUEST']._serialized_end=760
-  _globals['_SUPPRESSEDADDRESS']._serialized_start=763
-  _globals['_SUPPRESSEDADDRESS']._serialized_end=945
-  _globals['_LISTSUPPRESSEDREPLY']._serialized_start=947
-  _globals['_LISTSUPPRESSEDREPLY']._serialized_end=1022
-  _globals['_REMOVESUPPRESSEDREQUEST']._serialized_start=1024
-  _globals['_REMOVESUPPRESSEDREQUEST']._serialized_end=1066
-  _globals['_REMOVESUPPRESSEDREPLY']._serialized_start=1068
-  _globals['_REMOVESUPPRESSEDREPLY']._serialized_end=1108
-  _globals['_MAILER']._serialized_start=1111
-  _globals['_MAILER']._serialized_end=1403
-  _globals['_MAILERADMIN']._serialized_start=1406
-  _globals['_MAILERADMIN']._serialized_end=1613
+  _globals['_MSGREQUEST']._serialized_end=159
+  _globals['_SENDREQUEST']._serialized_start=162
+  _globals['_SENDREQUEST']._serialized_end=344
+  _globals['_SENDREQUEST_VARSENTRY']._serialized_start=301
+  _globals['_SENDREQUEST_VARSENTRY']._serialized_end=344
+  _globals['_MSGREPLY']._serialized_start=346
+  _globals['_MSGREPLY']._serialized_end=430
+  _globals['_STATUSREQUEST']._serialized_start=432
+  _globals['_STATUSREQUEST']._serialized_end=492
+  _globals['_MAILSTATUS']._serialized_start=495
+  _globals['_MAILSTATUS']._serialized_end=936
+  _globals['_MAILSTATUS_STATE']._serialized_start=825
+  _globals['_MAILSTATUS_STATE']._serialized_end=936
+  _globals['_LISTSUPPRESSEDREQUEST']._serialized_start=938
+  _globals['_LISTSUPPRESSEDREQUEST']._serialized_end=961
+  _globals['_SUPPRESSEDADDRESS']._serialized_start=964
+  _globals['_SUPPRESSEDADDRESS']._serialized_end=1146
+  _globals['_LISTSUPPRESSEDREPLY']._serialized_start=1148
+  _globals['_LISTSUPPRESSEDREPLY']._serialized_end=1223
+  _globals['_REMOVESUPPRESSEDREQUEST']._serialized_start=1225
+  _globals['_REMOVESUPPRESSEDREQUEST']._serialized_end=1267
+  _globals['_REMOVESUPPRESSEDREPLY']._serialized_start=1269
+  _globals['_REMOVESUPPRESSEDREPLY']._serialized_end=1309
+  _globals['_MAILER']._serialized_start=1312
+  _globals['_MAILER']._serialized_end=1667
+  _globals['_MAILERADMIN']._serialized_start=1670
+  _globals['_MAILERADMIN']._serialized_end=1877
 # @@protoc_insertion_point(module_scope)

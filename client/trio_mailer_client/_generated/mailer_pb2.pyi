@@ -11,14 +11,37 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class MsgRequest(_message.Message):
-    __slots__ = ("to", "code", "idempotency_key")
+    __slots__ = ("to", "code", "idempotency_key", "locale")
     TO_FIELD_NUMBER: _ClassVar[int]
     CODE_FIELD_NUMBER: _ClassVar[int]
     IDEMPOTENCY_KEY_FIELD_NUMBER: _ClassVar[int]
+    LOCALE_FIELD_NUMBER: _ClassVar[int]
     to: str
     code: str
     idempotency_key: str
-    def __init__(self, to: _Optional[str] = ..., code: _Optional[str] = ..., idempotency_key: _Optional[str] = ...) -> None: ...
+    locale: str
+    def __init__(self, to: _Optional[str] = ..., code: _Optional[str] = ..., idempotency_key: _Optional[str] = ..., locale: _Optional[str] = ...) -> None: ...
+
+class SendRequest(_message.Message):
+    __slots__ = ("to", "template", "vars", "locale", "idempotency_key")
+    class VarsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: str
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
+    TO_FIELD_NUMBER: _ClassVar[int]
+    TEMPLATE_FIELD_NUMBER: _ClassVar[int]
+    VARS_FIELD_NUMBER: _ClassVar[int]
+    LOCALE_FIELD_NUMBER: _ClassVar[int]
+    IDEMPOTENCY_KEY_FIELD_NUMBER: _ClassVar[int]
+    to: str
+    template: str
+    vars: _containers.ScalarMap[str, str]
+    locale: str
+    idempotency_key: str
+    def __init__(self, to: _Optional[str] = ..., template: _Optional[str] = ..., vars: _Optional[_Mapping[str, str]] = ..., locale: _Optional[str] = ..., idempotency_key: _Optional[str] = ...) -> None: ...
 
 class MsgReply(_message.Message):
     __slots__ = ("sent", "message_id", "reason", "retry_after_ms")
