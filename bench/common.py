@@ -41,6 +41,9 @@ class Profile:
     e2e_slow_burst_mails: int  # against the slow one
     e2e_paced_s: float  # how long the paced (latency) phase submits
     e2e_paced_fraction: float  # paced rate, as a fraction of one session's burst throughput
+    attack_s: float = 4.0  # how long each attack (bench/attacks.py) floods
+    attack_settle_s: float = 2.0  # after it, before RSS "after" is read
+    attack_baseline_s: float = 5.0  # the unattacked probe
 
     @classmethod
     def quick(cls) -> Profile:
@@ -59,6 +62,9 @@ class Profile:
             e2e_slow_burst_mails=60,
             e2e_paced_s=0.8,
             e2e_paced_fraction=0.5,
+            attack_s=0.8,
+            attack_settle_s=0.3,
+            attack_baseline_s=1.0,
         )
 
     @classmethod

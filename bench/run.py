@@ -27,12 +27,12 @@ if __package__ in (None, ""):
 
 import attrs
 
-from bench import admission, e2e, egress, ingress, overload
+from bench import admission, attacks, e2e, egress, ingress, overload
 from bench.common import BenchError, Profile, TlsFiles
 from bench.procs import SinkProcess
 from bench.stats import Section
 
-SECTIONS = ("egress", "overload", "ingress", "e2e", "admission")
+SECTIONS = ("egress", "overload", "ingress", "e2e", "attacks", "admission")
 EXIT_OK = 0
 EXIT_FAILED = 1
 EXIT_USAGE = 2
@@ -74,6 +74,7 @@ RUNNERS: dict[str, Callable[[Fixtures], Section]] = {
         f.profile, f.tls, f.sink(pipelining=True), f.log_dir
     ),
     "ingress": lambda f: ingress.run_section(f.profile, f.tls, f.log_dir),
+    "attacks": lambda f: attacks.run_section(f.profile, f.tls, f.log_dir),
     "admission": lambda f: admission.run_section(f.profile, f.tls, f.log_dir),
     "e2e": lambda f: e2e.run_section(
         f.profile,

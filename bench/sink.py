@@ -1,8 +1,9 @@
 """A fast SMTP sink over implicit TLS, run in its own process: the relay every benchmark talks to.
 
-Why not ``trio_mailer.dev.capture_relay``: that server is written for faults and inspection, on
-Trio, and would share the benchmark's GIL. This one is plain ``selectors`` over non-blocking
-``ssl`` sockets, stdlib only, so that it is never the bottleneck and never the thing measured.
+Why not ``trio_mailer.dev.capture_relay``: that server is written for capture and inspection
+(and for the tests' fault-scripting subclass), on Trio, and would share the benchmark's GIL.
+This one is plain ``selectors`` over non-blocking ``ssl`` sockets, stdlib only, so that it is
+never the bottleneck and never the thing measured.
 
 Theory of operation
 -------------------

@@ -24,7 +24,7 @@ from trio_mailer.grpc.reflection_service import reflection_services
 from trio_mailer.v1 import mailer_pb2
 from trio_mailer.v1.mailer_grpc import MailerServicer
 
-from .conftest import subprocess_env
+from .helpers import subprocess_env
 
 CLIENT = Path(__file__).with_name("grpc_std_client.py")
 MAILER = "trio_mailer.v1.Mailer"

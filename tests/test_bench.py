@@ -14,10 +14,10 @@ from pathlib import Path
 
 import pytest
 
-from .conftest import subprocess_env
+from .helpers import subprocess_env
 
 ROOT = Path(__file__).resolve().parent.parent
-SECTIONS = ("egress", "overload", "ingress", "e2e", "admission")
+SECTIONS = ("egress", "overload", "ingress", "e2e", "attacks", "admission")
 TIMEOUT_S = 360  # a loaded 2-core machine; quick takes well under a minute when idle
 
 

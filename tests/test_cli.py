@@ -7,87 +7,17 @@ import re
 import signal
 import socket
 import ssl
-import subprocess
 import sys
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
 from pathlib import Path
 
-import attrs
 import trio
 
 from trio_mailer.client import open_channel
-from trio_mailer.dev.capture_relay import CaptureSMTPServer, Fault
 from trio_mailer.v1.mailer_grpc import MailerStub
 from trio_mailer.v1.mailer_pb2 import MsgRequest
 
-from .conftest import relay_env, subprocess_env
-
-LISTENING = re.compile(rb"listening on 127\.0\.0\.1:(\d+)")
-
-
-@attrs.define
-class Service:
-    """A ``python -m trio_mailer`` child process and everything it wrote to stderr so far."""
-
-    process: trio.Process
-    stderr: bytearray = attrs.Factory(bytearray)
-
-    async def read_until(self, pattern: re.Pattern[bytes]) -> re.Match[bytes]:
-        """Read stderr until ``pattern`` matches (or the process closes it)."""
-        assert self.process.stderr is not None
-        while (match := pattern.search(self.stderr)) is None:
-            chunk = await self.process.stderr.receive_some()
-            if not chunk:
-                raise AssertionError(f"stderr ended without {pattern.pattern!r}:\n{self.text}")
-            self.stderr += chunk
-        return match
-
-    async def finish(self) -> int:
-        """Wait for exit, collecting the rest of stderr."""
-        assert self.process.stderr is not None
-        while chunk := await self.process.stderr.receive_some():
-            self.stderr += chunk
-        return await self.process.wait()
-
-    @property
-    def text(self) -> str:
-        return self.stderr.decode(errors="replace")
-
-
-@asynccontextmanager
-async def start_service(args: list[str], env: dict[str, str], cwd: Path) -> AsyncIterator[Service]:
-    """Run ``python -m trio_mailer ARGS``; killed on the way out if the test left it running."""
-    process = await trio.lowlevel.open_process(
-        [sys.executable, "-m", "trio_mailer", *args],
-        env=env,
-        cwd=cwd,
-        stdin=subprocess.DEVNULL,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-    )
-    try:
-        yield Service(process)
-    finally:
-        with trio.CancelScope(shield=True):
-            if process.returncode is None:
-                process.kill()
-                await process.wait()
-            assert process.stderr is not None
-            await process.stderr.aclose()
-
-
-async def serve_until_it_exits(env: dict[str, str], cwd: Path) -> tuple[int, str]:
-    """Run ``serve`` that is expected to stop by itself; its exit status and stderr."""
-    with trio.fail_after(30):
-        result = await trio.run_process(
-            [sys.executable, "-m", "trio_mailer", "serve"],
-            env=env,
-            cwd=cwd,
-            capture_stderr=True,
-            check=False,
-        )
-    return result.returncode, result.stderr.decode()
+from .fakes.fault_relay import Fault, FaultRelay
+from .helpers import LISTENING, relay_env, serve_until_it_exits, start_service, subprocess_env
 
 
 def assert_quiet_shutdown(text: str) -> None:
@@ -100,7 +30,7 @@ async def test_sigterm_drains_the_queue_and_exits_0(
     relay_tls: ssl.SSLContext, ca_file: Path, tmp_path: Path
 ) -> None:
     """SIGTERM: queued mail is delivered within the grace period, QUIT, exit 0, no traceback."""
-    relay = CaptureSMTPServer(ssl_context=relay_tls)
+    relay = FaultRelay(ssl_context=relay_tls)
     relay.add_fault(Fault("DOT", delay_s=0.2, reply="250 2.0.0 queued", times=-1))
     with trio.fail_after(30):
         async with trio.open_nursery() as nursery:
@@ -251,9 +181,7 @@ async def test_json_logs_of_a_full_run_hold_no_secrets(
 ) -> None:
     """MAILER_LOG_FORMAT=json: every line is one JSON object; the password and code never appear."""
     password, code = "relay-Pa55-word-Xy9", "CODE-918273"
-    relay = CaptureSMTPServer(
-        ssl_context=relay_tls, credentials=("bot", password), require_auth=True
-    )
+    relay = FaultRelay(ssl_context=relay_tls, credentials=("bot", password), require_auth=True)
     with trio.fail_after(30):
         async with trio.open_nursery() as nursery:
             relay_port = await nursery.start(relay.serve, "127.0.0.1", 0)
@@ -285,3 +213,48 @@ async def test_json_logs_of_a_full_run_hold_no_secrets(
     assert delivered[0]["message_id"] == reply.message_id
     assert password not in service.text and code not in service.text
     assert len(relay.received) == 1 and code.encode() in relay.received[0].data
+
+
+async def _silent_server(task_status: trio.TaskStatus[int]) -> None:
+    """Accepts TCP connections and never says a word (loopback only)."""
+    listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
+    task_status.started(listeners[0].socket.getsockname()[1])
+    held: list[trio.SocketStream] = []
+
+    async def hold(stream: trio.SocketStream) -> None:
+        held.append(stream)
+        await trio.sleep_forever()
+
+    await trio.serve_listeners(hold, listeners)
+
+
+async def test_send_and_status_to_a_port_that_never_speaks_time_out_with_exit_1() -> None:
+    """Issue 10 item 9: `send` and `status` against a silent port: a clear DEADLINE_EXCEEDED and
+    a non-zero exit after --timeout-s, instead of waiting forever."""
+    with trio.fail_after(60):
+        async with trio.open_nursery() as nursery:
+            port = await nursery.start(_silent_server)
+            for command in (
+                ["send", "--to", "user@example.com", "--code", "1"],
+                ["status", "<x@example.com>"],
+            ):
+                result = await trio.run_process(
+                    [
+                        sys.executable,
+                        "-m",
+                        "trio_mailer",
+                        command[0],
+                        "--server",
+                        f"127.0.0.1:{port}",
+                        "--timeout-s",
+                        "0.5",
+                        *command[1:],
+                    ],
+                    capture_stderr=True,
+                    check=False,
+                )
+                assert result.returncode == 1, result.stderr
+                assert result.stderr.decode() == (
+                    f"error: DEADLINE_EXCEEDED: no reply from 127.0.0.1:{port} within 0.5s\n"
+                )
+            nursery.cancel_scope.cancel()

@@ -17,11 +17,10 @@ import trustme
 import trio_mailer_client
 from trio_mailer.cli import main
 from trio_mailer.core.config import SETTINGS
-from trio_mailer.dev.capture_relay import CaptureSMTPServer, Fault
 
-from .conftest import relay_env, subprocess_env
+from .fakes.fault_relay import Fault, FaultRelay
+from .helpers import FAST, relay_env, subprocess_env
 from .test_client_package import relay_and_service, running_service
-from .test_faults import FAST
 
 
 async def cli(*args: str) -> trio.CompletedProcess[bytes]:
@@ -93,7 +92,7 @@ async def test_health_exits_1_when_not_serving_or_unreachable(
 ) -> None:
     """NOT_SERVING (the relay has been refusing past the threshold) exits 1, as does an
     unknown service name and a service that is not there."""
-    relay = CaptureSMTPServer(ssl_context=relay_tls)
+    relay = FaultRelay(ssl_context=relay_tls)
     relay.add_fault(Fault("GREETING", reply="554 5.3.2 not now", times=-1))
     with trio.fail_after(120):
         async with trio.open_nursery() as nursery:

@@ -12,13 +12,12 @@ import pytest
 import trio
 
 import trio_mailer_client
-from trio_mailer.dev.capture_relay import CaptureSMTPServer, Fault
 from trio_mailer_client import Accepted, MailerError, MailState, Refused
 from trio_mailer_client._bridge import await_future
 from trio_mailer_client._generated import mailer_pb2
 
-from .conftest import relay_env, subprocess_env
-from .test_cli import LISTENING, Service, start_service
+from .fakes.fault_relay import Fault, FaultRelay
+from .helpers import LISTENING, Service, relay_env, start_service, subprocess_env
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -37,8 +36,8 @@ async def running_service(
 @asynccontextmanager
 async def relay_and_service(
     relay_tls: ssl.SSLContext, ca_file: Path, cwd: Path, **env: str
-) -> AsyncIterator[tuple[CaptureSMTPServer, Service, int]]:
-    relay = CaptureSMTPServer(ssl_context=relay_tls)
+) -> AsyncIterator[tuple[FaultRelay, Service, int]]:
+    relay = FaultRelay(ssl_context=relay_tls)
     async with trio.open_nursery() as nursery:
         relay_port = await nursery.start(relay.serve, "127.0.0.1", 0)
         async with running_service(relay_port, ca_file, cwd, **env) as (service, port):
@@ -100,7 +99,7 @@ async def test_the_client_waits_out_a_restart_and_the_relay_gets_one_mail(
 ) -> None:
     """The service goes away and comes back on the same port while a send is retrying: the
     same channel reconnects, the call succeeds within its timeout, and one mail goes out."""
-    relay = CaptureSMTPServer(ssl_context=relay_tls)
+    relay = FaultRelay(ssl_context=relay_tls)
     outbox = str(tmp_path / "outbox.sqlite3")
     with trio.fail_after(90):
         async with trio.open_nursery() as nursery:
@@ -147,7 +146,7 @@ async def test_a_repeat_with_the_same_key_after_a_restart_sends_nothing_new(
 ) -> None:
     """The caller's retry with the key of an accepted send, after a restart: the first reply
     comes back and the relay gets one mail."""
-    relay = CaptureSMTPServer(ssl_context=relay_tls)
+    relay = FaultRelay(ssl_context=relay_tls)
     outbox = str(tmp_path / "outbox.sqlite3")
     key = trio_mailer_client.new_idempotency_key()
     replies = []

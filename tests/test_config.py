@@ -30,6 +30,7 @@ def test_minimal_config_gets_the_documented_defaults() -> None:
     assert config == Config(
         relay_host="smtp.example.com",
         relay_port=465,
+        relays=(("smtp.example.com", 465),),
         smtp_tls=TlsMode.IMPLICIT,
         mail_from="noreply@example.com",
         service_name="trio-mailer",
@@ -44,7 +45,7 @@ def test_minimal_config_gets_the_documented_defaults() -> None:
         shutdown_grace_s=10.0,
         retry_base_s=1.0,
         retry_max_s=60.0,
-        max_attempts=8,
+        max_attempts=1000,
         message_ttl_s=600.0,
         retry_capacity=100,
         smtp_sessions=1,
@@ -163,7 +164,7 @@ def test_all_problems_are_reported_together() -> None:
         "MAILER_SHUTDOWN_GRACE_S: expected a number of seconds, at least 0 and at most 3600, "
         "got '-1'",
         "MAILER_RETRY_MAX_S: expected at least MAILER_RETRY_BASE_S (10), got 5",
-        "MAILER_MAX_ATTEMPTS: expected a whole number from 1 to 100, got '0'",
+        "MAILER_MAX_ATTEMPTS: expected a whole number from 1 to 1000000, got '0'",
         "MAILER_MESSAGE_TTL_S: expected a number of seconds, more than 0 and at most 604800, "
         "got 'forever'",
         "MAILER_RETRY_CAPACITY: expected a whole number from 1 to 100000, got '-1'",

@@ -12,13 +12,18 @@ import pytest
 import trio
 
 from trio_mailer.client import open_channel
-from trio_mailer.dev.capture_relay import CaptureSMTPServer, Fault
 from trio_mailer.v1.mailer_grpc import MailerStub
 from trio_mailer.v1.mailer_pb2 import MsgRequest
 
-from .conftest import relay_env, subprocess_env
-from .test_cli import LISTENING, serve_until_it_exits, start_service
-from .test_faults import message_ids
+from .fakes.fault_relay import Fault, FaultRelay
+from .helpers import (
+    LISTENING,
+    message_ids,
+    relay_env,
+    serve_until_it_exits,
+    start_service,
+    subprocess_env,
+)
 
 MAILS = 300  # "a few hundred"
 
@@ -42,7 +47,7 @@ async def test_kill_9_then_restart_delivers_every_accepted_mail(
     relay_tls: ssl.SSLContext, ca_file: Path, tmp_path: Path, moment: str
 ) -> None:
     """The service is killed at a bad moment; started again, it delivers what it accepted."""
-    relay = CaptureSMTPServer(ssl_context=relay_tls)
+    relay = FaultRelay(ssl_context=relay_tls)
     relay.add_fault(Fault("DOT", delay_s=0.005, reply="250 2.0.0 queued", times=-1))
     if moment == "during backoff":
         relay.add_fault(Fault("RCPT", reply="451 4.7.1 later", times=-1))

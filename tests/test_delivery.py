@@ -14,10 +14,10 @@ import purerpc
 import pytest
 import trio
 
-from trio_mailer.dev.capture_relay import Fault
 from trio_mailer.v1.mailer_pb2 import MsgRequest
 
-from .conftest import Harness
+from .fakes.fault_relay import Fault
+from .helpers import Harness
 
 
 def parsed(data: bytes) -> email.message.EmailMessage:
@@ -199,10 +199,14 @@ async def test_mail_left_at_shutdown_is_logged_by_message_id(
             ids = [await send_pass(h, code=str(n)) for n in range(3)]
             assert await h.shutdown() == 1
     errors = [r.getMessage() for r in caplog.records if r.levelno == logging.ERROR]
-    assert errors == [
-        f"not delivered at shutdown: {message_id} (attempts=0, last reply: none); "
-        "lost (in-memory outbox)"
-        for message_id in ids
+    assert errors[0].startswith("relay check failed: cannot connect")  # at start-up
+    left = [e for e in errors if e.startswith("not delivered at shutdown")]
+    refused = f"cannot connect to 127.0.0.1:{free_port}: Connection refused"
+    assert left == [
+        f"not delivered at shutdown: {message_id} (attempts=0, last reply: "
+        + (f"relay unavailable: {refused}" if n == 0 else "none")
+        + "); lost (in-memory outbox)"
+        for n, message_id in enumerate(ids)
     ]
 
 

@@ -31,7 +31,7 @@ import pytest
 from trio_mailer.core.config import shipped_templates_dir
 from trio_mailer.v1.mailer_pb2 import MsgReply, SendRequest
 
-from .conftest import subprocess_env
+from .helpers import subprocess_env
 
 CHROMIUM = os.environ.get("MAILER_TEST_CHROMIUM", "/usr/bin/chromium")
 ARTIFACTS = Path(__file__).resolve().parent.parent / "test-artifacts"

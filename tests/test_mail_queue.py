@@ -128,3 +128,44 @@ async def test_leftovers_are_the_retries_and_the_queued() -> None:
     queue.close()
     assert ids(queue.take_leftovers()) == ["<1@x.example>", "<2@x.example>"]
     assert queue.statistics().queued == 0 and queue.statistics().retry_waiting == 0
+
+
+async def test_start_up_recovery_does_not_take_a_place_a_call_reserved() -> None:
+    """Issue 10 item 6: a call holding a reservation still finds its place; recovery waits."""
+    from trio_mailer.delivery.mail_queue import Delivery
+
+    queue = MailQueue.open(capacity=1, retry_capacity=5)
+    queue.reserve_nowait()
+    recovered = trio.Event()
+
+    async def recover() -> None:
+        await queue.put_recovered(Delivery(mail(9), accepted_at_s=0))
+        recovered.set()
+
+    with trio.fail_after(5):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(recover)
+            await trio.testing.wait_all_tasks_blocked()
+            assert not recovered.is_set()
+            queue.put_reserved(mail(1), accepted_at_s=0)  # raised WouldBlock before the fix
+            first = await queue.next_due()
+            assert first is not None and first.message_id == "<1@x.example>"
+            await recovered.wait()
+            second = await queue.next_due()
+            assert second is not None and second.message_id == "<9@x.example>"
+
+
+async def test_a_mail_stored_while_shutdown_begins_is_still_queued() -> None:
+    """Issue 10 item 6: close() during a call's commit: its reserved place is filled, and the
+    mail is handed out in the drain (it was answered UNAVAILABLE before)."""
+    queue = MailQueue.open(capacity=2, retry_capacity=5)
+    queue.reserve_nowait()
+    queue.close()
+    with pytest.raises(ShuttingDown):
+        queue.reserve_nowait()  # nothing new
+    queue.put_reserved(mail(1), accepted_at_s=0)
+    with trio.fail_after(5):
+        delivery = await queue.next_due()
+        assert delivery is not None and delivery.message_id == "<1@x.example>"
+        queue.finish(delivery)
+        assert await queue.next_due() is None

@@ -13,10 +13,10 @@ import pytest
 import trio
 from prometheus_client.parser import text_string_to_metric_families
 
-from trio_mailer.dev.capture_relay import Fault
 from trio_mailer.v1.mailer_pb2 import MsgRequest, StatusRequest
 
-from .conftest import Harness
+from .fakes.fault_relay import Fault
+from .helpers import Harness
 
 TOKEN = "metrics-test-token-123456"
 
@@ -217,6 +217,8 @@ def test_every_outcome_the_service_counts_is_pre_created() -> None:
         "repeat",
         "internal",
         "unauthenticated",
+        "deadline_exceeded",
+        "cancelled",
         *mailer_service._OUTCOMES.values(),
         *mailer_service._REFUSAL_OUTCOMES.values(),
     }

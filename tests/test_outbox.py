@@ -31,24 +31,12 @@ from trio_mailer.store.outbox import (
     SqliteOutbox,
     StatusChange,
     default_outbox_path,
+    open_outbox,
 )
 
+from .helpers import T0, queued
+
 TIMEOUT_S = 10
-T0 = 1_790_000_000.0  # a wall-clock unix time
-
-
-def queued(
-    n: int, *, accepted_at_unix: float | None = None, data: bytes | None = None
-) -> MailRecord:
-    """A freshly accepted mail number ``n``."""
-    mail = OutgoingMail(
-        message_id=f"<{n}@x.example>",
-        kind=MailKind.RETRIEVE if n % 2 else MailKind.PASSWORD,
-        envelope_from="mailer@x.example",
-        envelope_to=f"user{n}@y.example",
-        data=data if data is not None else f"Subject: code\r\n\r\ncode {n:06d}\r\n".encode(),
-    )
-    return MailRecord.accepted(mail, T0 + n if accepted_at_unix is None else accepted_at_unix)
 
 
 def change(
@@ -83,6 +71,44 @@ async def outbox(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterato
 async def open_sqlite(path: Path, **kwargs: int) -> SqliteOutbox:
     with trio.fail_after(TIMEOUT_S):
         return await SqliteOutbox.open(path, **kwargs)
+
+
+# ---- open_outbox ----
+
+
+async def test_open_outbox_opens_the_file_and_closes_it_on_the_way_out(tmp_path: Path) -> None:
+    """The file outbox; what was added is committed at exit, even when the body raises."""
+    path = tmp_path / "outbox.sqlite3"
+    with trio.fail_after(TIMEOUT_S):
+        with pytest.raises(RuntimeError, match="body failed"):
+            async with open_outbox(path) as box:
+                assert isinstance(box, SqliteOutbox)
+                await box.add(queued(1))
+                raise RuntimeError("body failed")
+        async with open_outbox(path) as box:
+            assert await box.get(queued(1).message_id) == queued(1)
+
+
+async def test_open_outbox_without_a_path_is_in_memory_and_uses_what_it_is_given() -> None:
+    """None: a MemoryOutbox. ``use``: that outbox, closed at exit."""
+    with trio.fail_after(TIMEOUT_S):
+        async with open_outbox(None) as box:
+            assert isinstance(box, MemoryOutbox)
+        given = MemoryOutbox()
+        async with open_outbox(None, use=given) as box:
+            assert box is given
+            await box.add(queued(1))
+        with pytest.raises(trio.ClosedResourceError):
+            await given.add(queued(2))  # closed
+
+
+async def test_open_outbox_refuses_a_damaged_file(tmp_path: Path) -> None:
+    """A file that is not an outbox stops at the door: OutboxCorrupt, nothing yielded."""
+    path = tmp_path / "outbox.sqlite3"
+    path.write_bytes(b"not a database at all" * 100)
+    with trio.fail_after(TIMEOUT_S), pytest.raises(OutboxCorrupt):
+        async with open_outbox(path):
+            raise AssertionError("unreachable")
 
 
 # ---- behaviour shared by both outboxes ----
@@ -153,10 +179,12 @@ async def test_unfinished_lists_non_terminal_mail_oldest_accepted_first(outbox: 
         ]
         for record in records:
             await outbox.add(record)
+        await outbox.record(change(records[4], MailState.SENDING, 1, at=49))
         await outbox.record(change(records[4], MailState.DELIVERED, 1, at=50, reply=(250, "ok")))
         await outbox.record(change(records[5], MailState.FAILED, 1, at=50, reply=(550, "no")))
         await outbox.record(change(records[6], MailState.EXPIRED, 0, at=700))
         await outbox.record(change(records[2], MailState.SENDING, 1, at=50))
+        await outbox.record(change(records[0], MailState.SENDING, 1, at=49))
         await outbox.record(change(records[0], MailState.RETRY_WAIT, 1, at=50, reply=(451, "")))
         unfinished = await outbox.unfinished()
         assert [r.message_id for r in unfinished] == [
@@ -197,7 +225,6 @@ async def test_unfinished_comes_a_page_at_a_time(outbox: Outbox) -> None:
         pytest.param("duplicate", id="add-twice"),
         pytest.param("unknown", id="change-unknown-mail"),
         pytest.param("finished", id="change-finished-mail"),
-        pytest.param("fewer-attempts", id="attempts-go-down"),
     ],
 )
 async def test_a_change_that_breaks_the_rules_is_refused_and_stores_nothing(
@@ -218,17 +245,42 @@ async def test_a_change_that_breaks_the_rules_is_refused_and_stores_nothing(
                 await outbox.record(change(queued(2), MailState.SENDING, 1, at=3))
             elif bad == "finished":
                 await outbox.record(change(record, MailState.DELIVERED, 3, at=3))
-            else:
-                await outbox.record(change(record, MailState.RETRY_WAIT, 1, at=3))
         assert await outbox.get(record.message_id) == before
         assert caught.value.grpc_status is GrpcStatus.INTERNAL
         expected = {
             "duplicate": "<1@x.example> is already in the outbox",
             "unknown": "<2@x.example> is not in the outbox",
             "finished": "<1@x.example> is already failed; it cannot become delivered",
-            "fewer-attempts": "<1@x.example>: attempts: expected 2 or more, got 1",
         }[bad]
         assert caught.value.problem == expected
+
+
+@pytest.mark.parametrize(
+    ("state", "attempts", "expected_state", "problem"),
+    [
+        (MailState.RETRY_WAIT, 1, MailState.RETRY_WAIT, "attempts: expected 2 or more, got 1"),
+        (MailState.FAILED, 1, MailState.FAILED, "attempts: expected 2 or more, got 1"),
+    ],
+)
+async def test_a_change_that_breaks_the_rules_is_logged_and_leaves_a_defined_state(
+    outbox: Outbox,
+    caplog: pytest.LogCaptureFixture,
+    state: MailState,
+    attempts: int,
+    expected_state: MailState,
+    problem: str,
+) -> None:
+    """Attempts going down (issue 10, item 1): no exception, ERROR with the id, attempts kept."""
+    with trio.fail_after(TIMEOUT_S):
+        record = queued(1)
+        await outbox.add(record)
+        await outbox.record(change(record, MailState.SENDING, 2, at=1))
+        await outbox.record(change(record, state, attempts, at=3))
+        stored = await outbox.get(record.message_id)
+    assert stored is not None
+    assert (stored.state, stored.attempts) == (expected_state, 2)
+    [error] = [r for r in caplog.records if r.levelname == "ERROR"]
+    assert "<1@x.example>" in error.getMessage() and problem in error.getMessage()
 
 
 async def test_a_refused_change_does_not_fail_the_others_in_its_commit(outbox: Outbox) -> None:

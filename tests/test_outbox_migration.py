@@ -13,7 +13,7 @@ from trio_mailer.core.mail_lifecycle import MailState
 from trio_mailer.store.admission_tables import Acceptance, IdempotencyHit
 from trio_mailer.store.outbox import APPLICATION_ID, SCHEMA_VERSION, SqliteOutbox
 
-from .test_outbox import queued
+from .helpers import queued
 
 # Schema 1 exactly as trio-mailer wrote it before the admission tables (frozen here on purpose).
 _V1_SCHEMA = (

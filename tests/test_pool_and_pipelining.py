@@ -7,9 +7,8 @@ import collections
 import pytest
 import trio
 
-from trio_mailer.dev.capture_relay import Fault
-
-from .test_faults import FAST, message_ids, send_pass
+from .fakes.fault_relay import Fault
+from .helpers import FAST, message_ids, send_pass
 
 
 def transactions_by_session(commands: list[tuple[int, str]]) -> dict[int, list[str]]:

@@ -10,20 +10,16 @@ from __future__ import annotations
 
 import email
 import email.policy
-from datetime import UTC, datetime
 
 import pytest
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
-from trio_mailer.core.config import shipped_templates_dir
 from trio_mailer.core.errors import InvalidRequest
-from trio_mailer.core.message import EXPECTED_MULTIPART_HEADERS, EXPECTED_PART_HEADERS, MailComposer
-from trio_mailer.core.rendering import MailKind, MailTemplates
+from trio_mailer.core.message import EXPECTED_MULTIPART_HEADERS, EXPECTED_PART_HEADERS
+from trio_mailer.core.rendering import MailKind
 
-NOW = datetime(2026, 11, 27, 12, 0, tzinfo=UTC)
-TEMPLATES = MailTemplates.load(shipped_templates_dir())
-COMPOSER = MailComposer(TEMPLATES, "noreply@example.com", "Acme")
+from .helpers import COMPOSER, NOW, TEMPLATES
 
 # Characters that matter to headers and address parsing, mixed with anything at all.
 TRICKY = st.sampled_from(

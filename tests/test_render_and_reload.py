@@ -22,8 +22,7 @@ from trio_mailer.dev.capture_relay import CaptureSMTPServer
 from trio_mailer.v1.mailer_grpc import MailerStub
 from trio_mailer.v1.mailer_pb2 import SendRequest
 
-from .conftest import relay_env, subprocess_env
-from .test_cli import LISTENING, start_service
+from .helpers import LISTENING, relay_env, start_service, subprocess_env
 
 TIMEOUT_S = 60
 

@@ -16,29 +16,18 @@ import trio.lowlevel
 import trio.testing
 
 from trio_mailer.core.message import OutgoingMail
-from trio_mailer.core.rendering import MailKind
 from trio_mailer.core.retry_policy import ReconnectBackoff, RetryPolicy
 from trio_mailer.delivery.mail_queue import MailQueue
 from trio_mailer.delivery.sender import FinishedMail, Sender
 from trio_mailer.delivery.smtp_session import (
     ConnectFailed,
     Delivered,
-    ProbeFailed,
     Rejected,
     Reply,
     SessionLost,
 )
 
-
-def mail(n: int) -> OutgoingMail:
-    return OutgoingMail(
-        message_id=f"<{n}@example.com>",
-        kind=MailKind.PASSWORD,
-        envelope_from="noreply@example.com",
-        envelope_to=f"user{n}@example.com",
-        data=b"Subject: x\r\n\r\nbody\r\n",
-    )
-
+from .helpers import mail
 
 Outcome = Delivered | Rejected | SessionLost
 
@@ -78,13 +67,13 @@ class FakeSession:
     relay: FakeRelay
     number: int
 
-    async def send(self, mail: OutgoingMail, *, probe_first: bool = False) -> Delivered | Rejected:
-        if probe_first:
-            await trio.lowlevel.checkpoint()
-            answer = self.relay.probe_answers.pop(0) if self.relay.probe_answers else True
-            self.relay.log(f"probe {'ok' if answer else 'failed'}")
-            if not answer:
-                raise ProbeFailed()
+    async def probe(self) -> bool:
+        await trio.lowlevel.checkpoint()
+        answer = self.relay.probe_answers.pop(0) if self.relay.probe_answers else True
+        self.relay.log(f"probe {'ok' if answer else 'failed'}")
+        return answer
+
+    async def send(self, mail: OutgoingMail) -> Delivered | Rejected:
         await trio.sleep(0.01)  # one round of SMTP on a fast relay
         outcome = (
             self.relay.send_outcomes.pop(0)

@@ -4,10 +4,9 @@ from __future__ import annotations
 
 import trio
 
-from trio_mailer.dev.capture_relay import Fault
-
+from .fakes.fault_relay import Fault
+from .helpers import FAST, send_pass
 from .std_services import open_client, run_client
-from .test_faults import FAST, send_pass
 
 MAILER = "trio_mailer.v1.Mailer"
 
@@ -39,17 +38,17 @@ async def test_watch_sees_the_relay_go_down_and_come_back(start_harness) -> None
 
 
 async def test_bad_credentials_are_not_serving(start_harness) -> None:
-    """A relay that refuses our password: NOT_SERVING at once (no threshold to wait for)."""
+    """A relay that refuses our password: the start-up relay check keeps health NOT_SERVING
+    (issue 10, item 10), while mail is still accepted and stored."""
     env = {**FAST, "MAILER_USER": "bot", "MAILER_PASSWORD": "wrong"}
     with trio.fail_after(30):
         async with start_harness(env=env, credentials=("bot", "right")) as h:
-            [before] = await run_client(str(h.grpc_port), "check", MAILER)
-            assert before == {"service": MAILER, "status": "SERVING"}
             async with open_client(str(h.grpc_port), "watch", MAILER) as watch:
-                assert await watch.next_line() == {"status": "SERVING"}
-                await send_pass(h)
                 assert await watch.next_line() == {"status": "NOT_SERVING"}
+                assert await send_pass(h)  # accepted meanwhile
                 await watch.send("cancel")
+            [after] = await run_client(str(h.grpc_port), "check", MAILER)
+            assert after == {"service": MAILER, "status": "NOT_SERVING"}
 
 
 async def test_reflection_lists_the_services_of_the_running_service(start_harness) -> None:
@@ -66,3 +65,52 @@ async def test_reflection_lists_the_services_of_the_running_service(start_harnes
     }
     assert reflected["send_pass_input"] == "trio_mailer.v1.MsgRequest"
     assert reflected["send_pass_output"] == "trio_mailer.v1.MsgReply"
+
+
+async def test_a_relay_host_that_does_not_resolve_keeps_health_not_serving(caplog) -> None:
+    """Issue 10 item 10: a typo in MAILER_REMOTE_HOST is noticed at start-up: ERROR with the
+    reason, NOT_SERVING, and SERVING once a session succeeds."""
+    import logging
+
+    from trio_mailer.app import MailerApp
+    from trio_mailer.core.config import Config, shipped_templates_dir
+    from trio_mailer.core.rendering import MailTemplates
+    from trio_mailer.delivery.smtp_session import ConnectFailed
+    from trio_mailer.grpc.health_service import ServingStatus
+
+    caplog.set_level(logging.INFO, "trio_mailer")
+    resolvable = False
+
+    class Session:
+        relay = "smtp.example.com:465"
+
+        async def close(self, *, quit: bool) -> None:
+            await trio.lowlevel.checkpoint()
+
+    async def connect() -> Session:
+        await trio.lowlevel.checkpoint()
+        if not resolvable:
+            raise ConnectFailed("cannot connect to smtp.exmaple.com:465: Name or service not known")
+        return Session()
+
+    config = Config(
+        relay_host="smtp.exmaple.com",
+        relay_port=465,
+        mail_from="noreply@example.com",
+        retry_base_s=0.05,
+        retry_max_s=0.1,
+    )
+    app = MailerApp(config, MailTemplates.load(shipped_templates_dir()), connect)  # type: ignore[arg-type]
+    with trio.fail_after(10):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(app._check_relay)
+            await app.relay_checked.wait()
+            app._update_health()
+            assert app.health.get(MAILER) is ServingStatus.NOT_SERVING
+            resolvable = True  # the check, retried with the backoff, now succeeds and returns
+        assert app.relay_verified
+        assert app.health.get(MAILER) is ServingStatus.SERVING
+    [error] = [r for r in caplog.records if r.levelname == "ERROR"]
+    assert error.getMessage().startswith(
+        "relay check failed: cannot connect to smtp.exmaple.com:465: Name or service not known"
+    )

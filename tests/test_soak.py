@@ -13,10 +13,10 @@ import random
 import pytest
 import trio
 
-from trio_mailer.dev.capture_relay import Fault
 from trio_mailer.v1.mailer_pb2 import MsgRequest
 
-from .test_faults import message_ids
+from .fakes.fault_relay import Fault
+from .helpers import message_ids
 
 
 def chaos(seed: int):  # type: ignore[no-untyped-def]

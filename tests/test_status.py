@@ -12,16 +12,16 @@ import pytest
 import trio
 
 from trio_mailer.client import open_channel
-from trio_mailer.core.mail_lifecycle import MailRecord, OutboxFull
+from trio_mailer.core.errors import OutboxFull
+from trio_mailer.core.mail_lifecycle import MailRecord
 from trio_mailer.core.message import OutgoingMail
 from trio_mailer.core.rendering import MailKind
-from trio_mailer.dev.capture_relay import Fault
 from trio_mailer.store.outbox import SqliteOutbox
 from trio_mailer.v1.mailer_grpc import MailerStub
 from trio_mailer.v1.mailer_pb2 import MailStatus, MsgRequest, StatusRequest
 
-from .conftest import Harness
-from .test_faults import FAST, send_pass
+from .fakes.fault_relay import Fault
+from .helpers import FAST, Harness, send_pass
 
 
 def filler(n: int, size: int) -> OutgoingMail:

@@ -11,13 +11,13 @@ from pathlib import Path
 
 import trio
 
+from tests.fakes.fault_relay import Fault
 from trio_mailer.core.rate_limits import RateLimit
-from trio_mailer.dev.capture_relay import Fault
 from trio_mailer.grpc.admission import AdmissionControl
 from trio_mailer.store.outbox import SqliteOutbox
 from trio_mailer.v1.mailer_pb2 import MsgRequest
 
-from .conftest import subprocess_env
+from .helpers import subprocess_env
 from .test_faults import FAST
 
 ON = {**FAST, "MAILER_SUPPRESS_S": "604800"}  # the default (tests/conftest.py turns it off)

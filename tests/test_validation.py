@@ -85,3 +85,49 @@ def test_rejects_bad_codes(code: str, problem: str) -> None:
     with pytest.raises(InvalidRequest, match=None) as info:
         validate_code("code", code)
     assert info.value.message == problem
+
+
+def test_the_length_limits_accept_their_exact_maximum() -> None:
+    """254 characters in all and 64 in the local part are accepted; one more is not."""
+    label = "d" * 63
+    domain = ".".join([label, label, label, "d" * 60])  # 252: the most a 254 address leaves
+    assert len("a@" + domain) == 254
+    assert validate_address("to", "a@" + domain) == "a@" + domain
+    with pytest.raises(InvalidRequest, match="expected at most 254 characters, got 255"):
+        validate_address("to", "ab@" + domain)
+    local = "l" * 64
+    assert validate_address("to", local + "@example.com") == local + "@example.com"
+
+
+def test_a_label_may_have_63_characters_not_64() -> None:
+    assert validate_address("to", f"a@{'d' * 63}.com")
+    with pytest.raises(InvalidRequest, match="expected a domain name"):
+        validate_address("to", f"a@{'d' * 64}.com")
+
+
+@pytest.mark.parametrize(
+    ("char", "kind"), [("\u2029", "line separator"), ("\x85", "control character")]
+)
+def test_other_line_separators_are_refused(char: str, kind: str) -> None:
+    with pytest.raises(InvalidRequest) as caught:
+        validate_code("code", f"12{char}34")
+    assert str(caught.value) == f"code: {kind} {char!r} is not allowed"
+
+
+def test_long_bad_values_are_shown_shortened() -> None:
+    """At most 40 characters of a bad value reach the message, then "..."."""
+    forty = "a" * 40
+    with pytest.raises(InvalidRequest) as caught:
+        validate_address("to", forty)
+    assert str(caught.value) == f"to: expected one address of the form local@domain, got '{forty}'"
+    with pytest.raises(InvalidRequest) as caught:
+        validate_address("to", forty + "b")
+    assert str(caught.value) == (
+        f"to: expected one address of the form local@domain, got '{forty}...'"
+    )
+
+
+def test_a_list_is_counted_by_commas_and_semicolons() -> None:
+    with pytest.raises(InvalidRequest) as caught:
+        validate_address("to", "a@b.com,c@d.com;e@f.com,g@h.com")
+    assert str(caught.value) == "to: expected one address, got a list of 4"

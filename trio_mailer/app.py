@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import random
 import ssl
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -32,12 +33,14 @@ import trio
 
 from trio_mailer.core.caller_auth import is_loopback
 from trio_mailer.core.config import Config, TlsMode
+from trio_mailer.core.errors import OutboxError, ShuttingDown
 from trio_mailer.core.health_decision import SenderStatistics, is_serving
-from trio_mailer.core.mail_lifecycle import MailRecord, MailState, OutboxError
+from trio_mailer.core.mail_lifecycle import MailRecord, MailState
 from trio_mailer.core.message import MailComposer
 from trio_mailer.core.rendering import MailTemplates, TemplateError
 from trio_mailer.core.retry_policy import ReconnectBackoff, RetryPolicy
 from trio_mailer.delivery.mail_queue import Delivery, MailQueue
+from trio_mailer.delivery.relays import RelayChain
 from trio_mailer.delivery.sender import (
     Connector,
     FinishedMail,
@@ -45,6 +48,7 @@ from trio_mailer.delivery.sender import (
     SmtpSession,
 )
 from trio_mailer.delivery.smtp_session import (
+    ConnectFailed,
     RelaySettings,
     ThreadedSmtpSession,
     make_relay_ssl_context,
@@ -56,6 +60,7 @@ from trio_mailer.grpc.health_service import SERVICE_NAME as HEALTH_SERVICE_NAME
 from trio_mailer.grpc.health_service import HealthState, ServingStatus, health_service
 from trio_mailer.grpc.listener import (
     PEER_IDENTITY,
+    Limits,
     bound_port,
     make_server_ssl_context,
     open_grpc_listener,
@@ -63,8 +68,9 @@ from trio_mailer.grpc.listener import (
 )
 from trio_mailer.grpc.mailer_service import ANONYMOUS_CALLER, MailerService
 from trio_mailer.grpc.reflection_service import reflection_services
+from trio_mailer.logs import printable
 from trio_mailer.metrics import Metrics, serve_metrics
-from trio_mailer.store.outbox import MemoryOutbox, Outbox, SqliteOutbox
+from trio_mailer.store.outbox import Outbox, open_outbox
 from trio_mailer.store.status_board import StatusBoard
 from trio_mailer.v1 import mailer_pb2
 
@@ -87,14 +93,23 @@ EXIT_OK = 0
 EXIT_MAIL_LEFT_BEHIND = 1
 
 
-def relay_connector(config: Config, ssl_context: ssl.SSLContext | None) -> Connector:
-    """Connect real smtplib sessions to the configured relay."""
-    settings = RelaySettings.from_config(config)
+def relay_chain(config: Config, ssl_context: ssl.SSLContext | None) -> RelayChain:
+    """Real smtplib sessions to the configured relays, tried in order."""
+    first = RelaySettings.from_config(config)
 
-    async def connect() -> SmtpSession:
+    async def connect_one(settings: RelaySettings) -> SmtpSession:
         return await ThreadedSmtpSession.connect(settings, ssl_context)
 
-    return connect
+    return RelayChain(
+        [attrs.evolve(first, host=host, port=port) for host, port in config.relay_list],
+        connect_one,
+        ReconnectBackoff(base_s=config.retry_base_s, cap_s=config.retry_max_s),
+    )
+
+
+def relay_connector(config: Config, ssl_context: ssl.SSLContext | None) -> Connector:
+    """Connect real smtplib sessions to the configured relays."""
+    return relay_chain(config, ssl_context).connect
 
 
 @attrs.define
@@ -105,6 +120,7 @@ class MailerApp:
     grpc_ssl_context: ssl.SSLContext | None = None
     on_finished: Callable[[FinishedMail], None] | None = None
     outbox: Outbox | None = None  # given: used instead of the one the config names
+    relays: RelayChain | None = None  # the relays behind ``connect``, told of each 421
     queue: MailQueue = attrs.field(init=False)
     senders: list[Sender] = attrs.field(init=False)
     metrics: Metrics = attrs.field(init=False)
@@ -116,6 +132,8 @@ class MailerApp:
     _finished_callback: Callable[[FinishedMail], None] | None = attrs.field(
         init=False, default=None
     )
+    relay_verified: bool = attrs.field(init=False, default=False)  # a session succeeded
+    relay_checked: trio.Event = attrs.field(init=False, factory=trio.Event)  # first check done
     _shutdown: trio.Event = attrs.field(init=False, factory=trio.Event)
     _force: trio.Event = attrs.field(init=False, factory=trio.Event)
 
@@ -138,11 +156,15 @@ class MailerApp:
                 noop_idle_s=config.noop_idle_s,
                 max_messages=config.session_max_messages,
                 max_age_s=config.session_max_age_s,
+                start_after=self.relay_checked,
             )
             for _ in range(config.smtp_sessions)
         ]
         for sender in self.senders:
             sender.on_finished = self._mail_finished
+        if self.relays is not None:
+            for sender in self.senders:
+                sender.on_relay_closing = self.relays.trouble
         if self.on_finished is not None:
             self.watch_finished(self.on_finished)
         self.metrics = Metrics()
@@ -221,7 +243,14 @@ class MailerApp:
                 config.serve_host,
                 config.serve_port,
             )
-        return cls(config, templates, relay_connector(config, ssl_context), grpc_ssl_context)
+        chain = relay_chain(config, ssl_context)
+        return cls(
+            config,
+            templates,
+            chain.connect,
+            grpc_ssl_context,
+            relays=chain,
+        )
 
     def reload_templates(self) -> bool:
         """Load and check the templates again (SIGHUP) and use them if they are all good.
@@ -288,13 +317,50 @@ class MailerApp:
         ]
 
     def _update_health(self) -> None:
+        self.relay_verified = self.relay_verified or any(s.ever_connected for s in self.senders)
         serving = is_serving(
             [sender.statistics() for sender in self.senders],
             draining=self.service.draining,
             now_s=trio.current_time(),
             down_after_s=self.config.health_down_after_s,
+            relay_verified=self.relay_verified,
         )
         self.health.set(ServingStatus.SERVING if serving else ServingStatus.NOT_SERVING)
+
+    async def _check_relay(self) -> None:
+        """One session at start-up (EHLO, TLS, AUTH, QUIT) before health says SERVING.
+
+        A failure is logged at ERROR with the reason; the check is repeated with the reconnect
+        backoff until a session (this one or a sender's) succeeds. Mail is accepted and stored
+        meanwhile, and waits.
+        """
+        backoff = ReconnectBackoff(base_s=self.config.retry_base_s, cap_s=self.config.retry_max_s)
+        failures = 0
+        last_reason = None
+        while not self.relay_verified:
+            try:
+                session = await self.connect()
+            except ConnectFailed as exc:
+                self.relay_checked.set()
+                failures += 1
+                if exc.reason != last_reason:
+                    log.error(
+                        "relay check failed: %s; health stays NOT_SERVING until a session "
+                        "succeeds (mail is accepted and stored meanwhile)",
+                        printable(exc.reason),
+                    )
+                    last_reason = exc.reason
+                await trio.sleep(
+                    backoff.delay_s(failures, random.random(), config_error=exc.config_error)
+                )
+                continue
+            try:
+                await session.close(quit=True)
+            finally:
+                self.relay_checked.set()
+            self.relay_verified = True
+            log.info("relay check passed: %s", getattr(session, "relay", "") or "the relay")
+        self._update_health()
 
     async def _watch_health(self) -> None:
         """Keep the health status in step with the senders (checked every HEALTH_POLL_S)."""
@@ -348,30 +414,16 @@ class MailerApp:
         Raises:
             BindError: the gRPC port cannot be bound.
         """
-        outbox = await self._open_outbox()
-        try:
-            return await self._run_with(outbox, task_status)
-        finally:
-            with trio.CancelScope(shield=True):
-                await outbox.aclose()
-
-    async def _open_outbox(self) -> Outbox:
-        """The file outbox (checked: a damaged file stops start-up), or the in-memory one.
-
-        Raises:
-            OutboxError: the file is not a usable outbox, or cannot be opened.
-        """
-        if self.outbox is not None:
-            return self.outbox
-        if self.config.outbox_path is None:
+        path = self.config.outbox_path
+        if self.outbox is None and path is None:
             log.warning(
                 "MAILER_OUTBOX=memory: accepted mail lives only in memory and is lost if the "
                 "process is killed"
             )
-            return MemoryOutbox()
-        outbox = await SqliteOutbox.open(self.config.outbox_path)
-        log.info("outbox: %s", self.config.outbox_path)
-        return outbox
+        async with open_outbox(path, use=self.outbox) as outbox:
+            if self.outbox is None and path is not None:
+                log.info("outbox: %s", path)
+            return await self._run_with(outbox, task_status)
 
     async def _recover(self, outbox: Outbox) -> None:
         """Queue every mail a previous run accepted and did not finish (attempts and time to
@@ -381,7 +433,10 @@ class MailerApp:
         while page := await outbox.unfinished(after=after, limit=self.config.queue_size):
             after = (page[-1].accepted_at_unix, page[-1].message_id)
             resumed += len(page)
-            await self._resume(page)
+            try:
+                await self._resume(page)
+            except ShuttingDown:
+                break  # the rest stays in the outbox for the next start
         if resumed:
             log.info("resumed %d unfinished mail(s) from the outbox", resumed)
 
@@ -441,10 +496,18 @@ class MailerApp:
         port = bound_port(listener)
         async with trio.open_nursery() as nursery:
             await nursery.start(
-                partial(serve_grpc, authorizer=self.authorize), listener, self.grpc_services()
+                partial(
+                    serve_grpc,
+                    authorizer=self.authorize,
+                    max_connections=config.max_connections,
+                    limits=Limits(idle_timeout_s=config.grpc_idle_timeout_s),
+                ),
+                listener,
+                self.grpc_services(),
             )
             nursery.start_soon(run_senders)
             nursery.start_soon(self._watch_health)
+            nursery.start_soon(self._check_relay)
             nursery.start_soon(self._prune, outbox)
             await nursery.start(self.admission.run)
             recovery_scope = trio.CancelScope()

@@ -26,6 +26,8 @@ import trio
 
 from trio_mailer.app import MailerApp, TlsFileError
 from trio_mailer.client import (
+    CALL_TIMEOUT_S,
+    CONNECT_TIMEOUT_S,
     SendFailed,
     check_health,
     client_ssl_context,
@@ -35,7 +37,7 @@ from trio_mailer.client import (
     send_template,
 )
 from trio_mailer.client import status as fetch_status
-from trio_mailer.core.call_policy import DEFAULT_TIMEOUT_S, normalise_message_id
+from trio_mailer.core.call_policy import normalise_message_id
 from trio_mailer.core.config import (
     SETTINGS,
     ConfigError,
@@ -43,8 +45,12 @@ from trio_mailer.core.config import (
     parse_host_port,
     shipped_templates_dir,
 )
-from trio_mailer.core.errors import InvalidRequest, MessageBuildError, exception_leaves
-from trio_mailer.core.mail_lifecycle import OutboxError
+from trio_mailer.core.errors import (
+    InvalidRequest,
+    MessageBuildError,
+    OutboxError,
+    exception_leaves,
+)
 from trio_mailer.core.message import MailComposer
 from trio_mailer.core.rendering import (
     DEFAULT_LOCALE,
@@ -234,9 +240,10 @@ def _send(args: argparse.Namespace) -> int:
                     send_template,
                     locale=args.locale,
                     idempotency_key=args.idempotency_key or "",
-                    timeout_s=args.timeout,
                     token=target.token,
                     ssl_context=target.ssl_context,
+                    connect_timeout_s=args.connect_timeout_s,
+                    timeout_s=args.timeout_s,
                 ),
                 target.host,
                 target.port,
@@ -259,7 +266,8 @@ def _send(args: argparse.Namespace) -> int:
                     token=target.token,
                     ssl_context=target.ssl_context,
                     idempotency_key=args.idempotency_key or "",
-                    timeout_s=args.timeout,
+                    connect_timeout_s=args.connect_timeout_s,
+                    timeout_s=args.timeout_s,
                 ),
                 target.host,
                 target.port,
@@ -310,7 +318,8 @@ def _status(args: argparse.Namespace) -> int:
                 watch=args.watch,
                 token=target.token,
                 ssl_context=target.ssl_context,
-                timeout_s=args.timeout,
+                connect_timeout_s=args.connect_timeout_s,
+                timeout_s=args.timeout_s,
             ),
             target.host,
             target.port,
@@ -333,7 +342,8 @@ def _health(args: argparse.Namespace) -> int:
                 check_health,
                 token=target.token,
                 ssl_context=target.ssl_context,
-                timeout_s=args.timeout,
+                connect_timeout_s=args.connect_timeout_s,
+                timeout_s=args.timeout_s,
             ),
             target.host,
             target.port,
@@ -353,7 +363,13 @@ def _suppressed(args: argparse.Namespace) -> int:
     try:
         if args.action == "remove":
             removed = trio.run(
-                partial(remove_suppressed, token=target.token, ssl_context=target.ssl_context),
+                partial(
+                    remove_suppressed,
+                    token=target.token,
+                    ssl_context=target.ssl_context,
+                    connect_timeout_s=args.connect_timeout_s,
+                    timeout_s=args.timeout_s,
+                ),
                 target.host,
                 target.port,
                 args.address,
@@ -361,7 +377,13 @@ def _suppressed(args: argparse.Namespace) -> int:
             print(f"removed {args.address}" if removed else f"not suppressed: {args.address}")
             return 0 if removed else 1
         entries = trio.run(
-            partial(list_suppressed, token=target.token, ssl_context=target.ssl_context),
+            partial(
+                list_suppressed,
+                token=target.token,
+                ssl_context=target.ssl_context,
+                connect_timeout_s=args.connect_timeout_s,
+                timeout_s=args.timeout_s,
+            ),
             target.host,
             target.port,
         )
@@ -395,11 +417,21 @@ def _client_options(command: argparse.ArgumentParser) -> None:
     command.add_argument("--cert", type=Path, help="client certificate (mTLS)")
     command.add_argument("--key", type=Path, help="client certificate's key (mTLS)")
     command.add_argument(
-        "--timeout",
+        "--connect-timeout-s",
         type=_positive_seconds,
-        default=DEFAULT_TIMEOUT_S,
+        default=CONNECT_TIMEOUT_S,
         metavar="SECONDS",
-        help=f"overall, retries included ({DEFAULT_TIMEOUT_S:g})",
+        help=f"give up each connection attempt after this long ({CONNECT_TIMEOUT_S:g})",
+    )
+    command.add_argument(
+        "--timeout-s",
+        "--timeout",
+        dest="timeout_s",
+        type=_positive_seconds,
+        default=CALL_TIMEOUT_S,
+        metavar="SECONDS",
+        help=f"give up after this long, retries included ({CALL_TIMEOUT_S:g}; "
+        "for --watch: until the first status)",
     )
 
 
@@ -407,9 +439,9 @@ def _positive_seconds(text: str) -> float:
     try:
         value = float(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected seconds, got {text!r}") from None
-    if not 0 < value <= 3600:
-        raise argparse.ArgumentTypeError(f"expected seconds from 0 to 3600, got {text!r}")
+        raise argparse.ArgumentTypeError(f"expected a number of seconds, got {text!r}") from None
+    if not (0 < value <= 3600):
+        raise argparse.ArgumentTypeError(f"expected more than 0 and at most 3600, got {text!r}")
     return value
 
 

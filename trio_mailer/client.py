@@ -1,13 +1,20 @@
-"""``trio-mailer send``/``status``: call a running service and print its reply.
+"""``trio-mailer send``, ``status`` and ``health``: call a running service and print its reply.
 
-The timeouts and retry rules are the client package's (``core/call_policy.py`` is a copy of
+The retry rules are the client package's (``core/call_policy.py`` is a copy of
 ``trio_mailer_client/_policy.py``): one idempotency key per send, reused by its retries;
 UNAVAILABLE and DEADLINE_EXCEEDED retried with capped jittered backoff within the overall
 timeout. The CLI stays on purerpc so that the service's install does not need grpcio.
+
+Every call is bounded: ``timeout_s`` for the whole call, retries included (for
+``status --watch``, which is not retried: until the first status; the stream may then run until
+the final state), and within it ``connect_timeout_s`` for each connection (TCP, TLS). Past
+either, the call fails with ``SendFailed`` naming the phase, and the CLI exits non-zero: a port
+that accepts and never speaks no longer hangs it.
 """
 
 from __future__ import annotations
 
+import math
 import random
 import ssl
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
@@ -20,12 +27,12 @@ import anyio.abc
 import attrs
 import purerpc
 import trio
-from purerpc.grpc_proto import GRPCProtoSocket
-from purerpc.grpclib.config import GRPCConfiguration
 
+from trio_mailer import tls
 from trio_mailer.core.call_policy import DEFAULT_TIMEOUT_S, new_idempotency_key, retry_delay_s
 from trio_mailer.core.errors import exception_leaves
 from trio_mailer.core.rendering import MailKind
+from trio_mailer.grpc.purerpc_internals import Channel, client_channel
 from trio_mailer.v1.mailer_grpc import MailerAdminStub, MailerStub
 from trio_mailer.v1.mailer_pb2 import (
     ListSuppressedRequest,
@@ -49,11 +56,34 @@ class SendFailed(Exception):
 
 T = TypeVar("T")
 
+# The whole call, retries included (for a watch: until the first status); the client package's.
+CALL_TIMEOUT_S = DEFAULT_TIMEOUT_S
+# Each connection attempt (TCP connect and TLS handshake): short enough to leave a retry.
+CONNECT_TIMEOUT_S = 3.0
+
+
+@attrs.define
+class _Budget:
+    """One cancel scope for the whole call, its deadline moved as the call makes progress."""
+
+    scope: trio.CancelScope
+    call_deadline: float  # the end of the whole call (trio.current_time() clock)
+    phase: str = "connect"
+
+    def connected(self) -> None:
+        self.phase = "call"
+        self.scope.deadline = self.call_deadline
+
+    def answered(self) -> None:
+        """The first reply came: a watch may now wait as long as the mail takes."""
+        self.phase = "stream"
+        self.scope.deadline = math.inf
+
 
 @asynccontextmanager
 async def open_channel(
     host: str, port: int, ssl_context: ssl.SSLContext | None = None
-) -> AsyncIterator[purerpc.client._Channel]:
+) -> AsyncIterator[Channel]:
     """A purerpc channel that, unlike ``purerpc.insecure_channel``, closes its socket.
 
     With ``ssl_context`` the connection uses TLS (see ``client_ssl_context``).
@@ -67,11 +97,7 @@ async def open_channel(
                 host, port, ssl_context=ssl_context, tls_standard_compatible=False
             )
         stack.push_async_callback(stream.aclose)
-        channel = purerpc.client._Channel(host, port)
-        channel._grpc_socket = await stack.enter_async_context(
-            GRPCProtoSocket(GRPCConfiguration(client_side=True), stream)
-        )
-        yield channel
+        yield await client_channel(stack, host, port, stream)
 
 
 def client_ssl_context(
@@ -83,11 +109,7 @@ def client_ssl_context(
     Raises:
         ssl.SSLError, OSError: a file cannot be loaded.
     """
-    context = ssl.create_default_context(cafile=str(ca_file) if ca_file else None)
-    context.set_alpn_protocols(["h2"])
-    if cert is not None:
-        context.load_cert_chain(str(cert), str(key) if key else None)
-    return context
+    return tls.client_context(ca_file, alpn=["h2"], cert=cert, key=key)
 
 
 async def send(
@@ -101,24 +123,36 @@ async def send(
     token: str | None = None,
     ssl_context: ssl.SSLContext | None = None,
     idempotency_key: str | None = None,
-    timeout_s: float = DEFAULT_TIMEOUT_S,
+    connect_timeout_s: float = CONNECT_TIMEOUT_S,
+    timeout_s: float = CALL_TIMEOUT_S,
 ) -> MsgReply:
     """Ask the service at ``host:port`` for a ``kind`` mail, retrying within ``timeout_s``.
 
     Raises:
-        SendFailed: with the gRPC status name and its message.
+        SendFailed: with the gRPC status name and its message (DEADLINE_EXCEEDED past a
+            timeout).
     """
     request = MsgRequest(
         to=to, code=code, locale=locale, idempotency_key=idempotency_key or new_idempotency_key()
     )
 
-    async def call(stub: MailerStub, metadata: Metadata) -> MsgReply:
+    async def call(stub: MailerStub, metadata: Metadata, budget: _Budget) -> MsgReply:
         method = stub.SendPass if kind is MailKind.PASSWORD else stub.SendRetrieve
         reply: MsgReply = await method(request, metadata=metadata)
         return reply
 
     return await with_retries(
-        lambda: _call(host, port, call, token=token, ssl_context=ssl_context), timeout_s
+        lambda deadline: _call(
+            host,
+            port,
+            call,
+            token=token,
+            ssl_context=ssl_context,
+            connect_timeout_s=connect_timeout_s,
+            timeout_s=timeout_s,
+            deadline=deadline,
+        ),
+        timeout_s,
     )
 
 
@@ -133,7 +167,8 @@ async def send_template(
     token: str | None = None,
     ssl_context: ssl.SSLContext | None = None,
     idempotency_key: str = "",
-    timeout_s: float = DEFAULT_TIMEOUT_S,
+    connect_timeout_s: float = CONNECT_TIMEOUT_S,
+    timeout_s: float = CALL_TIMEOUT_S,
 ) -> MsgReply:
     """Ask the service at ``host:port`` for a mail from ``template`` (the ``Send`` call),
     retrying within ``timeout_s`` with one idempotency key, as ``send`` does.
@@ -149,22 +184,34 @@ async def send_template(
         idempotency_key=idempotency_key or new_idempotency_key(),
     )
 
-    async def call(stub: MailerStub, metadata: Metadata) -> MsgReply:
+    async def call(stub: MailerStub, metadata: Metadata, _budget: _Budget) -> MsgReply:
         reply: MsgReply = await stub.Send(request, metadata=metadata)
         return reply
 
     return await with_retries(
-        lambda: _call(host, port, call, token=token, ssl_context=ssl_context), timeout_s
+        lambda deadline: _call(
+            host,
+            port,
+            call,
+            token=token,
+            ssl_context=ssl_context,
+            connect_timeout_s=connect_timeout_s,
+            timeout_s=timeout_s,
+            deadline=deadline,
+        ),
+        timeout_s,
     )
 
 
 async def with_retries(
-    attempt: Callable[[], Awaitable[T]],
+    attempt: Callable[[float], Awaitable[T]],
     timeout_s: float,
     *,
     jitter: Callable[[], float] = random.random,
 ) -> T:
-    """``attempt()`` until it returns, by the client package's rules, within ``timeout_s``.
+    """``attempt(deadline)`` until it returns, by the client package's rules, within
+    ``timeout_s``; each attempt is given the overall deadline (``trio.current_time()`` clock)
+    and must end by it.
 
     Raises:
         SendFailed: a final status, or the last retryable one when the time ran out.
@@ -173,10 +220,7 @@ async def with_retries(
     retry = 0
     while True:
         try:
-            with trio.fail_after(max(0.0, deadline - trio.current_time())):
-                return await attempt()
-        except trio.TooSlowError:
-            error = SendFailed("DEADLINE_EXCEEDED", f"no answer within {timeout_s:g} s")
+            return await attempt(deadline)
         except SendFailed as exc:
             error = exc
         delay = retry_delay_s(error.status, retry, deadline - trio.current_time(), jitter)
@@ -195,8 +239,9 @@ async def status(
     watch: bool = False,
     token: str | None = None,
     ssl_context: ssl.SSLContext | None = None,
-    timeout_s: float = DEFAULT_TIMEOUT_S,
     idempotency_key: str = "",
+    connect_timeout_s: float = CONNECT_TIMEOUT_S,
+    timeout_s: float = CALL_TIMEOUT_S,
 ) -> None:
     """Report the status of ``message_id`` to ``on_status``; with ``watch``, every change until
     the final state. ``GetStatus`` is retried within ``timeout_s`` (a watch has no timeout).
@@ -205,21 +250,32 @@ async def status(
         SendFailed: with the gRPC status name and its message.
     """
 
-    async def call(stub: MailerStub, metadata: Metadata) -> None:
+    async def call(stub: MailerStub, metadata: Metadata, budget: _Budget) -> None:
         request = StatusRequest(message_id=message_id, idempotency_key=idempotency_key)
         if not watch:
             on_status(await stub.GetStatus(request, metadata=metadata))
             return
         async with aclosing(stub.WatchStatus(request, metadata=metadata)) as changes:
             async for change in changes:
+                budget.answered()
                 on_status(change)
 
-    if watch:
-        await _call(host, port, call, token=token, ssl_context=ssl_context)
-    else:
-        await with_retries(
-            lambda: _call(host, port, call, token=token, ssl_context=ssl_context), timeout_s
+    def attempt(deadline: float | None) -> Awaitable[None]:
+        return _call(
+            host,
+            port,
+            call,
+            token=token,
+            ssl_context=ssl_context,
+            connect_timeout_s=connect_timeout_s,
+            timeout_s=timeout_s,
+            deadline=deadline,
         )
+
+    if watch:
+        await attempt(None)
+    else:
+        await with_retries(attempt, timeout_s)
 
 
 async def list_suppressed(
@@ -228,6 +284,8 @@ async def list_suppressed(
     *,
     token: str | None = None,
     ssl_context: ssl.SSLContext | None = None,
+    connect_timeout_s: float = CONNECT_TIMEOUT_S,
+    timeout_s: float = CALL_TIMEOUT_S,
 ) -> list[SuppressedAddress]:
     """The running service's suppression list.
 
@@ -235,12 +293,21 @@ async def list_suppressed(
         SendFailed: with the gRPC status name and its message.
     """
 
-    async def call(admin: MailerAdminStub, metadata: Metadata) -> list[SuppressedAddress]:
+    async def call(
+        admin: MailerAdminStub, metadata: Metadata, _budget: _Budget
+    ) -> list[SuppressedAddress]:
         reply = await admin.ListSuppressed(ListSuppressedRequest(), metadata=metadata)
         return list(reply.addresses)
 
     return await _call(
-        host, port, call, token=token, ssl_context=ssl_context, make_stub=MailerAdminStub
+        host,
+        port,
+        call,
+        token=token,
+        ssl_context=ssl_context,
+        connect_timeout_s=connect_timeout_s,
+        timeout_s=timeout_s,
+        make_stub=MailerAdminStub,
     )
 
 
@@ -251,6 +318,8 @@ async def remove_suppressed(
     *,
     token: str | None = None,
     ssl_context: ssl.SSLContext | None = None,
+    connect_timeout_s: float = CONNECT_TIMEOUT_S,
+    timeout_s: float = CALL_TIMEOUT_S,
 ) -> bool:
     """Take ``address`` off the running service's suppression list; False if it was not on it.
 
@@ -258,14 +327,21 @@ async def remove_suppressed(
         SendFailed: with the gRPC status name and its message.
     """
 
-    async def call(admin: MailerAdminStub, metadata: Metadata) -> bool:
+    async def call(admin: MailerAdminStub, metadata: Metadata, _budget: _Budget) -> bool:
         reply = await admin.RemoveSuppressed(
             RemoveSuppressedRequest(address=address), metadata=metadata
         )
         return bool(reply.removed)
 
     return await _call(
-        host, port, call, token=token, ssl_context=ssl_context, make_stub=MailerAdminStub
+        host,
+        port,
+        call,
+        token=token,
+        ssl_context=ssl_context,
+        connect_timeout_s=connect_timeout_s,
+        timeout_s=timeout_s,
+        make_stub=MailerAdminStub,
     )
 
 
@@ -275,17 +351,35 @@ Metadata = list[tuple[str, str]] | None
 async def _call(
     host: str,
     port: int,
-    call: Callable[[Any, Metadata], Awaitable[T]],
+    call: Callable[[Any, Metadata, _Budget], Awaitable[T]],
     *,
     token: str | None,
     ssl_context: ssl.SSLContext | None,
+    connect_timeout_s: float,
+    timeout_s: float,
+    deadline: float | None = None,
     make_stub: Callable[[Any], Any] = MailerStub,
 ) -> T:
+    """One attempt: connect within ``connect_timeout_s``, then wait for the reply until
+    ``deadline`` (the whole call's, retries included; default ``timeout_s`` from now)."""
     metadata = [("authorization", f"Bearer {token}")] if token else None
+    now = trio.current_time()
+    call_deadline = now + timeout_s if deadline is None else deadline
+    connect_deadline = now + connect_timeout_s
+    budget = _Budget(trio.CancelScope(deadline=min(connect_deadline, call_deadline)), call_deadline)
     # purerpc's client runs the call in a task group, so errors arrive inside exception groups.
     try:
-        async with open_channel(host, port, ssl_context) as channel:
-            return await call(make_stub(channel), metadata)
+        with budget.scope:
+            async with open_channel(host, port, ssl_context) as channel:
+                budget.connected()
+                return await call(make_stub(channel), metadata, budget)
+        if budget.phase == "connect" and connect_deadline <= call_deadline:
+            detail = f"cannot reach {host}:{port}: no connection within {connect_timeout_s:g}s"
+        elif budget.phase == "connect":
+            detail = f"cannot reach {host}:{port}: no connection within {timeout_s:g}s"
+        else:
+            detail = f"no reply from {host}:{port} within {timeout_s:g}s"
+        raise SendFailed("DEADLINE_EXCEEDED", detail)
     except* purerpc.RpcFailedError as group:
         rpc_status = exception_leaves(group)[0].status
         raise SendFailed(rpc_status.status_code.name, rpc_status.status_message) from None
@@ -302,7 +396,8 @@ async def check_health(
     *,
     token: str | None = None,
     ssl_context: ssl.SSLContext | None = None,
-    timeout_s: float = DEFAULT_TIMEOUT_S,
+    connect_timeout_s: float = CONNECT_TIMEOUT_S,
+    timeout_s: float = CALL_TIMEOUT_S,
 ) -> str:
     """The serving status the gRPC health service reports for ``service`` ("" for the whole
     server): "SERVING", "NOT_SERVING", ... Retried within ``timeout_s`` like the other calls.
@@ -313,11 +408,21 @@ async def check_health(
     from trio_mailer.grpc_std.health.v1.health_grpc import HealthStub
     from trio_mailer.grpc_std.health.v1.health_pb2 import HealthCheckRequest, HealthCheckResponse
 
-    async def call(stub: HealthStub, metadata: Metadata) -> str:
+    async def call(stub: HealthStub, metadata: Metadata, _budget: _Budget) -> str:
         reply = await stub.Check(HealthCheckRequest(service=service), metadata=metadata)
         return str(HealthCheckResponse.ServingStatus.Name(reply.status))
 
     return await with_retries(
-        lambda: _call(host, port, call, token=token, ssl_context=ssl_context, make_stub=HealthStub),
+        lambda deadline: _call(
+            host,
+            port,
+            call,
+            token=token,
+            ssl_context=ssl_context,
+            connect_timeout_s=connect_timeout_s,
+            timeout_s=timeout_s,
+            deadline=deadline,
+            make_stub=HealthStub,
+        ),
         timeout_s,
     )

@@ -1,7 +1,7 @@
 """Logging set-up, and escaping for text that comes from outside (SMTP replies, requests).
 
-Pure. Text from a relay or a caller can hold CR/LF and forge log lines; ``printable`` escapes
-every control character before it reaches a log record.
+Text from a relay or a caller can hold CR/LF and forge log lines; ``printable`` (a plain
+function) escapes every control character before it reaches a log record.
 """
 
 from __future__ import annotations

@@ -65,16 +65,20 @@ SEND_OUTCOMES = (
     "idempotency_busy",
     "unauthenticated",
     "unavailable",
+    "deadline_exceeded",  # past the caller's deadline before the mail was stored
+    "cancelled",  # the caller went away (or the server is stopping)
     "internal",
 )
 STATUS_OUTCOMES = ("ok", "not_found", "invalid", "unauthenticated", "unavailable", "internal")
 REQUEST_LABELS: dict[str, tuple[str, ...]] = {
+    "Send": SEND_OUTCOMES,
     "SendPass": SEND_OUTCOMES,
     "SendRetrieve": SEND_OUTCOMES,
     "GetStatus": STATUS_OUTCOMES,
     "WatchStatus": STATUS_OUTCOMES,
 }
 GRPC_TYPES = {
+    "Send": "unary",
     "SendPass": "unary",
     "SendRetrieve": "unary",
     "GetStatus": "unary",
@@ -85,6 +89,7 @@ GRPC_CODES = (
     "CANCELLED",
     "INVALID_ARGUMENT",
     "NOT_FOUND",
+    "DEADLINE_EXCEEDED",
     "FAILED_PRECONDITION",
     "ABORTED",
     "UNAUTHENTICATED",
@@ -156,7 +161,8 @@ class Metrics:
             "trio_mailer_requests",
             "gRPC requests by method and outcome (accepted, repeat, queue_full, "
             "recipient_rate_limited, caller_rate_limited, suppressed, invalid, "
-            "idempotency_conflict, idempotency_busy, unauthenticated, unavailable, internal)",
+            "idempotency_conflict, idempotency_busy, unauthenticated, unavailable, "
+            "deadline_exceeded, cancelled, internal)",
             ["method", "outcome"],
             registry=r,
         )
@@ -169,6 +175,12 @@ class Metrics:
         self.suppressed_addresses = Gauge(
             "trio_mailer_suppressed_addresses",
             "Addresses on the suppression list now",
+            registry=r,
+        )
+        self.delivered_by_relay = Counter(
+            "trio_mailer_delivered_by_relay",
+            "Mails delivered, by the relay (host:port) that took them",
+            ["relay"],
             registry=r,
         )
         self.retries = Counter("trio_mailer_retries", "Attempts scheduled again", registry=r)
@@ -283,6 +295,9 @@ class Metrics:
 
     def reply(self, code: int | None) -> None:
         self.smtp_replies.labels("none" if code is None else f"{code // 100}xx").inc()
+
+    def delivered_via(self, relay: str) -> None:
+        self.delivered_by_relay.labels(relay or "unknown").inc()
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -271,12 +271,17 @@ def _check_remote(values: dict[str, Any], _env: Mapping[str, str]) -> str | None
     tls: TlsMode = values["smtp_tls"]
     remote = values.pop("remote_host")
     values["relay_host"], values["relay_port"] = "", tls.default_port
+    values["relays"] = ()
     if remote is None:
         return None
-    try:
-        values["relay_host"], values["relay_port"] = parse_host_port(remote, tls.default_port)
-    except ValueError as exc:
-        return f"MAILER_REMOTE_HOST: {exc}, got {remote!r}"
+    relays = []
+    for part in remote.split(","):
+        try:
+            relays.append(parse_host_port(part.strip(), tls.default_port))
+        except ValueError as exc:
+            return f"MAILER_REMOTE_HOST: {exc}, got {part.strip()!r}"
+    values["relays"] = tuple(relays)
+    values["relay_host"], values["relay_port"] = relays[0]
     return None
 
 
@@ -367,7 +372,8 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("MAILER_SMTP_TLS", "smtp_tls", TlsMode.IMPLICIT, _tls_mode,
             "implicit (TLS from the first byte), starttls (required), or none (plaintext)"),
     Setting("MAILER_REMOTE_HOST", "remote_host", None, _text,
-            "the SMTP relay, host:port ([v6addr]:port); without a port: 465, 587 or 25 by TLS mode",
+            "the SMTP relay, host:port ([v6addr]:port); without a port: 465, 587 or 25 by TLS "
+            "mode; several, comma-separated, are tried in order",
             required="the SMTP relay as host:port", check=_check_remote),
     Setting("MAILER_FROM", "mail_from", "", _mail_from,
             "the sender address (envelope and From:)",
@@ -399,8 +405,8 @@ SETTINGS: tuple[Setting, ...] = (
             "first retry and reconnect delay"),
     Setting("MAILER_RETRY_MAX_S", "retry_max_s", 60.0, _seconds_between(0, DAY_S),
             "cap on retry and reconnect delays", check=_check_retry_max),
-    Setting("MAILER_MAX_ATTEMPTS", "max_attempts", 8, _int_in(1, 100),
-            "attempts per mail before it is reported failed"),
+    Setting("MAILER_MAX_ATTEMPTS", "max_attempts", 1000, _int_in(1, 1_000_000),
+            "upper bound on attempts per mail; the time to live decides first"),
     Setting("MAILER_MESSAGE_TTL_S", "message_ttl_s", 600.0, _seconds_between(0, 7 * DAY_S),
             "a mail not delivered this long after acceptance is reported failed"),
     Setting("MAILER_RETRY_CAPACITY", "retry_capacity", 100, _int_in(1, MAX_QUEUE_SIZE),
@@ -438,6 +444,10 @@ SETTINGS: tuple[Setting, ...] = (
             "the durable outbox file, or memory", check=_check_outbox),
     Setting("MAILER_STATUS_RETENTION_S", "status_retention_s", DAY_S,
             _seconds_between(0, 365 * DAY_S), "how long a finished mail's status stays queryable"),
+    Setting("MAILER_MAX_CONNECTIONS", "max_connections", 500, _int_in(1, 100_000),
+            "gRPC connections served at once; one beyond it is closed when accepted"),
+    Setting("MAILER_GRPC_IDLE_TIMEOUT_S", "grpc_idle_timeout_s", 300.0,
+            _seconds_between(0, DAY_S), "a gRPC connection without a call is closed after this"),
     Setting("MAILER_IDEMPOTENCY_WINDOW_S", "idempotency_window_s", DAY_S,
             _seconds_between(0, 30 * DAY_S),
             "how long an idempotency_key answers a repeat with the first reply"),
@@ -459,9 +469,10 @@ def default(field: str) -> Any:
 
 @attrs.frozen
 class Config:
-    relay_host: str
+    relay_host: str  # the first relay
     relay_port: int
     mail_from: str
+    relays: tuple[tuple[str, int], ...] = ()  # every relay, in order; () means just the first
     smtp_tls: TlsMode = default("smtp_tls")
     service_name: str = default("service_name")
     smtp_user: str | None = default("smtp_user")
@@ -495,16 +506,24 @@ class Config:
     health_down_after_s: float = default("health_down_after_s")
     outbox_path: Path | None = None  # None: the in-memory outbox (MAILER_OUTBOX=memory)
     status_retention_s: float = default("status_retention_s")
+    max_connections: int = default("max_connections")
+    grpc_idle_timeout_s: float = default("grpc_idle_timeout_s")
     idempotency_window_s: float = default("idempotency_window_s")
     recipient_limit: RateLimit | None = default("recipient_limit")
     caller_limit: RateLimit | None = default("caller_limit")
     suppress_s: float = default("suppress_s")
 
+    @property
+    def relay_list(self) -> tuple[tuple[str, int], ...]:
+        """Every relay as (host, port), in the order they are tried."""
+        return self.relays or ((self.relay_host, self.relay_port),)
+
     def describe(self) -> str:
         """The effective configuration for the start-up log line, without secrets."""
         auth = f"user={self.smtp_user!r} password=***" if self.smtp_user else "no AUTH"
+        relays = ",".join(f"{host}:{port}" for host, port in self.relay_list)
         return (
-            f"relay={self.relay_host}:{self.relay_port} tls={self.smtp_tls.value} {auth} "
+            f"relay={relays} tls={self.smtp_tls.value} {auth} "
             f"ca_file={self.smtp_ca_file or 'system store'} from={self.mail_from} "
             f"service_name={self.service_name!r} listen={self.serve_host}:{self.serve_port} "
             f"queue_size={self.queue_size} smtp_timeout_s={self.smtp_timeout_s:g} "
@@ -519,6 +538,8 @@ class Config:
             f"tokens={len(self.auth_tokens.digests) if self.auth_tokens else 0} "
             f"metrics_port={self.metrics_port or 'off'} log_format={self.log_format} "
             f"outbox={self.outbox_path or 'memory'} status_retention_s={self.status_retention_s:g} "
+            f"max_connections={self.max_connections} "
+            f"grpc_idle_timeout_s={self.grpc_idle_timeout_s:g} "
             f"idempotency_window_s={self.idempotency_window_s:g} "
             f"recipient_limit={self.recipient_limit or 'off'} "
             f"caller_limit={self.caller_limit or 'off'} suppress_s={self.suppress_s:g}"

@@ -1,7 +1,9 @@
 """Whether the service should call itself healthy: pure, from the senders' state.
 
 SERVING when a session is up, or nothing is known to be wrong (a session is opened only when
-mail comes, so an idle service has none). NOT_SERVING from the first moment of a drain, while
+mail comes, so an idle service has none). NOT_SERVING until one session to the relay has
+succeeded since start-up (the start-up relay check: EHLO, TLS, AUTH, QUIT), from the first
+moment of a drain, while
 the relay refuses our credentials or certificate (that will not heal by itself), and once the
 relay has been unreachable for ``down_after_s``: long enough that an orchestrator should route
 callers elsewhere, short of flapping on one dropped connection.
@@ -27,9 +29,14 @@ class SenderStatistics:
 
 
 def is_serving(
-    senders: Sequence[SenderStatistics], *, draining: bool, now_s: float, down_after_s: float
+    senders: Sequence[SenderStatistics],
+    *,
+    draining: bool,
+    now_s: float,
+    down_after_s: float,
+    relay_verified: bool = True,
 ) -> bool:
-    if draining:
+    if draining or not relay_verified:
         return False
     if any(s.sessions_up for s in senders):
         return True

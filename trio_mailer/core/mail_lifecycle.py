@@ -1,25 +1,46 @@
 """What the outbox stores about a mail, and the rules for changing it.
 
-Pure: no trio, sqlite3, smtplib or purerpc here. ``outbox.py`` stores these values (in SQLite or in
-memory); both apply a sender's report through ``apply_change``, so they cannot disagree.
+Pure: no trio, sqlite3, smtplib or purerpc here. ``store/outbox.py`` stores these values (in
+SQLite or in memory); both apply a sender's report through ``apply_change``, so they cannot
+disagree.
 
 Theory of operation
 -------------------
-A mail is added once, normally ``QUEUED``, with everything needed to send it again after a
-restart. The sender then reports each ``StatusChange``: ``SENDING`` when an attempt starts,
-``RETRY_WAIT`` after a failed attempt that will be retried, and one terminal state: ``DELIVERED``,
-``FAILED`` or ``EXPIRED``. A change carries the sender's whole current view (attempts, last reply);
-only ``possible_duplicate`` is sticky, because once the relay may have had the mail that stays true.
+A mail is added once, ``QUEUED``, with everything needed to send it again after a restart. The
+sender then reports each ``StatusChange``; the outbox and the status board apply it through
+``apply_change``, so they cannot disagree. The allowed moves are one table, ``TRANSITIONS``::
 
-The rules ``apply_change`` enforces:
+    QUEUED      -> SENDING (an attempt starts), FAILED, EXPIRED,
+                   QUEUED (a note: why it still waits, e.g. the relay is unavailable)
+    SENDING     -> DELIVERED, FAILED, EXPIRED (the attempt's outcome),
+                   RETRY_WAIT (it failed; another is due later),
+                   QUEUED (given back before anything of the mail reached the relay),
+                   SENDING (the next attempt, after a restart found the mail SENDING)
+    RETRY_WAIT  -> SENDING, FAILED, EXPIRED, RETRY_WAIT (a note, as for QUEUED)
+    DELIVERED, FAILED, EXPIRED: terminal, nothing follows
 
-- a terminal record never changes again (every mail has exactly one outcome);
-- ``attempts`` never goes down;
-- ``finished_at_unix`` is set exactly when the state is terminal (``MailRecord`` checks this);
-- ``last_attempt_at_unix`` moves to the change's time when the change counts a new attempt.
+``SENDING`` is stored *before* the relay hears DATA: a row still ``SENDING`` at start-up means
+the process died during an attempt, so the relay may have the mail and its next delivery is
+flagged ``possible_duplicate``; its attempt is already counted.
 
-A row left ``SENDING`` at start-up means the process died during an attempt: the relay may have the
-mail, so whoever resumes it should treat it as a possible duplicate.
+A change carries the sender's whole view (attempts, last reply); only ``possible_duplicate`` is
+sticky, because once the relay may have had the mail that stays true. Besides the table:
+``attempts`` never goes down; ``finished_at_unix`` is set exactly when the state is terminal
+(``MailRecord`` checks this); ``last_attempt_at_unix`` moves to the change's time when the change
+counts a new attempt.
+
+A change the rules refuse is a bug in the sender, never the mail's fault, and must not take the
+service down (it once did: an outage past the time to live made the sender report an outcome
+with a lower attempt count, and the refusal escaped the nursery). ``apply_change`` therefore
+never raises for a mail that is not finished; it returns the record in a *defined* state and
+says what was wrong (``Applied.problem``), which the shell logs at ERROR with the Message-ID:
+
+- an outcome (a terminal state) is always recorded, so every mail ends exactly once; attempts
+  and the duplicate flag never go down;
+- a move the table does not allow to a non-terminal state is ignored: the record keeps its state,
+  with the higher attempt count and the sticky duplicate flag.
+
+A change to a finished mail is refused (``OutboxConflict``): its one outcome stands.
 
 Timestamps are wall-clock unix seconds (``time.time()``), not the trio clock: they must mean the
 same thing after a restart.
@@ -34,7 +55,12 @@ from pathlib import Path, PurePath
 
 import attrs
 
-from trio_mailer.core.errors import GrpcStatus
+from trio_mailer.core.errors import OutboxConflict
+
+# The outbox errors live in errors.py with the others; these names stay importable from here.
+from trio_mailer.core.errors import OutboxCorrupt as OutboxCorrupt
+from trio_mailer.core.errors import OutboxError as OutboxError
+from trio_mailer.core.errors import OutboxFull as OutboxFull
 from trio_mailer.core.message import OutgoingMail
 from trio_mailer.core.rendering import TEMPLATE_NAME
 
@@ -55,6 +81,28 @@ class MailState(enum.Enum):
 
 
 TERMINAL_STATES = frozenset({MailState.DELIVERED, MailState.FAILED, MailState.EXPIRED})
+
+_OUTCOMES = frozenset({MailState.DELIVERED, MailState.FAILED, MailState.EXPIRED})
+_DELIVERED = frozenset({MailState.DELIVERED})  # only an attempt (SENDING) can deliver
+
+# The one table of allowed moves; see the theory of operation.
+TRANSITIONS: Mapping[MailState, frozenset[MailState]] = {
+    MailState.QUEUED: frozenset({MailState.QUEUED, MailState.SENDING} | _OUTCOMES - _DELIVERED),
+    MailState.SENDING: frozenset(
+        {MailState.SENDING, MailState.RETRY_WAIT, MailState.QUEUED} | _OUTCOMES
+    ),
+    MailState.RETRY_WAIT: frozenset(
+        {MailState.RETRY_WAIT, MailState.SENDING} | _OUTCOMES - _DELIVERED
+    ),
+    MailState.DELIVERED: frozenset(),
+    MailState.FAILED: frozenset(),
+    MailState.EXPIRED: frozenset(),
+}
+
+
+def allowed(source: MailState, target: MailState) -> bool:
+    """True when the table lets a mail in ``source`` move to ``target``."""
+    return target in TRANSITIONS[source]
 
 
 def _finite(_: object, attribute: attrs.Attribute[float], value: float) -> None:
@@ -151,52 +199,19 @@ class StatusChange:
     possible_duplicate: bool = False
 
 
-class OutboxError(Exception):
-    """The outbox cannot do what was asked; ``problem`` says why.
+@attrs.frozen
+class Applied:
+    """The record after a change, and what was wrong with the change (None: nothing)."""
 
-    Not a ``MailerError``: the message names the file, which a gRPC client must not see. An
-    ``add`` that raises any ``OutboxError`` accepted nothing the caller can rely on, so the handler
-    answers ``grpc_status`` with a generic message and logs ``str(exc)``.
-    """
-
-    grpc_status: GrpcStatus = GrpcStatus.UNAVAILABLE
-
-    def __init__(self, problem: str, *, path: PurePath | None = None) -> None:
-        super().__init__(f"outbox {path}: {problem}" if path is not None else f"outbox: {problem}")
-        self.problem = problem
-        self.path = path
+    record: MailRecord
+    problem: str | None = None
 
 
-class OutboxCorrupt(OutboxError):
-    """The file is not a usable outbox (not SQLite, damaged, another schema): start-up must stop.
-
-    The file is left exactly as it was, for a person to look at.
-    """
-
-    grpc_status = GrpcStatus.INTERNAL
-
-
-class OutboxFull(OutboxError):
-    """The disk (or the outbox's size cap) is full, or the file is read-only: nothing was stored."""
-
-    grpc_status = GrpcStatus.UNAVAILABLE
-
-
-class OutboxConflict(OutboxError):
-    """A change that breaks the rules: a duplicate ``add``, an unknown mail, a finished mail.
-
-    Only the offending call fails; the others in the same commit are stored. It means a bug in
-    the caller, hence INTERNAL.
-    """
-
-    grpc_status = GrpcStatus.INTERNAL
-
-
-def apply_change(record: MailRecord, change: StatusChange) -> MailRecord:
-    """``record`` after ``change``.
+def check_change(record: MailRecord, change: StatusChange) -> Applied:
+    """``record`` after ``change``, in a defined state even when the change breaks the rules.
 
     Raises:
-        OutboxConflict: ``record`` is already terminal, or ``change`` lowers the attempts.
+        OutboxConflict: ``record`` is already terminal (its one outcome stands).
         ValueError: ``change`` is about another mail (a bug in the caller).
     """
     if change.message_id != record.message_id:
@@ -206,23 +221,45 @@ def apply_change(record: MailRecord, change: StatusChange) -> MailRecord:
             f"{record.message_id} is already {record.state.value}; "
             f"it cannot become {change.state.value}"
         )
+    problems = []
+    state = change.state
+    if not allowed(record.state, change.state):
+        problems.append(f"{record.state.value} -> {change.state.value} is not allowed")
+        if not change.state.terminal:
+            state = record.state  # ignored; an outcome is always recorded
+    attempts = change.attempts
     if change.attempts < record.attempts:
-        raise OutboxConflict(
-            f"{record.message_id}: attempts: expected {record.attempts} or more, "
-            f"got {change.attempts}"
-        )
-    return attrs.evolve(
+        problems.append(f"attempts: expected {record.attempts} or more, got {change.attempts}")
+        attempts = record.attempts
+    new = attrs.evolve(
         record,
-        state=change.state,
-        attempts=change.attempts,
+        state=state,
+        attempts=attempts,
         last_reply_code=change.last_reply_code,
         last_reply_text=change.last_reply_text,
         last_attempt_at_unix=(
-            change.at_unix if change.attempts > record.attempts else record.last_attempt_at_unix
+            change.at_unix if attempts > record.attempts else record.last_attempt_at_unix
         ),
-        finished_at_unix=change.at_unix if change.state.terminal else None,
+        finished_at_unix=change.at_unix if state.terminal else None,
         possible_duplicate=record.possible_duplicate or change.possible_duplicate,
     )
+    if not problems:
+        return Applied(new)
+    return Applied(
+        new,
+        f"{record.message_id}: refused status change ({'; '.join(problems)}); "
+        f"kept as {new.state.value} with {new.attempts} attempt(s)",
+    )
+
+
+def apply_change(record: MailRecord, change: StatusChange) -> MailRecord:
+    """``record`` after ``change`` (see ``check_change``; its problem is dropped here).
+
+    Raises:
+        OutboxConflict: ``record`` is already terminal.
+        ValueError: ``change`` is about another mail (a bug in the caller).
+    """
+    return check_change(record, change).record
 
 
 OUTBOX_FILE = PurePath("trio-mailer", "outbox.sqlite3")

@@ -5,15 +5,19 @@ policy is tested without I/O, clocks or luck.
 
 Theory of operation
 -------------------
-A mail gets at most ``max_attempts`` attempts and never outlives its time to live
-(``ttl_s`` after it was accepted): a password code an hour late is worse than a clear failure.
+A mail is retried until its time to live (``ttl_s`` after it was accepted) would pass: that is
+the promise (a password code an hour late is worse than a clear failure). ``max_attempts`` is
+only an upper bound, by default far above what the time to live allows, so the TTL decides.
 
 After a failed attempt (``after_failure``):
 
 - ``PERMANENT`` (a 5xx reply): give up at once.
-- ``TRANSIENT`` (a 4xx reply about this mail, e.g. 450/451/452): wait with exponential backoff
-  and full jitter, uniform in ``[0, min(max_s, base_s * 2**(attempts-1))]``, so that many mails
-  deferred together do not come back together. Other mails go meanwhile.
+- ``TRANSIENT`` (a 4xx reply about this mail, e.g. 450/451/452, greylisting): wait with capped
+  exponential backoff and "equal jitter", uniform in ``[step/2, step]`` with
+  ``step = min(max_s, base_s * 2**(attempts-1))``, so that many mails deferred together do not
+  come back together, and no draw makes a tight loop (with full jitter a run of small draws
+  used up the attempts in seconds). With the defaults (1 s, 60 s cap, 600 s TTL) that is at
+  most about 26 attempts. Other mails go meanwhile.
 - ``SESSION_LOST`` (the connection broke, timed out or said 421 before the relay's answer to the
   final "."), and ``OUTCOME_UNKNOWN`` (it broke after the final "." was sent, so the relay may
   have the mail): try again at once on a new session. The pacing comes from the reconnect
@@ -72,9 +76,10 @@ class RetryPolicy:
     ttl_s: float = default("message_ttl_s")
 
     def backoff_s(self, attempts: int, rand: float) -> float:
-        """Full-jitter delay after ``attempts`` transient failures; ``rand`` in [0, 1]."""
+        """Equal-jitter delay after ``attempts`` transient failures; ``rand`` in [0, 1]."""
         exponent = min(max(attempts - 1, 0), 64)  # 2.0 ** 2000 overflows a float
-        return rand * min(self.max_s, self.base_s * 2.0**exponent)
+        step = min(self.max_s, self.base_s * 2.0**exponent)
+        return step / 2 + rand * step / 2
 
     def deadline_s(self, accepted_at_s: float) -> float:
         """The time after which the mail is not worth sending any more."""

@@ -16,8 +16,14 @@ Mail held in memory is bounded: at most ``capacity`` in the channel plus ``retry
 waiting for a retry or in flight. When the heap is full, the senders stop taking new mail, the
 channel fills, and callers are refused at once: that is the backpressure.
 
-``close()`` (shutdown) stops admission; ``next_due()`` returns ``None`` once the channel is
-drained, no retry is waiting and no mail is in flight anywhere.
+A place reserved by a gRPC call whose mail is being written to the outbox is the call's: mail
+recovered from the outbox at start-up waits for a place nobody holds (``put_recovered``), and
+``close()`` (shutdown) stops new reservations but closes the channel only once every reserved
+place is filled or released, so a mail stored while shutdown begins is still queued, delivered
+in the drain and answered ``sent=true``.
+
+``close()`` stops admission; ``next_due()`` returns ``None`` once the channel is drained, no
+retry is waiting and no mail is in flight anywhere.
 """
 
 from __future__ import annotations
@@ -71,6 +77,8 @@ class MailQueue:
     _channel_drained: bool = False
     _reserved: int = 0
     _waiters: set[trio.CancelScope] = attrs.Factory(set)
+    _closing: bool = False
+    _room: trio.lowlevel.ParkingLot = attrs.Factory(trio.lowlevel.ParkingLot)
 
     @classmethod
     def open(cls, capacity: int, retry_capacity: int) -> MailQueue:
@@ -103,7 +111,7 @@ class MailQueue:
             trio.WouldBlock: the queue is full.
             ShuttingDown: the queue was closed for shutdown.
         """
-        if self._send.statistics().open_send_channels == 0:
+        if self._closing:
             raise ShuttingDown()
         if self.full():
             raise trio.WouldBlock
@@ -111,6 +119,13 @@ class MailQueue:
 
     def release(self) -> None:
         self._reserved -= 1
+        self._after_reservation()
+
+    def _after_reservation(self) -> None:
+        self._room.unpark_all()
+        if self._closing and self._reserved == 0:
+            self._send.close()
+            self._wake()
 
     def put_reserved(self, mail: OutgoingMail, accepted_at_s: float) -> Delivery:
         """Fill a place taken with ``reserve_nowait``.
@@ -119,21 +134,38 @@ class MailQueue:
             ShuttingDown: the queue was closed meanwhile (the mail is in the outbox, and the
                 next start delivers it).
         """
-        self._reserved -= 1
         delivery = Delivery(mail, accepted_at_s=accepted_at_s)
         try:
             self._send.send_nowait(delivery)
         except (trio.ClosedResourceError, trio.BrokenResourceError):
             raise ShuttingDown() from None
+        finally:
+            self._reserved -= 1
+            self._after_reservation()
         return delivery
 
     async def put_recovered(self, delivery: Delivery) -> None:
-        """Queue a mail found unfinished in the outbox at start-up, waiting for room."""
-        await self._send.send(delivery)
+        """Queue a mail found unfinished in the outbox at start-up, waiting for a place that
+        no gRPC call has reserved.
+
+        Raises:
+            ShuttingDown: the queue was closed.
+        """
+        while True:
+            if self._closing:
+                raise ShuttingDown()
+            if not self.full():
+                self._send.send_nowait(delivery)
+                return
+            await self._room.park()
 
     def close(self) -> None:
-        """Take no more mail; the senders finish what is queued or waiting."""
-        self._send.close()
+        """Take no more mail; the senders finish what is queued or waiting (and what the
+        calls holding a reserved place put in)."""
+        self._closing = True
+        self._room.unpark_all()
+        if self._reserved == 0:
+            self._send.close()
         self._wake()
 
     # ---- the sender side ----
@@ -156,6 +188,7 @@ class MailQueue:
                     if room and not self._channel_drained:
                         delivery = await self._receive.receive()
                         self._in_flight += 1
+                        self._room.unpark_all()
                         return delivery
                     await trio.sleep_forever()
                 except trio.EndOfChannel:
@@ -198,5 +231,5 @@ class MailQueue:
             in_flight=self._in_flight,
             capacity=self.capacity,
             retry_capacity=self.retry_capacity,
-            closed=self._send.statistics().open_send_channels == 0,
+            closed=self._closing,
         )

@@ -3,26 +3,28 @@
 Theory of operation
 -------------------
 A sender owns at most one SMTP session and handles one mail at a time, so no session ever
-carries two transactions at once. For each mail that ``MailQueue.next_due()`` hands it:
+carries two transactions at once. The decisions about the session (probe it, recycle it,
+replace it after a reply) are ``core.session_policy``'s; those about the mail (retry when,
+give up) are ``core.retry_policy``'s; the allowed status changes are ``core.mail_lifecycle``'s
+table. For each mail that ``MailQueue.next_due()`` hands it:
 
-1. A mail whose time to live has passed is reported failed without an attempt.
-2. Get a usable session. Without one, connect, waiting first for the reconnect backoff
-   (``ReconnectBackoff``: grows while sessions keep failing, jumps to the cap on a configuration
-   error such as a refused password or certificate). Relay trouble is logged once per change of
-   state, not once per try. If the mail's time to live would pass while waiting, it is reported
-   failed at that moment.
-3. A session that has already carried a mail and then sat idle for ``noop_idle_s`` or more is
-   probed with NOOP first, in the same thread hop as the mail (``noop_idle_s=0``: before every
-   mail, the origin's behaviour);
-   anything but 250 (the relay dropped it while idle, or said 421) means replace it before
-   sending. A busy session skips the probe: it costs a round trip per mail, and a session that
-   broke anyway is caught by the send itself (the mail then goes again on a new session).
-   A session that has carried ``max_messages`` mails or lived ``max_age_s`` is recycled: QUIT,
-   and a new one for the next mail (many relays cap both).
-4. Send, and let ``RetryPolicy`` decide what follows a failure: the mail is put back into the
-   queue's retry heap (at once after a lost session, after a jittered backoff after a 4xx), or
-   reported failed. After a rejected MAIL, RCPT, DATA or "." the session is reset with RSET, or
-   replaced when RSET fails.
+1. A mail whose time to live has passed is reported expired without an attempt.
+2. Get a usable session. Without one, connect once. **A sender that cannot connect gives the
+   mail back** to the queue (due at once, for any sender that has a session: work stealing),
+   then waits its reconnect backoff holding no mail (``ReconnectBackoff``: grows while connects
+   keep failing, jumps to the cap on a configuration error such as a refused password, a
+   certificate or a missing STARTTLS). The wait ends early at the given-back mail's time to
+   live, so a mail nobody can send is reported expired on time. Relay trouble is logged once
+   per change of state, and shown as the waiting mail's last reply in GetStatus.
+3. A session that reached its cap (``max_messages`` attempts, delivered or not, or
+   ``max_age_s``) is recycled with QUIT; one that carried a mail and then sat idle for
+   ``noop_idle_s`` is probed with NOOP first, and replaced when the answer is not 250.
+4. The attempt is **stored as started** (``SENDING``, its attempt counted) before the relay
+   hears DATA, so a crash during DATA is known at the next start as a possible duplicate.
+5. Send, and let the policies decide what follows a failure: a 4xx tied to the session (a cap,
+   ``4.5.3``) replaces the session and the mail goes again at once; another 4xx puts the mail
+   in the queue's retry heap after a jittered, capped backoff, until its time to live; a 5xx
+   fails it. A lost session is replaced (with the reconnect backoff pacing a relay in trouble).
 
 Every accepted mail ends in exactly one log line: ``delivered`` or ``failed``, with its
 Message-ID, the number of attempts and the last reply, and ``on_finished`` is told. A mail whose
@@ -45,8 +47,9 @@ import attrs
 import trio
 
 from trio_mailer.core.config import default
+from trio_mailer.core.errors import OutboxError
 from trio_mailer.core.health_decision import SenderStatistics
-from trio_mailer.core.mail_lifecycle import MailState, OutboxError, StatusChange
+from trio_mailer.core.mail_lifecycle import MailState, StatusChange
 from trio_mailer.core.message import OutgoingMail
 from trio_mailer.core.retry_policy import (
     TTL_REASON_PREFIX,
@@ -55,11 +58,16 @@ from trio_mailer.core.retry_policy import (
     ReconnectBackoff,
     RetryPolicy,
 )
+from trio_mailer.core.session_policy import (
+    SessionAction,
+    after_rejection,
+    should_probe,
+    should_recycle,
+)
 from trio_mailer.delivery.mail_queue import Delivery, MailQueue
 from trio_mailer.delivery.smtp_session import (
     ConnectFailed,
     Delivered,
-    ProbeFailed,
     Rejected,
     SessionLost,
 )
@@ -71,13 +79,18 @@ from trio_mailer.store.status_board import StatusBoard
 log = logging.getLogger(__name__)
 
 CLOSE_TIMEOUT_S = 2.0  # how long closing a broken session may hold up the sender
+RELAY_UNAVAILABLE_PREFIX = "relay unavailable"  # the last reply of a mail waiting for a session
 
 
 class SmtpSession(Protocol):
     """What the sender needs of a session (the real one is ``ThreadedSmtpSession``)."""
 
-    async def send(self, mail: OutgoingMail, *, probe_first: bool = False) -> Delivered | Rejected:
-        """Send ``mail``; with ``probe_first``, NOOP first (raising ``ProbeFailed`` if not 250)."""
+    async def send(self, mail: OutgoingMail) -> Delivered | Rejected:
+        """Send ``mail`` (raising ``SessionLost`` when the session breaks)."""
+        ...
+
+    async def probe(self) -> bool:
+        """NOOP; True when answered 250."""
         ...
 
     async def reset(self) -> bool: ...
@@ -142,6 +155,9 @@ class Sender:
     _failed: int = 0
     _retries: int = 0
     _connects: int = 0
+    ever_connected: bool = False  # a session has succeeded since start-up
+    start_after: trio.Event | None = None  # e.g. the start-up relay check's first outcome
+    on_relay_closing: Callable[[str, str], None] | None = None  # (relay, reason) after a 421
 
     def statistics(self) -> SenderStatistics:
         return SenderStatistics(
@@ -160,6 +176,10 @@ class Sender:
     ) -> None:
         """Deliver mail from ``queue`` until it has no more work, then QUIT."""
         task_status.started()
+        if self.start_after is not None:
+            # One connection at a time at start-up: a relay that allows one per client must
+            # not refuse the first mail's session because the relay check holds one.
+            await self.start_after.wait()
         try:
             while (delivery := await queue.next_due()) is not None:
                 self.in_flight = delivery
@@ -169,53 +189,58 @@ class Sender:
         finally:
             await self._drop_session(quit=False)
 
+    async def _expire_if_due(self, queue: MailQueue, delivery: Delivery) -> bool:
+        """Report the mail expired if its time to live has passed (it is never sent late)."""
+        if trio.current_time() < self.policy.deadline_s(delivery.accepted_at_s):
+            return False
+        unavailable = delivery.last_reply.startswith(RELAY_UNAVAILABLE_PREFIX)
+        await self._finish(
+            queue,
+            delivery,
+            f"{TTL_REASON_PREFIX} ({self.policy.ttl_s:g}s) passed"
+            + (" while the relay was unavailable" if unavailable else ""),
+        )
+        return True
+
     async def _attempt(self, queue: MailQueue, delivery: Delivery) -> None:
         deadline = self.policy.deadline_s(delivery.accepted_at_s)
-        if trio.current_time() >= deadline:
-            await self._finish(
-                queue, delivery, f"{TTL_REASON_PREFIX} ({self.policy.ttl_s:g}s) passed"
-            )
+        if await self._expire_if_due(queue, delivery):
+            return
+        session = await self._usable_session()
+        if session is None:
+            await self._give_back(queue, delivery, deadline)
+            return
+        if await self._expire_if_due(queue, delivery):  # the connect took past its deadline
+            await self._recycle_if_due()
             return
         attempts = delivery.attempts + 1
-        while True:
-            session = await self._usable_session(deadline)
-            if session is None:
-                await self._finish(
-                    queue,
-                    delivery,
-                    f"{TTL_REASON_PREFIX} ({self.policy.ttl_s:g}s) passed while the relay was "
-                    "unavailable",
-                )
-                return
-            # NOOP only after the session sat idle; it rides in the same thread hop as the mail.
-            probe = self._session_used and (
-                trio.current_time() - self._last_activity >= self.noop_idle_s
-            )
-            self._session_used = True
-            await self._report(attrs.evolve(delivery, attempts=attempts), MailState.SENDING)
-            started = trio.current_time()
-            outcome: Delivered | Rejected | SessionLost
-            try:
-                outcome = await session.send(delivery.mail, probe_first=probe)
-                break
-            except ProbeFailed:
-                log.info("session probe failed (NOOP not 250); reconnecting")
-                await self._drop_session(quit=False)
-            except SessionLost as exc:
-                outcome = exc
-                break
+        delivery = attrs.evolve(delivery, attempts=attempts)
+        # Stored before the relay hears DATA: a crash from here on is a possible duplicate.
+        await self._report(delivery, MailState.SENDING)
+        started = trio.current_time()
+        session_attempts_before = self._session_messages
         self._session_messages += 1
+        self._session_used = True
+        outcome: Delivered | Rejected | SessionLost
+        try:
+            outcome = await session.send(delivery.mail)
+        except SessionLost as exc:
+            outcome = exc
         self._last_activity = trio.current_time()
+        last_reply_code: int | None = None
         if isinstance(outcome, SessionLost):
-            lost = outcome
             if self.metrics is not None:
                 self.metrics.reply(None)
+            if outcome.closing and self.on_relay_closing is not None and self.relay_name:
+                self.on_relay_closing(self.relay_name, outcome.reason)
             self._failures += 1
             await self._drop_session(quit=False)
             result = (
-                AttemptResult.OUTCOME_UNKNOWN if lost.after_data_end else AttemptResult.SESSION_LOST
+                AttemptResult.OUTCOME_UNKNOWN
+                if outcome.after_data_end
+                else AttemptResult.SESSION_LOST
             )
-            reply = f"session lost at {lost.reason}"
+            reply = f"session lost at {outcome.reason}"
         else:
             if self.metrics is not None:
                 self.metrics.send_latency.observe(self._last_activity - started)
@@ -224,37 +249,47 @@ class Sender:
                 self._failures = 0
                 delivered = attrs.evolve(
                     delivery,
-                    attempts=attempts,
                     last_reply=str(outcome.reply),
                     last_reply_code=outcome.reply.code,
                 )
                 await self._finish(queue, delivered, "")
                 await self._recycle_if_due()
                 return
-            code = outcome.reply.code
-            result = AttemptResult.TRANSIENT if 400 <= code < 500 else AttemptResult.PERMANENT
+            last_reply_code = outcome.reply.code
+            decision = after_rejection(
+                outcome.command,
+                outcome.reply.code,
+                outcome.reply.text,
+                session_attempts_before=session_attempts_before,
+            )
+            result = decision.result
             reply = f"{outcome.command} rejected: {outcome.reply}"
-            if not await session.reset():
+            if decision.session is SessionAction.REPLACE:
+                log.info(
+                    "replacing the SMTP session: the relay ties %s to the session", outcome.reply
+                )
+                await self._drop_session(quit=True)
+            elif not await session.reset():
                 await self._drop_session(quit=False)
 
         delivery = attrs.evolve(
             delivery,
-            attempts=attempts,
             last_reply=reply,
-            last_reply_code=None if isinstance(outcome, SessionLost) else outcome.reply.code,
+            last_reply_code=last_reply_code,
             possible_duplicate=delivery.possible_duplicate
             or result is AttemptResult.OUTCOME_UNKNOWN,
         )
         now = trio.current_time()
-        decision = self.policy.after_failure(
+        retry = self.policy.after_failure(
             result,
             attempts=attempts,
             accepted_at_s=delivery.accepted_at_s,
             now_s=now,
             rand=self.random(),
         )
-        if isinstance(decision, GiveUp):
-            await self._finish(queue, delivery, decision.reason)
+        if isinstance(retry, GiveUp):
+            await self._finish(queue, delivery, retry.reason)
+            await self._recycle_if_due()
             return
         self._retries += 1
         if self.metrics is not None:
@@ -262,7 +297,7 @@ class Sender:
         log.warning(
             "retry %s in %.1fs: attempt %d failed (%s)%s",
             delivery.message_id,
-            decision.at_s - now,
+            retry.at_s - now,
             attempts,
             reply,
             "; possible duplicate: the relay may already have it"
@@ -271,10 +306,28 @@ class Sender:
             extra={"message_id": delivery.message_id},
         )
         await self._report(delivery, MailState.RETRY_WAIT)
-        queue.retry_at(delivery, decision.at_s)
+        queue.retry_at(delivery, retry.at_s)
+        await self._recycle_if_due()
 
-    async def _report(self, delivery: Delivery, state: MailState) -> None:
-        """Tell the status board; store the changes a restart needs (retry, outcome)."""
+    async def _give_back(self, queue: MailQueue, delivery: Delivery, deadline: float) -> None:
+        """No session: hand the mail to any sender that has one, then wait out the backoff.
+
+        The wait ends early at the mail's time to live, so that a mail no sender can deliver is
+        reported expired when its time comes (by whichever sender takes it next).
+        """
+        reason = f"{RELAY_UNAVAILABLE_PREFIX}: {self._relay_problem or 'no session'}"
+        delivery = attrs.evolve(delivery, last_reply=reason, last_reply_code=None)
+        # Not a new attempt: the board shows why the mail waits (GetStatus gives the reason).
+        waiting = MailState.RETRY_WAIT if delivery.attempts else MailState.QUEUED
+        await self._report(delivery, waiting, store=False)
+        queue.retry_at(delivery, trio.current_time())
+        self.in_flight = None
+        delay = self.backoff.delay_s(self._failures, self.random(), config_error=self._config_error)
+        await trio.sleep_until(min(trio.current_time() + delay, deadline))
+
+    async def _report(self, delivery: Delivery, state: MailState, *, store: bool = True) -> None:
+        """Tell the status board, and store the change in the outbox (unless ``store=False``:
+        a note on a waiting mail that a restart does not need)."""
         if self.board is None:
             return
         change = StatusChange(
@@ -286,7 +339,7 @@ class Sender:
             at_unix=self.wall_clock(),
             possible_duplicate=delivery.possible_duplicate,
         )
-        if self.board.change(change) is None or self.outbox is None or state is MailState.SENDING:
+        if self.board.change(change) is None or self.outbox is None or not store:
             return
         try:
             await self.outbox.record(change)
@@ -318,76 +371,100 @@ class Sender:
         else:
             self._delivered += 1
             log.info(
-                "delivered %s (attempts=%d, reply: %s)%s",
+                "delivered %s (attempts=%d, reply: %s)%s via %s",
                 delivery.message_id,
                 delivery.attempts,
                 delivery.last_reply,
                 " (possible duplicate)" if delivery.possible_duplicate else "",
+                self.relay_name or "the relay",
                 extra={"message_id": delivery.message_id},
             )
         if self.metrics is not None:
             self.metrics.mails.labels(finished.outcome).inc()
             if finished.delivered:
                 self.metrics.delivery_latency.observe(trio.current_time() - delivery.accepted_at_s)
+                self.metrics.delivered_via(self.relay_name)
         self.on_finished(finished)
 
-    async def _usable_session(self, deadline: float) -> SmtpSession | None:
-        """A session ready for a mail, or None if ``deadline`` passed while waiting for one."""
+    @property
+    def relay_name(self) -> str:
+        """The relay the current session goes to ("" when unknown)."""
+        relay = getattr(self._session, "relay", "")
+        return relay if isinstance(relay, str) else ""
+
+    async def _usable_session(self) -> SmtpSession | None:
+        """A session ready for a mail, or None when no connect succeeded (one try)."""
         while True:
-            if self._session is None and not await self._connect_before(deadline):
+            if self._session is None and not await self._connect_once():
                 return None
             session = self._session
             assert session is not None
-            if (
-                self._session_used
-                and trio.current_time() - self._session_opened_at >= self.max_age_s
+            now = trio.current_time()
+            if self._session_used and should_recycle(
+                attempts=self._session_messages,
+                age_s=now - self._session_opened_at,
+                max_messages=self.max_messages,
+                max_age_s=self.max_age_s,
             ):
                 await self._recycle_if_due()
                 continue
+            if should_probe(
+                used=self._session_used,
+                idle_s=now - self._last_activity,
+                noop_idle_s=self.noop_idle_s,
+            ):
+                if not await session.probe():
+                    log.info("session probe failed (NOOP not 250); reconnecting")
+                    await self._drop_session(quit=False)
+                    continue
+                self._last_activity = trio.current_time()
             return session
 
     async def _recycle_if_due(self) -> None:
-        """QUIT a session that reached its mail count or age; the next mail opens a new one."""
+        """QUIT a session that reached its attempt count or age; the next mail opens a new one."""
+        if self._session is None:
+            return
         age = trio.current_time() - self._session_opened_at
-        if self._session_messages >= self.max_messages or age >= self.max_age_s:
+        if should_recycle(
+            attempts=self._session_messages,
+            age_s=age,
+            max_messages=self.max_messages,
+            max_age_s=self.max_age_s,
+        ):
             log.info(
-                "recycling the SMTP session after %d mails and %.0fs", self._session_messages, age
+                "recycling the SMTP session after %d attempts and %.0fs",
+                self._session_messages,
+                age,
             )
             await self._drop_session(quit=True)
 
-    async def _connect_before(self, deadline: float) -> bool:
-        while self._session is None:
-            delay = self.backoff.delay_s(
-                self._failures, self.random(), config_error=self._config_error
-            )
-            if delay > 0:
-                if trio.current_time() + delay >= deadline:
-                    await trio.sleep_until(deadline)
-                    return False
-                await trio.sleep(delay)
-            try:
-                self._session = await self.connect()
-            except ConnectFailed as exc:
-                if self.metrics is not None:
-                    self.metrics.connects.labels("failed").inc()
-                self._failures += 1
-                self._config_error = exc.config_error
-                if self._down_since is None:
-                    self._down_since = trio.current_time()
-                self._report_relay_problem(exc)
-                continue
-            self._connects += 1
+    async def _connect_once(self) -> bool:
+        try:
+            self._session = await self.connect()
+        except ConnectFailed as exc:
             if self.metrics is not None:
-                self.metrics.connects.labels("ok").inc()
-            self._session_used = False
-            self._down_since = None
-            self._session_messages = 0
-            self._session_opened_at = self._last_activity = trio.current_time()
-            self._config_error = False
-            if self._relay_problem is not None:
-                log.info("relay reachable again (after %d failures)", self._failures)
-                self._relay_problem = None
-            log.info("SMTP session up (connect #%d)", self._connects)
+                self.metrics.connects.labels("failed").inc()
+            self._failures += 1
+            self._config_error = exc.config_error
+            if self._down_since is None:
+                self._down_since = trio.current_time()
+            self._report_relay_problem(exc)
+            return False
+        self._connects += 1
+        if self.metrics is not None:
+            self.metrics.connects.labels("ok").inc()
+        self._session_used = False
+        self._down_since = None
+        self._session_messages = 0
+        self._session_opened_at = self._last_activity = trio.current_time()
+        self._config_error = False
+        self.ever_connected = True
+        if self._relay_problem is not None:
+            log.info("relay reachable again (after %d failures)", self._failures)
+            self._relay_problem = None
+        log.info(
+            "SMTP session up to %s (connect #%d)", self.relay_name or "the relay", self._connects
+        )
         return True
 
     def _report_relay_problem(self, exc: ConnectFailed) -> None:

@@ -33,7 +33,19 @@ says whether the final "." had been sent without a clear answer, in which case t
 have taken the mail.
 
 ``ConnectFailed.config_error`` marks failures that retrying soon will not fix: a certificate that
-does not verify, or credentials the relay refuses (AUTH 535 and kin).
+does not verify, credentials the relay refuses (AUTH 535 and kin), a relay that does not offer
+STARTTLS or any AUTH mechanism we speak.
+
+A relay's reply is bounded: at most ``MAX_REPLY_LINES`` lines and ``MAX_REPLY_BYTES`` bytes
+(smtplib's ``getreply`` keeps every continuation line with no limit on their number, so an
+endless ``250-`` would grow memory without end); a longer reply ends the session. The smtplib
+object exists before it connects (``smtplib.SMTP_SSL(host)`` would connect inside its
+constructor, out of the watchdog's reach), and the raw socket is kept from the moment it exists,
+so the watchdog can always shut it down and no worker thread outlives its session.
+
+AUTH uses one mechanism (PLAIN, else LOGIN): ``smtplib.login`` would try each advertised one in
+turn, costing two failures per wrong password in the relay's log (and fail2ban's count). After a
+failed EHLO or AUTH the session says QUIT before closing.
 """
 
 from __future__ import annotations
@@ -44,17 +56,114 @@ import socket
 import ssl
 from collections.abc import Callable
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import attrs
 import trio
 
+from trio_mailer import tls
 from trio_mailer.core.config import Config, TlsMode
 from trio_mailer.core.message import OutgoingMail
 from trio_mailer.core.smtp_replies import ReplyClass, classify, is_auth_config_error
 from trio_mailer.logs import printable
 
 R = TypeVar("R")
+
+MAX_REPLY_LINES = 100  # lines in one reply (EHLO lists a dozen or two)
+MAX_REPLY_BYTES = 64 * 1024  # bytes in one reply, all lines together
+MAX_REPLY_LINE_BYTES = 8192  # one line; the same as smtplib's own limit
+AUTH_MECHANISMS = ("PLAIN", "LOGIN")  # in order of preference; one is used, never both
+
+
+class ReplyTooLarge(smtplib.SMTPException):
+    """The relay's reply went past ``MAX_REPLY_LINES`` or ``MAX_REPLY_BYTES``."""
+
+
+class _BoundedReplies(smtplib.SMTP):
+    """smtplib with a cap on the size of one reply, and the raw socket kept for the watchdog."""
+
+    raw_sock: socket.socket | None = None
+
+    def connect(
+        self, host: str = "localhost", port: int = 0, source_address: Any = None
+    ) -> tuple[int, bytes]:
+        # smtplib's one private part we rely on: ``_host`` is the name TLS verifies (implicit
+        # TLS and STARTTLS alike). Only its constructor sets it, and we construct without a
+        # host so that nothing connects before the watchdog can reach the socket.
+        self._host = host
+        return super().connect(host, port, source_address)
+
+    def _get_socket(self, host: str, port: int, timeout: float) -> socket.socket:
+        sock = socket.create_connection((host, port), timeout, self.source_address)
+        self.raw_sock = sock
+        return sock
+
+    def getreply(self) -> tuple[int, bytes]:
+        """smtplib's ``getreply``, but bounded in lines and bytes.
+
+        Raises:
+            smtplib.SMTPServerDisconnected: the connection closed or broke.
+            ReplyTooLarge: the reply went past the caps (the connection is closed).
+            smtplib.SMTPResponseException: a line longer than ``MAX_REPLY_LINE_BYTES``.
+        """
+        lines: list[bytes] = []
+        total = 0
+        if self.file is None:
+            assert self.sock is not None
+            self.file = self.sock.makefile("rb")
+        while True:
+            try:
+                line = self.file.readline(MAX_REPLY_LINE_BYTES + 1)
+            except OSError as exc:
+                self.close()
+                raise smtplib.SMTPServerDisconnected(
+                    f"Connection unexpectedly closed: {exc}"
+                ) from exc
+            if not line:
+                self.close()
+                raise smtplib.SMTPServerDisconnected("Connection unexpectedly closed")
+            if len(line) > MAX_REPLY_LINE_BYTES:
+                self.close()
+                raise smtplib.SMTPResponseException(500, "Line too long.")
+            total += len(line)
+            lines.append(line[4:].strip(b" \t\r\n"))
+            if len(lines) > MAX_REPLY_LINES or total > MAX_REPLY_BYTES:
+                self.close()
+                raise ReplyTooLarge(
+                    f"reply longer than {MAX_REPLY_LINES} lines or {MAX_REPLY_BYTES} bytes"
+                )
+            try:
+                code = int(line[:3])
+            except ValueError:
+                code = -1
+                break
+            if line[3:4] != b"-":
+                break
+        return code, b"\n".join(lines)
+
+
+class _BoundedSMTP(_BoundedReplies):
+    pass
+
+
+class _BoundedSMTPSSL(_BoundedReplies, smtplib.SMTP_SSL):
+    def _get_socket(self, host: str, port: int, timeout: float) -> socket.socket:
+        raw = super()._get_socket(host, port, timeout)
+        # Wrapped first and shaken hands with after, so the watchdog can shut the socket down
+        # during the handshake too (wrapping detaches the raw socket object from its fd).
+        sock = self.context.wrap_socket(
+            raw,
+            server_hostname=self._host,
+            do_handshake_on_connect=False,
+        )
+        self.raw_sock = sock
+        try:
+            sock.do_handshake()
+        except BaseException:
+            sock.close()
+            raise
+        return sock
+
 
 _LEADING_DOT = re.compile(rb"^\.", re.MULTILINE)
 
@@ -92,10 +201,7 @@ def make_relay_ssl_context(ca_file: Path | None) -> ssl.SSLContext:
     Raises:
         ssl.SSLError, OSError: ``ca_file`` cannot be read as PEM certificates.
     """
-    context = ssl.create_default_context()
-    if ca_file is not None:
-        context.load_verify_locations(cafile=str(ca_file))
-    return context
+    return tls.client_context(ca_file, system_store_too=True)
 
 
 @attrs.frozen
@@ -134,10 +240,11 @@ class ProbeFailed(Exception):
 class SessionLost(Exception):
     """The session broke while sending; the mail must go again on a new session."""
 
-    def __init__(self, reason: str, *, after_data_end: bool) -> None:
+    def __init__(self, reason: str, *, after_data_end: bool, closing: bool = False) -> None:
         super().__init__(reason)
         self.reason = reason
         self.after_data_end = after_data_end
+        self.closing = closing  # the relay said 421: it is closing (overloaded, at a limit)
 
 
 def _reply(code: int, text: bytes | str) -> Reply:
@@ -179,58 +286,83 @@ class BlockingSmtp:
         """
         s = self._settings
         smtp: smtplib.SMTP
+        # Built without a host, so nothing connects before ``self._smtp`` is set: the watchdog
+        # can shut the socket down at any moment of the connect.
+        if s.tls is TlsMode.IMPLICIT:
+            smtp = _BoundedSMTPSSL(
+                timeout=s.timeout_s, context=self._ssl_context, local_hostname=s.local_hostname
+            )
+        else:
+            smtp = _BoundedSMTP(timeout=s.timeout_s, local_hostname=s.local_hostname)
+        self._smtp = smtp
+        if self._aborted:
+            # The Trio side gave up on this connect before it began.
+            self.close()
+            raise ConnectFailed("connect abandoned")
         try:
-            if s.tls is TlsMode.IMPLICIT:
-                smtp = smtplib.SMTP_SSL(
-                    s.host,
-                    s.port,
-                    timeout=s.timeout_s,
-                    context=self._ssl_context,
-                    local_hostname=s.local_hostname,
-                )
-            else:
-                smtp = smtplib.SMTP(
-                    s.host, s.port, timeout=s.timeout_s, local_hostname=s.local_hostname
-                )
+            code, text = smtp.connect(s.host, s.port)
         except (OSError, smtplib.SMTPException) as exc:
+            self.close()
             raise ConnectFailed(
                 f"cannot connect to {s.host}:{s.port}: {_describe_error(exc)}",
                 config_error=isinstance(exc, ssl.SSLCertVerificationError),
             ) from exc
-        self._smtp = smtp
-        if self._aborted:
-            # The Trio side gave up on this connect while it was under way.
-            self.close()
-            raise ConnectFailed("connect abandoned")
         try:
+            if code != 220:
+                raise ConnectFailed(f"greeting refused: {_reply(code, text)}")
             self._ehlo(smtp)
             if s.tls is TlsMode.STARTTLS:
                 if not smtp.has_extn("starttls"):
                     raise ConnectFailed(
-                        "relay does not offer STARTTLS; refusing to send without TLS"
+                        "relay does not offer STARTTLS; refusing to send without TLS",
+                        config_error=True,
                     )
                 code, text = smtp.starttls(context=self._ssl_context)
                 if code != 220:
                     raise ConnectFailed(f"STARTTLS refused: {_reply(code, text)}")
                 self._ehlo(smtp)
             if s.user is not None and s.password is not None:
-                smtp.login(s.user, s.password)
+                self._auth(smtp, s.user, s.password)
             self._pipelining = s.pipelining and smtp.has_extn("pipelining")
         except ConnectFailed:
-            self.close()
+            self.quit()
             raise
         except smtplib.SMTPAuthenticationError as exc:
-            self.close()
+            self.quit()
             raise ConnectFailed(
                 f"AUTH refused: {_describe_error(exc)}",
                 config_error=is_auth_config_error(exc.smtp_code),
             ) from exc
         except (OSError, smtplib.SMTPException) as exc:
-            self.close()
+            self.quit()
             raise ConnectFailed(
                 f"session set-up failed: {_describe_error(exc)}",
                 config_error=isinstance(exc, ssl.SSLCertVerificationError),
             ) from exc
+
+    @staticmethod
+    def _auth(smtp: smtplib.SMTP, user: str, password: str) -> None:
+        """AUTH with one mechanism: a wrong password costs one failure, not one per mechanism.
+
+        Raises:
+            ConnectFailed: the relay offers no AUTH, or none of ``AUTH_MECHANISMS``.
+            smtplib.SMTPAuthenticationError: the relay refused the credentials.
+        """
+        if not smtp.has_extn("auth"):
+            raise ConnectFailed(
+                "relay does not offer AUTH, but MAILER_USER is set", config_error=True
+            )
+        offered = smtp.esmtp_features["auth"].upper().split()
+        mechanism = next((m for m in AUTH_MECHANISMS if m in offered), None)
+        if mechanism is None:
+            raise ConnectFailed(
+                f"relay offers AUTH {printable(' '.join(offered))}, none of "
+                f"{', '.join(AUTH_MECHANISMS)}",
+                config_error=True,
+            )
+        smtp.user, smtp.password = user, password
+        authobject = smtp.auth_plain if mechanism == "PLAIN" else smtp.auth_login
+        smtp.auth(mechanism, authobject)
 
     @staticmethod
     def _ehlo(smtp: smtplib.SMTP) -> None:
@@ -351,7 +483,9 @@ class BlockingSmtp:
             return Rejected(command, _reply(code, text))
         self.close()
         if kind is ReplyClass.CLOSING:
-            raise SessionLost(f"{command}: {_reply(code, text)}", after_data_end=False)
+            raise SessionLost(
+                f"{command}: {_reply(code, text)}", after_data_end=False, closing=True
+            )
         raise SessionLost(
             f"{command}: unexpected reply {_reply(code, text)}",
             after_data_end=command == "DOT",
@@ -380,7 +514,9 @@ class BlockingSmtp:
         """
         self._aborted = True
         smtp = self._smtp
-        sock = getattr(smtp, "sock", None)
+        # The raw socket exists from the first moment of the connect (before the TLS handshake);
+        # the TLS socket wraps the same file descriptor.
+        sock = getattr(smtp, "raw_sock", None) or getattr(smtp, "sock", None)
         if sock is not None:
             try:
                 socket.socket.shutdown(sock, socket.SHUT_RDWR)
@@ -397,10 +533,15 @@ SEND_ROUND_TRIPS = 4
 class ThreadedSmtpSession:
     """The async face of ``BlockingSmtp``: each call runs in a worker thread."""
 
-    def __init__(self, blocking: BlockingSmtp, timeout_s: float) -> None:
+    def __init__(self, blocking: BlockingSmtp, timeout_s: float, relay: str = "") -> None:
         self._blocking = blocking
         self._timeout_s = timeout_s
         self._limiter = trio.CapacityLimiter(1)
+        self.relay = relay  # "host:port", for the logs and metrics
+
+    def busy(self) -> bool:
+        """True while a worker thread is still using this session."""
+        return self._limiter.borrowed_tokens > 0
 
     @classmethod
     async def connect(
@@ -411,7 +552,15 @@ class ThreadedSmtpSession:
         Raises:
             ConnectFailed: with the reason.
         """
-        session = cls(BlockingSmtp(settings, ssl_context), settings.timeout_s)
+        session = cls(
+            BlockingSmtp(settings, ssl_context),
+            settings.timeout_s,
+            relay=(
+                f"[{settings.host}]:{settings.port}"
+                if ":" in settings.host
+                else f"{settings.host}:{settings.port}"
+            ),
+        )
         try:
             await session._call(session._blocking.connect, round_trips=CONNECT_ROUND_TRIPS)
         except _WatchdogExpired:
@@ -428,6 +577,12 @@ class ThreadedSmtpSession:
                 self._blocking.shutdown_socket()
                 raise
         raise _WatchdogExpired()
+
+    async def probe(self) -> bool:
+        try:
+            return await self._call(self._blocking.noop)
+        except _WatchdogExpired:
+            return False
 
     async def reset(self) -> bool:
         try:

@@ -1,13 +1,12 @@
-"""A small Trio SMTP server that captures mail: the `dev` relay and the test-suite's fake relay.
+"""The capture relay of `trio-mailer dev`: a small Trio SMTP server that keeps what it receives.
 
 Theory of operation
 -------------------
 ``CaptureSMTPServer.serve`` accepts TCP connections and runs one session task per connection.
-A session is a loop: read one CRLF-terminated line, record its verb in ``commands``, look for a
-scripted ``Fault`` for that verb, then run the command. Replies are never built from client
-text, so a client cannot inject reply lines.
+A session is a loop: read one CRLF-terminated line, then run the command. Replies are never built
+from client text, so a client cannot inject reply lines.
 
-Session state, per connection::
+Session state, per connection (``Session``)::
 
     tls_active     set by implicit TLS, or by a successful STARTTLS (which resets everything
                    below: RFC 3207 says to forget what the client said before TLS)
@@ -16,25 +15,34 @@ Session state, per connection::
     envelope       MAIL sets the sender, RCPT adds recipients, DATA + final "." consumes both;
                    EHLO, HELO and RSET clear it
 
-A fault fires when its command is next seen: first ``delay_s`` (trio.sleep), then ``drop``
-(close without reply), otherwise ``reply`` replaces the normal reply. The command's *effect*
-(a state change, entering DATA mode, starting TLS, recording a mail) happens only when both the
-normal reply and the reply actually sent are positive (2xx/3xx). So a scripted "550" on RCPT
-refuses that recipient, a scripted "451" on DOT loses the mail, and a scripted "250" cannot
-invent state that the command would not have produced. Any reply starting with "421" closes
-the connection after it is sent (RFC 5321 section 3.8).
-
-For AUTH the fault is taken when the AUTH line arrives (delay and drop act there) and its reply
-replaces the *final* reply of the exchange, after any 334 prompts.
-
 A mail is recorded (``received``, the optional .eml file, one INFO log line) just *before* its
-2xx reply is written: once a client has read the 250, the mail is already visible to the
-test that drove it, so tests need not race the server task.
+2xx reply is written: once a client has read the 250, the mail is already visible to whoever
+drove it, so nobody needs to race the server task.
 
 Everything is bounded: line length, message size, commands and recipients per session,
 concurrent sessions, and every read, write and TLS handshake (``idle_timeout_s``). A client
 that breaks any of these, fails the TLS handshake or just goes away ends its own session with
 one log line; the server keeps serving.
+
+Extension points
+----------------
+The relay itself never misbehaves. A subclass can make it (the test-suite's scriptable fault
+relay, ``tests/fakes/fault_relay.py``, does) by overriding three methods:
+
+``_on_command(session, verb)``
+    called for every command line as it arrives, before it is handled (to observe).
+``_before_reply(session, command)``
+    awaited before a known command, the greeting ("GREETING") or the end of a message ("DOT")
+    is answered; it may wait, may raise ``EndSession`` to drop the connection, and returns a
+    reply to send instead of the normal one (None: the normal one). A replaced reply never
+    invents state: the command's *effect* (a state change, entering DATA mode, starting TLS,
+    recording a mail) happens only when both the normal reply and the reply actually sent are
+    positive (2xx/3xx). So "550" on RCPT refuses that recipient, "451" on DOT loses the mail,
+    and "250" cannot make a refused command succeed. For AUTH the replacement is the *final*
+    reply of the exchange, after any 334 prompts. Any reply starting with "421" closes the
+    connection after it is sent (RFC 5321 section 3.8).
+``_write_reply(session, payload)``
+    writes one encoded reply (to write it slowly, in pieces).
 """
 
 from __future__ import annotations
@@ -55,18 +63,19 @@ import attrs
 import trio
 
 __all__ = [
-    "FAULT_COMMANDS",
     "IDLE_TIMEOUT_S",
     "MAX_COMMANDS_PER_SESSION",
     "MAX_LINE_BYTES",
     "MAX_MESSAGE_BYTES",
     "MAX_RECIPIENTS",
     "MAX_SESSIONS",
+    "REPLY_COMMANDS",
     "TLS_MODES",
     "CaptureSMTPServer",
     "CaptureStatistics",
-    "Fault",
+    "EndSession",
     "ReceivedMail",
+    "Session",
 ]
 
 MAX_LINE_BYTES = 8 * 1024
@@ -85,10 +94,11 @@ CLOSE_TIMEOUT_S = 2.0
 
 _RECEIVE_CHUNK_BYTES = 64 * 1024
 
-FAULT_COMMANDS = frozenset(
+REPLY_COMMANDS = frozenset(
     {"GREETING", "EHLO", "HELO", "STARTTLS", "AUTH", "MAIL", "RCPT", "DATA", "DOT"}
     | {"NOOP", "RSET", "QUIT"}
 )
+"""What ``_before_reply`` can be asked about: the commands, plus "GREETING" and "DOT"."""
 TLS_MODES = ("implicit", "starttls", "none")
 
 # Addresses: anything but brackets, whitespace and control characters, so they are safe to log.
@@ -111,44 +121,6 @@ class ReceivedMail:
     """1-based number of the connection that carried it."""
 
 
-def _upper(value: str) -> str:
-    return value.upper()
-
-
-def _check_times(_instance: object, _attribute: object, value: int) -> None:
-    if value != -1 and value < 1:
-        raise ValueError(f"times: expected -1 (forever) or a count >= 1, got {value}")
-
-
-def _check_delay(_instance: object, _attribute: object, value: float) -> None:
-    if not value >= 0:
-        raise ValueError(f"delay_s: expected a number of seconds >= 0, got {value}")
-
-
-@attrs.frozen
-class Fault:
-    """One scripted misbehaviour, fired when `command` is next seen (then `times` decremented).
-
-    Commands: "GREETING", "EHLO", "HELO", "STARTTLS", "AUTH", "MAIL", "RCPT", "DATA" (the reply
-    to the DATA command itself), "DOT" (the reply after the final "."), "NOOP", "RSET", "QUIT".
-    """
-
-    command: str = attrs.field(converter=_upper, validator=attrs.validators.in_(FAULT_COMMANDS))
-    reply: str | None = None
-    """Sent instead of the normal reply; lines separated by "\\n", written as given."""
-    delay_s: float = attrs.field(default=0.0, validator=_check_delay)
-    drop: bool = False
-    """Close the connection instead of replying (after `delay_s`)."""
-    times: int = attrs.field(default=1, validator=_check_times)
-    """How many times it fires; -1 means forever."""
-    stall_mid_reply_s: float = attrs.field(default=0.0, validator=_check_delay)
-    """Write the first half of the reply, wait this long, then the rest (a relay that stalls
-    mid-line)."""
-    trickle_s: float = attrs.field(default=0.0, validator=_check_delay)
-    """Write the reply one byte at a time, this long apart (a relay that is never quite
-    silent, yet never done)."""
-
-
 @attrs.frozen
 class CaptureStatistics:
     sessions_opened: int
@@ -162,7 +134,7 @@ class _LineTooLongError(Exception):
     pass
 
 
-class _EndSession(Exception):
+class EndSession(Exception):
     """Ends one session; `reason` is logged once, at `log_level`."""
 
     def __init__(self, reason: str, *, log_level: int = logging.DEBUG) -> None:
@@ -186,7 +158,7 @@ class _LineReader:
 
         Raises:
             _LineTooLongError: the line is longer than `max_line_bytes`.
-            _EndSession: the client closed its side.
+            EndSession: the client closed its side.
         """
         while True:
             end = self._buffer.find(b"\r\n", self._scanned)
@@ -203,7 +175,7 @@ class _LineReader:
             self._scanned = max(0, len(self._buffer) - 1)
             chunk = await self.stream.receive_some(_RECEIVE_CHUNK_BYTES)
             if not chunk:
-                raise _EndSession("client closed the connection")
+                raise EndSession("client closed the connection")
             self._buffer += chunk
 
     def has_line(self) -> bool:
@@ -219,7 +191,9 @@ class _LineReader:
 
 
 @attrs.define
-class _Session:
+class Session:
+    """One connection's state (see the module docstring); handed to the extension points."""
+
     session_id: int
     stream: trio.abc.Stream
     reader: _LineReader
@@ -231,8 +205,6 @@ class _Session:
     mail_from: str | None = None
     rcpt_to: list[str] = attrs.field(factory=list)
     command_count: int = 0
-    stall_next_reply_s: float = 0.0
-    trickle_next_reply_s: float = 0.0
 
     def reset_envelope(self) -> None:
         self.mail_from = None
@@ -243,9 +215,9 @@ def _is_positive(reply: str) -> bool:
     return reply[:1] in ("2", "3")
 
 
-def _resolve(normal: str, fault: Fault | None) -> tuple[str, bool]:
+def _resolve(normal: str, replacement: str | None) -> tuple[str, bool]:
     """Returns (reply to send, whether the command takes effect); see the module docstring."""
-    reply = normal if fault is None or fault.reply is None else fault.reply
+    reply = normal if replacement is None else replacement
     return reply, _is_positive(normal) and _is_positive(reply)
 
 
@@ -272,11 +244,11 @@ def _write_eml(directory: pathlib.Path, stem: str, data: bytes) -> str:
     raise FileExistsError(f"outbox_dir: no free file name for {stem}.eml in {directory}")
 
 
-_Handler = Callable[[_Session, str, Fault | None], Awaitable[None]]
+_Handler = Callable[[Session, str, str | None], Awaitable[None]]
 
 
 class CaptureSMTPServer:
-    """An SMTP server (RFC 5321 subset) that keeps what it receives and can be told to fail.
+    """An SMTP server (RFC 5321 subset) that keeps what it receives.
 
     Args:
         ssl_context: server-side context; required unless `tls_mode` is "none".
@@ -294,12 +266,10 @@ class CaptureSMTPServer:
         max_sessions: concurrent sessions; further connections get 421 and are closed.
         max_message_bytes: message size limit (552 above it), advertised as SIZE.
         idle_timeout_s: budget for each read, write and TLS handshake; then 421 and close.
-        history_limit: if set, `received` and `commands` keep only about this many newest
-            entries, so a long-running `dev` relay does not grow without bound.
-        chaos: asked for a fault for every command that no scripted fault matches (the soak
-            test's seeded random failures); None means no fault.
+        history_limit: if set, `received` keeps only about this many newest entries, so a
+            long-running `dev` relay does not grow without bound.
         pipelining: advertise RFC 2920 PIPELINING in EHLO (commands are handled in order either
-            way; `pipelined_commands` counts those that came batched).
+            way).
         on_mail: called with each mail as it is recorded (the dev web inbox listens here).
 
     Raises:
@@ -321,7 +291,6 @@ class CaptureSMTPServer:
         max_message_bytes: int = MAX_MESSAGE_BYTES,
         idle_timeout_s: float = IDLE_TIMEOUT_S,
         history_limit: int | None = None,
-        chaos: Callable[[str], Fault | None] | None = None,
         pipelining: bool = False,
         on_mail: Callable[[ReceivedMail], None] | None = None,
     ) -> None:
@@ -345,22 +314,15 @@ class CaptureSMTPServer:
         self._max_message_bytes = max_message_bytes
         self._idle_timeout_s = idle_timeout_s
         self._history_limit = history_limit
-        self._chaos = chaos
         self._pipelining = pipelining
         self._on_mail = on_mail
-        self.pipelined_commands = 0
-        """Commands that arrived with the next one already buffered behind them."""
 
         self.received: list[ReceivedMail] = []
-        self.faults: list[Fault] = []
-        self.commands: list[tuple[int, str]] = []
         self.sessions_opened = 0
         self._mails_received = 0
         self._mail_numbers = itertools.count(1)
         self._mail_arrived = trio.lowlevel.ParkingLot()
-        self._command_arrived = trio.lowlevel.ParkingLot()
-        self._verbs_seen: set[str] = set()
-        self._active: dict[int, _Session] = {}
+        self._active: dict[int, Session] = {}
         self._handlers: dict[str, _Handler] = {
             "EHLO": self._ehlo,
             "HELO": self._helo,
@@ -375,10 +337,6 @@ class CaptureSMTPServer:
         }
 
     # ---- public API ----
-
-    def add_fault(self, fault: Fault) -> None:
-        """Appends `fault` to the script (same as ``faults.append``)."""
-        self.faults.append(fault)
 
     def statistics(self) -> CaptureStatistics:
         return CaptureStatistics(
@@ -412,23 +370,22 @@ class CaptureSMTPServer:
         while self._mails_received < count:
             await self._mail_arrived.park()
 
-    async def wait_for_command(self, verb: str) -> None:
-        """Returns once a client has sent `verb` (e.g. "DATA"), at any time since the start."""
-        verb = verb.upper()
-        while verb not in self._verbs_seen:
-            await self._command_arrived.park()
-        await trio.lowlevel.checkpoint()
+    # ---- extension points (see the module docstring) ----
 
-    async def drop_sessions(self) -> None:
-        """Closes every open connection abruptly (no reply, no TLS close_notify).
+    def _on_command(self, session: Session, verb: str) -> None:
+        """Called for every command line as it arrives (`verb` upper-cased), before handling."""
 
-        Returns once they are all closed, so the client's next command is certain to fail.
-        """
-        sessions = list(self._active.values())
-        for session in sessions:
-            session.cancel_scope.cancel()
-        for session in sessions:
-            await session.finished.wait()
+    async def _before_reply(self, session: Session, command: str) -> str | None:
+        """Awaited before `command` (one of REPLY_COMMANDS) is answered; returns a replacement
+        reply or None. May raise EndSession to drop the connection without a reply."""
+        return None
+
+    async def _write_reply(self, session: Session, payload: bytes) -> None:
+        """Writes one encoded reply, within `idle_timeout_s`."""
+        with trio.move_on_after(self._idle_timeout_s):
+            await session.stream.send_all(payload)
+            return
+        raise EndSession("client stopped reading replies")
 
     # ---- connection and session ----
 
@@ -440,7 +397,7 @@ class CaptureSMTPServer:
         if implicit_tls:
             assert self._ssl_context is not None  # checked in __init__
             stream = trio.SSLStream(transport, self._ssl_context, server_side=True)
-        session = _Session(
+        session = Session(
             session_id=session_id,
             stream=stream,
             reader=_LineReader(stream, MAX_LINE_BYTES),
@@ -457,7 +414,7 @@ class CaptureSMTPServer:
                     if refused:
                         await self._close_with(session, "421 4.3.2 Too many sessions, closing")
                     await self._converse(session)
-                except _EndSession as exc:
+                except EndSession as exc:
                     self._log.log(
                         exc.log_level, "capture session %d ended: %s", session_id, exc.reason
                     )
@@ -473,7 +430,7 @@ class CaptureSMTPServer:
             session.finished.set()
 
     async def _handshake(
-        self, session: _Session, ssl_stream: trio.SSLStream[trio.abc.Stream]
+        self, session: Session, ssl_stream: trio.SSLStream[trio.abc.Stream]
     ) -> None:
         with trio.move_on_after(self._idle_timeout_s):
             try:
@@ -481,17 +438,16 @@ class CaptureSMTPServer:
             except trio.BrokenResourceError as exc:
                 # Usually a client that does not trust our CA: worth one INFO line in `dev`,
                 # never a traceback.
-                raise _EndSession(
+                raise EndSession(
                     f"TLS handshake failed: {exc.__cause__ or exc}", log_level=logging.INFO
                 ) from exc
             return
-        raise _EndSession("TLS handshake timed out", log_level=logging.INFO)
+        raise EndSession("TLS handshake timed out", log_level=logging.INFO)
 
-    async def _converse(self, session: _Session) -> None:
+    async def _converse(self, session: Session) -> None:
         greeting = f"220 {self._hostname} ESMTP trio-mailer capture"
-        fault = self._take_fault("GREETING")
-        await self._fire(session, fault)
-        await self._send(session, _resolve(greeting, fault)[0])
+        replacement = await self._before_reply(session, "GREETING")
+        await self._send(session, _resolve(greeting, replacement)[0])
         while True:
             line = await self._read_line(session)
             session.command_count += 1
@@ -499,18 +455,15 @@ class CaptureSMTPServer:
                 await self._close_with(session, "421 4.7.0 Too many commands, closing")
             verb, _, argument = line.decode("utf-8", errors="replace").partition(" ")
             verb = verb.upper()
-            if session.reader.has_line():
-                self.pipelined_commands += 1
-            self._record_command(session.session_id, verb)
+            self._on_command(session, verb)
             handler = self._handlers.get(verb)
             if handler is None:
                 await self._send(session, "502 5.5.2 Command not recognized")
                 continue
-            fault = self._take_fault(verb)
-            await self._fire(session, fault)
-            await handler(session, argument.strip(), fault)
+            replacement = await self._before_reply(session, verb)
+            await handler(session, argument.strip(), replacement)
 
-    async def _read_line(self, session: _Session) -> bytes:
+    async def _read_line(self, session: Session) -> bytes:
         with trio.move_on_after(self._idle_timeout_s):
             try:
                 return await session.reader.read_line()
@@ -518,71 +471,26 @@ class CaptureSMTPServer:
                 await self._close_with(session, "500 5.5.2 Line too long, closing")
         await self._close_with(session, "421 4.4.2 Idle timeout, closing")
 
-    async def _send(self, session: _Session, reply: str) -> None:
+    async def _send(self, session: Session, reply: str) -> None:
         lines = [line.rstrip("\r") for line in reply.split("\n")]
         payload = ("\r\n".join(lines) + "\r\n").encode("utf-8")
-        stall_s, session.stall_next_reply_s = session.stall_next_reply_s, 0.0
-        trickle_s, session.trickle_next_reply_s = session.trickle_next_reply_s, 0.0
-        budget = self._idle_timeout_s + stall_s + trickle_s * len(payload)
-        with trio.move_on_after(budget) as scope:
-            if stall_s > 0:
-                half = len(payload) // 2
-                await session.stream.send_all(payload[:half])
-                await trio.sleep(stall_s)
-                payload = payload[half:]
-            if trickle_s > 0:
-                for byte in payload[:-1]:
-                    await session.stream.send_all(bytes([byte]))
-                    await trio.sleep(trickle_s)
-                payload = payload[-1:]
-            await session.stream.send_all(payload)
-        if scope.cancelled_caught:
-            raise _EndSession("client stopped reading replies")
+        await self._write_reply(session, payload)
         if reply.startswith("421"):
-            raise _EndSession(f"sent {lines[-1]!r}")
+            raise EndSession(f"sent {lines[-1]!r}")
 
-    async def _close_with(self, session: _Session, reply: str) -> NoReturn:
+    async def _close_with(self, session: Session, reply: str) -> NoReturn:
         await self._send(session, reply)
-        raise _EndSession(f"sent {reply!r}")
+        raise EndSession(f"sent {reply!r}")
 
-    def _take_fault(self, command: str) -> Fault | None:
-        for index, fault in enumerate(self.faults):
-            if fault.command == command:
-                if fault.times == 1:
-                    del self.faults[index]
-                elif fault.times > 1:
-                    self.faults[index] = attrs.evolve(fault, times=fault.times - 1)
-                return fault
-        return self._chaos(command) if self._chaos is not None else None
-
-    async def _fire(self, session: _Session, fault: Fault | None) -> None:
-        """Runs the parts of `fault` that come before the reply: delay, then drop."""
-        if fault is None:
-            return
-        session.stall_next_reply_s = fault.stall_mid_reply_s
-        session.trickle_next_reply_s = fault.trickle_s
-        if fault.delay_s > 0:
-            await trio.sleep(fault.delay_s)
-        if fault.drop:
-            raise _EndSession(f"fault dropped the connection at {fault.command}")
-
-    def _record_command(self, session_id: int, verb: str) -> None:
-        self.commands.append((session_id, verb))
-        self._verbs_seen.add(verb)
-        self._command_arrived.unpark_all()
-        # Trimming in halves keeps the cost per command constant.
-        if self._history_limit is not None and len(self.commands) > 2 * self._history_limit:
-            del self.commands[: -self._history_limit]
-
-    def _auth_offered(self, session: _Session) -> bool:
+    def _auth_offered(self, session: Session) -> bool:
         return session.tls_active or self._tls_mode == "none"
 
-    def _starttls_offered(self, session: _Session) -> bool:
+    def _starttls_offered(self, session: Session) -> bool:
         return self._tls_mode == "starttls" and self._offer_starttls and not session.tls_active
 
     # ---- commands ----
 
-    async def _ehlo(self, session: _Session, argument: str, fault: Fault | None) -> None:
+    async def _ehlo(self, session: Session, argument: str, replacement: str | None) -> None:
         if not argument:
             normal = "501 5.5.4 Syntax: EHLO domain"
         else:
@@ -600,21 +508,21 @@ class CaptureSMTPServer:
                 lines.append("250-PIPELINING")
             lines.append("250 HELP")
             normal = "\n".join(lines)
-        reply, takes_effect = _resolve(normal, fault)
+        reply, takes_effect = _resolve(normal, replacement)
         if takes_effect:
             session.greeted = True
             session.reset_envelope()
         await self._send(session, reply)
 
-    async def _helo(self, session: _Session, argument: str, fault: Fault | None) -> None:
+    async def _helo(self, session: Session, argument: str, replacement: str | None) -> None:
         normal = f"250 {self._hostname}" if argument else "501 5.5.4 Syntax: HELO domain"
-        reply, takes_effect = _resolve(normal, fault)
+        reply, takes_effect = _resolve(normal, replacement)
         if takes_effect:
             session.greeted = True
             session.reset_envelope()
         await self._send(session, reply)
 
-    async def _starttls(self, session: _Session, argument: str, fault: Fault | None) -> None:
+    async def _starttls(self, session: Session, argument: str, replacement: str | None) -> None:
         if argument:
             normal = "501 5.5.4 Syntax: STARTTLS"
         elif session.tls_active:
@@ -623,7 +531,7 @@ class CaptureSMTPServer:
             normal = "502 5.5.1 STARTTLS not offered"
         else:
             normal = "220 2.0.0 Ready to start TLS"
-        reply, takes_effect = _resolve(normal, fault)
+        reply, takes_effect = _resolve(normal, replacement)
         await self._send(session, reply)
         if not takes_effect:
             return
@@ -645,7 +553,7 @@ class CaptureSMTPServer:
         session.authenticated = False
         session.reset_envelope()
 
-    async def _auth(self, session: _Session, argument: str, fault: Fault | None) -> None:
+    async def _auth(self, session: Session, argument: str, replacement: str | None) -> None:
         mechanism, _, initial = argument.partition(" ")
         mechanism = mechanism.upper()
         initial = initial.strip()
@@ -665,12 +573,12 @@ class CaptureSMTPServer:
             normal = "501 5.5.4 Syntax: AUTH mechanism [initial-response]"
         else:
             normal = "504 5.5.4 Unrecognized authentication mechanism"
-        reply, takes_effect = _resolve(normal, fault)
+        reply, takes_effect = _resolve(normal, replacement)
         if takes_effect:
             session.authenticated = True
         await self._send(session, reply)
 
-    async def _auth_plain(self, session: _Session, initial: str) -> str:
+    async def _auth_plain(self, session: Session, initial: str) -> str:
         """Runs AUTH PLAIN (RFC 4616) to its end; returns the final reply to send."""
         response: str | None = initial
         if not initial:
@@ -686,7 +594,7 @@ class CaptureSMTPServer:
             return "501 5.5.2 Malformed AUTH PLAIN response"
         return self._check_credentials(parts[1], parts[2])
 
-    async def _auth_login(self, session: _Session, initial: str) -> str:
+    async def _auth_login(self, session: Session, initial: str) -> str:
         """Runs AUTH LOGIN to its end; returns the final reply to send."""
         user_b64: str | None = initial
         if not initial:
@@ -704,9 +612,9 @@ class CaptureSMTPServer:
             return "501 5.5.2 Cannot decode AUTH LOGIN response"
         return self._check_credentials(user, password)
 
-    async def _read_auth_response(self, session: _Session) -> str | None:
+    async def _read_auth_response(self, session: Session) -> str | None:
         """Reads one AUTH continuation line; None when the client cancels with "*"."""
-        # Continuation lines hold credentials: they are never recorded in `commands`.
+        # Continuation lines hold credentials: they never reach `_on_command`.
         text = (await self._read_line(session)).decode("ascii", errors="replace").strip()
         return None if text == "*" else text
 
@@ -720,7 +628,7 @@ class CaptureSMTPServer:
                 return "535 5.7.8 Authentication credentials invalid"
         return "235 2.7.0 Authentication successful"
 
-    async def _mail(self, session: _Session, argument: str, fault: Fault | None) -> None:
+    async def _mail(self, session: Session, argument: str, replacement: str | None) -> None:
         match = _MAIL_FROM.fullmatch(argument)
         if not session.greeted:
             normal = "503 5.5.1 Send EHLO/HELO first"
@@ -732,12 +640,12 @@ class CaptureSMTPServer:
             normal = "501 5.5.4 Syntax: MAIL FROM:<address>"
         else:
             normal = "250 2.1.0 Ok"
-        reply, takes_effect = _resolve(normal, fault)
+        reply, takes_effect = _resolve(normal, replacement)
         if takes_effect and match is not None:
             session.mail_from = match.group(1)
         await self._send(session, reply)
 
-    async def _rcpt(self, session: _Session, argument: str, fault: Fault | None) -> None:
+    async def _rcpt(self, session: Session, argument: str, replacement: str | None) -> None:
         match = _RCPT_TO.fullmatch(argument)
         if session.mail_from is None:
             normal = "503 5.5.1 Need MAIL before RCPT"
@@ -747,12 +655,12 @@ class CaptureSMTPServer:
             normal = "452 4.5.3 Too many recipients"
         else:
             normal = "250 2.1.5 Ok"
-        reply, takes_effect = _resolve(normal, fault)
+        reply, takes_effect = _resolve(normal, replacement)
         if takes_effect and match is not None:
             session.rcpt_to.append(match.group(1))
         await self._send(session, reply)
 
-    async def _data(self, session: _Session, argument: str, fault: Fault | None) -> None:
+    async def _data(self, session: Session, argument: str, replacement: str | None) -> None:
         if argument:
             normal = "501 5.5.4 Syntax: DATA"
         elif session.mail_from is None:
@@ -761,12 +669,12 @@ class CaptureSMTPServer:
             normal = "503 5.5.1 Need RCPT command"
         else:
             normal = "354 End data with <CR><LF>.<CR><LF>"
-        reply, takes_effect = _resolve(normal, fault)
+        reply, takes_effect = _resolve(normal, replacement)
         await self._send(session, reply)
         if takes_effect:
             await self._receive_message(session)
 
-    async def _receive_message(self, session: _Session) -> None:
+    async def _receive_message(self, session: Session) -> None:
         """Reads the message up to the final "." and answers it (the "DOT" reply)."""
         chunks: list[bytes] = []
         size = 0
@@ -790,14 +698,13 @@ class CaptureSMTPServer:
         # Whatever the reply, the transaction is over (RFC 5321 section 4.1.1.4).
         session.reset_envelope()
 
-        fault = self._take_fault("DOT")
-        await self._fire(session, fault)
+        replacement = await self._before_reply(session, "DOT")
         number = next(self._mail_numbers)
         if size > self._max_message_bytes:
             normal = "552 5.3.4 Message size exceeds fixed limit"
         else:
             normal = f"250 2.0.0 Ok: queued as C{number:06d}"
-        reply, takes_effect = _resolve(normal, fault)
+        reply, takes_effect = _resolve(normal, replacement)
         file_name: str | None = None
         if takes_effect:
             try:
@@ -833,21 +740,21 @@ class CaptureSMTPServer:
         if self._on_mail is not None:
             self._on_mail(mail)
 
-    async def _noop(self, session: _Session, argument: str, fault: Fault | None) -> None:
-        await self._send(session, _resolve("250 2.0.0 Ok", fault)[0])
+    async def _noop(self, session: Session, argument: str, replacement: str | None) -> None:
+        await self._send(session, _resolve("250 2.0.0 Ok", replacement)[0])
 
-    async def _rset(self, session: _Session, argument: str, fault: Fault | None) -> None:
+    async def _rset(self, session: Session, argument: str, replacement: str | None) -> None:
         normal = "501 5.5.4 Syntax: RSET" if argument else "250 2.0.0 Ok"
-        reply, takes_effect = _resolve(normal, fault)
+        reply, takes_effect = _resolve(normal, replacement)
         if takes_effect:
             session.reset_envelope()
         await self._send(session, reply)
 
-    async def _quit(self, session: _Session, argument: str, fault: Fault | None) -> None:
-        reply, takes_effect = _resolve("221 2.0.0 Bye", fault)
+    async def _quit(self, session: Session, argument: str, replacement: str | None) -> None:
+        reply, takes_effect = _resolve("221 2.0.0 Bye", replacement)
         await self._send(session, reply)
         if takes_effect:
             # A polite close (TLS close_notify); the session's `finally` closes it regardless.
             with trio.move_on_after(CLOSE_TIMEOUT_S):
                 await session.stream.aclose()
-            raise _EndSession("client quit")
+            raise EndSession("client quit")

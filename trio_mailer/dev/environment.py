@@ -1,7 +1,7 @@
 """``trio-mailer dev``: the pieces that stand in for a real relay.
 
 A throwaway CA (``trustme``) signs a certificate for 127.0.0.1/localhost; the embedded capture
-relay (``capture_smtp.CaptureSMTPServer``) serves implicit TLS with it and accepts AUTH with a
+relay (``capture_relay.CaptureSMTPServer``) serves implicit TLS with it and accepts AUTH with a
 random password; the service is configured exactly as in production, through ``MAILER_*``
 variables, with the CA given as ``MAILER_SMTP_CA_FILE``, so the dev run exercises the same
 verified-TLS path.
@@ -20,6 +20,7 @@ from pathlib import Path
 import attrs
 import trustme
 
+from trio_mailer import tls
 from trio_mailer.dev.capture_relay import CaptureSMTPServer, ReceivedMail
 
 DEV_USER = "dev"
@@ -39,7 +40,7 @@ def throwaway_tls() -> Iterator[DevTls]:
     """A fresh CA and relay certificate; the CA file lives as long as the context."""
     ca = trustme.CA(organization_name="trio-mailer dev (throwaway)")
     cert = ca.issue_cert("127.0.0.1", "localhost")
-    server_context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    server_context = tls.server_context()
     cert.configure_cert(server_context)
     with tempfile.TemporaryDirectory(prefix="trio-mailer-dev-") as tmp:
         ca_file = Path(tmp) / "dev-ca.pem"

@@ -14,8 +14,7 @@ import purerpc
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from trio_mailer.core.addresses import mask
-from trio_mailer.core.errors import InvalidRequest
-from trio_mailer.core.mail_lifecycle import OutboxError
+from trio_mailer.core.errors import InvalidRequest, OutboxError
 from trio_mailer.core.validation import validate_address
 from trio_mailer.grpc.admission import AdmissionControl
 from trio_mailer.store.admission_tables import Suppression

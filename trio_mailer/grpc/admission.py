@@ -46,8 +46,8 @@ import attrs
 import trio
 
 from trio_mailer.core.addresses import mask, normalise
+from trio_mailer.core.errors import OutboxError
 from trio_mailer.core.idempotency import KeyBusy, KeyConflict
-from trio_mailer.core.mail_lifecycle import OutboxError
 from trio_mailer.core.rate_limits import Pace, RateLimit, SlidingWindow
 from trio_mailer.core.suppression import is_dead_address, parse_reply
 from trio_mailer.store.admission_tables import Acceptance, KeyEntry, Suppression

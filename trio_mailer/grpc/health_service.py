@@ -18,7 +18,7 @@ A watcher costs nothing once its iterator is closed: the ``finally`` of ``watch(
 count, and the lot of a service nobody watches is dropped too, so a client watching made-up
 names leaves nothing behind. ``statistics().watchers`` counts the open iterators. For a Watch
 call this relies on the gRPC server cancelling the handler when the client goes away (purerpc
-itself does not notice a reset stream: see ``grpc_server.py``).
+itself does not notice a reset stream: see ``grpc/listener.py``).
 
 Per the health-checking spec (doc/health-checking.md in the gRPC repository): Check on an
 unknown service is NOT_FOUND; Watch on an unknown service sends SERVICE_UNKNOWN and keeps the

@@ -1,9 +1,15 @@
 """The ``trio_mailer.v1.Mailer`` gRPC handlers: validate, render, queue, answer.
 
-Thin: the work is in ``message.MailComposer`` (pure) and ``mail_queue.MailQueue``. This is also
-where errors become gRPC statuses: a ``MailerError`` maps to its own status and message; a
-rendering failure to INVALID_ARGUMENT; anything else to INTERNAL with a generic message, its
-detail logged and never sent to the client.
+Thin: the work is in ``core.message.MailComposer`` (pure) and ``delivery.mail_queue.MailQueue``.
+Errors become gRPC statuses through ``grpc.statuses.rpc_error``: a core error (``core.errors``)
+maps to its own status; a ``MailerError`` shows its message, an outbox error a generic one; a
+rendering failure is INVALID_ARGUMENT; anything else INTERNAL with a generic message, its detail
+logged and never sent to the client.
+
+Deadlines: a call's ``grpc-timeout`` (purerpc hands it over as ``request.timeout``) bounds the
+work before its mail is stored. A call whose deadline passes first stores nothing (a cancelled
+outbox ``add`` withdraws its row) and answers DEADLINE_EXCEEDED; a call the client cancels is
+counted as ``cancelled`` in the metrics.
 """
 
 from __future__ import annotations
@@ -22,9 +28,18 @@ import trio
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from trio_mailer.core.addresses import mask
-from trio_mailer.core.errors import InvalidRequest, MailerError, MessageBuildError, ShuttingDown
+from trio_mailer.core.errors import (
+    GrpcStatus,
+    InvalidRequest,
+    MailerError,
+    MailNotFound,
+    MessageBuildError,
+    OutboxError,
+    ShuttingDown,
+)
+from trio_mailer.core.grpc_deadline import deadline_s, timeout_s
 from trio_mailer.core.idempotency import payload_fingerprint, validate_idempotency_key
-from trio_mailer.core.mail_lifecycle import MailRecord, MailState, OutboxError
+from trio_mailer.core.mail_lifecycle import MailRecord, MailState
 from trio_mailer.core.message import MailComposer, OutgoingMail
 from trio_mailer.core.rate_limits import retry_after_ms
 from trio_mailer.core.rendering import MailKind, MailTemplates, RenderError
@@ -38,6 +53,7 @@ from trio_mailer.grpc.admission import (
     Repeat,
     Ticket,
 )
+from trio_mailer.grpc.statuses import rpc_error, status_error
 from trio_mailer.logs import printable
 from trio_mailer.metrics import Metrics
 from trio_mailer.store.admission_tables import IdempotencyHit
@@ -57,7 +73,7 @@ log = logging.getLogger(__name__)
 QUEUE_FULL_REASON = "queue full"
 MAX_MESSAGE_ID_CHARS = 256
 _METHODS = {MailKind.PASSWORD: "SendPass", MailKind.RETRIEVE: "SendRetrieve"}
-_SENDS = frozenset(_METHODS.values())
+_SENDS = frozenset({"Send", *_METHODS.values()})
 _TEMPLATE_IN_LOG_CHARS = 64  # a caller's template name, in a log line, is cut to this
 _OUTCOMES = {
     purerpc.StatusCode.INVALID_ARGUMENT: "invalid",
@@ -83,7 +99,7 @@ def _anonymous(_metadata: Sequence[tuple[str, str]]) -> str:
 
 
 def _metadata(request: Any) -> Sequence[tuple[str, str]]:
-    return () if request is None else tuple(request.custom_metadata or ())
+    return tuple(getattr(request, "custom_metadata", None) or ())
 
 
 def _deadline_s(request: Any) -> float | None:
@@ -102,10 +118,7 @@ class _Call:
     fingerprint_fields: tuple[tuple[str, str], ...]
     compose: Callable[[datetime], OutgoingMail]
     request: Any  # purerpc's call (headers, deadline), or None
-
-
-def _rpc_error(status: purerpc.StatusCode, message: str) -> purerpc.RpcFailedError:
-    return purerpc.RpcFailedError(purerpc.Status(status, message))
+    deadline: float  # on the trio clock (inf: none)
 
 
 class MailerService(MailerServicer):  # type: ignore[misc]  # generated, untyped base
@@ -132,7 +145,7 @@ class MailerService(MailerServicer):  # type: ignore[misc]  # generated, untyped
         self.admission = (
             admission
             if admission is not None
-            else AdmissionControl(window_s=86400.0, wall_clock=wall_clock)
+            else AdmissionControl(window_s=86400.0, wall_clock=wall_clock, outbox=self.outbox)
         )
         self._identify = identify
         self.draining = False
@@ -167,8 +180,10 @@ class MailerService(MailerServicer):  # type: ignore[misc]  # generated, untyped
             fields,
             compose,
             request,
+            _deadline(request),
         )
-        return await self._submit(call)
+        with self._observed("Send"):
+            return await self._submit(call)
 
     async def SendPass(self, message: MsgRequest, request: Any = None) -> MsgReply:
         with self._observed("SendPass"):
@@ -193,6 +208,7 @@ class MailerService(MailerServicer):  # type: ignore[misc]  # generated, untyped
             fields,
             compose,
             request,
+            _deadline(request),
         )
         return await self._submit(call)
 
@@ -209,11 +225,14 @@ class MailerService(MailerServicer):  # type: ignore[misc]  # generated, untyped
             record = await self._find(await self._status_id(message, request))
             yield _status_message(record)
             while not record.state.terminal:
-                await self._board.wait_for_change(record.message_id)
+                # Look before waiting: a change that landed while this stream was suspended at
+                # ``yield`` (or a final state already moved to the outbox) is not missed.
                 latest = await self._find(record.message_id)
-                if latest != record:
-                    record = latest
-                    yield _status_message(record)
+                if latest == record:
+                    await self._board.wait_for_change(record.message_id)
+                    continue
+                record = latest
+                yield _status_message(record)
 
     @contextmanager
     def _observed(self, method: str) -> Iterator[None]:
@@ -234,8 +253,8 @@ class MailerService(MailerServicer):  # type: ignore[misc]  # generated, untyped
         if not message.idempotency_key:
             return str(message.message_id)
         if message.message_id:
-            raise _rpc_error(
-                purerpc.StatusCode.INVALID_ARGUMENT,
+            raise status_error(
+                GrpcStatus.INVALID_ARGUMENT,
                 "message_id, idempotency_key: expected one of the two, got both",
             )
         try:
@@ -243,23 +262,24 @@ class MailerService(MailerServicer):  # type: ignore[misc]  # generated, untyped
             assert key is not None
             message_id = await self.admission.find(self._identify(_metadata(request)), key)
         except InvalidRequest as exc:
-            raise _rpc_error(purerpc.StatusCode.INVALID_ARGUMENT, exc.message) from None
+            raise status_error(GrpcStatus.INVALID_ARGUMENT, exc.message) from None
         except OutboxError as exc:
             log.error("cannot read the outbox: %s", exc)
-            raise _rpc_error(purerpc.StatusCode.UNAVAILABLE, "status unavailable") from None
+            raise status_error(GrpcStatus.UNAVAILABLE, "status unavailable") from None
         if message_id is None:
-            raise _rpc_error(
-                purerpc.StatusCode.NOT_FOUND,
+            raise status_error(
+                GrpcStatus.NOT_FOUND,
                 "idempotency_key: no mail from this caller with this key within the window",
             )
         return message_id
 
     async def _find(self, message_id: str) -> MailRecord:
         if not message_id or len(message_id) > MAX_MESSAGE_ID_CHARS:
-            raise _rpc_error(
-                purerpc.StatusCode.INVALID_ARGUMENT,
-                f"message_id: expected 1 to {MAX_MESSAGE_ID_CHARS} characters, "
-                f"got {len(message_id)}",
+            raise rpc_error(
+                InvalidRequest(
+                    "message_id",
+                    f"expected 1 to {MAX_MESSAGE_ID_CHARS} characters, got {len(message_id)}",
+                )
             )
         record = self._board.get(message_id)
         if record is None:
@@ -267,12 +287,9 @@ class MailerService(MailerServicer):  # type: ignore[misc]  # generated, untyped
                 record = await self.outbox.get(message_id)
             except OutboxError as exc:
                 log.error("cannot read the outbox: %s", exc)
-                raise _rpc_error(purerpc.StatusCode.UNAVAILABLE, "status unavailable") from None
+                raise rpc_error(exc, "status unavailable") from None
         if record is None:
-            raise _rpc_error(
-                purerpc.StatusCode.NOT_FOUND,
-                "message_id: no such mail here (never accepted, or older than the retention)",
-            )
+            raise rpc_error(MailNotFound())
         return record
 
     def _refused(self, kind: str, to: str, refusal: Refusal) -> MsgReply:
@@ -302,14 +319,24 @@ class MailerService(MailerServicer):  # type: ignore[misc]  # generated, untyped
     async def _submit(self, call: _Call) -> MsgReply:
         outcome = "internal"
         try:
-            reply, repeat = await self._admit(call)
-            if repeat:
-                outcome = "repeat"
-            else:
-                outcome = "accepted" if reply.sent else _REFUSAL_OUTCOMES[reply.reason]
-            return reply
+            with trio.move_on_at(call.deadline):
+                reply, repeat = await self._admit(call)
+                if repeat:
+                    outcome = "repeat"
+                else:
+                    outcome = "accepted" if reply.sent else _REFUSAL_OUTCOMES[reply.reason]
+                return reply
+            outcome = "deadline_exceeded"
+            log.info("%s call past its deadline before its mail was stored", call.method)
+            raise status_error(
+                GrpcStatus.DEADLINE_EXCEEDED, "deadline exceeded; nothing was stored"
+            )
         except purerpc.RpcFailedError as exc:
-            outcome = _OUTCOMES.get(exc.status.status_code, "internal")
+            if outcome != "deadline_exceeded":
+                outcome = _OUTCOMES.get(exc.status.status_code, "internal")
+            raise
+        except trio.Cancelled:
+            outcome = "cancelled"  # the client went away (or the server is stopping)
             raise
         finally:
             if self._metrics is not None:
@@ -334,7 +361,7 @@ class MailerService(MailerServicer):  # type: ignore[misc]  # generated, untyped
             )
         except MailerError as exc:
             log.info("refused %s request: %s", kind, printable(exc.message))
-            raise _rpc_error(purerpc.StatusCode(exc.grpc_status.value), exc.message) from None
+            raise rpc_error(exc) from None
         try:
             reply = await self._accept(call, ticket)
         finally:
@@ -371,7 +398,11 @@ class MailerService(MailerServicer):  # type: ignore[misc]  # generated, untyped
             try:
                 # Durable before the caller hears sent=true (with the file outbox); the key and
                 # the rate-limit row are in the same commit.
-                await self.outbox.add(record, ticket.acceptance(mail.message_id))
+                acceptance = ticket.acceptance(mail.message_id)
+                if acceptance is None:
+                    await self.outbox.add(record)
+                else:
+                    await self.outbox.add(record, acceptance)
             except IdempotencyHit as hit:
                 self._queue.release()
                 return _repeat_reply(ticket.resolve(hit.entry))
@@ -383,30 +414,32 @@ class MailerService(MailerServicer):  # type: ignore[misc]  # generated, untyped
             self._queue.put_reserved(mail, accepted_at_s=trio.current_time())
         except OutboxError as exc:
             log.error("cannot store a %s mail: %s", kind, exc)
-            raise _rpc_error(
-                purerpc.StatusCode.UNAVAILABLE, "cannot store the mail right now; try again later"
-            ) from None
+            raise rpc_error(exc, "cannot store the mail right now; try again later") from None
         except MessageBuildError as exc:
             log.error("message failed its safety check: %s", printable(exc.detail))
-            raise _rpc_error(purerpc.StatusCode.INTERNAL, exc.message) from None
+            raise rpc_error(exc) from None
         except MailerError as exc:
             log.info("refused %s request: %s", kind, printable(exc.message))
-            raise _rpc_error(purerpc.StatusCode(exc.grpc_status.value), exc.message) from None
+            raise rpc_error(exc) from None
         except RenderError as exc:
             log.warning("rendering failed for a %s request: %s", kind, printable(str(exc)))
-            raise _rpc_error(
-                purerpc.StatusCode.INVALID_ARGUMENT,
-                "request: the values cannot be rendered into the mail",
+            raise rpc_error(
+                InvalidRequest("request", "the values cannot be rendered into the mail")
             ) from None
         except Exception:
             log.exception("unexpected error while accepting a %s mail", kind)
-            raise _rpc_error(purerpc.StatusCode.INTERNAL, "internal error") from None
+            raise status_error(GrpcStatus.INTERNAL, "internal error") from None
         log.debug("accepted %s mail %s", kind, mail.message_id)
         return MsgReply(sent=True, message_id=mail.message_id)
 
 
 def _repeat_reply(repeat: Repeat) -> MsgReply:
     return MsgReply(sent=True, message_id=repeat.message_id)
+
+
+def _deadline(request: Any) -> float:
+    """The call's deadline on the trio clock, from its ``grpc-timeout`` (inf: none)."""
+    return deadline_s(trio.current_time(), timeout_s(getattr(request, "timeout", None)))
 
 
 _STATE_NUMBERS = {

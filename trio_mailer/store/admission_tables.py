@@ -21,7 +21,7 @@ import sqlite3
 
 import attrs
 
-from trio_mailer.core.mail_lifecycle import OutboxConflict
+from trio_mailer.core.errors import OutboxConflict
 
 # Few B-trees per accepted mail, since each one it touches is another page in the commit's WAL
 # write: the key (its primary key, and its age for pruning) and one accept_log row (its rowid

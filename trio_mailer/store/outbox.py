@@ -52,23 +52,20 @@ import math
 import os
 import sqlite3
 import uuid
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Protocol, TypeVar
 
 import attrs
 import trio
 
+from trio_mailer.core.errors import OutboxConflict, OutboxCorrupt, OutboxError, OutboxFull
 from trio_mailer.core.mail_lifecycle import (
     TERMINAL_STATES,
     MailRecord,
     MailState,
-    OutboxConflict,
-    OutboxCorrupt,
-    OutboxError,
-    OutboxFull,
     StatusChange,
-    apply_change,
+    check_change,
     default_outbox_path,
 )
 from trio_mailer.store import admission_tables as admission
@@ -94,6 +91,7 @@ __all__ = [
     "SqliteOutbox",
     "StatusChange",
     "default_outbox_path",
+    "open_outbox",
 ]
 
 log = logging.getLogger(__name__)
@@ -313,7 +311,7 @@ def _apply(conn: sqlite3.Connection, change: _Change, path: Path) -> None:
         current = _select_one(conn, change.message_id, path)
         if current is None:
             raise OutboxConflict(f"{change.message_id} is not in the outbox")
-        new = apply_change(current, change)
+        new = _checked(current, change)
         conn.execute(
             _UPDATE,
             (
@@ -329,6 +327,15 @@ def _apply(conn: sqlite3.Connection, change: _Change, path: Path) -> None:
         )
     elif conn.execute(_WITHDRAW, (change.message_id, MailState.QUEUED.value)).rowcount:
         admission.withdraw_acceptance(conn, change.message_id)
+
+
+def _checked(current: MailRecord, change: StatusChange) -> MailRecord:
+    # A change the lifecycle table refuses is a sender bug: logged, and the row is kept in the
+    # defined state ``check_change`` chose, never left to take the service down.
+    applied = check_change(current, change)
+    if applied.problem is not None:
+        log.error("outbox: %s", applied.problem, extra={"message_id": change.message_id})
+    return applied.record
 
 
 def _rollback(conn: sqlite3.Connection) -> None:
@@ -915,7 +922,7 @@ class MemoryOutbox:
         current = self._records.get(change.message_id)
         if current is None:
             raise OutboxConflict(f"{change.message_id} is not in the outbox")
-        self._records[change.message_id] = apply_change(current, change)
+        self._records[change.message_id] = _checked(current, change)
         self._commits += 1
 
     async def unfinished(
@@ -965,3 +972,31 @@ class MemoryOutbox:
         await trio.lowlevel.checkpoint()
         if self._closed:
             raise trio.ClosedResourceError("the outbox is closed")
+
+
+@contextlib.asynccontextmanager
+async def open_outbox(
+    path: Path | None, *, max_size_bytes: int | None = None, use: Outbox | None = None
+) -> AsyncIterator[Outbox]:
+    """``async with open_outbox(config.outbox_path) as outbox:`` the outbox, closed on the way out.
+
+    Args:
+        path: the SQLite file (checked: a damaged file stops start-up); None: in memory.
+        max_size_bytes: a cap on the file's size (``SqliteOutbox.open``).
+        use: an outbox already made (tests): used, and closed, instead of opening one.
+
+    Raises:
+        OutboxError: the file is not a usable outbox, or cannot be opened.
+    """
+    if use is not None:
+        outbox = use
+    elif path is None:
+        outbox = MemoryOutbox()
+    else:
+        outbox = await SqliteOutbox.open(path, max_size_bytes=max_size_bytes)
+    try:
+        yield outbox
+    finally:
+        # Closing commits what is pending: it must run even when the caller is cancelled.
+        with trio.CancelScope(shield=True):
+            await outbox.aclose()

@@ -12,10 +12,14 @@ behind.
 
 from __future__ import annotations
 
+import logging
+
 import attrs
 
-from trio_mailer.core.mail_lifecycle import MailRecord, StatusChange, apply_change
+from trio_mailer.core.mail_lifecycle import MailRecord, StatusChange, check_change
 from trio_mailer.wakeups import Wakeups
+
+log = logging.getLogger(__name__)
 
 
 @attrs.define
@@ -29,11 +33,18 @@ class StatusBoard:
         self._wakeups.wake(record.message_id)
 
     def change(self, change: StatusChange) -> MailRecord | None:
-        """Apply a sender's report; returns the new record (None for an unknown mail)."""
+        """Apply a sender's report; returns the new record (None for an unknown or finished mail).
+
+        A change the lifecycle table refuses is logged at ERROR with the Message-ID and leaves
+        the mail in the defined state ``check_change`` chose; it never raises.
+        """
         record = self._live.get(change.message_id)
         if record is None or record.state.terminal:
             return None
-        record = apply_change(record, change)
+        applied = check_change(record, change)
+        if applied.problem is not None:
+            log.error("status board: %s", applied.problem, extra={"message_id": change.message_id})
+        record = applied.record
         self._live[change.message_id] = record
         self._wakeups.wake(change.message_id)
         return record

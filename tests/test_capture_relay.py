@@ -1,4 +1,5 @@
-"""The capture SMTP server, driven by the stdlib smtplib client (in a thread, on the real clock)."""
+"""The dev capture relay (and the tests' fault relay built on it), driven by the stdlib smtplib
+client (in a thread, on the real clock)."""
 
 from __future__ import annotations
 
@@ -18,9 +19,10 @@ from trio_mailer.dev.capture_relay import (
     MAX_LINE_BYTES,
     CaptureSMTPServer,
     CaptureStatistics,
-    Fault,
     ReceivedMail,
 )
+
+from .fakes.fault_relay import Fault, FaultRelay
 
 HOST = "127.0.0.1"
 TEST_TIMEOUT_S = 10.0
@@ -28,7 +30,7 @@ TEST_TIMEOUT_S = 10.0
 CLIENT_TIMEOUT_S = 5.0
 # smtplib would otherwise ask socket.getfqdn() for its EHLO name, which can stall on DNS.
 CLIENT_NAME = "client.test"
-LOGGER_NAME = "tests.capture_smtp"
+LOGGER_NAME = "tests.capture_relay"
 
 MESSAGE = (
     b"From: a@example.com\r\n"
@@ -264,7 +266,7 @@ async def test_rcpt_fault_refuses_recipient(
     nursery: trio.Nursery, server_context: ssl.SSLContext, client_context: ssl.SSLContext
 ) -> None:
     """A scripted 550 on RCPT refuses the recipient, so no DATA is sent and nothing recorded."""
-    server = CaptureSMTPServer(ssl_context=server_context)
+    server = FaultRelay(ssl_context=server_context)
     server.add_fault(Fault("RCPT", reply="550 5.1.1 No such user"))
     with trio.fail_after(TEST_TIMEOUT_S):
         port = await start(nursery, server)
@@ -286,7 +288,7 @@ async def test_dot_fault_loses_mail_once(
     nursery: trio.Nursery, server_context: ssl.SSLContext, client_context: ssl.SSLContext
 ) -> None:
     """A scripted 451 after the final "." is not recorded; the fault fires once, the retry lands."""
-    server = CaptureSMTPServer(ssl_context=server_context)
+    server = FaultRelay(ssl_context=server_context)
     server.add_fault(Fault("DOT", reply="451 4.3.0 Try again later"))
     with trio.fail_after(TEST_TIMEOUT_S):
         port = await start(nursery, server)
@@ -308,7 +310,7 @@ async def test_data_fault_does_not_enter_data_mode(
     nursery: trio.Nursery, server_context: ssl.SSLContext, client_context: ssl.SSLContext
 ) -> None:
     """A non-354 reply to DATA leaves the server reading commands, so the session goes on."""
-    server = CaptureSMTPServer(ssl_context=server_context)
+    server = FaultRelay(ssl_context=server_context)
     server.add_fault(Fault("DATA", reply="451 4.3.0 Not now"))
     with trio.fail_after(TEST_TIMEOUT_S):
         port = await start(nursery, server)
@@ -331,7 +333,7 @@ async def test_noop_421_closes_connection(
     nursery: trio.Nursery, server_context: ssl.SSLContext, client_context: ssl.SSLContext
 ) -> None:
     """A scripted 421 reply is sent, then the server closes the connection."""
-    server = CaptureSMTPServer(ssl_context=server_context)
+    server = FaultRelay(ssl_context=server_context)
     server.add_fault(Fault("NOOP", reply="421 4.3.0 Closing"))
     with trio.fail_after(TEST_TIMEOUT_S):
         port = await start(nursery, server)
@@ -350,7 +352,7 @@ async def test_drop_at_mail(
     nursery: trio.Nursery, server_context: ssl.SSLContext, client_context: ssl.SSLContext
 ) -> None:
     """A drop fault on MAIL closes the connection without a reply."""
-    server = CaptureSMTPServer(ssl_context=server_context)
+    server = FaultRelay(ssl_context=server_context)
     server.add_fault(Fault("MAIL", drop=True))
     with trio.fail_after(TEST_TIMEOUT_S):
         port = await start(nursery, server)
@@ -367,7 +369,7 @@ async def test_delay_fault_delays_reply(
     nursery: trio.Nursery, server_context: ssl.SSLContext, client_context: ssl.SSLContext
 ) -> None:
     """A delay fault holds the reply back for delay_s, then answers normally; times=-1 repeats."""
-    server = CaptureSMTPServer(ssl_context=server_context)
+    server = FaultRelay(ssl_context=server_context)
     server.add_fault(Fault("NOOP", delay_s=0.2, times=-1))
     with trio.fail_after(TEST_TIMEOUT_S):
         port = await start(nursery, server)
@@ -437,7 +439,7 @@ async def test_drop_sessions_disconnects_clients(
     nursery: trio.Nursery, server_context: ssl.SSLContext, client_context: ssl.SSLContext
 ) -> None:
     """After drop_sessions() the client's next command fails with SMTPServerDisconnected."""
-    server = CaptureSMTPServer(ssl_context=server_context)
+    server = FaultRelay(ssl_context=server_context)
     with trio.fail_after(TEST_TIMEOUT_S):
         port = await start(nursery, server)
         smtp = await trio.to_thread.run_sync(smtps, port, client_context)
@@ -506,7 +508,7 @@ async def test_commands_records_verbs_never_credentials(
     nursery: trio.Nursery, server_context: ssl.SSLContext, client_context: ssl.SSLContext
 ) -> None:
     """`commands` lists (session, VERB) per command line; AUTH is recorded without its payload."""
-    server = CaptureSMTPServer(ssl_context=server_context, credentials=("user", "secret"))
+    server = FaultRelay(ssl_context=server_context, credentials=("user", "secret"))
     with trio.fail_after(TEST_TIMEOUT_S):
         port = await start(nursery, server)
 

@@ -1,0 +1,216 @@
+"""What several test files share: the fake relay's TLS and environment, the harness type, and
+the subprocess helpers. Tests import from here, never from each other or from conftest."""
+
+from __future__ import annotations
+
+import os
+import re
+import ssl
+import subprocess
+import sys
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from datetime import UTC, datetime
+from pathlib import Path
+
+import attrs
+import trio
+import trustme
+
+from trio_mailer.app import MailerApp
+from trio_mailer.core.config import shipped_templates_dir
+from trio_mailer.core.mail_lifecycle import MailRecord
+from trio_mailer.core.message import MailComposer, OutgoingMail
+from trio_mailer.core.rendering import MailKind, MailTemplates
+from trio_mailer.delivery.sender import FinishedMail
+from trio_mailer.v1.mailer_grpc import MailerStub
+from trio_mailer.v1.mailer_pb2 import MsgRequest
+
+from .fakes.fault_relay import FaultRelay
+
+
+def server_context(ca: trustme.CA, *names: str) -> ssl.SSLContext:
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ca.issue_cert(*(names or ("127.0.0.1", "localhost"))).configure_cert(context)
+    return context
+
+
+def relay_env(relay_port: int, ca_file: Path, **overrides: str) -> dict[str, str]:
+    """MAILER_* variables for a service on a free port talking to the fake relay."""
+    env = {
+        "MAILER_REMOTE_HOST": f"127.0.0.1:{relay_port}",
+        "MAILER_FROM": "noreply@example.com",
+        "MAILER_SERVICENAME": "Acme",
+        "MAILER_SMTP_CA_FILE": str(ca_file),
+        "MAILER_SERVE_HOST": "127.0.0.1",
+        "MAILER_SERVE_PORT": "0",
+        "MAILER_SMTP_TIMEOUT_S": "5",
+        "MAILER_SHUTDOWN_GRACE_S": "5",
+        "MAILER_OUTBOX": "memory",
+        # Most tests send many mails to one address, some after a 550 5.1.1 to it: the limit's
+        # and the suppression list's own tests turn them back on.
+        "MAILER_RECIPIENT_LIMIT": "0",
+        "MAILER_SUPPRESS_S": "0",
+    }
+    env.update(overrides)
+    return env
+
+
+@attrs.define
+class Harness:
+    """A running fake relay and service, and a client stub for the service."""
+
+    relay: FaultRelay
+    relay_port: int
+    app: MailerApp
+    grpc_port: int
+    stub: MailerStub
+    nursery: trio.Nursery
+    exit_status: list[int]
+    stopped: trio.Event
+    finished: list[FinishedMail] = attrs.Factory(list)
+    _finished_lot: trio.lowlevel.ParkingLot = attrs.Factory(trio.lowlevel.ParkingLot)
+
+    def record_finished(self, mail: FinishedMail) -> None:
+        self.finished.append(mail)
+        self._finished_lot.unpark_all()
+
+    async def wait_finished(self, count: int) -> list[FinishedMail]:
+        """Wait until ``count`` mails have reached their outcome (delivered or failed)."""
+        while len(self.finished) < count:
+            await self._finished_lot.park()
+        return self.finished
+
+    async def shutdown(self, *, force: bool = False) -> int:
+        """Ask for the drain and wait for ``run`` to return its exit status."""
+        self.app.request_shutdown(force=force)
+        await self.stopped.wait()
+        return self.exit_status[0]
+
+
+FAST = {
+    "MAILER_SMTP_TIMEOUT_S": "0.5",
+    "MAILER_RETRY_BASE_S": "0.05",
+    "MAILER_RETRY_MAX_S": "0.2",
+    "MAILER_SHUTDOWN_GRACE_S": "0",
+}
+
+
+async def send_pass(h: Harness, to: str = "user@example.com", code: str = "1") -> str:
+    reply = await h.stub.SendPass(MsgRequest(to=to, code=code))
+    assert reply.sent, reply.reason
+    return str(reply.message_id)
+
+
+def message_ids(relay: FaultRelay) -> list[str]:
+    ids = []
+    for mail in relay.received:
+        for line in mail.data.split(b"\r\n"):
+            if line.startswith(b"Message-ID: "):
+                ids.append(line.removeprefix(b"Message-ID: ").decode())
+    return ids
+
+
+LISTENING = re.compile(rb"listening on 127\.0\.0\.1:(\d+)")
+
+
+@attrs.define
+class Service:
+    """A ``python -m trio_mailer`` child process and everything it wrote to stderr so far."""
+
+    process: trio.Process
+    stderr: bytearray = attrs.Factory(bytearray)
+
+    async def read_until(self, pattern: re.Pattern[bytes]) -> re.Match[bytes]:
+        """Read stderr until ``pattern`` matches (or the process closes it)."""
+        assert self.process.stderr is not None
+        while (match := pattern.search(self.stderr)) is None:
+            chunk = await self.process.stderr.receive_some()
+            if not chunk:
+                raise AssertionError(f"stderr ended without {pattern.pattern!r}:\n{self.text}")
+            self.stderr += chunk
+        return match
+
+    async def finish(self) -> int:
+        """Wait for exit, collecting the rest of stderr."""
+        assert self.process.stderr is not None
+        while chunk := await self.process.stderr.receive_some():
+            self.stderr += chunk
+        return await self.process.wait()
+
+    @property
+    def text(self) -> str:
+        return self.stderr.decode(errors="replace")
+
+
+@asynccontextmanager
+async def start_service(args: list[str], env: dict[str, str], cwd: Path) -> AsyncIterator[Service]:
+    """Run ``python -m trio_mailer ARGS``; killed on the way out if the test left it running."""
+    process = await trio.lowlevel.open_process(
+        [sys.executable, "-m", "trio_mailer", *args],
+        env=env,
+        cwd=cwd,
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
+    try:
+        yield Service(process)
+    finally:
+        with trio.CancelScope(shield=True):
+            if process.returncode is None:
+                process.kill()
+                await process.wait()
+            assert process.stderr is not None
+            await process.stderr.aclose()
+
+
+async def serve_until_it_exits(env: dict[str, str], cwd: Path) -> tuple[int, str]:
+    """Run ``serve`` that is expected to stop by itself; its exit status and stderr."""
+    with trio.fail_after(30):
+        result = await trio.run_process(
+            [sys.executable, "-m", "trio_mailer", "serve"],
+            env=env,
+            cwd=cwd,
+            capture_stderr=True,
+            check=False,
+        )
+    return result.returncode, result.stderr.decode()
+
+
+def subprocess_env(**overrides: str) -> dict[str, str]:
+    """The current environment without MAILER_* leftovers, plus ``overrides``."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MAILER_")}
+    env.update(overrides)
+    return env
+
+
+T0 = 1_790_000_000.0  # a wall-clock unix time
+NOW = datetime(2026, 11, 27, 12, 0, tzinfo=UTC)
+TEMPLATES = MailTemplates.load(shipped_templates_dir())
+COMPOSER = MailComposer(TEMPLATES, "noreply@example.com", "Acme")
+
+
+def mail(n: int) -> OutgoingMail:
+    """A small built mail number ``n``, as the sender gets it."""
+    return OutgoingMail(
+        message_id=f"<{n}@example.com>",
+        kind=MailKind.PASSWORD,
+        envelope_from="noreply@example.com",
+        envelope_to=f"user{n}@example.com",
+        data=b"Subject: x\r\n\r\nbody\r\n",
+    )
+
+
+def queued(
+    n: int, *, accepted_at_unix: float | None = None, data: bytes | None = None
+) -> MailRecord:
+    """A freshly accepted mail number ``n``."""
+    built = OutgoingMail(
+        message_id=f"<{n}@x.example>",
+        kind=MailKind.RETRIEVE if n % 2 else MailKind.PASSWORD,
+        envelope_from="mailer@x.example",
+        envelope_to=f"user{n}@y.example",
+        data=data if data is not None else f"Subject: code\r\n\r\ncode {n:06d}\r\n".encode(),
+    )
+    return MailRecord.accepted(built, T0 + n if accepted_at_unix is None else accepted_at_unix)
