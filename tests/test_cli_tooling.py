@@ -19,8 +19,7 @@ from trio_mailer.cli import main
 from trio_mailer.core.config import SETTINGS
 
 from .fakes.fault_relay import Fault, FaultRelay
-from .helpers import FAST, relay_env, subprocess_env
-from .test_client_package import relay_and_service, running_service
+from .helpers import FAST, relay_and_service, relay_env, running_service, subprocess_env
 
 
 async def cli(*args: str) -> trio.CompletedProcess[bytes]:

@@ -12,8 +12,7 @@ from pathlib import Path
 
 import trio
 
-from .test_client_package import relay_and_service
-from .test_packaging import build_client_wheel
+from .helpers import build_client_wheel, relay_and_service
 
 PROBE = """
 import importlib.metadata as md, sys

@@ -17,32 +17,9 @@ from trio_mailer_client._bridge import await_future
 from trio_mailer_client._generated import mailer_pb2
 
 from .fakes.fault_relay import Fault, FaultRelay
-from .helpers import LISTENING, Service, relay_env, start_service, subprocess_env
+from .helpers import relay_and_service, running_service
 
 ROOT = Path(__file__).resolve().parent.parent
-
-
-@asynccontextmanager
-async def running_service(
-    relay_port: int, ca_file: Path, cwd: Path, **env: str
-) -> AsyncIterator[tuple[Service, int]]:
-    """``trio-mailer serve`` in a subprocess; yields it and its gRPC port."""
-    full = subprocess_env(**relay_env(relay_port, ca_file, **env))
-    async with start_service(["serve"], full, cwd) as service:
-        port = int((await service.read_until(LISTENING)).group(1))
-        yield service, port
-
-
-@asynccontextmanager
-async def relay_and_service(
-    relay_tls: ssl.SSLContext, ca_file: Path, cwd: Path, **env: str
-) -> AsyncIterator[tuple[FaultRelay, Service, int]]:
-    relay = FaultRelay(ssl_context=relay_tls)
-    async with trio.open_nursery() as nursery:
-        relay_port = await nursery.start(relay.serve, "127.0.0.1", 0)
-        async with running_service(relay_port, ca_file, cwd, **env) as (service, port):
-            yield relay, service, port
-        nursery.cancel_scope.cancel()
 
 
 def test_policy_is_shared_with_the_cli() -> None:

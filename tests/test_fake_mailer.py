@@ -16,7 +16,7 @@ import trio_mailer_client
 from trio_mailer_client import Accepted, MailerError, MailKind, MailState, Refused
 from trio_mailer_client.testing import FakeMailer, SentMail
 
-from .test_client_package import relay_and_service
+from .helpers import relay_and_service
 
 # ---- the fake on its own, on the mock clock ------------------------------------------------------
 

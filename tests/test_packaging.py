@@ -7,6 +7,8 @@ import sys
 import zipfile
 from pathlib import Path
 
+from .helpers import build_client_wheel
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -75,28 +77,6 @@ def test_installed_wheel_finds_its_templates_from_any_directory(tmp_path: Path) 
         timeout=60,
     )
     assert result.stdout.strip() == str(target / "trio_mailer" / "templates")
-
-
-def build_client_wheel(out_dir: Path) -> Path:
-    """Build trio-mailer-client's wheel (client/pyproject.toml) into ``out_dir``."""
-    subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "pip",
-            "wheel",
-            "--no-deps",
-            "--no-build-isolation",
-            "--wheel-dir",
-            str(out_dir),
-            str(ROOT / "client"),
-        ],
-        check=True,
-        capture_output=True,
-        timeout=300,
-    )
-    [wheel] = out_dir.glob("trio_mailer_client-*.whl")
-    return wheel
 
 
 def test_both_wheels_ship_mailer_proto_and_the_client_needs_only_three_packages(
