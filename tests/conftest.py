@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import hashlib
 import ssl
 from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import asynccontextmanager
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
@@ -18,7 +20,7 @@ from trio_mailer.store.outbox import Outbox
 from trio_mailer.v1.mailer_grpc import MailerStub
 
 from .fakes.fault_relay import FaultRelay
-from .helpers import Harness, relay_env, server_context
+from .helpers import HASHED_TOKEN, TOKEN, Harness, Pki, relay_env, server_context
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
@@ -127,3 +129,38 @@ def _no_proxy_for_grpcio(monkeypatch: pytest.MonkeyPatch) -> None:
     for name in ("http_proxy", "https_proxy", "HTTP_PROXY", "HTTPS_PROXY", "grpc_proxy"):
         monkeypatch.delenv(name, raising=False)
     monkeypatch.setenv("no_grpc_proxy", "*")
+
+
+@pytest.fixture(scope="module")
+def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
+    root = tmp_path_factory.mktemp("pki")
+    server_ca, client_ca, stranger_ca = trustme.CA(), trustme.CA(), trustme.CA()
+    server = server_ca.issue_cert("127.0.0.1", "localhost")
+    paths = {}
+    server_ca.cert_pem.write_to_path(str(paths.setdefault("server_ca", root / "server-ca.pem")))
+    server.cert_chain_pems[0].write_to_path(str(paths.setdefault("server_cert", root / "s.pem")))
+    server.private_key_pem.write_to_path(str(paths.setdefault("server_key", root / "s.key")))
+    client_ca.cert_pem.write_to_path(str(paths.setdefault("client_ca", root / "client-ca.pem")))
+    client = client_ca.issue_cert("billing-service@example.com")
+    client.private_key_and_cert_chain_pem.write_to_path(str(root / "client.pem"))
+    long_ago = datetime.now(UTC) - timedelta(days=30)
+    expired = client_ca.issue_cert(
+        "old@example.com", not_before=long_ago - timedelta(days=1), not_after=long_ago
+    )
+    expired.private_key_and_cert_chain_pem.write_to_path(str(root / "expired.pem"))
+    stranger = stranger_ca.issue_cert("stranger@example.com")
+    stranger.private_key_and_cert_chain_pem.write_to_path(str(root / "stranger.pem"))
+    return Pki(
+        client_cert=root / "client.pem",
+        expired_client_cert=root / "expired.pem",
+        stranger_cert=root / "stranger.pem",
+        **paths,
+    )
+
+
+@pytest.fixture
+def tokens_file(tmp_path: Path) -> Path:
+    path = tmp_path / "tokens"
+    digest = hashlib.sha256(HASHED_TOKEN.encode()).hexdigest()
+    path.write_text(f"# callers\n{TOKEN}\nsha256:{digest}\n")
+    return path

@@ -259,3 +259,38 @@ def build_client_wheel(out_dir: Path) -> Path:
     )
     [wheel] = out_dir.glob("trio_mailer_client-*.whl")
     return wheel
+
+
+# Caller authentication: tokens and the certificates of a TLS-protected service.
+TOKEN = "tok-6f1d2c9a8b7e4f30a1b2"
+OTHER_TOKEN = "tok-0000000000000000dead"
+HASHED_TOKEN = "tok-hashed-only-9e8d7c6b5a"
+
+
+@attrs.frozen
+class Pki:
+    """Files for a TLS-protected service: its certificate, and a client CA with a client cert."""
+
+    server_ca: Path
+    server_cert: Path
+    server_key: Path
+    client_ca: Path
+    client_cert: Path  # cert + key in one PEM
+    expired_client_cert: Path
+    stranger_cert: Path  # signed by a CA the service does not trust
+
+
+def bearer(token: str) -> list[tuple[str, str]]:
+    return [("authorization", f"Bearer {token}")]
+
+
+def tls_env(pki: Pki, *, mutual: bool) -> dict[str, str]:
+    env = {"MAILER_TLS_CERT": str(pki.server_cert), "MAILER_TLS_KEY": str(pki.server_key)}
+    if mutual:
+        env["MAILER_TLS_CLIENT_CA"] = str(pki.client_ca)
+    return env
+
+
+# A relay's answer for a dead mailbox, and the suppression list on at its default.
+ON = {**FAST, "MAILER_SUPPRESS_S": "604800"}  # the default (helpers.relay_env turns it off)
+DEAD = "550 5.1.1 <gone@example.com>: Recipient address rejected: User unknown"

@@ -6,7 +6,12 @@ import hashlib
 
 import pytest
 
-from trio_mailer.core.caller_auth import MIN_TOKEN_CHARS, TokenSet, is_loopback
+from trio_mailer.core.caller_auth import (
+    MIN_TOKEN_CHARS,
+    TokenSet,
+    certificate_identity,
+    is_loopback,
+)
 
 TOKEN = "s3cret-token-for-tests"  # 22 characters
 OTHER = "another-token-0123456789"
@@ -182,3 +187,35 @@ def test_allows_returns_a_bool() -> None:
 )
 def test_is_loopback(host: str, expected: bool) -> None:
     assert is_loopback(host) is expected
+
+
+def test_a_token_identity_is_a_prefix_of_its_digest_never_the_token() -> None:
+    """identify(): "token:" and 16 hex digits of the presented token's SHA-256; None otherwise."""
+    tokens = TokenSet.parse(f"{TOKEN}\n{sha256_line(OTHER)}\n")
+    expected = "token:" + hashlib.sha256(TOKEN.encode()).hexdigest()[:16]
+    assert tokens.identify(bearer(TOKEN)) == expected
+    assert (
+        tokens.identify(bearer(OTHER)) == "token:" + hashlib.sha256(OTHER.encode()).hexdigest()[:16]
+    )
+    assert tokens.identify(bearer("not-a-configured-token")) is None
+    assert tokens.identify([]) is None
+    assert TOKEN not in expected
+
+
+def test_a_certificate_identity_names_every_subject_attribute_in_order() -> None:
+    """certificate_identity(): short names for the usual attributes, others as they come."""
+    subject = (
+        (("commonName", "billing"),),
+        (("organizationName", "Acme"),),
+        (("organizationalUnitName", "Payments"),),
+        (("countryName", "DE"),),
+        (("stateOrProvinceName", "Berlin"),),
+        (("localityName", "Berlin"),),
+        (("emailAddress", "ops@acme.example"),),
+        (("serialNumber", "42"),),
+    )
+    assert certificate_identity(subject) == (
+        "cert:CN=billing,O=Acme,OU=Payments,C=DE,ST=Berlin,L=Berlin,"
+        "emailAddress=ops@acme.example,serialNumber=42"
+    )
+    assert certificate_identity(()) is None

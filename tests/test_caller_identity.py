@@ -10,9 +10,7 @@ import trio
 from trio_mailer.client import client_ssl_context
 from trio_mailer.v1.mailer_pb2 import MsgRequest
 
-from .test_grpc_security import HASHED_TOKEN, TOKEN, Pki, bearer, pki, tls_env, tokens_file
-
-__all__ = ["pki", "tokens_file"]  # fixtures used here
+from .helpers import HASHED_TOKEN, TOKEN, Pki, bearer, tls_env
 
 
 async def test_each_token_is_its_own_caller(start_harness, tokens_file: Path) -> None:

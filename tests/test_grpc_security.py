@@ -2,79 +2,21 @@
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import sys
-from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
-import attrs
 import grpc
 import purerpc
 import pytest
 import trio
-import trustme
 
 from trio_mailer.client import client_ssl_context
 from trio_mailer.core.config import ConfigError, load_config
 from trio_mailer.logs import quiet_secret_bearing_loggers
 from trio_mailer.v1.mailer_pb2 import MsgReply, MsgRequest
 
-TOKEN = "tok-6f1d2c9a8b7e4f30a1b2"
-OTHER_TOKEN = "tok-0000000000000000dead"
-HASHED_TOKEN = "tok-hashed-only-9e8d7c6b5a"
-
-
-@attrs.frozen
-class Pki:
-    """Files for a TLS-protected service: its certificate, and a client CA with a client cert."""
-
-    server_ca: Path
-    server_cert: Path
-    server_key: Path
-    client_ca: Path
-    client_cert: Path  # cert + key in one PEM
-    expired_client_cert: Path
-    stranger_cert: Path  # signed by a CA the service does not trust
-
-
-@pytest.fixture(scope="module")
-def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
-    root = tmp_path_factory.mktemp("pki")
-    server_ca, client_ca, stranger_ca = trustme.CA(), trustme.CA(), trustme.CA()
-    server = server_ca.issue_cert("127.0.0.1", "localhost")
-    paths = {}
-    server_ca.cert_pem.write_to_path(str(paths.setdefault("server_ca", root / "server-ca.pem")))
-    server.cert_chain_pems[0].write_to_path(str(paths.setdefault("server_cert", root / "s.pem")))
-    server.private_key_pem.write_to_path(str(paths.setdefault("server_key", root / "s.key")))
-    client_ca.cert_pem.write_to_path(str(paths.setdefault("client_ca", root / "client-ca.pem")))
-    client = client_ca.issue_cert("billing-service@example.com")
-    client.private_key_and_cert_chain_pem.write_to_path(str(root / "client.pem"))
-    long_ago = datetime.now(UTC) - timedelta(days=30)
-    expired = client_ca.issue_cert(
-        "old@example.com", not_before=long_ago - timedelta(days=1), not_after=long_ago
-    )
-    expired.private_key_and_cert_chain_pem.write_to_path(str(root / "expired.pem"))
-    stranger = stranger_ca.issue_cert("stranger@example.com")
-    stranger.private_key_and_cert_chain_pem.write_to_path(str(root / "stranger.pem"))
-    return Pki(
-        client_cert=root / "client.pem",
-        expired_client_cert=root / "expired.pem",
-        stranger_cert=root / "stranger.pem",
-        **paths,
-    )
-
-
-@pytest.fixture
-def tokens_file(tmp_path: Path) -> Path:
-    path = tmp_path / "tokens"
-    digest = hashlib.sha256(HASHED_TOKEN.encode()).hexdigest()
-    path.write_text(f"# callers\n{TOKEN}\nsha256:{digest}\n")
-    return path
-
-
-def bearer(token: str) -> list[tuple[str, str]]:
-    return [("authorization", f"Bearer {token}")]
+from .helpers import HASHED_TOKEN, OTHER_TOKEN, TOKEN, Pki, bearer, tls_env
 
 
 async def test_calls_need_a_valid_bearer_token(start_harness, tokens_file: Path, caplog) -> None:
@@ -116,13 +58,6 @@ def test_health_and_reflection_stay_open_unless_configured(tokens_file: Path) ->
     strict = MailerApp.from_config(load_config({**env, "MAILER_AUTH_ALL_SERVICES": "1"}))
     assert not strict.authorize("grpc.health.v1.Health", "Check", [])
     assert strict.authorize("grpc.health.v1.Health", "Check", bearer(TOKEN))
-
-
-def tls_env(pki: Pki, *, mutual: bool) -> dict[str, str]:
-    env = {"MAILER_TLS_CERT": str(pki.server_cert), "MAILER_TLS_KEY": str(pki.server_key)}
-    if mutual:
-        env["MAILER_TLS_CLIENT_CA"] = str(pki.client_ca)
-    return env
 
 
 def grpcio_call(port: int, credentials: grpc.ChannelCredentials | None) -> MsgReply | str:

@@ -19,7 +19,7 @@ from trio_mailer.v1.mailer_pb2 import (
     StatusRequest,
 )
 
-from .test_suppression import DEAD, ON
+from .helpers import DEAD, ON
 
 
 def session(port: int) -> dict[str, object]:

@@ -17,11 +17,7 @@ from trio_mailer.grpc.admission import AdmissionControl
 from trio_mailer.store.outbox import SqliteOutbox
 from trio_mailer.v1.mailer_pb2 import MsgRequest
 
-from .helpers import subprocess_env
-from .test_faults import FAST
-
-ON = {**FAST, "MAILER_SUPPRESS_S": "604800"}  # the default (tests/conftest.py turns it off)
-DEAD = "550 5.1.1 <gone@example.com>: Recipient address rejected: User unknown"
+from .helpers import DEAD, FAST, ON, subprocess_env
 
 
 async def cli(*args: str) -> tuple[int, str]:

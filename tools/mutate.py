@@ -60,6 +60,13 @@ TESTS: dict[str, list[str]] = {
     "rendering": ["tests/test_rendering.py"],
     "retry_policy": ["tests/test_retry_policy.py"],
     "smtp_replies": ["tests/test_smtp_replies.py"],
+    "addresses": ["tests/test_admission_rules.py"],
+    "idempotency": ["tests/test_admission_rules.py"],
+    "rate_limits": ["tests/test_admission_rules.py"],
+    "suppression": ["tests/test_admission_rules.py"],
+    "grpc_deadline": ["tests/test_mail_lifecycle.py"],
+    "session_policy": ["tests/test_mail_lifecycle.py"],
+    "http2_limits": ["tests/test_http2_limits.py"],
     "validation": ["tests/test_validation.py", "tests/test_properties.py"],
 }
 
