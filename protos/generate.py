@@ -1,9 +1,19 @@
 """Regenerate the generated packages from ``protos/``: ``python protos/generate.py``.
 
-``trio_mailer/v1`` (our API) and ``trio_mailer/grpc_std`` (our copies of the standard gRPC health
-and reflection protocols, kept in our own package so that they never meet the stock
-grpcio-health-checking / grpcio-reflection modules in protobuf's default descriptor pool) are
-generated here. The output is committed and never edited by hand; ``tests/test_generated_code.py``
+Three packages are generated here:
+
+- ``trio_mailer/v1``: our API (messages and purerpc stubs), plus a copy of ``mailer.proto`` so
+  that the wheel ships it for teams that generate their own stubs.
+- ``trio_mailer/grpc_std``: our copies of the standard gRPC health and reflection protocols. They
+  keep the official package names (``grpc.health.v1``, ...) because clients need them, so their
+  symbols are the same as grpcio-health-checking's / grpcio-reflection's: each module registers
+  its file in a descriptor pool of its own instead of protobuf's default pool, and the stock
+  modules can be imported beside ours in one process.
+- ``client/trio_mailer_client/_generated``: the messages the client package needs (no stubs:
+  it calls grpcio by method path), and ``mailer.proto`` again for the client wheel. It registers
+  the same file, with the same bytes, in the default pool as ``trio_mailer/v1`` does, which
+  protobuf accepts, so the server and the client load in one process.
+ The output is committed and never edited by hand; ``tests/test_generated_code.py``
 runs this script into a temporary folder and fails when the committed files differ. It needs the
 test extras (``grpcio-tools`` at the pinned version, and purerpc's ``protoc-gen-purerpc`` plugin).
 """
@@ -25,7 +35,17 @@ PROTO_FILES = [
 ]
 # The top-level generated packages, relative to the output root: everything below them is
 # written by this script (tests/test_generated_code.py compares them file by file).
-GENERATED_PACKAGES = ["trio_mailer/v1", "trio_mailer/grpc_std"]
+GENERATED_PACKAGES = [
+    "trio_mailer/v1",
+    "trio_mailer/grpc_std",
+    "client/trio_mailer_client/_generated",
+]
+MAILER_PROTO = "trio_mailer/v1/mailer.proto"
+CLIENT_PACKAGE = "client/trio_mailer_client/_generated"
+# The client carries only the messages, moved out of protoc's trio_mailer/v1 layout.
+CLIENT_FILES = ["mailer_pb2.py", "mailer_pb2.pyi"]
+DEFAULT_POOL = "_descriptor_pool.Default().AddSerializedFile("
+PRIVATE_POOL = "_descriptor_pool.DescriptorPool().AddSerializedFile("
 
 
 def _purerpc_plugin() -> str:
@@ -49,6 +69,15 @@ def _package_dirs() -> list[PurePosixPath]:
     return sorted(dirs)
 
 
+def _private_pools(folder: Path) -> None:
+    """Make each standard-protocol module register its file in a pool of its own."""
+    for module in sorted(folder.rglob("*_pb2.py")):
+        text = module.read_text()
+        if text.count(DEFAULT_POOL) != 1:
+            raise SystemExit(f"{module}: expected one {DEFAULT_POOL!r}; protoc's output changed")
+        module.write_text(text.replace(DEFAULT_POOL, PRIVATE_POOL))
+
+
 def generate(out_dir: Path) -> list[Path]:
     """Write the generated modules under ``out_dir``; return the files written."""
     from grpc_tools import protoc
@@ -67,6 +96,16 @@ def generate(out_dir: Path) -> list[Path]:
     ]
     if protoc.main(args) != 0:
         raise SystemExit("protoc failed")
+    _private_pools(out_dir / "trio_mailer/grpc_std")
+    shutil.copyfile(PROTOS / MAILER_PROTO, out_dir / MAILER_PROTO)
+    client = out_dir / CLIENT_PACKAGE
+    client.mkdir(parents=True, exist_ok=True)
+    for name in CLIENT_FILES:
+        shutil.copyfile(out_dir / "trio_mailer/v1" / name, client / name)
+    shutil.copyfile(PROTOS / MAILER_PROTO, client / "mailer.proto")
+    (client / "__init__.py").write_text(
+        f'"""Generated from protos/{MAILER_PROTO} by protos/generate.py. Do not edit."""\n'
+    )
     for folder in _package_dirs():
         (out_dir / folder / "__init__.py").write_text(
             f'"""Generated from protos/{folder} by protos/generate.py. Do not edit."""\n'

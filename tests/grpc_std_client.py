@@ -1,9 +1,10 @@
 """Stock grpcio health and reflection clients, for tests/test_health.py and test_reflection.py.
 
-Run as a script, in a process of its own: grpcio-health-checking and grpcio-reflection register
-``grpc.health.v1.*`` and ``grpc.reflection.v1alpha.*`` in protobuf's default descriptor pool,
-as does ``trio_mailer.grpc_std``, and one process cannot hold both. Never import this module
-(or trio_mailer) from the other side. Every result is one JSON object per line on stdout.
+Run as a script, in a process of its own, so that a blocking grpcio client never shares the
+test's Trio thread, and the stock modules are tested exactly as another team runs them. (They no
+longer clash with ``trio_mailer.grpc_std``, whose modules use private descriptor pools:
+tests/test_generated_code.py imports both in one process.) Every result is one JSON object per
+line on stdout.
 
     grpc_std_client.py PORT check SERVICE...  one line per service: its status or error code
     grpc_std_client.py PORT list              the statuses of every service

@@ -216,6 +216,51 @@ def queued(
     return MailRecord.accepted(built, T0 + n if accepted_at_unix is None else accepted_at_unix)
 
 
+@asynccontextmanager
+async def running_service(
+    relay_port: int, ca_file: Path, cwd: Path, **env: str
+) -> AsyncIterator[tuple[Service, int]]:
+    """``trio-mailer serve`` in a subprocess; yields it and its gRPC port."""
+    full = subprocess_env(**relay_env(relay_port, ca_file, **env))
+    async with start_service(["serve"], full, cwd) as service:
+        port = int((await service.read_until(LISTENING)).group(1))
+        yield service, port
+
+
+@asynccontextmanager
+async def relay_and_service(
+    relay_tls: ssl.SSLContext, ca_file: Path, cwd: Path, **env: str
+) -> AsyncIterator[tuple[FaultRelay, Service, int]]:
+    relay = FaultRelay(ssl_context=relay_tls)
+    async with trio.open_nursery() as nursery:
+        relay_port = await nursery.start(relay.serve, "127.0.0.1", 0)
+        async with running_service(relay_port, ca_file, cwd, **env) as (service, port):
+            yield relay, service, port
+        nursery.cancel_scope.cancel()
+
+
+def build_client_wheel(out_dir: Path) -> Path:
+    """Build trio-mailer-client's wheel (client/pyproject.toml) into ``out_dir``."""
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "wheel",
+            "--no-deps",
+            "--no-build-isolation",
+            "--wheel-dir",
+            str(out_dir),
+            str(Path(__file__).resolve().parent.parent / "client"),
+        ],
+        check=True,
+        capture_output=True,
+        timeout=300,
+    )
+    [wheel] = out_dir.glob("trio_mailer_client-*.whl")
+    return wheel
+
+
 # Caller authentication: tokens and the certificates of a TLS-protected service.
 TOKEN = "tok-6f1d2c9a8b7e4f30a1b2"
 OTHER_TOKEN = "tok-0000000000000000dead"

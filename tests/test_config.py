@@ -212,8 +212,8 @@ def test_parse_host_port(text: str, default: int | None, expected: tuple[str, in
 @pytest.mark.parametrize(
     ("text", "message"),
     [
-        ("host:0", "expected a whole number from 1 to 65535"),
-        ("host:smtp", "expected a whole number from 1 to 65535"),
+        ("host:0", "expected host:port, the port a whole number from 1 to 65535"),
+        ("host:smtp", "expected host:port, the port a whole number from 1 to 65535"),
         ("host", "expected host:port, the port is missing"),
         ("2001:db8::1", "expected host:port (write an IPv6 address as [addr]:port)"),
         ("[2001:db8::1", "expected [IPv6]:port, the ']' is missing"),

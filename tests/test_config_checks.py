@@ -144,7 +144,8 @@ def test_log_format() -> None:
 
 def test_a_bad_relay_address_is_reported_with_what_came() -> None:
     assert problems(MAILER_REMOTE_HOST="relay:0") == [
-        "MAILER_REMOTE_HOST: expected a whole number from 1 to 65535, got 'relay:0'"
+        "MAILER_REMOTE_HOST: expected host:port, the port a whole number from 1 to 65535, "
+        "got 'relay:0'"
     ]
     config = load_config({**MINIMAL, "MAILER_REMOTE_HOST": "  relay.example:2525  "})
     assert (config.relay_host, config.relay_port) == ("relay.example", 2525)

@@ -7,6 +7,11 @@ import sys
 from pathlib import Path, PurePosixPath
 
 ROOT = Path(__file__).resolve().parent.parent
+GENERATED_PACKAGES = [
+    "trio_mailer/v1",
+    "trio_mailer/grpc_std",
+    "client/trio_mailer_client/_generated",
+]
 
 
 def _files_under(root: Path, packages: set[PurePosixPath]) -> set[PurePosixPath]:
@@ -31,9 +36,9 @@ def test_generated_code_is_not_stale(tmp_path: Path) -> None:
         PurePosixPath(Path(line).relative_to(tmp_path).as_posix())
         for line in result.stdout.splitlines()
     }
-    # The generated packages are trio_mailer/<name>: every file below them must be generated.
-    packages = {PurePosixPath(*path.parts[:2]) for path in written}
-    assert packages == {PurePosixPath("trio_mailer/v1"), PurePosixPath("trio_mailer/grpc_std")}
+    # Every file below the generated packages must be generated.
+    packages = set(map(PurePosixPath, GENERATED_PACKAGES))
+    assert {next(p for p in packages if p in path.parents) for path in written} == packages
     assert _files_under(tmp_path, packages) == written
     assert _files_under(ROOT, packages) == written, "run python protos/generate.py"
     stale = sorted(
@@ -65,3 +70,32 @@ def test_standard_protocols_keep_their_official_packages_in_our_modules() -> Non
         ("trio_mailer/grpc_std/reflection/v1alpha/reflection.proto", "grpc.reflection.v1alpha"),
         ("trio_mailer/grpc_std/reflection/v1/reflection.proto", "grpc.reflection.v1"),
     ]
+
+
+def test_stock_health_and_reflection_modules_load_beside_ours_in_one_process() -> None:
+    """grpcio-health-checking's and grpcio-reflection's modules import beside ours, and the
+    messages are wire-compatible both ways."""
+    from grpc_health.v1 import health_pb2 as stock_health
+    from grpc_reflection.v1alpha import reflection_pb2 as stock_v1alpha
+
+    from trio_mailer.grpc_std.health.v1 import health_pb2
+    from trio_mailer.grpc_std.reflection.v1alpha import reflection_pb2 as v1alpha
+
+    ours = health_pb2.HealthCheckResponse(status=health_pb2.HealthCheckResponse.SERVING)
+    theirs = stock_health.HealthCheckResponse.FromString(ours.SerializeToString())
+    assert theirs.status == stock_health.HealthCheckResponse.SERVING
+    request = stock_v1alpha.ServerReflectionRequest(list_services="")
+    assert v1alpha.ServerReflectionRequest.FromString(request.SerializeToString()).HasField(
+        "list_services"
+    )
+
+
+def test_client_and_server_messages_load_in_one_process() -> None:
+    """The client package's copy of mailer.proto registers the same bytes as the server's."""
+    from trio_mailer.v1 import mailer_pb2
+    from trio_mailer_client._generated import mailer_pb2 as client_pb2
+
+    assert client_pb2.DESCRIPTOR.serialized_pb == mailer_pb2.DESCRIPTOR.serialized_pb
+    assert (ROOT / "client/trio_mailer_client/_generated/mailer.proto").read_bytes() == (
+        ROOT / "protos/trio_mailer/v1/mailer.proto"
+    ).read_bytes()

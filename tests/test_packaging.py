@@ -7,6 +7,8 @@ import sys
 import zipfile
 from pathlib import Path
 
+from .helpers import build_client_wheel
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -75,3 +77,27 @@ def test_installed_wheel_finds_its_templates_from_any_directory(tmp_path: Path) 
         timeout=60,
     )
     assert result.stdout.strip() == str(target / "trio_mailer" / "templates")
+
+
+def test_both_wheels_ship_mailer_proto_and_the_client_needs_only_three_packages(
+    tmp_path: Path,
+) -> None:
+    """mailer.proto is in both wheels; the client requires trio, grpcio and protobuf only."""
+    server = zipfile.ZipFile(build_wheel(tmp_path))
+    client = zipfile.ZipFile(build_client_wheel(tmp_path))
+    assert (
+        server.read("trio_mailer/v1/mailer.proto")
+        == (ROOT / "protos/trio_mailer/v1/mailer.proto").read_bytes()
+    )
+    assert (
+        client.read("trio_mailer_client/_generated/mailer.proto")
+        == (ROOT / "protos/trio_mailer/v1/mailer.proto").read_bytes()
+    )
+    assert "trio_mailer_client/py.typed" in client.namelist()
+    metadata = next(n for n in client.namelist() if n.endswith(".dist-info/METADATA"))
+    requires = [
+        line.split(":", 1)[1].strip().split(">")[0].split("<")[0]
+        for line in client.read(metadata).decode().splitlines()
+        if line.startswith("Requires-Dist:")
+    ]
+    assert sorted(requires) == ["grpcio", "protobuf", "trio"]

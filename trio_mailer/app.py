@@ -18,12 +18,14 @@ It owns the shutdown sequence:
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import random
 import ssl
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from functools import partial
+from pathlib import Path
 
 import attrs
 import purerpc
@@ -181,6 +183,7 @@ class MailerApp:
             service_name=self.config.service_name,
         )
         self.board = StatusBoard()
+        self.metrics.track_outbox(self.board.unfinished)
         self.admission = AdmissionControl(
             window_s=config.idempotency_window_s,
             recipient_limit=config.recipient_limit,
@@ -206,7 +209,7 @@ class MailerApp:
 
         Raises:
             TemplateError: a template is missing or broken.
-            ssl.SSLError, OSError: the CA file cannot be loaded.
+            TlsFileError: a certificate, key or CA file cannot be loaded (named).
         """
         templates = MailTemplates.load(config.templates_dir, config.default_locale)
         ssl_context = None
@@ -217,12 +220,23 @@ class MailerApp:
                 config.relay_port,
             )
         else:
-            ssl_context = make_relay_ssl_context(config.smtp_ca_file)
+            with _naming("MAILER_SMTP_CA_FILE", config.smtp_ca_file):
+                ssl_context = make_relay_ssl_context(config.smtp_ca_file)
         grpc_ssl_context = None
         if config.tls_cert is not None and config.tls_key is not None:
-            grpc_ssl_context = make_server_ssl_context(
-                config.tls_cert, config.tls_key, config.tls_client_ca
-            )
+            if config.tls_client_ca is not None:
+                with _naming("MAILER_TLS_CLIENT_CA", config.tls_client_ca):
+                    ssl.create_default_context().load_verify_locations(
+                        cafile=str(config.tls_client_ca)
+                    )
+            with _naming("MAILER_TLS_CERT", config.tls_cert):
+                ssl.create_default_context().load_verify_locations(cafile=str(config.tls_cert))
+            with _naming(
+                "MAILER_TLS_KEY", config.tls_key, f"or it does not match {config.tls_cert}"
+            ):
+                grpc_ssl_context = make_server_ssl_context(
+                    config.tls_cert, config.tls_key, config.tls_client_ca
+                )
         if config.allow_unauthenticated and not is_loopback(config.serve_host):
             log.warning(
                 "MAILER_ALLOW_UNAUTHENTICATED=1: anyone who can reach %s:%d can send mail "
@@ -275,7 +289,7 @@ class MailerApp:
             return True
         if tokens.allows(metadata):
             return True
-        self.metrics.requests.labels(method, "unauthenticated").inc()
+        self.metrics.unauthenticated(method)
         return False
 
     def caller_identity(self, metadata: Sequence[tuple[str, str]]) -> str:
@@ -609,6 +623,21 @@ class MailerApp:
     def _left_behind(self) -> list[Delivery]:
         in_flight = [s.in_flight for s in self.senders if s.in_flight is not None]
         return in_flight + self.queue.take_leftovers()
+
+
+class TlsFileError(Exception):
+    """A PEM file from the configuration cannot be loaded; the message names the file."""
+
+
+@contextlib.contextmanager
+def _naming(variable: str, path: Path | None, hint: str = "") -> Iterator[None]:
+    try:
+        yield
+    except (ssl.SSLError, OSError) as exc:
+        detail = getattr(exc, "reason", None) or getattr(exc, "strerror", None) or str(exc)
+        raise TlsFileError(
+            f"{variable}={path}: cannot load it as PEM ({detail}){' ' + hint if hint else ''}"
+        ) from exc
 
 
 def _url_host(host: str) -> str:

@@ -1,13 +1,16 @@
-"""The ``trio-mailer`` command: ``serve``, ``dev``, ``send``, ``status`` and ``render``.
+"""The ``trio-mailer`` command: ``serve``, ``dev``, ``send``, ``status``, ``health`` and
+``render``.
 
 The only place that exits the process: ``main(argv)`` returns the exit status.
-0 success; 1 mail left behind at shutdown (serve, dev) or a refused/failed call (send, status);
-2 bad configuration or start-up failure (every problem listed, no traceback).
+0 success; 1 mail left behind at shutdown (serve, dev), a refused/failed call (send, status), or
+a service that is not serving (health); 2 bad configuration or start-up failure (every problem
+listed, no traceback).
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.metadata
 import logging
 import os
 import signal
@@ -21,11 +24,12 @@ from pathlib import Path
 import attrs
 import trio
 
-from trio_mailer.app import MailerApp
+from trio_mailer.app import MailerApp, TlsFileError
 from trio_mailer.client import (
     CALL_TIMEOUT_S,
     CONNECT_TIMEOUT_S,
     SendFailed,
+    check_health,
     client_ssl_context,
     list_suppressed,
     remove_suppressed,
@@ -33,7 +37,9 @@ from trio_mailer.client import (
     send_template,
 )
 from trio_mailer.client import status as fetch_status
+from trio_mailer.core.call_policy import normalise_message_id
 from trio_mailer.core.config import (
+    SETTINGS,
     ConfigError,
     load_config,
     parse_host_port,
@@ -111,7 +117,7 @@ def build_app(env: Mapping[str, str]) -> MailerApp | None:
         config = load_config(env)
         configure_logging(log_format=config.log_format)
         app = MailerApp.from_config(config)
-    except (ConfigError, TemplateError) as exc:
+    except (ConfigError, TemplateError, TlsFileError) as exc:
         print(f"trio-mailer: {exc}", file=sys.stderr)
         return None
     except (ssl.SSLError, OSError) as exc:
@@ -237,7 +243,7 @@ def _send(args: argparse.Namespace) -> int:
                     token=target.token,
                     ssl_context=target.ssl_context,
                     connect_timeout_s=args.connect_timeout_s,
-                    call_timeout_s=args.timeout_s,
+                    timeout_s=args.timeout_s,
                 ),
                 target.host,
                 target.port,
@@ -261,7 +267,7 @@ def _send(args: argparse.Namespace) -> int:
                     ssl_context=target.ssl_context,
                     idempotency_key=args.idempotency_key or "",
                     connect_timeout_s=args.connect_timeout_s,
-                    call_timeout_s=args.timeout_s,
+                    timeout_s=args.timeout_s,
                 ),
                 target.host,
                 target.port,
@@ -289,12 +295,21 @@ def _print_status(reply: MailStatus) -> None:
         parts.append(f"last_reply={reply.last_reply_code} {reply.last_reply_text!r}")
     if reply.possible_duplicate:
         parts.append("possible_duplicate=true")
+    for name in ("accepted_at", "last_attempt_at", "finished_at"):
+        if reply.HasField(name):
+            stamp = getattr(reply, name).ToDatetime(tzinfo=UTC)
+            parts.append(f"{name}={stamp.isoformat(timespec='milliseconds')}")
     print(" ".join(parts), flush=True)
 
 
 def _status(args: argparse.Namespace) -> int:
     target = _target("status", args)
     if target is None:
+        return EXIT_START_FAILED
+    try:
+        message_id = normalise_message_id(args.message_id)
+    except ValueError as exc:
+        print(f"trio-mailer status: {exc}", file=sys.stderr)
         return EXIT_START_FAILED
     try:
         trio.run(
@@ -304,17 +319,41 @@ def _status(args: argparse.Namespace) -> int:
                 token=target.token,
                 ssl_context=target.ssl_context,
                 connect_timeout_s=args.connect_timeout_s,
-                call_timeout_s=args.timeout_s,
+                timeout_s=args.timeout_s,
             ),
             target.host,
             target.port,
-            args.message_id,
+            message_id,
             _print_status,
         )
     except SendFailed as exc:
         print(f"error: {exc.status}: {exc.detail}", file=sys.stderr)
         return 1
     return 0
+
+
+def _health(args: argparse.Namespace) -> int:
+    target = _target("health", args)
+    if target is None:
+        return EXIT_START_FAILED
+    try:
+        serving = trio.run(
+            partial(
+                check_health,
+                token=target.token,
+                ssl_context=target.ssl_context,
+                connect_timeout_s=args.connect_timeout_s,
+                timeout_s=args.timeout_s,
+            ),
+            target.host,
+            target.port,
+            args.service,
+        )
+    except SendFailed as exc:
+        print(f"error: {exc.status}: {exc.detail}", file=sys.stderr)
+        return 1
+    print(serving)
+    return 0 if serving == "SERVING" else 1
 
 
 def _suppressed(args: argparse.Namespace) -> int:
@@ -324,7 +363,13 @@ def _suppressed(args: argparse.Namespace) -> int:
     try:
         if args.action == "remove":
             removed = trio.run(
-                partial(remove_suppressed, token=target.token, ssl_context=target.ssl_context),
+                partial(
+                    remove_suppressed,
+                    token=target.token,
+                    ssl_context=target.ssl_context,
+                    connect_timeout_s=args.connect_timeout_s,
+                    timeout_s=args.timeout_s,
+                ),
                 target.host,
                 target.port,
                 args.address,
@@ -332,7 +377,13 @@ def _suppressed(args: argparse.Namespace) -> int:
             print(f"removed {args.address}" if removed else f"not suppressed: {args.address}")
             return 0 if removed else 1
         entries = trio.run(
-            partial(list_suppressed, token=target.token, ssl_context=target.ssl_context),
+            partial(
+                list_suppressed,
+                token=target.token,
+                ssl_context=target.ssl_context,
+                connect_timeout_s=args.connect_timeout_s,
+                timeout_s=args.timeout_s,
+            ),
             target.host,
             target.port,
         )
@@ -343,6 +394,15 @@ def _suppressed(args: argparse.Namespace) -> int:
         until = entry.until.ToDatetime(tzinfo=UTC).isoformat(timespec="seconds")
         print(f"{entry.address}\tuntil={until}\t{entry.reply_code} {entry.reply_text}")
     return 0
+
+
+def _settings_help() -> str:
+    """The ``MAILER_*`` variables with their defaults, from the settings table."""
+    width = max(len(setting.env) for setting in SETTINGS)
+    lines = ["environment variables (default in brackets):"]
+    for setting in SETTINGS:
+        lines.append(f"  {setting.env:<{width}}  [{setting.default_text}] {setting.meaning}")
+    return "\n".join(lines)
 
 
 def _client_options(command: argparse.ArgumentParser) -> None:
@@ -360,14 +420,18 @@ def _client_options(command: argparse.ArgumentParser) -> None:
         "--connect-timeout-s",
         type=_positive_seconds,
         default=CONNECT_TIMEOUT_S,
-        help=f"give up connecting after this long ({CONNECT_TIMEOUT_S:g})",
+        metavar="SECONDS",
+        help=f"give up each connection attempt after this long ({CONNECT_TIMEOUT_S:g})",
     )
     command.add_argument(
         "--timeout-s",
+        "--timeout",
+        dest="timeout_s",
         type=_positive_seconds,
         default=CALL_TIMEOUT_S,
-        help=f"give up waiting for the reply after this long ({CALL_TIMEOUT_S:g}; "
-        "for --watch: for the first status)",
+        metavar="SECONDS",
+        help=f"give up after this long, retries included ({CALL_TIMEOUT_S:g}; "
+        "for --watch: until the first status)",
     )
 
 
@@ -385,8 +449,18 @@ def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="trio-mailer", description="Transactional e-mail over gRPC, on Trio."
     )
+    parser.add_argument(
+        "--version",
+        action="version",
+        version=f"%(prog)s {importlib.metadata.version('trio-mailer')}",
+    )
     commands = parser.add_subparsers(dest="command", required=True)
-    serve = commands.add_parser("serve", help="run the service, configured from MAILER_* variables")
+    serve = commands.add_parser(
+        "serve",
+        help="run the service, configured from MAILER_* variables",
+        epilog=_settings_help(),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     serve.set_defaults(run=_serve)
     dev_cmd = commands.add_parser(
         "dev", help="run the service against an embedded capture relay (no configuration needed)"
@@ -407,7 +481,8 @@ def _parser() -> argparse.ArgumentParser:
     send_cmd.add_argument("--code", help="the code the mail carries (SendPass/SendRetrieve)")
     send_cmd.add_argument("--kind", choices=["pass", "retrieve"], default="pass")
     send_cmd.add_argument(
-        "--idempotency-key", help="the same key on a retry gets the first reply, not a second mail"
+        "--idempotency-key",
+        help="the key of this send (default: a fresh one, reused by its retries)",
     )
     send_cmd.add_argument("--template", help="send this template with Send (instead of --kind)")
     send_cmd.add_argument(
@@ -417,12 +492,21 @@ def _parser() -> argparse.ArgumentParser:
     _client_options(send_cmd)
     send_cmd.set_defaults(run=_send)
     status_cmd = commands.add_parser("status", help="where a mail stands, by its Message-ID")
-    status_cmd.add_argument("message_id", help="as send printed it, with the angle brackets")
+    status_cmd.add_argument("message_id", help="as send printed it, with or without <>")
     status_cmd.add_argument(
         "--watch", action="store_true", help="print every change until the final state"
     )
     _client_options(status_cmd)
     status_cmd.set_defaults(run=_status)
+    health_cmd = commands.add_parser(
+        "health",
+        help="ask the gRPC health service; exit 0 when SERVING, 1 otherwise (for health checks)",
+    )
+    health_cmd.add_argument(
+        "--service", default="", help='the service to check ("" for the whole server)'
+    )
+    _client_options(health_cmd)
+    health_cmd.set_defaults(run=_health)
     suppressed_cmd = commands.add_parser(
         "suppressed", help="the running service's list of dead addresses (list, remove ADDR)"
     )

@@ -1,14 +1,21 @@
-"""``trio-mailer send`` and ``status``: call a running service and print its reply.
+"""``trio-mailer send``, ``status`` and ``health``: call a running service and print its reply.
 
-Every call is bounded: ``connect_timeout_s`` for the connection (TCP, TLS), then
-``call_timeout_s`` for the reply (for ``status --watch``: for the first status; the stream may
-then run until the final state). Past either, the call fails with ``SendFailed`` naming the
-phase, and the CLI exits non-zero: a port that accepts and never speaks no longer hangs it.
+The retry rules are the client package's (``core/call_policy.py`` is a copy of
+``trio_mailer_client/_policy.py``): one idempotency key per send, reused by its retries;
+UNAVAILABLE and DEADLINE_EXCEEDED retried with capped jittered backoff within the overall
+timeout. The CLI stays on purerpc so that the service's install does not need grpcio.
+
+Every call is bounded: ``timeout_s`` for the whole call, retries included (for
+``status --watch``, which is not retried: until the first status; the stream may then run until
+the final state), and within it ``connect_timeout_s`` for each connection (TCP, TLS). Past
+either, the call fails with ``SendFailed`` naming the phase, and the CLI exits non-zero: a port
+that accepts and never speaks no longer hangs it.
 """
 
 from __future__ import annotations
 
 import math
+import random
 import ssl
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from contextlib import AsyncExitStack, aclosing, asynccontextmanager
@@ -22,6 +29,7 @@ import purerpc
 import trio
 
 from trio_mailer import tls
+from trio_mailer.core.call_policy import DEFAULT_TIMEOUT_S, new_idempotency_key, retry_delay_s
 from trio_mailer.core.errors import exception_leaves
 from trio_mailer.core.rendering import MailKind
 from trio_mailer.grpc.purerpc_internals import Channel, client_channel
@@ -48,8 +56,10 @@ class SendFailed(Exception):
 
 T = TypeVar("T")
 
-CONNECT_TIMEOUT_S = 10.0  # TCP connect and TLS handshake
-CALL_TIMEOUT_S = 30.0  # from the request to its reply (the first one, for a watch)
+# The whole call, retries included (for a watch: until the first status); the client package's.
+CALL_TIMEOUT_S = DEFAULT_TIMEOUT_S
+# Each connection attempt (TCP connect and TLS handshake): short enough to leave a retry.
+CONNECT_TIMEOUT_S = 3.0
 
 
 @attrs.define
@@ -57,12 +67,12 @@ class _Budget:
     """One cancel scope for the whole call, its deadline moved as the call makes progress."""
 
     scope: trio.CancelScope
-    call_timeout_s: float
+    call_deadline: float  # the end of the whole call (trio.current_time() clock)
     phase: str = "connect"
 
     def connected(self) -> None:
         self.phase = "call"
-        self.scope.deadline = trio.current_time() + self.call_timeout_s
+        self.scope.deadline = self.call_deadline
 
     def answered(self) -> None:
         """The first reply came: a watch may now wait as long as the mail takes."""
@@ -112,33 +122,37 @@ async def send(
     locale: str = "",
     token: str | None = None,
     ssl_context: ssl.SSLContext | None = None,
-    idempotency_key: str = "",
+    idempotency_key: str | None = None,
     connect_timeout_s: float = CONNECT_TIMEOUT_S,
-    call_timeout_s: float = CALL_TIMEOUT_S,
+    timeout_s: float = CALL_TIMEOUT_S,
 ) -> MsgReply:
-    """Ask the service at ``host:port`` for a ``kind`` mail.
+    """Ask the service at ``host:port`` for a ``kind`` mail, retrying within ``timeout_s``.
 
     Raises:
         SendFailed: with the gRPC status name and its message (DEADLINE_EXCEEDED past a
             timeout).
     """
+    request = MsgRequest(
+        to=to, code=code, locale=locale, idempotency_key=idempotency_key or new_idempotency_key()
+    )
 
     async def call(stub: MailerStub, metadata: Metadata, budget: _Budget) -> MsgReply:
         method = stub.SendPass if kind is MailKind.PASSWORD else stub.SendRetrieve
-        reply: MsgReply = await method(
-            MsgRequest(to=to, code=code, locale=locale, idempotency_key=idempotency_key),
-            metadata=metadata,
-        )
+        reply: MsgReply = await method(request, metadata=metadata)
         return reply
 
-    return await _call(
-        host,
-        port,
-        call,
-        token=token,
-        ssl_context=ssl_context,
-        connect_timeout_s=connect_timeout_s,
-        call_timeout_s=call_timeout_s,
+    return await with_retries(
+        lambda deadline: _call(
+            host,
+            port,
+            call,
+            token=token,
+            ssl_context=ssl_context,
+            connect_timeout_s=connect_timeout_s,
+            timeout_s=timeout_s,
+            deadline=deadline,
+        ),
+        timeout_s,
     )
 
 
@@ -154,34 +168,66 @@ async def send_template(
     ssl_context: ssl.SSLContext | None = None,
     idempotency_key: str = "",
     connect_timeout_s: float = CONNECT_TIMEOUT_S,
-    call_timeout_s: float = CALL_TIMEOUT_S,
+    timeout_s: float = CALL_TIMEOUT_S,
 ) -> MsgReply:
-    """Ask the service at ``host:port`` for a mail from ``template`` (the ``Send`` call).
+    """Ask the service at ``host:port`` for a mail from ``template`` (the ``Send`` call),
+    retrying within ``timeout_s`` with one idempotency key, as ``send`` does.
 
     Raises:
         SendFailed: with the gRPC status name and its message.
     """
+    request = SendRequest(
+        to=to,
+        template=template,
+        vars=dict(variables),
+        locale=locale,
+        idempotency_key=idempotency_key or new_idempotency_key(),
+    )
 
-    async def call(stub: MailerStub, metadata: Metadata, budget: _Budget) -> MsgReply:
-        request = SendRequest(
-            to=to,
-            template=template,
-            vars=dict(variables),
-            locale=locale,
-            idempotency_key=idempotency_key,
-        )
+    async def call(stub: MailerStub, metadata: Metadata, _budget: _Budget) -> MsgReply:
         reply: MsgReply = await stub.Send(request, metadata=metadata)
         return reply
 
-    return await _call(
-        host,
-        port,
-        call,
-        token=token,
-        ssl_context=ssl_context,
-        connect_timeout_s=connect_timeout_s,
-        call_timeout_s=call_timeout_s,
+    return await with_retries(
+        lambda deadline: _call(
+            host,
+            port,
+            call,
+            token=token,
+            ssl_context=ssl_context,
+            connect_timeout_s=connect_timeout_s,
+            timeout_s=timeout_s,
+            deadline=deadline,
+        ),
+        timeout_s,
     )
+
+
+async def with_retries(
+    attempt: Callable[[float], Awaitable[T]],
+    timeout_s: float,
+    *,
+    jitter: Callable[[], float] = random.random,
+) -> T:
+    """``attempt(deadline)`` until it returns, by the client package's rules, within
+    ``timeout_s``; each attempt is given the overall deadline (``trio.current_time()`` clock)
+    and must end by it.
+
+    Raises:
+        SendFailed: a final status, or the last retryable one when the time ran out.
+    """
+    deadline = trio.current_time() + timeout_s
+    retry = 0
+    while True:
+        try:
+            return await attempt(deadline)
+        except SendFailed as exc:
+            error = exc
+        delay = retry_delay_s(error.status, retry, deadline - trio.current_time(), jitter)
+        if delay is None:
+            raise error
+        await trio.sleep(delay)
+        retry += 1
 
 
 async def status(
@@ -195,10 +241,10 @@ async def status(
     ssl_context: ssl.SSLContext | None = None,
     idempotency_key: str = "",
     connect_timeout_s: float = CONNECT_TIMEOUT_S,
-    call_timeout_s: float = CALL_TIMEOUT_S,
+    timeout_s: float = CALL_TIMEOUT_S,
 ) -> None:
     """Report the status of ``message_id`` to ``on_status``; with ``watch``, every change until
-    the final state.
+    the final state. ``GetStatus`` is retried within ``timeout_s`` (a watch has no timeout).
 
     Raises:
         SendFailed: with the gRPC status name and its message.
@@ -214,15 +260,22 @@ async def status(
                 budget.answered()
                 on_status(change)
 
-    await _call(
-        host,
-        port,
-        call,
-        token=token,
-        ssl_context=ssl_context,
-        connect_timeout_s=connect_timeout_s,
-        call_timeout_s=call_timeout_s,
-    )
+    def attempt(deadline: float | None) -> Awaitable[None]:
+        return _call(
+            host,
+            port,
+            call,
+            token=token,
+            ssl_context=ssl_context,
+            connect_timeout_s=connect_timeout_s,
+            timeout_s=timeout_s,
+            deadline=deadline,
+        )
+
+    if watch:
+        await attempt(None)
+    else:
+        await with_retries(attempt, timeout_s)
 
 
 async def list_suppressed(
@@ -231,6 +284,8 @@ async def list_suppressed(
     *,
     token: str | None = None,
     ssl_context: ssl.SSLContext | None = None,
+    connect_timeout_s: float = CONNECT_TIMEOUT_S,
+    timeout_s: float = CALL_TIMEOUT_S,
 ) -> list[SuppressedAddress]:
     """The running service's suppression list.
 
@@ -250,8 +305,8 @@ async def list_suppressed(
         call,
         token=token,
         ssl_context=ssl_context,
-        connect_timeout_s=CONNECT_TIMEOUT_S,
-        call_timeout_s=CALL_TIMEOUT_S,
+        connect_timeout_s=connect_timeout_s,
+        timeout_s=timeout_s,
         make_stub=MailerAdminStub,
     )
 
@@ -263,6 +318,8 @@ async def remove_suppressed(
     *,
     token: str | None = None,
     ssl_context: ssl.SSLContext | None = None,
+    connect_timeout_s: float = CONNECT_TIMEOUT_S,
+    timeout_s: float = CALL_TIMEOUT_S,
 ) -> bool:
     """Take ``address`` off the running service's suppression list; False if it was not on it.
 
@@ -282,8 +339,8 @@ async def remove_suppressed(
         call,
         token=token,
         ssl_context=ssl_context,
-        connect_timeout_s=CONNECT_TIMEOUT_S,
-        call_timeout_s=CALL_TIMEOUT_S,
+        connect_timeout_s=connect_timeout_s,
+        timeout_s=timeout_s,
         make_stub=MailerAdminStub,
     )
 
@@ -299,23 +356,29 @@ async def _call(
     token: str | None,
     ssl_context: ssl.SSLContext | None,
     connect_timeout_s: float,
-    call_timeout_s: float,
+    timeout_s: float,
+    deadline: float | None = None,
     make_stub: Callable[[Any], Any] = MailerStub,
 ) -> T:
+    """One attempt: connect within ``connect_timeout_s``, then wait for the reply until
+    ``deadline`` (the whole call's, retries included; default ``timeout_s`` from now)."""
     metadata = [("authorization", f"Bearer {token}")] if token else None
-    budget = _Budget(
-        trio.CancelScope(deadline=trio.current_time() + connect_timeout_s), call_timeout_s
-    )
+    now = trio.current_time()
+    call_deadline = now + timeout_s if deadline is None else deadline
+    connect_deadline = now + connect_timeout_s
+    budget = _Budget(trio.CancelScope(deadline=min(connect_deadline, call_deadline)), call_deadline)
     # purerpc's client runs the call in a task group, so errors arrive inside exception groups.
     try:
         with budget.scope:
             async with open_channel(host, port, ssl_context) as channel:
                 budget.connected()
                 return await call(make_stub(channel), metadata, budget)
-        if budget.phase == "connect":
+        if budget.phase == "connect" and connect_deadline <= call_deadline:
             detail = f"cannot reach {host}:{port}: no connection within {connect_timeout_s:g}s"
+        elif budget.phase == "connect":
+            detail = f"cannot reach {host}:{port}: no connection within {timeout_s:g}s"
         else:
-            detail = f"no reply from {host}:{port} within {call_timeout_s:g}s"
+            detail = f"no reply from {host}:{port} within {timeout_s:g}s"
         raise SendFailed("DEADLINE_EXCEEDED", detail)
     except* purerpc.RpcFailedError as group:
         rpc_status = exception_leaves(group)[0].status
@@ -324,3 +387,42 @@ async def _call(
         error = exception_leaves(group)[0]
         detail = f"cannot reach {host}:{port}: {error.strerror or error}"
         raise SendFailed("UNAVAILABLE", detail) from None
+
+
+async def check_health(
+    host: str,
+    port: int,
+    service: str = "",
+    *,
+    token: str | None = None,
+    ssl_context: ssl.SSLContext | None = None,
+    connect_timeout_s: float = CONNECT_TIMEOUT_S,
+    timeout_s: float = CALL_TIMEOUT_S,
+) -> str:
+    """The serving status the gRPC health service reports for ``service`` ("" for the whole
+    server): "SERVING", "NOT_SERVING", ... Retried within ``timeout_s`` like the other calls.
+
+    Raises:
+        SendFailed: with the gRPC status name and its message (NOT_FOUND: unknown service).
+    """
+    from trio_mailer.grpc_std.health.v1.health_grpc import HealthStub
+    from trio_mailer.grpc_std.health.v1.health_pb2 import HealthCheckRequest, HealthCheckResponse
+
+    async def call(stub: HealthStub, metadata: Metadata, _budget: _Budget) -> str:
+        reply = await stub.Check(HealthCheckRequest(service=service), metadata=metadata)
+        return str(HealthCheckResponse.ServingStatus.Name(reply.status))
+
+    return await with_retries(
+        lambda deadline: _call(
+            host,
+            port,
+            call,
+            token=token,
+            ssl_context=ssl_context,
+            connect_timeout_s=connect_timeout_s,
+            timeout_s=timeout_s,
+            deadline=deadline,
+            make_stub=HealthStub,
+        ),
+        timeout_s,
+    )

@@ -4,20 +4,37 @@ The exposition format comes from the well-kept ``prometheus-client`` library; th
 few lines of Trio (one bounded request per connection, GET /metrics only), so scraping never
 starts a thread or blocks the event loop for longer than rendering the text takes. Each
 ``Metrics`` has its own registry, so tests and several apps in one process do not collide.
+
+Conventions (https://prometheus.io/docs/practices/naming/ and the client libraries' own):
+``process_*`` and ``python_*`` collectors on the registry; no ``*_created`` series (they double
+the series count and most dashboards ignore them); every labelled counter has a series at 0
+for each known label value from the start, so ``rate()`` and alerts see the first event (the
+known values are the ``*_LABELS`` tables below: add a value there when code starts using it);
+``trio_mailer_build_info`` is 1 with the version as a label; the gRPC counters have the shape of
+the common gRPC exporters (go-grpc-prometheus, py-grpc-prometheus), so their dashboards work.
 """
 
 from __future__ import annotations
 
+import importlib.metadata
 import logging
-from collections.abc import Callable
+import platform
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 
+import purerpc
 import trio
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
     CollectorRegistry,
     Counter,
     Gauge,
+    GCCollector,
     Histogram,
+    PlatformCollector,
+    ProcessCollector,
+    disable_created_metrics,
     generate_latest,
 )
 
@@ -28,12 +45,118 @@ log = logging.getLogger(__name__)
 MAX_REQUEST_BYTES = 8 * 1024
 REQUEST_TIMEOUT_S = 5.0
 LATENCY_BUCKETS_S = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600)
+# Accepting a mail takes well under 10 ms (one fsync with the file outbox): finer buckets there.
+ACCEPT_BUCKETS_S = (0.0005, 0.001, 0.0025, 0.005, 0.0075, 0.01, 0.025, 0.05, 0.1, 0.25, 1)
+
+# Process-wide in prometheus-client: no *_created series anywhere.
+disable_created_metrics()  # type: ignore[no-untyped-call]
+
+MAILER_SERVICE = "trio_mailer.v1.Mailer"
+# The known label values, pre-created at 0.
+SEND_OUTCOMES = (
+    "accepted",
+    "repeat",  # answered from its idempotency key
+    "queue_full",
+    "recipient_rate_limited",
+    "caller_rate_limited",
+    "suppressed",
+    "invalid",
+    "idempotency_conflict",
+    "idempotency_busy",
+    "unauthenticated",
+    "unavailable",
+    "deadline_exceeded",  # past the caller's deadline before the mail was stored
+    "cancelled",  # the caller went away (or the server is stopping)
+    "internal",
+)
+STATUS_OUTCOMES = ("ok", "not_found", "invalid", "unauthenticated", "unavailable", "internal")
+REQUEST_LABELS: dict[str, tuple[str, ...]] = {
+    "Send": SEND_OUTCOMES,
+    "SendPass": SEND_OUTCOMES,
+    "SendRetrieve": SEND_OUTCOMES,
+    "GetStatus": STATUS_OUTCOMES,
+    "WatchStatus": STATUS_OUTCOMES,
+}
+GRPC_TYPES = {
+    "Send": "unary",
+    "SendPass": "unary",
+    "SendRetrieve": "unary",
+    "GetStatus": "unary",
+    "WatchStatus": "server_stream",
+}
+GRPC_CODES = (
+    "OK",
+    "CANCELLED",
+    "INVALID_ARGUMENT",
+    "NOT_FOUND",
+    "DEADLINE_EXCEEDED",
+    "FAILED_PRECONDITION",
+    "ABORTED",
+    "UNAUTHENTICATED",
+    "UNAVAILABLE",
+    "INTERNAL",
+)
+MAIL_OUTCOMES = ("delivered", "failed", "expired")
+CONNECT_RESULTS = ("ok", "failed")
+REPLY_CLASSES = ("2xx", "4xx", "5xx", "none")
+_OUTCOME_OF_CODE = {
+    "OK": "ok",
+    "NOT_FOUND": "not_found",
+    "INVALID_ARGUMENT": "invalid",
+    "UNAUTHENTICATED": "unauthenticated",
+    "UNAVAILABLE": "unavailable",
+}
+
+
+def _version() -> str:
+    try:
+        return importlib.metadata.version("trio-mailer")
+    except importlib.metadata.PackageNotFoundError:  # running from a bare source tree
+        return "unknown"
 
 
 class Metrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
         r = self.registry
+        ProcessCollector(registry=r)
+        PlatformCollector(registry=r)
+        GCCollector(registry=r)
+        self.build_info = Gauge(
+            "trio_mailer_build_info",
+            "Always 1; the labels say which build is running",
+            ["version", "python_version"],
+            registry=r,
+        )
+        self.build_info.labels(_version(), platform.python_version()).set(1)
+        self.grpc_started = Counter(
+            "grpc_server_started",
+            "RPCs started on the server",
+            ["grpc_type", "grpc_service", "grpc_method"],
+            registry=r,
+        )
+        self.grpc_handled = Counter(
+            "grpc_server_handled",
+            "RPCs completed on the server, by status code",
+            ["grpc_type", "grpc_service", "grpc_method", "grpc_code"],
+            registry=r,
+        )
+        self.accept_latency = Histogram(
+            "trio_mailer_accept_seconds",
+            "SendPass/SendRetrieve, from the request to the reply (outbox commit included)",
+            buckets=ACCEPT_BUCKETS_S,
+            registry=r,
+        )
+        self.outbox_unfinished = Gauge(
+            "trio_mailer_outbox_unfinished",
+            "Accepted mails not yet delivered, failed or expired",
+            registry=r,
+        )
+        self.outbox_oldest_age = Gauge(
+            "trio_mailer_outbox_oldest_unfinished_age_seconds",
+            "Age of the oldest unfinished mail (0 when there is none)",
+            registry=r,
+        )
         self.requests = Counter(
             "trio_mailer_requests",
             "gRPC requests by method and outcome (accepted, repeat, queue_full, "
@@ -93,6 +216,68 @@ class Metrics:
             "trio_mailer_retry_waiting", "Mails waiting for a retry", registry=r
         )
         self.sessions_up = Gauge("trio_mailer_smtp_sessions_up", "Open SMTP sessions", registry=r)
+        self._precreate()
+
+    def _precreate(self) -> None:
+        """A series at 0 for every known label value."""
+        for method, outcomes in REQUEST_LABELS.items():
+            for outcome in outcomes:
+                self.requests.labels(method, outcome)
+            self.grpc_started.labels(GRPC_TYPES[method], MAILER_SERVICE, method)
+            for code in GRPC_CODES:
+                self.grpc_handled.labels(GRPC_TYPES[method], MAILER_SERVICE, method, code)
+        for outcome in MAIL_OUTCOMES:
+            self.mails.labels(outcome)
+        for result in CONNECT_RESULTS:
+            self.connects.labels(result)
+        for code_class in REPLY_CLASSES:
+            self.smtp_replies.labels(code_class)
+
+    def track_outbox(
+        self,
+        unfinished: Callable[[], tuple[int, float | None]],
+        wall_clock: Callable[[], float] = time.time,
+    ) -> None:
+        """Read the outbox gauges at scrape time: ``unfinished()`` gives the count and the
+        oldest unfinished mail's acceptance time (Unix seconds, None when there is none)."""
+        self.outbox_unfinished.set_function(lambda: unfinished()[0])
+
+        def oldest_age() -> float:
+            oldest = unfinished()[1]
+            return 0.0 if oldest is None else max(0.0, wall_clock() - oldest)
+
+        self.outbox_oldest_age.set_function(oldest_age)
+
+    @contextmanager
+    def grpc_call(self, method: str, *, status_outcomes: bool = False) -> Iterator[None]:
+        """Count one Mailer RPC: started, then handled with its status code. With
+        ``status_outcomes``, also ``trio_mailer_requests_total`` (GetStatus, WatchStatus; the
+        sends count their own outcomes)."""
+        grpc_type = GRPC_TYPES[method]
+        self.grpc_started.labels(grpc_type, MAILER_SERVICE, method).inc()
+        code = "INTERNAL"
+        try:
+            yield
+            code = "OK"
+        except purerpc.RpcFailedError as exc:
+            code = exc.status.status_code.name
+            raise
+        except (trio.Cancelled, GeneratorExit):  # the caller went away (a stream: closed)
+            code = "CANCELLED"
+            raise
+        finally:
+            self.grpc_handled.labels(grpc_type, MAILER_SERVICE, method, code).inc()
+            if status_outcomes:
+                self.requests.labels(method, _OUTCOME_OF_CODE.get(code, "internal")).inc()
+
+    def unauthenticated(self, method: str) -> None:
+        """A Mailer call refused before its handler ran: no bearer token, or a wrong one."""
+        self.requests.labels(method, "unauthenticated").inc()
+        if method in GRPC_TYPES:
+            self.grpc_started.labels(GRPC_TYPES[method], MAILER_SERVICE, method).inc()
+            self.grpc_handled.labels(
+                GRPC_TYPES[method], MAILER_SERVICE, method, "UNAUTHENTICATED"
+            ).inc()
 
     def track(
         self,

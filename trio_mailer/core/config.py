@@ -150,7 +150,10 @@ def parse_host_port(text: str, default_port: int | None) -> tuple[str, int]:
         if default_port is None:
             raise ValueError("expected host:port, the port is missing")
         return host, default_port
-    return host, _int_in(1, 65535)(port_text)
+    try:
+        return host, _int_in(1, 65535)(port_text)
+    except ValueError:
+        raise ValueError("expected host:port, the port a whole number from 1 to 65535") from None
 
 
 def _path(text: str) -> Path:

@@ -17,7 +17,8 @@ from __future__ import annotations
 import logging
 import math
 import time
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
+from contextlib import contextmanager
 from datetime import UTC, datetime
 from typing import Any
 
@@ -72,6 +73,7 @@ log = logging.getLogger(__name__)
 QUEUE_FULL_REASON = "queue full"
 MAX_MESSAGE_ID_CHARS = 256
 _METHODS = {MailKind.PASSWORD: "SendPass", MailKind.RETRIEVE: "SendRetrieve"}
+_SENDS = frozenset({"Send", *_METHODS.values()})
 _TEMPLATE_IN_LOG_CHARS = 64  # a caller's template name, in a log line, is cut to this
 _OUTCOMES = {
     purerpc.StatusCode.INVALID_ARGUMENT: "invalid",
@@ -180,13 +182,16 @@ class MailerService(MailerServicer):  # type: ignore[misc]  # generated, untyped
             request,
             _deadline(request),
         )
-        return await self._submit(call)
+        with self._observed("Send"):
+            return await self._submit(call)
 
     async def SendPass(self, message: MsgRequest, request: Any = None) -> MsgReply:
-        return await self._submit_code(MailKind.PASSWORD, message, request)
+        with self._observed("SendPass"):
+            return await self._submit_code(MailKind.PASSWORD, message, request)
 
     async def SendRetrieve(self, message: MsgRequest, request: Any = None) -> MsgReply:
-        return await self._submit_code(MailKind.RETRIEVE, message, request)
+        with self._observed("SendRetrieve"):
+            return await self._submit_code(MailKind.RETRIEVE, message, request)
 
     async def _submit_code(self, kind: MailKind, message: MsgRequest, request: Any) -> MsgReply:
         def compose(now: datetime) -> OutgoingMail:
@@ -208,24 +213,40 @@ class MailerService(MailerServicer):  # type: ignore[misc]  # generated, untyped
         return await self._submit(call)
 
     async def GetStatus(self, message: StatusRequest, request: Any = None) -> MailStatus:
-        record = await self._find(await self._status_id(message, request))
-        return _status_message(record)
+        with self._observed("GetStatus"):
+            record = await self._find(await self._status_id(message, request))
+            return _status_message(record)
 
     async def WatchStatus(
         self, message: StatusRequest, request: Any = None
     ) -> AsyncIterator[MailStatus]:
         """The current status, then each change, ending after a terminal state."""
-        record = await self._find(await self._status_id(message, request))
-        yield _status_message(record)
-        while not record.state.terminal:
-            # Look before waiting: a change that landed while this stream was suspended at
-            # ``yield`` (or a final state already moved to the outbox) is not missed.
-            latest = await self._find(record.message_id)
-            if latest == record:
-                await self._board.wait_for_change(record.message_id)
-                continue
-            record = latest
+        with self._observed("WatchStatus"):
+            record = await self._find(await self._status_id(message, request))
             yield _status_message(record)
+            while not record.state.terminal:
+                # Look before waiting: a change that landed while this stream was suspended at
+                # ``yield`` (or a final state already moved to the outbox) is not missed.
+                latest = await self._find(record.message_id)
+                if latest == record:
+                    await self._board.wait_for_change(record.message_id)
+                    continue
+                record = latest
+                yield _status_message(record)
+
+    @contextmanager
+    def _observed(self, method: str) -> Iterator[None]:
+        """The gRPC metrics of one call (and the accept latency of a send)."""
+        if self._metrics is None:
+            yield
+            return
+        started = time.perf_counter()
+        with self._metrics.grpc_call(method, status_outcomes=method not in _SENDS):
+            try:
+                yield
+            finally:
+                if method in _SENDS:
+                    self._metrics.accept_latency.observe(time.perf_counter() - started)
 
     async def _status_id(self, message: StatusRequest, request: Any) -> str:
         """The message_id a StatusRequest names, directly or by the caller's idempotency key."""

@@ -64,5 +64,12 @@ class StatusBoard:
         """Return at the next change of ``message_id``."""
         await self._wakeups.wait(message_id)
 
+    def unfinished(self) -> tuple[int, float | None]:
+        """Mails accepted (or recovered) and not finished: how many, and the oldest one's
+        acceptance time (Unix seconds; None when there is none)."""
+        open_records = [r for r in self._live.values() if not r.state.terminal]
+        oldest = min((r.accepted_at_unix for r in open_records), default=None)
+        return len(open_records), oldest
+
     def watchers(self) -> int:
         return self._wakeups.waiting()
