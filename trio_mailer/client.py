@@ -141,18 +141,14 @@ async def send(
         reply: MsgReply = await method(request, metadata=metadata)
         return reply
 
-    return await with_retries(
-        lambda deadline: _call(
-            host,
-            port,
-            call,
-            token=token,
-            ssl_context=ssl_context,
-            connect_timeout_s=connect_timeout_s,
-            timeout_s=timeout_s,
-            deadline=deadline,
-        ),
-        timeout_s,
+    return await _retried(
+        host,
+        port,
+        call,
+        token=token,
+        ssl_context=ssl_context,
+        connect_timeout_s=connect_timeout_s,
+        timeout_s=timeout_s,
     )
 
 
@@ -188,18 +184,14 @@ async def send_template(
         reply: MsgReply = await stub.Send(request, metadata=metadata)
         return reply
 
-    return await with_retries(
-        lambda deadline: _call(
-            host,
-            port,
-            call,
-            token=token,
-            ssl_context=ssl_context,
-            connect_timeout_s=connect_timeout_s,
-            timeout_s=timeout_s,
-            deadline=deadline,
-        ),
-        timeout_s,
+    return await _retried(
+        host,
+        port,
+        call,
+        token=token,
+        ssl_context=ssl_context,
+        connect_timeout_s=connect_timeout_s,
+        timeout_s=timeout_s,
     )
 
 
@@ -260,22 +252,16 @@ async def status(
                 budget.answered()
                 on_status(change)
 
-    def attempt(deadline: float | None) -> Awaitable[None]:
-        return _call(
-            host,
-            port,
-            call,
-            token=token,
-            ssl_context=ssl_context,
-            connect_timeout_s=connect_timeout_s,
-            timeout_s=timeout_s,
-            deadline=deadline,
-        )
-
-    if watch:
-        await attempt(None)
-    else:
-        await with_retries(attempt, timeout_s)
+    run = _call if watch else _retried  # a watch is bounded until its first status, not retried
+    await run(
+        host,
+        port,
+        call,
+        token=token,
+        ssl_context=ssl_context,
+        connect_timeout_s=connect_timeout_s,
+        timeout_s=timeout_s,
+    )
 
 
 async def list_suppressed(
@@ -389,6 +375,35 @@ async def _call(
         raise SendFailed("UNAVAILABLE", detail) from None
 
 
+async def _retried(
+    host: str,
+    port: int,
+    call: Callable[[Any, Metadata, _Budget], Awaitable[T]],
+    *,
+    token: str | None,
+    ssl_context: ssl.SSLContext | None,
+    connect_timeout_s: float,
+    timeout_s: float,
+    make_stub: Callable[[Any], Any] = MailerStub,
+) -> T:
+    """``_call`` retried by ``with_retries`` within ``timeout_s``, every attempt given the
+    overall deadline."""
+    return await with_retries(
+        lambda deadline: _call(
+            host,
+            port,
+            call,
+            token=token,
+            ssl_context=ssl_context,
+            connect_timeout_s=connect_timeout_s,
+            timeout_s=timeout_s,
+            deadline=deadline,
+            make_stub=make_stub,
+        ),
+        timeout_s,
+    )
+
+
 async def check_health(
     host: str,
     port: int,
@@ -412,17 +427,13 @@ async def check_health(
         reply = await stub.Check(HealthCheckRequest(service=service), metadata=metadata)
         return str(HealthCheckResponse.ServingStatus.Name(reply.status))
 
-    return await with_retries(
-        lambda deadline: _call(
-            host,
-            port,
-            call,
-            token=token,
-            ssl_context=ssl_context,
-            connect_timeout_s=connect_timeout_s,
-            timeout_s=timeout_s,
-            deadline=deadline,
-            make_stub=HealthStub,
-        ),
-        timeout_s,
+    return await _retried(
+        host,
+        port,
+        call,
+        token=token,
+        ssl_context=ssl_context,
+        connect_timeout_s=connect_timeout_s,
+        timeout_s=timeout_s,
+        make_stub=HealthStub,
     )
