@@ -20,6 +20,7 @@ from collections.abc import Awaitable, Callable, Mapping, Sequence
 from datetime import UTC, datetime
 from functools import partial
 from pathlib import Path
+from typing import TypeVar
 
 import attrs
 import trio
@@ -179,6 +180,9 @@ async def _run_dev(tls: dev.DevTls, outbox: Path, inbox_port: int | None = None)
     return status
 
 
+T = TypeVar("T")
+
+
 @attrs.frozen
 class _Target:
     """Where and how a client command reaches the service."""
@@ -187,6 +191,29 @@ class _Target:
     port: int
     ssl_context: ssl.SSLContext | None
     token: str | None
+    connect_timeout_s: float
+    timeout_s: float
+
+    def call(self, fn: Callable[..., Awaitable[T]], *args: object, **options: object) -> T:
+        """Run the client call ``fn(host, port, *args, ...)`` with this target's connection
+        options and timeouts.
+
+        Raises:
+            SendFailed: what the call raised.
+        """
+        return trio.run(
+            partial(
+                fn,
+                token=self.token,
+                ssl_context=self.ssl_context,
+                connect_timeout_s=self.connect_timeout_s,
+                timeout_s=self.timeout_s,
+                **options,
+            ),
+            self.host,
+            self.port,
+            *args,
+        )
 
 
 def _target(command: str, args: argparse.Namespace) -> _Target | None:
@@ -207,7 +234,7 @@ def _target(command: str, args: argparse.Namespace) -> _Target | None:
             print(f"trio-mailer {command}: cannot load TLS files: {exc}", file=sys.stderr)
             return None
     token = args.token or os.environ.get("MAILER_TOKEN") or None
-    return _Target(host, port, ssl_context, token)
+    return _Target(host, port, ssl_context, token, args.connect_timeout_s, args.timeout_s)
 
 
 def _parse_vars(command: str, pairs: Sequence[str]) -> dict[str, str] | None:
@@ -235,21 +262,13 @@ def _send(args: argparse.Namespace) -> int:
         if args.template is not None:
             if args.code is not None:
                 variables.setdefault("code", args.code)
-            reply = trio.run(
-                partial(
-                    send_template,
-                    locale=args.locale,
-                    idempotency_key=args.idempotency_key or "",
-                    token=target.token,
-                    ssl_context=target.ssl_context,
-                    connect_timeout_s=args.connect_timeout_s,
-                    timeout_s=args.timeout_s,
-                ),
-                target.host,
-                target.port,
+            reply = target.call(
+                send_template,
                 args.template,
                 args.to,
                 variables,
+                locale=args.locale,
+                idempotency_key=args.idempotency_key or "",
             )
         else:
             if args.code is None or variables:
@@ -259,21 +278,13 @@ def _send(args: argparse.Namespace) -> int:
                 )
                 return EXIT_START_FAILED
             kind = MailKind.PASSWORD if args.kind == "pass" else MailKind.RETRIEVE
-            reply = trio.run(
-                partial(
-                    send,
-                    locale=args.locale,
-                    token=target.token,
-                    ssl_context=target.ssl_context,
-                    idempotency_key=args.idempotency_key or "",
-                    connect_timeout_s=args.connect_timeout_s,
-                    timeout_s=args.timeout_s,
-                ),
-                target.host,
-                target.port,
+            reply = target.call(
+                send,
                 kind,
                 args.to,
                 args.code,
+                locale=args.locale,
+                idempotency_key=args.idempotency_key or "",
             )
     except SendFailed as exc:
         print(f"error: {exc.status}: {exc.detail}", file=sys.stderr)
@@ -312,20 +323,7 @@ def _status(args: argparse.Namespace) -> int:
         print(f"trio-mailer status: {exc}", file=sys.stderr)
         return EXIT_START_FAILED
     try:
-        trio.run(
-            partial(
-                fetch_status,
-                watch=args.watch,
-                token=target.token,
-                ssl_context=target.ssl_context,
-                connect_timeout_s=args.connect_timeout_s,
-                timeout_s=args.timeout_s,
-            ),
-            target.host,
-            target.port,
-            message_id,
-            _print_status,
-        )
+        target.call(fetch_status, message_id, _print_status, watch=args.watch)
     except SendFailed as exc:
         print(f"error: {exc.status}: {exc.detail}", file=sys.stderr)
         return 1
@@ -337,18 +335,7 @@ def _health(args: argparse.Namespace) -> int:
     if target is None:
         return EXIT_START_FAILED
     try:
-        serving = trio.run(
-            partial(
-                check_health,
-                token=target.token,
-                ssl_context=target.ssl_context,
-                connect_timeout_s=args.connect_timeout_s,
-                timeout_s=args.timeout_s,
-            ),
-            target.host,
-            target.port,
-            args.service,
-        )
+        serving = target.call(check_health, args.service)
     except SendFailed as exc:
         print(f"error: {exc.status}: {exc.detail}", file=sys.stderr)
         return 1
@@ -362,31 +349,10 @@ def _suppressed(args: argparse.Namespace) -> int:
         return EXIT_START_FAILED
     try:
         if args.action == "remove":
-            removed = trio.run(
-                partial(
-                    remove_suppressed,
-                    token=target.token,
-                    ssl_context=target.ssl_context,
-                    connect_timeout_s=args.connect_timeout_s,
-                    timeout_s=args.timeout_s,
-                ),
-                target.host,
-                target.port,
-                args.address,
-            )
+            removed = target.call(remove_suppressed, args.address)
             print(f"removed {args.address}" if removed else f"not suppressed: {args.address}")
             return 0 if removed else 1
-        entries = trio.run(
-            partial(
-                list_suppressed,
-                token=target.token,
-                ssl_context=target.ssl_context,
-                connect_timeout_s=args.connect_timeout_s,
-                timeout_s=args.timeout_s,
-            ),
-            target.host,
-            target.port,
-        )
+        entries = target.call(list_suppressed)
     except SendFailed as exc:
         print(f"error: {exc.status}: {exc.detail}", file=sys.stderr)
         return 1
