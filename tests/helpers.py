@@ -239,8 +239,8 @@ async def relay_and_service(
         nursery.cancel_scope.cancel()
 
 
-def build_client_wheel(out_dir: Path) -> Path:
-    """Build trio-mailer-client's wheel (client/pyproject.toml) into ``out_dir``."""
+def _build_wheel(project: Path, pattern: str, out_dir: Path) -> Path:
+    """Build the wheel of the project at ``project`` into ``out_dir`` (no build isolation)."""
     subprocess.run(
         [
             sys.executable,
@@ -251,14 +251,25 @@ def build_client_wheel(out_dir: Path) -> Path:
             "--no-build-isolation",
             "--wheel-dir",
             str(out_dir),
-            str(Path(__file__).resolve().parent.parent / "client"),
+            str(project),
         ],
         check=True,
         capture_output=True,
         timeout=300,
     )
-    [wheel] = out_dir.glob("trio_mailer_client-*.whl")
+    [wheel] = out_dir.glob(pattern)
     return wheel
+
+
+def build_wheel(out_dir: Path) -> Path:
+    """Build the service's wheel (pyproject.toml, hatchling) into ``out_dir``."""
+    return _build_wheel(Path(__file__).resolve().parent.parent, "trio_mailer-*.whl", out_dir)
+
+
+def build_client_wheel(out_dir: Path) -> Path:
+    """Build trio-mailer-client's wheel (client/pyproject.toml) into ``out_dir``."""
+    root = Path(__file__).resolve().parent.parent
+    return _build_wheel(root / "client", "trio_mailer_client-*.whl", out_dir)
 
 
 # Caller authentication: tokens and the certificates of a TLS-protected service.

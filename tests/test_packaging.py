@@ -7,31 +7,9 @@ import sys
 import zipfile
 from pathlib import Path
 
-from .helpers import build_client_wheel
+from .helpers import build_client_wheel, build_wheel
 
 ROOT = Path(__file__).resolve().parent.parent
-
-
-def build_wheel(out_dir: Path) -> Path:
-    """Build the project's wheel into ``out_dir`` (hatchling, no build isolation)."""
-    subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "pip",
-            "wheel",
-            "--no-deps",
-            "--no-build-isolation",
-            "--wheel-dir",
-            str(out_dir),
-            str(ROOT),
-        ],
-        check=True,
-        capture_output=True,
-        timeout=300,
-    )
-    [wheel] = out_dir.glob("trio_mailer-*.whl")
-    return wheel
 
 
 def test_wheel_contains_package_templates_and_generated_code(tmp_path: Path) -> None:
