@@ -35,6 +35,7 @@ from trio_mailer.core.caller_auth import is_loopback
 from trio_mailer.core.config import Config, TlsMode
 from trio_mailer.core.errors import OutboxError, ShuttingDown
 from trio_mailer.core.health_decision import SenderStatistics, is_serving
+from trio_mailer.core.load_shedding import RefusalPacer
 from trio_mailer.core.mail_lifecycle import MailRecord, MailState
 from trio_mailer.core.message import MailComposer
 from trio_mailer.core.rendering import MailTemplates, TemplateError
@@ -198,6 +199,8 @@ class MailerApp:
             board=self.board,
             admission=self.admission,
             identify=self.caller_identity,
+            refusal_pacer=RefusalPacer(config.refusals_per_s),
+            refusal_wait_s=config.refusal_wait_s,
         )
         for sender in self.senders:
             sender.board = self.board

@@ -21,6 +21,7 @@ import attrs
 
 from trio_mailer.core.caller_auth import TokenSet, is_loopback
 from trio_mailer.core.errors import InvalidRequest
+from trio_mailer.core.load_shedding import REFUSAL_WAIT_S, REFUSALS_PER_S
 from trio_mailer.core.mail_lifecycle import default_outbox_path
 from trio_mailer.core.rate_limits import RateLimit
 from trio_mailer.core.rendering import DEFAULT_LOCALE, validate_locale
@@ -95,6 +96,19 @@ def _seconds(low: float, high: float, *, low_inclusive: bool) -> Callable[[str],
         too_low = number < low if low_inclusive else number <= low
         if not math.isfinite(number) or too_low or number > high:
             raise ValueError(f"expected a number of seconds, {bound}")
+        return number
+
+    return convert
+
+
+def _per_second(high: float) -> Callable[[str], float]:
+    def convert(text: str) -> float:
+        try:
+            number = float(text)
+        except ValueError:
+            number = math.nan
+        if not math.isfinite(number) or number < 0 or number > high:
+            raise ValueError(f"expected a number per second, at least 0 and at most {high:g}")
         return number
 
     return convert
@@ -476,6 +490,11 @@ SETTINGS: tuple[Setting, ...] = (
             "gRPC connections served at once; one beyond it is closed when accepted"),
     Setting("MAILER_GRPC_IDLE_TIMEOUT_S", "grpc_idle_timeout_s", 300.0,
             _seconds_between(0, DAY_S), "a gRPC connection without a call is closed after this"),
+    Setting("MAILER_REFUSALS_PER_S", "refusals_per_s", REFUSALS_PER_S, _per_second(1e6),
+            "queue full: send calls refused per second at most; the others wait their turn "
+            "(0: refuse at once)"),
+    Setting("MAILER_REFUSAL_WAIT_S", "refusal_wait_s", REFUSAL_WAIT_S, _seconds_from(0, 60),
+            "queue full: the longest a send call waits for its turn to be refused"),
     Setting("MAILER_IDEMPOTENCY_WINDOW_S", "idempotency_window_s", DAY_S,
             _seconds_between(0, 30 * DAY_S),
             "how long an idempotency_key answers a repeat with the first reply"),
@@ -540,6 +559,8 @@ class Config:
     status_retention_s: float = default("status_retention_s")
     max_connections: int = default("max_connections")
     grpc_idle_timeout_s: float = default("grpc_idle_timeout_s")
+    refusals_per_s: float = default("refusals_per_s")
+    refusal_wait_s: float = default("refusal_wait_s")
     idempotency_window_s: float = default("idempotency_window_s")
     recipient_limit: RateLimit | None = default("recipient_limit")
     caller_limit: RateLimit | None = default("caller_limit")
@@ -573,6 +594,7 @@ class Config:
             f"{self._database()}status_retention_s={self.status_retention_s:g} "
             f"max_connections={self.max_connections} "
             f"grpc_idle_timeout_s={self.grpc_idle_timeout_s:g} "
+            f"refusals_per_s={self.refusals_per_s:g} refusal_wait_s={self.refusal_wait_s:g} "
             f"idempotency_window_s={self.idempotency_window_s:g} "
             f"recipient_limit={self.recipient_limit or 'off'} "
             f"caller_limit={self.caller_limit or 'off'} suppress_s={self.suppress_s:g}"

@@ -39,6 +39,7 @@ from trio_mailer.core.errors import (
 )
 from trio_mailer.core.grpc_deadline import deadline_s, timeout_s
 from trio_mailer.core.idempotency import payload_fingerprint, validate_idempotency_key
+from trio_mailer.core.load_shedding import DEADLINE_MARGIN_S, REFUSAL_WAIT_S, RefusalPacer
 from trio_mailer.core.mail_lifecycle import MailRecord, MailState
 from trio_mailer.core.message import MailComposer, OutgoingMail
 from trio_mailer.core.rate_limits import retry_after_ms
@@ -134,6 +135,8 @@ class MailerService(MailerServicer):  # type: ignore[misc]  # generated, untyped
         wall_clock: Callable[[], float] = time.time,
         admission: AdmissionControl | None = None,
         identify: Identify = _anonymous,
+        refusal_pacer: RefusalPacer | None = None,
+        refusal_wait_s: float = REFUSAL_WAIT_S,
     ) -> None:
         self._composer = composer
         self._queue = queue
@@ -148,6 +151,8 @@ class MailerService(MailerServicer):  # type: ignore[misc]  # generated, untyped
             else AdmissionControl(window_s=86400.0, wall_clock=wall_clock, outbox=self.outbox)
         )
         self._identify = identify
+        self._pacer = refusal_pacer if refusal_pacer is not None else RefusalPacer()
+        self._refusal_wait_s = refusal_wait_s
         self.draining = False
         self.refused_queue_full = 0
         self._last_full_log = -math.inf
@@ -316,6 +321,16 @@ class MailerService(MailerServicer):  # type: ignore[misc]  # generated, untyped
             retry_after_ms=retry_after_ms(self.admission.pace.next_place_s()),
         )
 
+    async def _refusal_turn(self, call: _Call) -> bool:
+        """The queue is full: wait for this call's turn to be refused (``core.load_shedding``),
+        within ``refusal_wait_s`` and the call's deadline. True when there is room after all."""
+        now = trio.current_time()
+        latest = min(now + self._refusal_wait_s, call.deadline - DEADLINE_MARGIN_S)
+        turn = self._pacer.turn_s(now, latest)
+        if turn > now:
+            await trio.sleep_until(turn)
+        return not self._queue.full()
+
     async def _submit(self, call: _Call) -> MsgReply:
         outcome = "internal"
         try:
@@ -349,8 +364,13 @@ class MailerService(MailerServicer):  # type: ignore[misc]  # generated, untyped
             if self.draining:
                 raise ShuttingDown()
             if not call.key and self._queue.full():
-                # The flood's path: nothing to look up, nothing to count, nothing to build.
-                return self._queue_full(kind), False
+                # The flood's path: nothing to look up, nothing to count, nothing to build;
+                # and the answer waits its turn, so that delivery keeps the loop.
+                room = await self._refusal_turn(call)
+                if self.draining:
+                    raise ShuttingDown()
+                if not room:
+                    return self._queue_full(kind), False
             key = validate_idempotency_key(call.key)
             ticket = await self.admission.begin(
                 self._identify(_metadata(call.request)),
@@ -387,7 +407,7 @@ class MailerService(MailerServicer):  # type: ignore[misc]  # generated, untyped
                 return await self._refuse(call, ticket, refusal)
             # Under overload most calls end here: refuse before the costly validation and
             # message building, so the flood leaves the sender the CPU (and the GIL).
-            if self._queue.full():
+            if self._queue.full() and not await self._refusal_turn(call):
                 return await self._refuse(call, ticket, None)
             mail = call.compose(self._now())
             try:
