@@ -29,6 +29,9 @@ from .stats import DASH, Section, Target, percentile
 QUEUE_SIZE = 100_000
 RESTART_AFTER = 20_000  # mails held by our service before it is restarted
 RESULT_TIMEOUT_S = 30.0  # beyond the job's own length
+# The targets: server CPU per call, ours/grpcio.
+ACCEPTED_CPU_TARGET = 1.0
+REFUSED_CPU_TARGET = 1.5
 
 
 @attrs.frozen
@@ -58,6 +61,9 @@ def _ours(name: str, queue_size: int, tls: TlsFiles, log_dir: Path) -> ServerPro
         _closed_port(),
         tls,
         MAILER_QUEUE_SIZE=str(queue_size),
+        # Refusals at once, as grpcio's: the refused rows measure the stack's cost per call, not
+        # the pacing that keeps a flood from starving delivery (bench/overload.py measures that).
+        MAILER_REFUSALS_PER_S="0",
         MAILER_RETRY_BASE_S="3600",
         MAILER_RETRY_MAX_S="3600",
         MAILER_SHUTDOWN_GRACE_S="0",
@@ -89,6 +95,10 @@ def _measure(
         "warmup_s": profile.ingress_warmup_s,
         "window_s": profile.ingress_window_s,
         "server_pid": process.pid,
+        # At least one call per caller in the window: 64 calls in flight are answered nearly
+        # together (each handler's work runs in the same pass of the scheduler), so a server
+        # short of CPU may answer none within a short window (it stalled the quick run once).
+        "min_calls": level,
     }
     timeout = profile.ingress_warmup_s + profile.ingress_window_s + RESULT_TIMEOUT_S
     result: dict[str, Any] = load.run(job, timeout)
@@ -175,7 +185,7 @@ def run_section(profile: Profile, tls: TlsFiles, log_dir: Path) -> Section:
             f"ingress server CPU per accepted call ours/grpcio, {level} in flight",
             [s.server_cpu_ms_per_call for s in ours_runs],
             [s.server_cpu_ms_per_call for s in base_runs],
-            Target("<=", 1.5),
+            Target("<=", ACCEPTED_CPU_TARGET),
         )
         section.ratio(
             f"ingress accepted calls/s ours/grpcio, {level} in flight",
@@ -186,6 +196,7 @@ def run_section(profile: Profile, tls: TlsFiles, log_dir: Path) -> Section:
         f"ingress server CPU per refused call ours/grpcio, {full_level} in flight",
         [s.server_cpu_ms_per_call for s in samples["ours_full", full_level]],
         [s.server_cpu_ms_per_call for s in samples["grpcio_full", full_level]],
+        Target("<=", REFUSED_CPU_TARGET),
     )
     other = sum(s.other_per_s for runs in samples.values() for s in runs)
     errors: dict[str, int] = {}

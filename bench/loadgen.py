@@ -13,7 +13,9 @@ A job (every key but ``target`` optional; see ``Job``) is one of:
 
 - a **window** (default): ``concurrency`` closed-loop callers for ``warmup_s + window_s +
   tail_s``; only calls that end inside the window count, and ``server_pid``'s CPU time is read
-  at the window's edges;
+  at the window's edges. With ``min_calls`` the window lasts until at least that many calls
+  ended in it: a server starved of CPU that answers 64 calls in flight all together, once a
+  second, would otherwise show a short window with no call in it at all;
 - a **count**: callers until ``count`` calls were accepted (a refused call is tried again);
 - a **rate**: open loop, one call every ``1/rate`` seconds for ``window_s``, at most
   ``concurrency`` in flight (a call that finds no room is skipped and counted).
@@ -28,6 +30,7 @@ import argparse
 import asyncio
 import dataclasses
 import json
+import math
 import os
 import sys
 import time
@@ -60,6 +63,7 @@ class Job:
     backoff_s: float = 0.0  # pause after a refused call
     record: bool = False  # return (Message-ID, start time) of every accepted call
     server_pid: int | None = None
+    min_calls: int = 0  # window: it lasts until at least this many calls ended in it
     call_timeout_s: float = 5.0
     max_duration_s: float = 300.0
     idempotency_keys: bool = False  # a fresh idempotency_key on every call
@@ -97,6 +101,16 @@ class _Run:
     tickets: int = 0  # count mode: calls still to be accepted
     sequence: int = 0
     salt: str = field(default_factory=lambda: os.urandom(4).hex())  # keys unique across jobs
+    # min_calls: set while the window waits for its calls; set when they have ended
+    enough: asyncio.Event | None = None
+    window_start: float = 0.0
+
+    def ended(self, call: Call) -> None:
+        self.calls.append(call)
+        if self.enough is not None:
+            counted = sum(1 for c in self.calls if c.end >= self.window_start)
+            if counted >= self.job.min_calls:
+                self.enough.set()
 
 
 def _cpu_s(pid: int) -> float:
@@ -153,7 +167,7 @@ async def _one_call(run: _Run, call: grpc.aio.UnaryUnaryMultiCallable) -> Call:
     else:
         outcome = "accepted" if reply.sent else "refused"
         result = Call(start, time.monotonic(), outcome, reply.message_id)
-    run.calls.append(result)
+    run.ended(result)
     return result
 
 
@@ -233,10 +247,15 @@ async def _load(job: Job, calls: list[grpc.aio.UnaryUnaryMultiCallable]) -> dict
     run.tickets = job.count or 0
     cpu = _CpuWindow(job.server_pid)
     extra: dict[str, Any] = {}
+    closing: asyncio.Task[float] | None = None
     if windowed:
         # The loop's clock is time.monotonic(): the callbacks fire at the window's edges.
         loop.call_at(window_start, cpu.open)
-        loop.call_at(window_end, cpu.close)
+        if job.min_calls:
+            run.stop_at = math.inf  # until the window has its calls
+            closing = asyncio.create_task(_close_window(run, cpu, window_start, window_end))
+        else:
+            loop.call_at(window_end, cpu.close)
     else:
         cpu.open()
     if job.rate is not None:
@@ -244,10 +263,25 @@ async def _load(job: Job, calls: list[grpc.aio.UnaryUnaryMultiCallable]) -> dict
     else:
         callers = [_closed_loop_caller(run, calls[i % len(calls)]) for i in range(job.concurrency)]
         await asyncio.gather(*callers)
+    if closing is not None:
+        window_end = await closing
     if not windowed:
         cpu.close()
         window_end = time.monotonic()
     return _result(run, window_start, window_end, cpu, extra)
+
+
+async def _close_window(run: _Run, cpu: _CpuWindow, start: float, earliest_end: float) -> float:
+    """End the window at ``earliest_end`` or, if fewer than ``min_calls`` calls ended in it by
+    then, as soon as they have; the callers stop ``tail_s`` later. Returns the window's end."""
+    await asyncio.sleep(max(0.0, earliest_end - time.monotonic()))
+    if sum(1 for c in run.calls if c.end >= start) < run.job.min_calls:
+        run.window_start, run.enough = start, asyncio.Event()
+        await run.enough.wait()
+    end = time.monotonic()
+    cpu.close()
+    run.stop_at = end + run.job.tail_s
+    return end
 
 
 def _result(
