@@ -159,6 +159,10 @@ class MailQueue:
                 return
             await self._room.park()
 
+    async def wait_for_room(self) -> None:
+        """Return when a place may have been freed (``full()`` may be true again: look)."""
+        await self._room.park()
+
     def close(self) -> None:
         """Take no more mail; the senders finish what is queued or waiting (and what the
         calls holding a reserved place put in)."""

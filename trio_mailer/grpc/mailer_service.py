@@ -153,6 +153,7 @@ class MailerService(MailerServicer):  # type: ignore[misc]  # generated, untyped
         self._identify = identify
         self._pacer = refusal_pacer if refusal_pacer is not None else RefusalPacer()
         self._refusal_wait_s = refusal_wait_s
+        self._room_watch = trio.Lock()
         self.draining = False
         self.refused_queue_full = 0
         self._last_full_log = -math.inf
@@ -328,7 +329,13 @@ class MailerService(MailerServicer):  # type: ignore[misc]  # generated, untyped
         latest = min(now + self._refusal_wait_s, call.deadline - DEADLINE_MARGIN_S)
         turn = self._pacer.turn_s(now, latest)
         if turn > now:
-            await trio.sleep_until(turn)
+            with trio.move_on_at(turn):
+                # One waiter at a time (the lock is FIFO) watches for a freed place, so a place
+                # is taken as soon as the senders free it, not at the next turn, and a freed
+                # place wakes one task, not every waiting call.
+                async with self._room_watch:
+                    while self._queue.full():
+                        await self._queue.wait_for_room()
         return not self._queue.full()
 
     async def _submit(self, call: _Call) -> MsgReply:
