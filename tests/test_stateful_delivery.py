@@ -230,6 +230,9 @@ class DeliveryMachine(RuleBasedStateMachine):
             retry_max_s=10.0,
             session_max_messages=5,
             noop_idle_s=1.0,
+            # Queue full: refused at once. Paced refusals wait for the clock, which moves only
+            # in advance_clock here (the pacing has its own tests: test_load_shedding.py).
+            refusals_per_s=0.0,
         )
         self.app = app = MailerApp(config, TEMPLATES, self.relay.connect)  # type: ignore[arg-type]
         app.service.outbox = self.outbox

@@ -12,7 +12,9 @@ answer the refusal by calling again (a closed loop: every real client, and the f
 ``bench/overload.py``) are thereby slowed to ``per_s`` calls a second altogether, and the loop
 stays free for delivery. A call whose turn would come after its ``latest_s`` (its wait bound or
 its deadline) is answered at ``latest_s`` and takes no turn, so the wait never exceeds either
-and a slow refusal is never turned into a missed deadline. Slowing callers by holding their
+and a slow refusal is never turned into a missed deadline. A waiting call is accepted instead
+when the senders free a place meanwhile (``MailerService`` lets one waiter at a time watch the
+queue), so the pacing never holds acceptance below the delivery rate. Slowing callers by holding their
 calls costs a stream each, which the HTTP/2 limits bound (streams per connection, connections).
 """
 
