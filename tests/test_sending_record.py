@@ -9,6 +9,7 @@ On the autojump clock with in-trio fakes (STYLE 12).
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Callable
 
 import attrs
@@ -126,7 +127,7 @@ async def test_an_attempt_that_cannot_be_stored_is_not_sent_and_is_tried_again_l
         ]
         assert len(tries) >= 3, tries  # tried again, not dropped
         assert all(c.attempts == 1 for c in outbox.refused)  # never counted
-        gaps = [b - a for a, b in zip(tries, tries[1:], strict=False)]
+        gaps = [b - a for a, b in itertools.pairwise(tries)]
         assert gaps == sorted(gaps) and 0 < gaps[0] and gaps[-1] <= 8 + 1, gaps  # backoff
         seen = board.get(mail(0).message_id)
         assert seen is not None and seen.state is MailState.QUEUED  # not shown as sending
