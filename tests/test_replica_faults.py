@@ -158,7 +158,8 @@ async def run_an_outage(
 
                 await outage.cut()
                 try:
-                    await trio.sleep(2 * DB_TIMEOUT_S)  # attempts that stored SENDING finish
+                    # An attempt that stored SENDING just before finishes (refused: greylisted).
+                    await trio.sleep(2 * DB_TIMEOUT_S + 3)
                     relay.faults.clear()  # the relay takes mail; only the outbox holds it back
                     await wait_for_health(port, "NOT_SERVING")
                     started = trio.current_time()

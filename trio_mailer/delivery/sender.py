@@ -22,7 +22,8 @@ table. For each mail that ``MailQueue.next_due()`` hands it:
 4. The attempt is **stored as started** (``SENDING``, its attempt counted) before the relay
    hears DATA, so a crash during DATA is known at the next start as a possible duplicate.
    **No record, no send**: when the outbox cannot store it, the mail is not sent now; it waits
-   in the retry heap for the reconnect backoff (the attempt not counted) and is tried again.
+   in the retry heap for the reconnect backoff, capped at ``UNSTORED_RETRY_MAX_S`` (the attempt
+   not counted), and is tried again.
    When the outbox refuses it (``OutboxConflict``: the mail is finished, or, with PostgreSQL,
    another replica holds it since this one's lease lapsed) it is not sent and leaves this
    sender: whoever holds it sends it, so it goes out once (or flagged).
@@ -85,6 +86,9 @@ log = logging.getLogger(__name__)
 
 CLOSE_TIMEOUT_S = 2.0  # how long closing a broken session may hold up the sender
 RELAY_UNAVAILABLE_PREFIX = "relay unavailable"  # the last reply of a mail waiting for a session
+# The longest a mail waits to try again when its attempt could not be stored: the database is
+# usually back soon, and a login code must not sit out a long relay backoff after a blip.
+UNSTORED_RETRY_MAX_S = 5.0
 
 
 class SmtpSession(Protocol):
@@ -336,7 +340,7 @@ class Sender:
             queue.finish(delivery)
             return
         self._unstored += 1
-        delay = self.backoff.delay_s(self._unstored, self.random())
+        delay = min(self.backoff.delay_s(self._unstored, self.random()), UNSTORED_RETRY_MAX_S)
         log.warning(
             "not sending %s now: its attempt could not be stored; again in %.1fs",
             delivery.message_id,
