@@ -14,8 +14,9 @@ stays free for delivery. A call whose turn would come after its ``latest_s`` (it
 its deadline) is answered at ``latest_s`` and takes no turn, so the wait never exceeds either
 and a slow refusal is never turned into a missed deadline. A waiting call is accepted instead
 when the senders free a place meanwhile (``MailerService`` lets one waiter at a time watch the
-queue), so the pacing never holds acceptance below the delivery rate. Slowing callers by holding their
-calls costs a stream each, which the HTTP/2 limits bound (streams per connection, connections).
+queue), so the pacing never holds acceptance below the delivery rate. Slowing callers by
+holding their calls costs a stream each, which the HTTP/2 limits bound (streams per
+connection, connections).
 """
 
 from __future__ import annotations
