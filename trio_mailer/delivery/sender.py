@@ -214,7 +214,7 @@ class Sender:
             await self._recycle_if_due()
             return
         attempts = delivery.attempts + 1
-        delivery = attrs.evolve(delivery, attempts=attempts)
+        delivery = delivery.replace(attempts=attempts)
         # Stored before the relay hears DATA: a crash from here on is a possible duplicate.
         await self._report(delivery, MailState.SENDING)
         started = trio.current_time()
@@ -247,8 +247,7 @@ class Sender:
                 self.metrics.reply(outcome.reply.code)
             if isinstance(outcome, Delivered):
                 self._failures = 0
-                delivered = attrs.evolve(
-                    delivery,
+                delivered = delivery.replace(
                     last_reply=str(outcome.reply),
                     last_reply_code=outcome.reply.code,
                 )
