@@ -17,8 +17,9 @@ next (so no variant always goes first or last, after a warm cache or a busy neig
 Every variant opens its session and sends one warm-up mail before the clock starts, so a sample
 is pure steady state: N mails over one session. The sink counts the round trips.
 The baselines run in this process's main thread, ours in trio with its worker thread: that
-thread hop is part of what is measured. Our sender's per-mail INFO log lines are not emitted
-here (logging is not configured); overload and e2e run the real service, which does log them.
+thread hop is part of what is measured. Ours reports to a status board, a (memory) outbox and
+the metrics, as in the service; its per-mail INFO log lines are not emitted here (logging is
+not configured); overload and e2e run the real service, which does log them.
 """
 
 from __future__ import annotations
@@ -42,6 +43,9 @@ from trio_mailer.core.rendering import MailKind, MailTemplates
 from trio_mailer.delivery.mail_queue import MailQueue
 from trio_mailer.delivery.sender import FinishedMail, Sender
 from trio_mailer.delivery.smtp_session import make_relay_ssl_context
+from trio_mailer.metrics import Metrics
+from trio_mailer.store.outbox import MailRecord, MemoryOutbox
+from trio_mailer.store.status_board import StatusBoard
 
 from .common import MAIL_FROM, RCPT_TO, SERVICE_NAME, BenchError, Profile, TlsFiles
 from .procs import SinkProcess, SinkStats
@@ -230,13 +234,24 @@ async def _run_ours(
             await lot.park()
 
     queue = MailQueue.open(capacity=len(mails) + 1, retry_capacity=config.retry_capacity)
+    board, outbox = StatusBoard(), MemoryOutbox()
     sender = Sender(  # as MailerApp builds each sender of its pool
         connect=relay_connector(config, make_relay_ssl_context(config.smtp_ca_file)),
         noop_idle_s=config.noop_idle_s,
         max_messages=config.session_max_messages,
         max_age_s=config.session_max_age_s,
         on_finished=on_finished,
+        metrics=Metrics(),
+        board=board,
+        outbox=outbox,
     )
+    # Accepted as the gRPC handler accepts them (before the clock starts): stored and on the
+    # board, so the sender reports every change to both, as in the service.
+    now = time.time()
+    for mail in [warmup, *mails]:
+        record = MailRecord.accepted(mail, now)
+        await outbox.add(record)
+        board.track(record)
     with trio.fail_after(RUN_TIMEOUT_S):
         async with trio.open_nursery() as nursery:
             nursery.start_soon(sender.run, queue)

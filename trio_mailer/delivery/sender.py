@@ -379,7 +379,7 @@ class Sender:
                 extra={"message_id": delivery.message_id},
             )
         if self.metrics is not None:
-            self.metrics.mails.labels(finished.outcome).inc()
+            self.metrics.mail_finished(finished.outcome)
             if finished.delivered:
                 self.metrics.delivery_latency.observe(trio.current_time() - delivery.accepted_at_s)
                 self.metrics.delivered_via(self.relay_name)
