@@ -44,6 +44,8 @@ class Profile:
     attack_s: float = 4.0  # how long each attack (bench/attacks.py) floods
     attack_settle_s: float = 2.0  # after it, before RSS "after" is read
     attack_baseline_s: float = 5.0  # the unattacked probe
+    memory_mails: int = 10_000  # unfinished mails in the outbox (bench/memory.py)
+    memory_settle_s: float = 3.0  # how long RSS is watched after start-up
 
     @classmethod
     def quick(cls) -> Profile:
@@ -65,6 +67,8 @@ class Profile:
             attack_s=0.8,
             attack_settle_s=0.3,
             attack_baseline_s=1.0,
+            memory_mails=2000,
+            memory_settle_s=1.0,
         )
 
     @classmethod

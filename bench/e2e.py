@@ -190,15 +190,18 @@ def run_section(
             section.add(
                 f"{label}: service CPU", "ms/mail", [s.service_cpu_ms_per_mail for s in burst]
             )
-    for relay, runs in (
-        ("instant relay", fast_runs),
-        (f"{SLOW_RELAY_DELAY_MS:g} ms relay", slow_runs),
+    # No target at the instant relay (retired by issue 16): there one process's CPU, not the
+    # relay, sets the pace, and more sessions cannot add CPU. The 10 ms relay is where a pool
+    # pays: sessions mostly wait, and four can carry close to four times as much.
+    for relay, runs, target in (
+        ("instant relay", fast_runs, None),
+        (f"{SLOW_RELAY_DELAY_MS:g} ms relay", slow_runs, Target(">=", 3.6)),
     ):
         section.ratio(
             f"e2e burst throughput 4 sessions/1 session, {relay}",
             [s.mails_per_s for s in runs.burst[4]],
             [s.mails_per_s for s in runs.burst[1]],
-            Target(">=", 3.0),
+            target,
         )
     rates = ", ".join(f"{s.paced_rate or 0.0:.0f}" for s in slow_runs.paced[1])
     section.notes.append(

@@ -27,12 +27,12 @@ if __package__ in (None, ""):
 
 import attrs
 
-from bench import admission, attacks, e2e, egress, ingress, overload, replicas
+from bench import admission, attacks, e2e, egress, ingress, memory, overload, replicas
 from bench.common import BenchError, Profile, TlsFiles
 from bench.procs import SinkProcess
-from bench.stats import Section
+from bench.stats import Section, Target
 
-SECTIONS = ("egress", "overload", "ingress", "e2e", "attacks", "admission")
+SECTIONS = ("egress", "overload", "ingress", "e2e", "attacks", "admission", "memory")
 # Run only when named in --only: it needs a PostgreSQL server (run under .ci/postgres).
 OPTIONAL_SECTIONS = ("replicas",)
 EXIT_OK = 0
@@ -78,6 +78,7 @@ RUNNERS: dict[str, Callable[[Fixtures], Section]] = {
     "ingress": lambda f: ingress.run_section(f.profile, f.tls, f.log_dir),
     "attacks": lambda f: attacks.run_section(f.profile, f.tls, f.log_dir),
     "admission": lambda f: admission.run_section(f.profile, f.tls, f.log_dir),
+    "memory": lambda f: memory.run_section(f.profile, f.tls, f.log_dir),
     "replicas": lambda f: replicas.run_section(
         f.profile, f.tls, f.sink(pipelining=True), f.log_dir
     ),
@@ -117,6 +118,56 @@ def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
     return args
 
 
+# The parts of the CPU-per-mail ratio (issue 16), by section and row.
+CPU_PARTS = {
+    "service": ("e2e", "instant relay, 1 session: service CPU"),
+    "grpcio": ("ingress", "grpcio, 64 in flight: refused (queue full), server CPU"),
+    "raw": ("egress", "raw ssl socket (NOOP each mail)"),
+}
+
+
+def cpu_per_mail(sections: list[Section]) -> Section | None:
+    """The CPU-per-delivered-mail ratio, from three sections of this run (None without them).
+
+    Our service's CPU per mail end to end (e2e, one session, instant relay) against the stack's
+    own floor: grpcio's server CPU per refused call (ingress: a gRPC call that builds nothing)
+    plus the raw TLS client's CPU per mail (egress: the SMTP commands and TLS alone). The
+    samples of the three sections are paired by repetition.
+    """
+    by_name = {section.name: section for section in sections}
+    parts: dict[str, tuple[float, ...]] = {}
+    for part, (name, what) in CPU_PARTS.items():
+        section = by_name.get(name)
+        if section is None:
+            return None
+        unit_rows = [
+            row.summary.samples
+            for row in section.rows
+            if row.what == what and row.unit in ("ms/mail", "ms/call", "CPU ms/mail")
+        ]
+        if not unit_rows:
+            return None
+        parts[part] = unit_rows[0]
+    count = min(len(samples) for samples in parts.values())
+    floor = [parts["grpcio"][i] + parts["raw"][i] for i in range(count)]
+    section = Section(
+        "cpu",
+        "CPU per delivered mail, ours against the stack's floor (from egress, ingress and e2e)",
+    )
+    section.add(
+        "ours: service CPU per mail (e2e, 1 session, instant relay)", "ms/mail", parts["service"]
+    )
+    section.add("grpcio: server CPU per refused call (ingress)", "ms/call", parts["grpcio"])
+    section.add("raw TLS client: CPU per mail (egress)", "ms/mail", parts["raw"])
+    section.ratio(
+        "CPU per delivered mail ours/(grpcio refused call + raw TLS client mail)",
+        parts["service"][:count],
+        floor,
+        Target("<=", 1.5),
+    )
+    return section
+
+
 def _targets(sections: list[Section]) -> list[str]:
     return [
         ratio.line() for section in sections for ratio in section.ratios if ratio.target is not None
@@ -153,6 +204,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except BenchError as exc:
         print(f"\nbench: failed: {exc}", file=sys.stderr)
         return EXIT_FAILED
+    combined = cpu_per_mail(sections)
+    if combined is not None:
+        print(f"\n{combined.render()}", flush=True)
+        sections.append(combined)
     print("\n== targets (from the issue; judged on the median of the paired ratios) ==")
     for line in _targets(sections):
         print(f"  {line}")

@@ -3,24 +3,26 @@
 from __future__ import annotations
 
 import logging
+import ssl
 import time
 from contextlib import aclosing
 from pathlib import Path
 
+import attrs
 import purerpc
 import pytest
 import trio
 
 from trio_mailer.client import open_channel
 from trio_mailer.core.errors import OutboxFull
-from trio_mailer.core.mail_lifecycle import MailRecord
+from trio_mailer.core.mail_lifecycle import MailRecord, MailState
 from trio_mailer.core.message import OutgoingMail
 from trio_mailer.core.rendering import MailKind
 from trio_mailer.store.outbox import SqliteOutbox
 from trio_mailer.v1.mailer_grpc import MailerStub
 from trio_mailer.v1.mailer_pb2 import MailStatus, MsgRequest, StatusRequest
 
-from .fakes.fault_relay import Fault
+from .fakes.fault_relay import Fault, FaultRelay
 from .helpers import FAST, Harness, send_pass
 
 
@@ -164,6 +166,55 @@ async def test_file_outbox_keeps_mail_across_a_restart(start_harness, tmp_path: 
             first = await status(h, ids[0])
             assert name(first.state) == "DELIVERED"
             assert first.attempts >= 2  # the attempt before the restart counts
+
+
+async def test_a_backlog_larger_than_the_queue_is_all_delivered_after_a_restart(
+    start_harness, relay_tls: ssl.SSLContext, tmp_path: Path
+) -> None:
+    """An outbox holding far more unfinished mail than the queue and the retry heap: every
+    mail is delivered after the start, and the service never holds more than its bound."""
+    path = tmp_path / "outbox.sqlite3"
+    queue_size, retry_capacity, mails = 3, 4, 60
+    outbox = await SqliteOutbox.open(path)
+    accepted = time.time() - 10
+    async with trio.open_nursery() as nursery:
+        for n in range(mails):
+            mail = attrs.evolve(filler(n, 500), data=b"mail %d\r\n" % n + b"x" * 500)
+            record = MailRecord.accepted(mail, accepted_at_unix=accepted + n * 1e-3)
+            nursery.start_soon(outbox.add, record)
+    await outbox.aclose()
+    env = {
+        **FAST,
+        "MAILER_SMTP_TIMEOUT_S": "5",  # a loaded machine must not break sessions (duplicates)
+        "MAILER_SHUTDOWN_GRACE_S": "10",  # the drain stores the last mails' outcomes
+        "MAILER_OUTBOX": str(path),
+        "MAILER_QUEUE_SIZE": str(queue_size),
+        "MAILER_RETRY_CAPACITY": str(retry_capacity),
+    }
+    # Each final "." answered after 20 ms: the backlog drains over about a second, while the
+    # sampler below watches what the service holds.
+    relay = FaultRelay(ssl_context=relay_tls)
+    relay.add_fault(Fault("DOT", delay_s=0.02, times=-1))
+    # Recovery reads a page (queue_size mails) at a time and puts each on the board as it
+    # queues it, waiting for room: the channel, the retry heap and in flight, plus one.
+    bound = 2 * queue_size + retry_capacity
+    seen: list[int] = []
+    with trio.fail_after(60):
+        async with start_harness(env=env, relay=relay) as h:
+            expected = {b"mail %d" % n for n in range(mails)}
+            while not expected <= {m.data.split(b"\r\n", 1)[0] for m in h.relay.received}:
+                seen.append(h.app.board.unfinished()[0])
+                await trio.sleep(0.005)
+        # Out of the harness: the service has drained and stored every outcome.
+    assert len(seen) > 10 and max(seen) <= bound, (len(seen), max(seen), bound)
+    reopened = await SqliteOutbox.open(path)
+    try:
+        assert await reopened.unfinished() == []
+        for n in range(mails):
+            record = await reopened.get(f"<fill{n}@x.example>")
+            assert record is not None and record.state is MailState.DELIVERED, n
+    finally:
+        await reopened.aclose()
 
 
 async def test_full_outbox_refuses_with_unavailable(start_harness, tmp_path: Path, caplog) -> None:

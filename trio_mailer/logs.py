@@ -20,6 +20,8 @@ def printable(text: str | bytes, limit: int = MAX_LOGGED_CHARS) -> str:
         text = text.decode("utf-8", errors="replace")
     if len(text) > limit:
         text = text[:limit] + "..."
+    if text.isprintable():  # the common case (every relay reply, per mail), in one C call
+        return text
     return "".join(c if c.isprintable() else ascii(c)[1:-1] for c in text)
 
 

@@ -117,6 +117,7 @@ def _version() -> str:
 
 class Metrics:
     def __init__(self) -> None:
+        self._children: dict[tuple[int, str], Counter] = {}
         self.registry = CollectorRegistry()
         r = self.registry
         ProcessCollector(registry=r)
@@ -294,10 +295,23 @@ class Metrics:
         self.sessions_up.set_function(sessions_up)
 
     def reply(self, code: int | None) -> None:
-        self.smtp_replies.labels("none" if code is None else f"{code // 100}xx").inc()
+        self._child(self.smtp_replies, "none" if code is None else f"{code // 100}xx").inc()
 
     def delivered_via(self, relay: str) -> None:
-        self.delivered_by_relay.labels(relay or "unknown").inc()
+        self._child(self.delivered_by_relay, relay or "unknown").inc()
+
+    def mail_finished(self, outcome: str) -> None:
+        self._child(self.mails, outcome).inc()
+
+    def _child(self, family: Counter, label: str) -> Counter:
+        """``family.labels(label)``, remembered: the lookup takes a lock and builds a tuple,
+        and these are counted for every mail. Bounded: one entry per label value, and the
+        values are a few reply classes, outcomes and the configured relays."""
+        key = (id(family), label)
+        child = self._children.get(key)
+        if child is None:
+            child = self._children[key] = family.labels(label)
+        return child
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -54,6 +54,19 @@ class Delivery:
     def message_id(self) -> str:
         return self.mail.message_id
 
+    def replace(self, **changes: object) -> Delivery:
+        """``attrs.evolve(self, **changes)``, at a fraction of its cost (twice per mail)."""
+        fields = {
+            "mail": self.mail,
+            "accepted_at_s": self.accepted_at_s,
+            "attempts": self.attempts,
+            "last_reply": self.last_reply,
+            "last_reply_code": self.last_reply_code,
+            "possible_duplicate": self.possible_duplicate,
+        }
+        fields.update(changes)
+        return Delivery(**fields)  # type: ignore[arg-type]  # the keys are the fields above
+
 
 @attrs.frozen
 class QueueStatistics:
@@ -176,6 +189,24 @@ class MailQueue:
 
     async def next_due(self) -> Delivery | None:
         """The next mail to attempt, or None when there is no more work at all."""
+        if not self._channel_drained and (
+            not self._retries or self._retries[0][0] > trio.current_time()
+        ):
+            # The common case under load, without a cancel scope: a new mail is waiting and
+            # the retry heap has room for it.
+            if len(self._retries) + self._in_flight < self.retry_capacity:
+                await trio.lowlevel.checkpoint_if_cancelled()  # as ``receive()`` would
+                try:
+                    delivery = self._receive.receive_nowait()
+                except trio.WouldBlock:
+                    pass
+                except trio.EndOfChannel:
+                    self._channel_drained = True
+                else:
+                    self._in_flight += 1
+                    self._room.unpark_all()
+                    await trio.lowlevel.cancel_shielded_checkpoint()
+                    return delivery
         while True:
             now = trio.current_time()
             if self._retries and self._retries[0][0] <= now:

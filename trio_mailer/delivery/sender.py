@@ -224,16 +224,15 @@ class Sender:
             await self._recycle_if_due()
             return
         attempts = delivery.attempts + 1
+        attempted = delivery.replace(attempts=attempts)
         # Stored before the relay hears DATA: a crash from here on is a possible duplicate.
-        not_stored = await self._report(
-            attrs.evolve(delivery, attempts=attempts), MailState.SENDING
-        )
+        not_stored = await self._report(attempted, MailState.SENDING)
         if not_stored is not None:
             self._not_started(queue, delivery, not_stored)
             await self._recycle_if_due()
             return
         self._unstored = 0
-        delivery = attrs.evolve(delivery, attempts=attempts)
+        delivery = attempted
         started = trio.current_time()
         session_attempts_before = self._session_messages
         self._session_messages += 1
@@ -264,8 +263,7 @@ class Sender:
                 self.metrics.reply(outcome.reply.code)
             if isinstance(outcome, Delivered):
                 self._failures = 0
-                delivered = attrs.evolve(
-                    delivery,
+                delivered = delivery.replace(
                     last_reply=str(outcome.reply),
                     last_reply_code=outcome.reply.code,
                 )
@@ -437,7 +435,7 @@ class Sender:
                 extra={"message_id": delivery.message_id},
             )
         if self.metrics is not None:
-            self.metrics.mails.labels(finished.outcome).inc()
+            self.metrics.mail_finished(finished.outcome)
             if finished.delivered:
                 self.metrics.delivery_latency.observe(trio.current_time() - delivery.accepted_at_s)
                 self.metrics.delivered_via(self.relay_name)
