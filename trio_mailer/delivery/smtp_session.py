@@ -55,7 +55,6 @@ import re
 import smtplib
 import socket
 import ssl
-import threading
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
@@ -628,17 +627,19 @@ class ThreadedSmtpSession:
 class SessionThread:
     """The one worker thread of a session: runs its calls one at a time, in order.
 
-    A thread of its own, fed through a ``queue.SimpleQueue``, whose result wakes the waiting
-    task through the Trio token: about half the cost of a ``trio.to_thread.run_sync`` hop
-    (no limiter, no thread-cache hand-off), and a mail is one hop. Calls run strictly in the
-    order given, so the connection is never used by two threads at once, also after a call was
-    abandoned (its caller cancelled): the next call waits in the queue until it has finished.
-    The thread starts at the first call and ends after the call marked ``last`` (the close).
+    The thread is one long ``trio.to_thread.run_sync`` call (started at the first call, from a
+    system task, with a ``CapacityLimiter(1)`` of its own) that serves a ``queue.SimpleQueue``;
+    each result wakes the waiting task through the Trio token. That is about half the cost of
+    a ``trio.to_thread.run_sync`` hop per call (no limiter, no thread-cache hand-off), and a
+    mail is one hop. Calls run strictly in the order given, so the connection is never used by
+    two threads at once, also after a call was abandoned (its caller cancelled): the next call
+    waits in the queue until it has finished. The serving loop ends after the call marked
+    ``last`` (the close), and the thread goes back to Trio's thread cache.
     """
 
     def __init__(self) -> None:
         self._jobs: queue.SimpleQueue[_Job | None] = queue.SimpleQueue()
-        self._thread: threading.Thread | None = None
+        self._started = False
         self._outstanding = 0  # calls given to the thread and not yet finished (abandoned too)
         self._stopped = False
 
@@ -659,11 +660,9 @@ class SessionThread:
         await trio.lowlevel.checkpoint_if_cancelled()
         if self._stopped:
             raise trio.ClosedResourceError("the session's thread has ended")
-        if self._thread is None:
-            self._thread = threading.Thread(
-                target=self._serve, name="trio-mailer smtp session", daemon=True
-            )
-            self._thread.start()
+        if not self._started:
+            self._started = True
+            trio.lowlevel.spawn_system_task(self._host, name="trio-mailer smtp session")
         job = _Job(fn, args, trio.lowlevel.current_task(), trio.lowlevel.current_trio_token())
         self._outstanding += 1
         self._jobs.put(job)
@@ -681,8 +680,15 @@ class SessionThread:
         """End the thread once the calls already given have run."""
         if not self._stopped:
             self._stopped = True
-            if self._thread is not None:
+            if self._started:
                 self._jobs.put(None)
+
+    async def _host(self) -> None:
+        # Abandoned when the run ends with the loop still waiting (its session never closed):
+        # the thread then serves what is queued and stops at the None that stop() queues.
+        await trio.to_thread.run_sync(
+            self._serve, abandon_on_cancel=True, limiter=trio.CapacityLimiter(1)
+        )
 
     def _serve(self) -> None:
         while (job := self._jobs.get()) is not None:
