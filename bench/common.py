@@ -44,6 +44,7 @@ class Profile:
     attack_s: float = 4.0  # how long each attack (bench/attacks.py) floods
     attack_settle_s: float = 2.0  # after it, before RSS "after" is read
     attack_baseline_s: float = 5.0  # the unattacked probe
+    compose_mails: int = 2000  # messages built per compose sample (the reference builds 1/10)
 
     @classmethod
     def quick(cls) -> Profile:
@@ -65,6 +66,7 @@ class Profile:
             attack_s=0.8,
             attack_settle_s=0.3,
             attack_baseline_s=1.0,
+            compose_mails=300,
         )
 
     @classmethod
