@@ -83,8 +83,6 @@ MAX_LINE_OCTETS = 998  # RFC 5322 2.1.1's hard limit, not counting the CRLF
 ENCODED_WORD_OCTETS = 39
 BOUNDARY_TOKEN_BYTES = 16  # random bytes in a MIME boundary (32 hex digits after "=_")
 
-# Parsing the From field back, once per sender.
-_POLICY = email.policy.SMTP.clone(cte_type="7bit")
 _TEXT_TYPE = b'Content-Type: text/plain; charset="utf-8"\r\nContent-Transfer-Encoding: '
 _HTML_TYPE = b'Content-Type: text/html; charset="utf-8"\r\nContent-Transfer-Encoding: '
 # A field: its name is what the email parser accepts (printable ASCII but the colon; it allows
@@ -265,16 +263,14 @@ def _sender_fields(from_address: str, service_name: str) -> str:
         MessageBuildError: the From field does not read back as exactly this display name and
             address, on one field.
     """
-    message = EmailMessage(policy=_POLICY)
+    message = EmailMessage(policy=email.policy.SMTP)
     message["From"] = Address(display_name=service_name, addr_spec=from_address)
-    field = _POLICY.fold_binary("From", message["From"])
+    field = email.policy.SMTP.fold_binary("From", message["From"])
     parsed = email.parser.BytesHeaderParser(policy=email.policy.default).parsebytes(field)
     addresses: tuple[Address, ...] = getattr(parsed["From"], "addresses", ())
-    if (
-        parsed.keys() != ["From"]
-        or [(a.display_name, a.addr_spec) for a in addresses] != [(service_name, from_address)]
-        or not field.isascii()
-    ):
+    if parsed.keys() != ["From"] or [(a.display_name, a.addr_spec) for a in addresses] != [
+        (service_name, from_address)
+    ]:
         raise MessageBuildError(f"the From field does not read back: {field!r}")
     return f"{field.decode()}Auto-Submitted: {AUTO_SUBMITTED}\r\nMIME-Version: 1.0\r\n"
 
@@ -289,7 +285,7 @@ def _encode_body(part: str) -> tuple[bytes, bytes]:
     body = b"\r\n".join(lines) + b"\r\n"
     if not body.isascii():
         return b"base64", base64.encodebytes(body).replace(b"\n", b"\r\n")
-    if b"\x00" in body or max(map(len, lines), default=0) > MAX_7BIT_LINE_CHARS:
+    if b"\x00" in body or max(map(len, body.split(b"\r\n"))) > MAX_7BIT_LINE_CHARS:
         return b"quoted-printable", binascii.b2a_qp(body, istext=True)
     return b"7bit", body
 
@@ -302,9 +298,9 @@ def _subject_field(subject: str) -> str:
         UnicodeEncodeError: ``subject`` holds a lone surrogate.
     """
     if subject.isascii() and subject.isprintable() and "=?" not in subject:
-        lines = _fold(f"Subject: {subject}")
+        lines = _fold(subject)
         if max(map(len, lines)) <= MAX_7BIT_LINE_CHARS:
-            return "\r\n ".join(lines) + "\r\n"
+            return "\r\n".join(lines) + "\r\n"
     raw = subject.encode()
     words = []
     start = 0
@@ -318,14 +314,16 @@ def _subject_field(subject: str) -> str:
     return "Subject: " + "\r\n ".join(words) + "\r\n"
 
 
-def _fold(field: str) -> list[str]:
-    """``field``'s lines when folded before a space wherever the line would pass 78 characters
-    (RFC 5322 2.2.3); a word too long for a line stays whole, and no line is only spaces."""
-    words = field.split(" ")
-    lines = [words[0]]
+def _fold(subject: str) -> list[str]:
+    """The Subject field's lines when folded before a space of ``subject`` wherever the line
+    would pass 78 characters (RFC 5322 2.2.3). A word too long for a line stays whole; the
+    first word stays on the field's first line (a reader keeps the space that would follow a
+    fold right after the colon); no line is only spaces."""
+    words = subject.split(" ")
+    lines = [f"Subject: {words[0]}"]
     for word in words[1:]:
         if word and len(lines[-1]) + 1 + len(word) > MAX_7BIT_LINE_CHARS:
-            lines.append(word)
+            lines.append(" " + word)
         else:
             lines[-1] += " " + word
     return lines
@@ -400,15 +398,14 @@ def check_serialized(
         if not separator:
             raise MessageBuildError("serialized part has no blank line after its headers")
         parts.append(_fields(part_head))
-    part_values = [dict(fields) for fields in parts]
-    types = [_main_type(value.get("content-type", "")) for value in part_values]
+    types = [_main_type(dict(part).get("content-type", "")) for part in parts]
     if types != ["text/plain", "text/html"]:
         raise MessageBuildError(f"serialized parts are {types}")
-    for part, part_value in zip(parts, part_values, strict=True):
+    for part in parts:
         part_names = [name for name, _ in part]
         if sorted(part_names) != sorted(EXPECTED_PART_HEADERS):
             raise MessageBuildError(f"serialized part headers are {part_names}")
-        _check_part_fields(part_value)
+        _check_part_fields(dict(part))
 
 
 def _fields(head: bytes) -> list[tuple[str, str]]:
@@ -428,7 +425,7 @@ def _fields(head: bytes) -> list[tuple[str, str]]:
 
 
 def _main_type(content_type: str) -> str:
-    return content_type.partition(";")[0].strip(" \t").lower()
+    return content_type.partition(";")[0].lower()
 
 
 def _check_part_fields(values: Mapping[str, str]) -> None:
