@@ -311,6 +311,10 @@ def test_the_scan_wants_one_plain_address_in_to() -> None:
         (GOOD_MULTI.replace(b'"b"', b"b"), "serialized boundary is unusable"),
         (GOOD_MULTI.replace(b'"b"', b'""'), "serialized boundary is unusable"),
         (
+            GOOD_MULTI.replace(b'"b"', b'"=?us-ascii?q?b?="'),  # the parser would read "b"
+            "serialized boundary is unusable",
+        ),
+        (
             GOOD_MULTI.replace(b'"b"', b'"' + b"b" * 71 + b'"').replace(b"--b", b"--" + b"b" * 71),
             "serialized boundary is unusable",
         ),

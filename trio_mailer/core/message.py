@@ -92,9 +92,11 @@ _FIELD_PATTERN = r"([!-9;-~]+):([^\r\n]*(?:\r\n[ \t][^\r\n]*)*)"
 _FIELD = re.compile(_FIELD_PATTERN)
 _HEADER_BLOCK = re.compile(f"{_FIELD_PATTERN}(?:\r\n{_FIELD_PATTERN})*")
 _TEXT_CONTENT_TYPE = re.compile(r'text/(?:plain|html)(?:;[ \t]*charset=(?:"utf-8"|utf-8))?', re.I)
-# RFC 2046 5.1.1's boundary characters, quoted, without the space it allows inside.
+# RFC 2046 5.1.1's boundary characters, quoted, without the space it allows inside and without
+# "?": the email package decodes an RFC 2047 encoded word even inside a quoted string, so a
+# boundary holding "=?...?=" would mean one thing to this scan and another to the parser.
 _MULTIPART_CONTENT_TYPE = re.compile(
-    r'multipart/alternative;[ \t]*boundary="([0-9A-Za-z\'()+_,./:=?-]{1,70})"', re.I
+    r'multipart/alternative;[ \t]*boundary="([0-9A-Za-z\'()+_,./:=-]{1,70})"', re.I
 )
 
 
