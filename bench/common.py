@@ -44,7 +44,7 @@ class Profile:
     attack_s: float = 4.0  # how long each attack (bench/attacks.py) floods
     attack_settle_s: float = 2.0  # after it, before RSS "after" is read
     attack_baseline_s: float = 5.0  # the unattacked probe
-    compose_mails: int = 2000  # messages built per compose sample (the reference builds 1/10)
+    compose_mails: int = 1000  # messages built per compose sample (the reference builds 1/10)
 
     @classmethod
     def quick(cls) -> Profile:

@@ -539,3 +539,24 @@ def test_every_header_line_of_a_built_mail_stays_within_78(composer: MailCompose
         head = mail.data.partition(b"\r\n\r\n")[0]
         assert max(map(len, head.split(b"\r\n"))) <= 78
         assert max(map(len, mail.data.split(b"\r\n"))) <= 78
+
+
+def test_a_template_subject_unsafe_for_a_header_is_refused(tmp_path: Path) -> None:
+    """Even a template's own text may not put '=?' (or a control character) in the Subject."""
+    (tmp_path / "mail").mkdir()
+    for name in ("password", "retrieve"):
+        (tmp_path / "mail" / f"{name}.msg").write_text(
+            "{# requires: code #}{% block subject %}S =?utf-8?q?x?= {% endblock %}"
+            "{% block text %}code {{ code }}{% endblock %}"
+        )
+    composer = MailComposer(MailTemplates.load(tmp_path), "noreply@example.com", "Acme")
+    with pytest.raises(InvalidRequest) as info:
+        composer.compose(MailKind.RETRIEVE, "user@example.com", "1", NOW)
+    assert info.value.field == "subject"
+
+
+def test_the_recipient_is_checked_before_the_code(composer: MailComposer) -> None:
+    """Both wrong: the error names the first field, to."""
+    with pytest.raises(InvalidRequest) as info:
+        composer.compose(MailKind.PASSWORD, "a@b.com, c@d.com", "1\r\n", NOW)
+    assert info.value.field == "to"
