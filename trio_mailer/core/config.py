@@ -469,7 +469,8 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("MAILER_DB_POOL_SIZE", "db_pool_size", 10, _int_in(2, 1000),
             "PostgreSQL outbox: connections per replica"),
     Setting("MAILER_DB_TIMEOUT_S", "db_timeout_s", 5.0, _seconds_between(0, 600),
-            "PostgreSQL outbox: statement and connect timeout"),
+            "PostgreSQL outbox: statement, connect and pool-wait timeout; no answer 1 s after it "
+            "is a stalled network (the call fails, the connection is dropped)"),
     Setting("MAILER_STATUS_RETENTION_S", "status_retention_s", DAY_S,
             _seconds_between(0, 365 * DAY_S), "how long a finished mail's status stays queryable"),
     Setting("MAILER_MAX_CONNECTIONS", "max_connections", 500, _int_in(1, 100_000),

@@ -21,6 +21,12 @@ table. For each mail that ``MailQueue.next_due()`` hands it:
    ``noop_idle_s`` is probed with NOOP first, and replaced when the answer is not 250.
 4. The attempt is **stored as started** (``SENDING``, its attempt counted) before the relay
    hears DATA, so a crash during DATA is known at the next start as a possible duplicate.
+   **No record, no send**: when the outbox cannot store it, the mail is not sent now; it waits
+   in the retry heap for the reconnect backoff, capped at ``UNSTORED_RETRY_MAX_S`` (the attempt
+   not counted), and is tried again.
+   When the outbox refuses it (``OutboxConflict``: the mail is finished, or, with PostgreSQL,
+   another replica holds it since this one's lease lapsed) it is not sent and leaves this
+   sender: whoever holds it sends it, so it goes out once (or flagged).
 5. Send, and let the policies decide what follows a failure: a 4xx tied to the session (a cap,
    ``4.5.3``) replaces the session and the mail goes again at once; another 4xx puts the mail
    in the queue's retry heap after a jittered, capped backoff, until its time to live; a 5xx
@@ -47,7 +53,7 @@ import attrs
 import trio
 
 from trio_mailer.core.config import default
-from trio_mailer.core.errors import OutboxError
+from trio_mailer.core.errors import OutboxConflict, OutboxError
 from trio_mailer.core.health_decision import SenderStatistics
 from trio_mailer.core.mail_lifecycle import MailState, StatusChange
 from trio_mailer.core.message import OutgoingMail
@@ -80,6 +86,9 @@ log = logging.getLogger(__name__)
 
 CLOSE_TIMEOUT_S = 2.0  # how long closing a broken session may hold up the sender
 RELAY_UNAVAILABLE_PREFIX = "relay unavailable"  # the last reply of a mail waiting for a session
+# The longest a mail waits to try again when its attempt could not be stored: the database is
+# usually back soon, and a login code must not sit out a long relay backoff after a blip.
+UNSTORED_RETRY_MAX_S = 5.0
 
 
 class SmtpSession(Protocol):
@@ -153,6 +162,7 @@ class Sender:
     _down_since: float | None = None
     _delivered: int = 0
     _failed: int = 0
+    _unstored: int = 0  # attempts in a row that could not be stored as started (not sent)
     _retries: int = 0
     _connects: int = 0
     ever_connected: bool = False  # a session has succeeded since start-up
@@ -214,9 +224,16 @@ class Sender:
             await self._recycle_if_due()
             return
         attempts = delivery.attempts + 1
-        delivery = attrs.evolve(delivery, attempts=attempts)
         # Stored before the relay hears DATA: a crash from here on is a possible duplicate.
-        await self._report(delivery, MailState.SENDING)
+        not_stored = await self._report(
+            attrs.evolve(delivery, attempts=attempts), MailState.SENDING
+        )
+        if not_stored is not None:
+            self._not_started(queue, delivery, not_stored)
+            await self._recycle_if_due()
+            return
+        self._unstored = 0
+        delivery = attrs.evolve(delivery, attempts=attempts)
         started = trio.current_time()
         session_attempts_before = self._session_messages
         self._session_messages += 1
@@ -309,6 +326,29 @@ class Sender:
         queue.retry_at(delivery, retry.at_s)
         await self._recycle_if_due()
 
+    def _not_started(self, queue: MailQueue, delivery: Delivery, error: OutboxError) -> None:
+        """The attempt could not be stored as started, so nothing was sent (see step 4)."""
+        if isinstance(error, OutboxConflict):
+            log.warning(
+                "not sending %s: the outbox refuses the attempt (%s)",
+                delivery.message_id,
+                error.problem,
+                extra={"message_id": delivery.message_id},
+            )
+            if self.board is not None:
+                self.board.forget(delivery.message_id)  # the outbox answers for it
+            queue.finish(delivery)
+            return
+        self._unstored += 1
+        delay = min(self.backoff.delay_s(self._unstored, self.random()), UNSTORED_RETRY_MAX_S)
+        log.warning(
+            "not sending %s now: its attempt could not be stored; again in %.1fs",
+            delivery.message_id,
+            delay,
+            extra={"message_id": delivery.message_id},
+        )
+        queue.retry_at(delivery, trio.current_time() + delay)
+
     async def _give_back(self, queue: MailQueue, delivery: Delivery, deadline: float) -> None:
         """No session: hand the mail to any sender that has one, then wait out the backoff.
 
@@ -325,11 +365,17 @@ class Sender:
         delay = self.backoff.delay_s(self._failures, self.random(), config_error=self._config_error)
         await trio.sleep_until(min(trio.current_time() + delay, deadline))
 
-    async def _report(self, delivery: Delivery, state: MailState, *, store: bool = True) -> None:
+    async def _report(
+        self, delivery: Delivery, state: MailState, *, store: bool = True
+    ) -> OutboxError | None:
         """Tell the status board, and store the change in the outbox (unless ``store=False``:
-        a note on a waiting mail that a restart does not need)."""
+        a note on a waiting mail that a restart does not need).
+
+        Returns the outbox's error when the change was not stored (None: stored, or nothing to
+        store). ``SENDING`` is stored first and shown on the board only once stored.
+        """
         if self.board is None:
-            return
+            return None
         change = StatusChange(
             message_id=delivery.message_id,
             state=state,
@@ -339,20 +385,31 @@ class Sender:
             at_unix=self.wall_clock(),
             possible_duplicate=delivery.possible_duplicate,
         )
-        if self.board.change(change) is None or self.outbox is None or not store:
-            return
-        try:
-            await self.outbox.record(change)
-        except OutboxError as exc:
-            # Not stored: after a restart this mail would be tried again (a possible duplicate).
-            log.error(
-                "cannot store the status of %s: %s",
-                delivery.message_id,
-                exc,
-                extra={"message_id": delivery.message_id},
-            )
+        known = self.board.get(delivery.message_id)
+        if known is None or known.state.terminal:
+            return None
+        first = state is MailState.SENDING  # no record, no send: the board waits for the store
+        if not first:
+            self.board.change(change)
+        error = None
+        if self.outbox is not None and store:
+            try:
+                await self.outbox.record(change)
+            except OutboxError as exc:
+                # Not stored: after a restart this mail would be tried again (a possible
+                # duplicate), and an attempt is not made (see step 4).
+                log.error(
+                    "cannot store the status of %s: %s",
+                    delivery.message_id,
+                    exc,
+                    extra={"message_id": delivery.message_id},
+                )
+                error = exc
+        if first and error is None:
+            self.board.change(change)
         if state.terminal:
             self.board.forget(delivery.message_id)
+        return error
 
     async def _finish(self, queue: MailQueue, delivery: Delivery, failure: str) -> None:
         finished = FinishedMail(delivery, delivered=not failure, reason=failure)

@@ -19,8 +19,16 @@ nobody else touches it. ``run`` renews the leases of every row it owns every thi
 ``claim`` takes them with ``SELECT ... FOR UPDATE SKIP LOCKED`` (two replicas never take the same
 row) and the app queues them like mail recovered at start-up (a row left in ``sending`` is
 delivered flagged as a possible duplicate: the dead attempt may have passed the final ".").
-A replica that stops cleanly releases its rows and NOTIFYs ``trio_mailer_work``: the others claim
-at once instead of after the lease.
+A replica never claims its own rows: they are in its memory already (a lapsed lease of its own
+is renewed, not claimed twice). A replica that stops cleanly releases its rows and NOTIFYs
+``trio_mailer_work``: the others claim at once instead of after the lease.
+
+**A lost lease.** A status change is stored only while the row's owner is still this replica
+(``trio_mailer_apply``'s UPDATE is conditional on it). A replica cut off from the database for
+longer than its lease may find, when it is back, that another replica claimed its mail: the
+change is refused as *lost* (an ``OutboxConflict``) and this replica forgets the row. The sender
+stores ``SENDING`` before the relay hears DATA and does not send when that fails, so the mail
+goes out from the replica that holds it, never from both unflagged.
 
 **Status everywhere.** Each stored change NOTIFYs ``trio_mailer_status`` with its message id;
 ``run`` LISTENs on a connection of its own and calls ``on_change`` (the status board's wake-up),
@@ -30,8 +38,15 @@ so a ``WatchStatus`` on any replica follows a mail that another replica sends.
 the store unreachable (health NOT_SERVING) until an operation succeeds again; the pool replaces
 broken connections by itself, so a restarted database is used again without a restart here. An
 ``add`` whose batch failed in flight may have committed: its rows are *withdrawn* (deleted if
-still untouched) with the next successful batch, as for a cancelled add in SQLite. Every
-statement has ``statement_timeout_s``; a stalled network is bounded by ``tcp_user_timeout``.
+still untouched) with the next successful batch, as for a cancelled add in SQLite. ``run``
+probes the database every ``PROBE_INTERVAL_S``, so health follows it even while no mail moves.
+
+**Timeouts** (all from ``MAILER_DB_TIMEOUT_S``, ``statement_timeout_s`` here): the server cancels
+a statement that runs longer; a connect, and the wait for a pooled connection, give up after it;
+the kernel gives up on unacknowledged data (``tcp_user_timeout``) and on a silent peer
+(keepalives); and psycopg's wait for any answer ends ``ANSWER_GRACE_S`` after it, dropping the
+connection (``psycopg_internals``): a network that stalls without closing (a frozen proxy) fails
+the call with UNAVAILABLE instead of hanging a worker thread.
 """
 
 from __future__ import annotations
@@ -71,6 +86,10 @@ URL_SCHEMES = ("postgresql://", "postgres://")
 CLAIM_BATCH = 16  # rows one claim takes at most
 LISTEN_POLL_S = 1.0  # how long the listener thread waits for a NOTIFY before looking again
 RECONNECT_DELAY_S = 1.0  # between attempts of the listener to reconnect
+PROBE_INTERVAL_S = 2.0  # between the health probes of the database (SELECT 1)
+# How much longer than the statement timeout psycopg waits for an answer before calling the
+# network stalled: a slow statement is the server's to cancel (a clean error, the connection kept).
+ANSWER_GRACE_S = 1.0
 
 _COLUMNS = (
     "message_id",
@@ -87,6 +106,8 @@ _COLUMNS = (
     "finished_at_unix",
     "possible_duplicate",
 )
+LEASE_LOST = "another replica holds the mail now (this replica's lease on it lapsed)"
+
 _SELECT = f"SELECT {', '.join(_COLUMNS)} FROM mail"
 _SUPPRESSED_COLUMNS = "address, since_unix, until_unix, reply_code, reply_text, message_id"
 
@@ -97,6 +118,7 @@ WHERE message_id IN (
     SELECT message_id FROM mail
     WHERE finished_at_unix IS NULL
       AND (owner IS NULL OR lease_until < extract(epoch FROM clock_timestamp()))
+      AND owner IS DISTINCT FROM %(me)s
     ORDER BY accepted_at_unix, message_id
     LIMIT %(limit)s
     FOR UPDATE SKIP LOCKED
@@ -207,6 +229,8 @@ def _outcome(result: dict[str, Any]) -> OutboxError | None:
         return StoreRefusal(str(result["limited"]), max(0.0, float(result["retry_after_s"])))
     if result.get("suppressed"):
         return StoreRefusal("suppressed", 0.0)
+    if result.get("lost"):
+        return OutboxConflict(LEASE_LOST)
     return OutboxConflict(str(result.get("conflict", "stale")))
 
 
@@ -253,9 +277,12 @@ class PostgresOutbox:
         """
         import psycopg_pool  # only with MAILER_OUTBOX=postgresql://
 
+        from trio_mailer.store.psycopg_internals import bounded_connection_class
+
         kwargs = _connect_kwargs(statement_timeout_s, connect_timeout_s)
         pool = psycopg_pool.ConnectionPool(
             url,
+            connection_class=bounded_connection_class(statement_timeout_s + ANSWER_GRACE_S),
             min_size=1,
             max_size=pool_size,
             kwargs=kwargs,
@@ -504,7 +531,18 @@ class PostgresOutbox:
         async with trio.open_nursery() as nursery:
             nursery.start_soon(self._renew_leases)
             nursery.start_soon(self._listen)
+            nursery.start_soon(self._probe)
             task_status.started()
+
+    async def _probe(self) -> None:
+        """Keep ``reachable`` true to the database while nothing else runs (a failed call sets
+        it false; this one, succeeding again, sets it back)."""
+        while True:
+            await trio.sleep(PROBE_INTERVAL_S)
+            try:
+                await self._run(lambda conn: conn.execute("SELECT 1").fetchone())
+            except OutboxError as exc:
+                log.warning("database probe failed: %s", exc)
 
     async def _renew_leases(self) -> None:
         while True:
@@ -521,12 +559,15 @@ class PostgresOutbox:
     async def _listen(self) -> None:
         import psycopg
 
+        from trio_mailer.store.psycopg_internals import bounded_connection_class
+
         conn: Any = None
         limiter = trio.CapacityLimiter(1)
         kwargs = _connect_kwargs(self.statement_timeout_s, self.statement_timeout_s)
+        connection_class = bounded_connection_class(self.statement_timeout_s + ANSWER_GRACE_S)
 
         def connect() -> Any:
-            c = psycopg.connect(self.url, **kwargs)
+            c = connection_class.connect(self.url, **kwargs)
             c.execute(f"LISTEN {schema.STATUS_CHANNEL}")
             c.execute(f"LISTEN {schema.WORK_CHANNEL}")
             return c
@@ -673,15 +714,18 @@ class PostgresOutbox:
             raise trio.ClosedResourceError("the outbox is closed")
         import psycopg
 
+        from trio_mailer.store.psycopg_internals import NoAnswer
+
         def call() -> R:
             try:
                 with self._pool.connection() as conn:
                     return fn(conn)
             except (psycopg.Error, _pool_errors()) as exc:
                 self._reachable = False
-                if isinstance(exc, psycopg.OperationalError):
+                if isinstance(exc, psycopg.OperationalError) and not isinstance(exc, NoAnswer):
                     # A restarted server leaves every idle connection broken: replace them now,
-                    # not one failed call at a time.
+                    # not one failed call at a time. Not on a stall: each check would wait out
+                    # the timeout in turn (the stalled connections fail on their next use).
                     self._pool.check()
                 raise OutboxError(f"{mask_url(self.url)}: {_describe(exc)}") from None
 

@@ -13,6 +13,10 @@ seconds, the database's clock) how long that claim stands without renewal.
 change of a batch in one call, so a batch costs one round trip. Each change runs in its own
 sub-transaction (a ``BEGIN ... EXCEPTION`` block), so one that breaks the rules fails alone and
 the rest commits; it returns one outcome per change (see ``postgres_outbox._outcome``).
+
+Version 2 replaces ``trio_mailer_apply_one``: a status change is written only while the row's
+``owner`` is still the writing replica, and a row another replica holds answers ``lost`` (its
+lease was taken: the writer must not send the mail). See ``_RECORD_V2``.
 """
 
 from __future__ import annotations
@@ -77,30 +81,8 @@ CREATE TABLE suppressed (
 );
 """
 
-# One change: {"op": "add" | "record" | "withdraw", ...}; see postgres_outbox._change_json.
-_APPLY_ONE = """
-CREATE FUNCTION trio_mailer_apply_one(c jsonb, me text, lease_s double precision,
-                                      now_unix double precision)
-RETURNS jsonb LANGUAGE plpgsql AS $$
-DECLARE
-    a jsonb := c->'acceptance';
-    m jsonb := c->'mail';
-    hit idempotency_key%ROWTYPE;
-    counted integer;
-    oldest double precision;
-    written integer;
-BEGIN
-    IF c->>'op' = 'withdraw' THEN
-        DELETE FROM mail WHERE message_id = c->>'message_id'
-            AND state = 'queued' AND attempts = 0 AND owner = me;
-        GET DIAGNOSTICS written = ROW_COUNT;
-        IF written > 0 THEN
-            DELETE FROM idempotency_key WHERE message_id = c->>'message_id';
-            DELETE FROM accept_log WHERE message_id = c->>'message_id';
-        END IF;
-        RETURN '{"ok": true}';
-    END IF;
-
+# Version 1 of the record branch (shipped; kept as it was).
+_RECORD_V1 = """\
     IF c->>'op' = 'record' THEN
         -- Applied only to the row the replica read (state and attempts unchanged since), and
         -- only while no other replica holds it: else "stale", and the caller reads again.
@@ -126,7 +108,71 @@ BEGIN
         RETURN '{"ok": true}';
     END IF;
 
-    -- An add: the live key first (a hit writes nothing), then the suppression list and the
+"""
+
+# Version 2 of the record branch: a change is applied only while this replica still holds the
+# mail (``owner = me``). A lease that lapsed with nobody taking it still counts: the UPDATE's row
+# lock orders it against a claim, which sets another owner. Another owner means the lease was
+# lost: "lost", that replica's writes stand, and this one must not send the mail. (Version 1
+# also wrote over a row whose lease had lapsed under another owner.)
+_RECORD_V2 = """\
+    IF c->>'op' = 'record' THEN
+        -- Applied only to the row the replica read (state and attempts unchanged since), and
+        -- only while it holds it: else "lost" (another replica does) or "stale" (read again).
+        UPDATE mail SET
+            state = m->>'state',
+            attempts = (m->>'attempts')::integer,
+            last_reply_code = (m->>'last_reply_code')::integer,
+            last_reply_text = m->>'last_reply_text',
+            last_attempt_at_unix = (m->>'last_attempt_at_unix')::double precision,
+            finished_at_unix = (m->>'finished_at_unix')::double precision,
+            possible_duplicate = (m->>'possible_duplicate')::boolean,
+            owner = CASE WHEN m->>'finished_at_unix' IS NULL THEN me END,
+            lease_until = CASE WHEN m->>'finished_at_unix' IS NULL THEN now_unix + lease_s END
+        WHERE message_id = m->>'message_id'
+            AND state = c->>'expect_state' AND attempts = (c->>'expect_attempts')::integer
+            AND finished_at_unix IS NULL
+            AND owner = me;
+        GET DIAGNOSTICS written = ROW_COUNT;
+        IF written = 0 THEN
+            PERFORM 1 FROM mail WHERE message_id = m->>'message_id'
+                AND finished_at_unix IS NULL AND owner IS DISTINCT FROM me;
+            IF FOUND THEN
+                RETURN '{"lost": true}';
+            END IF;
+            RETURN '{"stale": true}';
+        END IF;
+        PERFORM pg_notify('trio_mailer_status', m->>'message_id');
+        RETURN '{"ok": true}';
+    END IF;
+
+"""
+
+# One change: {"op": "add" | "record" | "withdraw", ...}; see postgres_outbox._change_json.
+_APPLY_ONE = """
+{create} trio_mailer_apply_one(c jsonb, me text, lease_s double precision,
+                                      now_unix double precision)
+RETURNS jsonb LANGUAGE plpgsql AS $$
+DECLARE
+    a jsonb := c->'acceptance';
+    m jsonb := c->'mail';
+    hit idempotency_key%ROWTYPE;
+    counted integer;
+    oldest double precision;
+    written integer;
+BEGIN
+    IF c->>'op' = 'withdraw' THEN
+        DELETE FROM mail WHERE message_id = c->>'message_id'
+            AND state = 'queued' AND attempts = 0 AND owner = me;
+        GET DIAGNOSTICS written = ROW_COUNT;
+        IF written > 0 THEN
+            DELETE FROM idempotency_key WHERE message_id = c->>'message_id';
+            DELETE FROM accept_log WHERE message_id = c->>'message_id';
+        END IF;
+        RETURN '{"ok": true}';
+    END IF;
+
+{record}    -- An add: the live key first (a hit writes nothing), then the suppression list and the
     -- rate limits as every replica has counted them, then the rows.
     IF a IS NOT NULL AND a->>'key' IS NOT NULL THEN
         SELECT * INTO hit FROM idempotency_key
@@ -237,6 +283,14 @@ BEGIN
 END $$;
 """
 
-# MIGRATIONS[n]: from schema version n to n + 1.
-MIGRATIONS: tuple[str, ...] = (_TABLES + _APPLY_ONE + _APPLY,)
+
+def _apply_one(create: str, record: str) -> str:
+    return _APPLY_ONE.replace("{create}", create).replace("{record}", record)
+
+
+# MIGRATIONS[n]: from schema version n to n + 1. Never edit one that has shipped: add the next.
+MIGRATIONS: tuple[str, ...] = (
+    _TABLES + _apply_one("CREATE FUNCTION", _RECORD_V1) + _APPLY,
+    _apply_one("CREATE OR REPLACE FUNCTION", _RECORD_V2),
+)
 SCHEMA_VERSION = len(MIGRATIONS)
