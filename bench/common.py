@@ -46,6 +46,7 @@ class Profile:
     attack_baseline_s: float = 5.0  # the unattacked probe
     memory_mails: int = 10_000  # unfinished mails in the outbox (bench/memory.py)
     memory_settle_s: float = 3.0  # how long RSS is watched after start-up
+    compose_mails: int = 1000  # messages built per compose sample (the reference builds 1/10)
 
     @classmethod
     def quick(cls) -> Profile:
@@ -69,6 +70,7 @@ class Profile:
             attack_baseline_s=1.0,
             memory_mails=2000,
             memory_settle_s=1.0,
+            compose_mails=300,
         )
 
     @classmethod

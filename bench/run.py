@@ -27,12 +27,12 @@ if __package__ in (None, ""):
 
 import attrs
 
-from bench import admission, attacks, e2e, egress, ingress, memory, overload, replicas
+from bench import admission, attacks, compose, e2e, egress, ingress, memory, overload, replicas
 from bench.common import BenchError, Profile, TlsFiles
 from bench.procs import SinkProcess
 from bench.stats import Section, Target
 
-SECTIONS = ("egress", "overload", "ingress", "e2e", "attacks", "admission", "memory")
+SECTIONS = ("egress", "overload", "ingress", "e2e", "attacks", "admission", "memory", "compose")
 # Run only when named in --only: it needs a PostgreSQL server (run under .ci/postgres).
 OPTIONAL_SECTIONS = ("replicas",)
 EXIT_OK = 0
@@ -79,6 +79,7 @@ RUNNERS: dict[str, Callable[[Fixtures], Section]] = {
     "attacks": lambda f: attacks.run_section(f.profile, f.tls, f.log_dir),
     "admission": lambda f: admission.run_section(f.profile, f.tls, f.log_dir),
     "memory": lambda f: memory.run_section(f.profile, f.tls, f.log_dir),
+    "compose": lambda f: compose.run_section(f.profile),
     "replicas": lambda f: replicas.run_section(
         f.profile, f.tls, f.sink(pipelining=True), f.log_dir
     ),

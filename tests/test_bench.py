@@ -17,7 +17,17 @@ import pytest
 from .helpers import subprocess_env
 
 ROOT = Path(__file__).resolve().parent.parent
-SECTIONS = ("egress", "overload", "ingress", "e2e", "attacks", "admission", "memory", "cpu")
+SECTIONS = (
+    "egress",
+    "overload",
+    "ingress",
+    "e2e",
+    "attacks",
+    "admission",
+    "memory",
+    "compose",
+    "cpu",
+)
 TIMEOUT_S = 360  # a loaded 2-core machine; quick takes well under a minute when idle
 
 

@@ -16,8 +16,12 @@ from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from trio_mailer.core.errors import InvalidRequest
-from trio_mailer.core.message import EXPECTED_MULTIPART_HEADERS, EXPECTED_PART_HEADERS
-from trio_mailer.core.rendering import MailKind
+from trio_mailer.core.message import (
+    EXPECTED_MULTIPART_HEADERS,
+    EXPECTED_PART_HEADERS,
+    build_message,
+)
+from trio_mailer.core.rendering import MailKind, RenderedMail
 
 from .helpers import COMPOSER, NOW, TEMPLATES
 
@@ -115,3 +119,87 @@ def test_refolding_and_injection_shapes_are_refused(code: str) -> None:
     with pytest.raises(InvalidRequest) as info:
         COMPOSER.compose(MailKind.PASSWORD, "user@example.com", code, NOW)
     assert info.value.field == "code"
+
+
+# --- Issue 16: the message is serialized directly; whatever goes in, the email parser reads
+# back exactly that (subject, recipient, locale, both parts), and every line keeps its limits.
+
+# Subjects as rendering leaves them: one line, stripped, no control characters or "=?" (the
+# composer refuses those), but any other text at all: unicode, long words, many spaces.
+SUBJECT_TEXT = st.text(
+    alphabet=st.characters(exclude_categories=("Cc", "Cs", "Zl", "Zp")), min_size=1, max_size=200
+)
+SUBJECT = (
+    st.one_of(
+        SUBJECT_TEXT,
+        st.lists(st.one_of(ATOM, st.just(""), st.text(max_size=90)), min_size=1, max_size=30).map(
+            " ".join
+        ),
+    )
+    .map(lambda s: s.strip())
+    .filter(lambda s: bool(s) and "=?" not in s and all(c.isprintable() or c == " " for c in s))
+)
+# Part bodies as templates render them: anything but lone surrogates, with the shapes that
+# matter to encodings: long lines, dots and "From " at line starts, every kind of line end.
+BODY_PIECE = st.one_of(
+    st.text(alphabet=st.characters(exclude_categories=("Cs",)), max_size=40),
+    st.sampled_from(["\r\n", "\n", "\r", "\r\r\n", ".", "\n.\n", "From ", " \n", "\t\n", "="]),
+    st.sampled_from(["--=_", "=?utf-8?q?x?=", "\x00", "é", "ж", "😀", "\u2028", "\x0b"]),
+    st.sampled_from([77, 78, 79, 80, 200, 1100]).map(lambda n: "x" * n),
+)
+BODY = st.lists(BODY_PIECE, max_size=12).map("".join)
+LOCALE = st.from_regex(r"[A-Za-z]{2,3}(-[A-Za-z0-9]{1,8}){0,2}", fullmatch=True)
+
+
+def _as_read(part: str) -> str:
+    """A part as a reader gets it back: CR, LF and CRLF all one line end, a final one added."""
+    lines = part.replace("\r\n", "\n").replace("\r", "\n").split("\n")
+    if len(lines) > 1 and lines[-1] == "":
+        lines.pop()
+    return "".join(f"{line}\n" for line in lines)
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    subject=SUBJECT,
+    to=PLAIN_ADDRESS,
+    text=BODY,
+    html=st.one_of(st.none(), BODY),
+    locale=LOCALE,
+)
+@example(subject="é" * 200, to="user@example.com", text="." * 5000, html="\r" * 9, locale="ru")
+@example(
+    subject="a" * 77 + " " + "b" * 78, to="a@b.cd", text="x\r\n" * 3, html=None, locale="pt-BR"
+)
+def test_a_built_message_reads_back_as_its_inputs(
+    subject: str, to: str, text: str, html: str | None, locale: str
+) -> None:
+    """email.parser (policy default) reads back the same subject, To, Content-Language, parts
+    and bodies; CRLF only, 7-bit, every line within 78 but for the To (a long address)."""
+    mail = RenderedMail(subject=subject, text=text, html=html, locale=locale)
+    data = build_message(
+        mail,
+        from_address="noreply@example.com",
+        service_name="Acme",
+        to=to,
+        message_id="<1@example.com>",
+        now=NOW,
+    )
+    parsed = email.message_from_bytes(data, policy=email.policy.default)
+    assert isinstance(parsed, email.message.EmailMessage)
+    assert not parsed.defects
+    assert str(parsed["Subject"]) == subject
+    assert [a.addr_spec for a in parsed["To"].addresses] == [to]
+    assert str(parsed["Content-Language"]) == locale
+    assert str(parsed["Message-ID"]) == "<1@example.com>"
+    assert str(parsed["Auto-Submitted"]) == "auto-generated"
+    parts = list(parsed.iter_parts()) if html is not None else [parsed]
+    assert [p.get_content_type() for p in parts] == (
+        ["text/plain", "text/html"] if html is not None else ["text/plain"]
+    )
+    assert all(not p.defects for p in parts)
+    contents = [p.get_content().replace("\r\n", "\n") for p in parts]
+    assert contents == [_as_read(text)] + ([] if html is None else [_as_read(html)])
+    assert data.isascii()
+    assert data.replace(b"\r\n", b"").count(b"\n") == data.replace(b"\r\n", b"").count(b"\r") == 0
+    assert all(len(line) <= 78 for line in data.split(b"\r\n") if not line.startswith(b"To: "))
