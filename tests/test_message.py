@@ -108,6 +108,9 @@ def test_compose_template_checks_the_variables(composer: MailComposer) -> None:
     with pytest.raises(InvalidRequest) as info:
         composer.compose_template("password", "user@example.com", {"code": "1"}, NOW, locale="r\nu")
     assert info.value.field == "locale"
+    with pytest.raises(InvalidRequest) as info:
+        composer.compose_template("password", "a@b.com, c@d.com", {"code": "1"}, NOW)
+    assert info.value.field == "to"
 
 
 def test_envelope_and_message_id(composer: MailComposer) -> None:
