@@ -12,6 +12,7 @@ from typing import Any
 import grpc
 import trio
 
+from trio_mailer_client._api import MailerApi
 from trio_mailer_client._bridge import await_future, next_message
 from trio_mailer_client._generated import mailer_pb2
 from trio_mailer_client._policy import (
@@ -96,7 +97,7 @@ async def open_mailer(
         channel.close()
 
 
-class Mailer:
+class Mailer(MailerApi):
     """The trio-mailer API. Make one with ``open_mailer``; share it between tasks.
 
     Every method takes ``timeout`` (seconds, overall): attempts that end with UNAVAILABLE or
@@ -131,44 +132,6 @@ class Mailer:
             request_serializer=mailer_pb2.StatusRequest.SerializeToString,
             response_deserializer=mailer_pb2.MailStatus.FromString,
         )
-
-    async def send_pass(
-        self,
-        to: str,
-        code: str,
-        *,
-        idempotency_key: str | None = None,
-        timeout: float = DEFAULT_TIMEOUT_S,
-    ) -> SendResult:
-        """Ask for the "password" mail carrying ``code`` to ``to``.
-
-        Args:
-            to: one address, "user@example.com".
-            code: the code the mail carries.
-            idempotency_key: the key of this logical send; None makes a fresh one. Every retry
-                (this call's own, or yours with the same key) sends at most one mail.
-            timeout: seconds for the whole call, retries included.
-
-        Returns:
-            ``Accepted`` (with the Message-ID) or ``Refused`` (with ``retry_after``).
-
-        Raises:
-            MailerError: any other status, e.g. INVALID_ARGUMENT naming the field,
-                UNAUTHENTICATED, or UNAVAILABLE/DEADLINE_EXCEEDED when the time ran out.
-            ValueError: ``idempotency_key`` is not 1 to 256 printable ASCII characters.
-        """
-        return await self.send(MailKind.PASSWORD, to, code, idempotency_key, timeout)
-
-    async def send_retrieve(
-        self,
-        to: str,
-        code: str,
-        *,
-        idempotency_key: str | None = None,
-        timeout: float = DEFAULT_TIMEOUT_S,
-    ) -> SendResult:
-        """Ask for the "account retrieval" mail carrying ``code``; as ``send_pass``."""
-        return await self.send(MailKind.RETRIEVE, to, code, idempotency_key, timeout)
 
     async def send(
         self,

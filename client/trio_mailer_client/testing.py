@@ -42,6 +42,7 @@ from datetime import UTC, datetime
 
 import trio
 
+from trio_mailer_client._api import MailerApi
 from trio_mailer_client._policy import (
     DEFAULT_TIMEOUT_S,
     check_idempotency_key,
@@ -101,7 +102,7 @@ def _check_to(to: str) -> None:
         )
 
 
-class FakeMailer:
+class FakeMailer(MailerApi):
     """An in-process stand-in for ``trio_mailer_client.Mailer`` (same methods, same results).
 
     Args:
@@ -150,28 +151,6 @@ class FakeMailer:
         self._finish(message_id, MailState.FAILED, reply_code, text)
 
     # ---- the Mailer API ----------------------------------------------------------------------
-
-    async def send_pass(
-        self,
-        to: str,
-        code: str,
-        *,
-        idempotency_key: str | None = None,
-        timeout: float = DEFAULT_TIMEOUT_S,
-    ) -> SendResult:
-        """As ``Mailer.send_pass``."""
-        return await self.send(MailKind.PASSWORD, to, code, idempotency_key, timeout)
-
-    async def send_retrieve(
-        self,
-        to: str,
-        code: str,
-        *,
-        idempotency_key: str | None = None,
-        timeout: float = DEFAULT_TIMEOUT_S,
-    ) -> SendResult:
-        """As ``Mailer.send_retrieve``."""
-        return await self.send(MailKind.RETRIEVE, to, code, idempotency_key, timeout)
 
     async def send(
         self,
