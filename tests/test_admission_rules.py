@@ -9,9 +9,11 @@ from hypothesis import strategies as st
 
 from trio_mailer.core.addresses import mask, normalise
 from trio_mailer.core.caller_auth import TokenSet, certificate_identity
-from trio_mailer.core.errors import InvalidRequest
+from trio_mailer.core.errors import GrpcStatus, InvalidRequest
 from trio_mailer.core.idempotency import (
     MAX_KEY_CHARS,
+    KeyBusy,
+    KeyConflict,
     payload_fingerprint,
     validate_idempotency_key,
 )
@@ -41,6 +43,7 @@ def test_printable_ascii_keys_up_to_256_are_taken_as_they_are(key: str) -> None:
         ("ab\ncd", "expected printable ASCII characters only, got U+000A at position 2"),
         ("clé", "expected printable ASCII characters only, got U+00E9 at position 2"),
         ("\x7f", "expected printable ASCII characters only, got U+007F at position 0"),
+        ("a\x1fb", "expected printable ASCII characters only, got U+001F at position 1"),
     ],
 )
 def test_bad_keys_are_refused_naming_the_field(key: str, problem: str) -> None:
@@ -61,6 +64,52 @@ def test_the_fingerprint_tells_every_field_and_the_method_apart() -> None:
         payload_fingerprint("password", [("to", "a@x.example1"), ("code", "")]),
     }
     assert base not in others and len(others) == 4
+
+
+def test_the_fingerprint_of_a_payload_never_changes() -> None:
+    """Fingerprints are stored with their keys (admission_tables): a retry after an upgrade must
+    still match. Golden: SHA-256 over each part as a 4-byte big-endian length and its UTF-8."""
+    assert payload_fingerprint("password", [("to", "a@x.example"), ("code", "1")]) == (
+        "617676d5476f6bf1201382150bb00f7138c3a0c56b12540a337d63945acb1590"
+    )
+    assert payload_fingerprint("", []) == (
+        "df3f619804a92fdb4057192dc43dd748ea778adc52bc498ce80524c014b81119"
+    )
+
+
+def test_the_fingerprint_keeps_the_boundary_between_name_and_value() -> None:
+    """Without the length prefixes "ab"+"c" and "a"+"bc" would be the same bytes."""
+    assert payload_fingerprint("m", [("ab", "c")]) != payload_fingerprint("m", [("a", "bc")])
+    assert payload_fingerprint("mx", [("a", "")]) != payload_fingerprint("m", [("xa", "")])
+
+
+def test_the_fingerprint_takes_any_string_even_a_lone_surrogate() -> None:
+    """A value that is not valid UTF-8 text still gets a fingerprint, never an exception."""
+    lone = payload_fingerprint("m", [("to", "\ud800")])
+    assert lone == "cbb2de46400702c9180b9722682f463fa935f6f8b779485061ed518c32bfd0d4"
+    assert lone != payload_fingerprint("m", [("to", "\ud801")])
+
+
+def test_key_misuse_and_a_busy_key_name_the_field_with_their_status() -> None:
+    conflict, busy = KeyConflict(), KeyBusy()
+    assert conflict.grpc_status is GrpcStatus.FAILED_PRECONDITION
+    assert (
+        conflict.message
+        == str(conflict)
+        == (
+            "idempotency_key: already used for a mail with another to, code or kind; "
+            "use a new key for a new mail"
+        )
+    )
+    assert busy.grpc_status is GrpcStatus.ABORTED
+    assert (
+        busy.message
+        == str(busy)
+        == (
+            "idempotency_key: the first call with this key is still being handled; "
+            "retry with the same key"
+        )
+    )
 
 
 @given(
@@ -212,3 +261,119 @@ def test_a_caller_is_identified_by_a_digest_prefix_or_its_certificate() -> None:
     subject = ((("commonName", "billing"),), (("organizationName", "Acme"),))
     assert certificate_identity(subject) == "cert:CN=billing,O=Acme"
     assert certificate_identity(()) is None
+
+
+# ---- rate limits: the boundaries of each rule ----
+
+
+@pytest.mark.parametrize(
+    ("text", "limit"),
+    [
+        ("1/600", RateLimit(1, 600.0)),  # the least count
+        ("1/2592000", RateLimit(1, 2_592_000.0)),  # the longest period: 30 days exactly
+        ("999999999/60", RateLimit(999_999_999, 60.0)),  # nine digits
+    ],
+)
+def test_rate_limit_specs_parse_at_their_bounds(text: str, limit: RateLimit) -> None:
+    assert RateLimit.parse(text) == limit
+
+
+@pytest.mark.parametrize("text", ["1/2592000.5", "1/2678400", "1000000000/60", ""])
+def test_rate_limit_specs_past_their_bounds_are_refused(text: str) -> None:
+    """A period over 30 days, a count of ten digits, nothing at all."""
+    with pytest.raises(ValueError, match=r"at most 2\.592e\+06\), or 0 for off"):
+        RateLimit.parse(text)
+
+
+def test_a_rate_limit_prints_as_it_is_written() -> None:
+    assert [str(RateLimit(5, 600.0)), str(RateLimit(3, 0.5))] == ["5/600", "3/0.5"]
+    assert RateLimit.parse(str(RateLimit(3, 0.5))) == RateLimit(3, 0.5)
+
+
+def test_a_slot_frees_exactly_when_its_time_leaves_the_window() -> None:
+    """1/60, reserved at 0: 0.5 s to wait at 59.5, nothing at 60 (the period is half-open)."""
+    window = SlidingWindow(RateLimit(1, 60.0))
+    window.reserve("a", 0.0)
+    assert window.retry_after_s("a", 59.5) == 0.5
+    assert window.retry_after_s("a", 60.0) == 0.0
+
+
+def test_the_window_forgets_the_times_that_have_left_it() -> None:
+    """Memory follows the last period only: a subject busy for hours keeps at most N times
+    (plus the one being reserved), never the whole history."""
+    window = SlidingWindow(RateLimit(2, 10.0))
+    for step in range(1000):
+        now = step * 5.0
+        assert window.retry_after_s("a", now) == 0.0
+        window.reserve("a", now)
+        assert len(window._times["a"]) <= 3
+    # A time exactly one period old has left: asking at 4995 + 10 keeps only what is newer.
+    assert window.retry_after_s("a", 5005.0) == 0.0
+    assert list(window._times["a"]) == []
+
+
+def test_a_reservation_older_than_the_newest_is_put_in_order() -> None:
+    """Loaded from the store out of order (10, 30, then 20): counted as 10, 20, 30."""
+    window = SlidingWindow(RateLimit(2, 100.0))
+    for t in (10.0, 30.0, 20.0):
+        window.reserve("a", t)
+    assert window.retry_after_s("a", 40.0) == 80.0  # 20 is the 2nd newest: it leaves at 120
+    assert list(window._times["a"]) == [10.0, 20.0, 30.0]
+
+
+def test_prune_forgets_exactly_the_subjects_whose_newest_time_has_left() -> None:
+    """1/60 at now=70 (the period starts at 10): b (5) and e (exactly 10) go; c (50) stays, and
+    so does d, whose oldest (5) has left but whose newest (50) has not."""
+    window = SlidingWindow(RateLimit(1, 60.0))
+    window.reserve("b", 5.0)
+    window.reserve("e", 10.0)
+    window.reserve("c", 50.0)
+    window.reserve("d", 5.0)
+    window.reserve("d", 50.0)
+    assert window.prune(70.0) == 2 and len(window) == 2
+    assert window.retry_after_s("c", 70.0) == 40.0  # still counted
+    assert window.retry_after_s("d", 70.0) == 40.0
+    assert window.retry_after_s("b", 70.0) == 0.0
+    assert window.prune(70.0) == 0
+
+
+def test_release_of_an_unknown_reservation_changes_nothing() -> None:
+    window = SlidingWindow(RateLimit(1, 60.0))
+    window.release("nobody", 1.0)
+    window.reserve("a", 5.0)
+    window.release("a", 6.0)  # not a time it holds
+    assert window.retry_after_s("a", 6.0) == 59.0 and len(window) == 1
+    window.release("a", 5.0)
+    assert len(window) == 0  # its last time released: the subject goes too
+
+
+def test_retry_after_ms_is_never_negative() -> None:
+    assert retry_after_ms(-0.5) == 0
+
+
+def test_the_pace_guesses_one_second_until_two_mails_finished() -> None:
+    pace = Pace()
+    assert pace.next_place_s() == 1.0
+    pace.finished(10.0)
+    assert pace.next_place_s() == 1.0  # one finish gives no gap yet
+    pace.finished(10.5)
+    assert pace.next_place_s() == 0.5
+
+
+def test_the_pace_stays_within_its_bounds() -> None:
+    slow, fast = Pace(), Pace()
+    for t in (0.0, 1000.0):
+        slow.finished(t)
+    for t in (0.0, 0.001):
+        fast.finished(t)
+    assert (slow.next_place_s(), fast.next_place_s()) == (60.0, 0.01)
+
+
+def test_the_pace_is_taken_over_the_last_32_finishes() -> None:
+    """Gaps that grow: the mean of the last 32 finishes is not that of 31 or 33."""
+    pace = Pace()
+    times = [i * i / 100 for i in range(40)]
+    for t in times:
+        pace.finished(t)
+    assert pace.next_place_s() == pytest.approx((times[-1] - times[-32]) / 31)
+    assert len(pace._finished) == 32

@@ -15,7 +15,23 @@ from hypothesis import strategies as st
 from trio_mailer.core import http2_limits as lim
 from trio_mailer.core.http2_limits import GrpcCode, H2Error
 
-from .raw_h2 import grpc_headers
+HEALTH_CHECK = "/grpc.health.v1.Health/Check"
+
+
+def grpc_headers(path: str = HEALTH_CHECK, **extra: str) -> list[tuple[str, str]]:
+    """A well-formed gRPC request head; ``extra`` adds headers (``_`` in names becomes ``-``).
+
+    (As tests/raw_h2.py's, which loads trio: this file stays pure, as tools/mutate.py runs it
+    without conftest and the service.)"""
+    headers = [
+        (":method", "POST"),
+        (":scheme", "http"),
+        (":path", path),
+        (":authority", "127.0.0.1"),
+        ("content-type", "application/grpc"),
+        ("te", "trailers"),
+    ]
+    return headers + [(name.replace("_", "-"), value) for name, value in extra.items()]
 
 
 def _frame(length: int, kind: int, flags: int = 0, stream_id: int = 0) -> bytes:
@@ -263,7 +279,7 @@ def test_gzip_and_deflate_inflate_up_to_the_limit(encoding: str, compress) -> No
 
 
 def test_a_bomb_stops_at_the_limit() -> None:
-    bomb = lim.Frame(True, zlib.compress(bytes(100_000_000)))
+    bomb = lim.Frame(True, zlib.compress(bytes(10_000_000)))  # 10 MB from about 10 KB
     with pytest.raises(lim.MessageTooLarge):
         lim.decode_message(bomb, "deflate", 4096)
 
@@ -291,3 +307,436 @@ def test_the_module_is_pure() -> None:
     )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+# ---- the documented limits and the protocol's own numbers ----
+
+
+def test_the_limits_are_the_ones_the_readme_documents() -> None:
+    """README "The gRPC port under attack": a change here is a change of what a client may cost,
+    and must change that table too."""
+    assert {
+        "MAX_MESSAGE_BYTES": lim.MAX_MESSAGE_BYTES,
+        "MAX_FRAME_BYTES": lim.MAX_FRAME_BYTES,
+        "MAX_HEADER_LIST_BYTES": lim.MAX_HEADER_LIST_BYTES,
+        "MAX_HEADER_BLOCK_BYTES": lim.MAX_HEADER_BLOCK_BYTES,
+        "MAX_CONTINUATION_FRAMES": lim.MAX_CONTINUATION_FRAMES,
+        "MAX_CONCURRENT_STREAMS": lim.MAX_CONCURRENT_STREAMS,
+        "STREAM_WINDOW_BYTES": lim.STREAM_WINDOW_BYTES,
+        "CONNECTION_WINDOW_BYTES": lim.CONNECTION_WINDOW_BYTES,
+        "CONTROL_FRAME_BURST": lim.CONTROL_FRAME_BURST,
+        "CONTROL_FRAMES_PER_S": lim.CONTROL_FRAMES_PER_S,
+        "CONTROL_FRAMES_PER_ANSWERED_CALL": lim.CONTROL_FRAMES_PER_ANSWERED_CALL,
+        "FEED_CHUNK_BYTES": lim.FEED_CHUNK_BYTES,
+        "REFUSAL_BURST": lim.REFUSAL_BURST,
+        "REFUSALS_PER_S": lim.REFUSALS_PER_S,
+        "READ_CHUNK_BYTES": lim.READ_CHUNK_BYTES,
+        "OUTPUT_HIGH_WATER_BYTES": lim.OUTPUT_HIGH_WATER_BYTES,
+        "MAX_UNSENT_OUTPUT_BYTES": lim.MAX_UNSENT_OUTPUT_BYTES,
+        "PREFACE_TIMEOUT_S": lim.PREFACE_TIMEOUT_S,
+        "HEADER_BLOCK_TIMEOUT_S": lim.HEADER_BLOCK_TIMEOUT_S,
+        "CLOSE_GRACE_S": lim.CLOSE_GRACE_S,
+        "MAX_DEADLINE_S": lim.MAX_DEADLINE_S,
+        "LOG_LINES_PER_WINDOW": lim.LOG_LINES_PER_WINDOW,
+        "LOG_WINDOW_S": lim.LOG_WINDOW_S,
+    } == {
+        "MAX_MESSAGE_BYTES": 4096,
+        "MAX_FRAME_BYTES": 16384,
+        "MAX_HEADER_LIST_BYTES": 16384,
+        "MAX_HEADER_BLOCK_BYTES": 32768,
+        "MAX_CONTINUATION_FRAMES": 8,
+        "MAX_CONCURRENT_STREAMS": 100,
+        "STREAM_WINDOW_BYTES": 8202,
+        "CONNECTION_WINDOW_BYTES": 65536,
+        "CONTROL_FRAME_BURST": 200,
+        "CONTROL_FRAMES_PER_S": 100.0,
+        "CONTROL_FRAMES_PER_ANSWERED_CALL": 4,
+        "FEED_CHUNK_BYTES": 1024,
+        "REFUSAL_BURST": 50,
+        "REFUSALS_PER_S": 10.0,
+        "READ_CHUNK_BYTES": 16393,
+        "OUTPUT_HIGH_WATER_BYTES": 65536,
+        "MAX_UNSENT_OUTPUT_BYTES": 262144,
+        "PREFACE_TIMEOUT_S": 10.0,
+        "HEADER_BLOCK_TIMEOUT_S": 10.0,
+        "CLOSE_GRACE_S": 1.0,
+        "MAX_DEADLINE_S": 86400.0,
+        "LOG_LINES_PER_WINDOW": 10,
+        "LOG_WINDOW_S": 10.0,
+    }
+
+
+def test_the_protocol_numbers_are_the_specs() -> None:
+    """gRPC statuscodes.md, RFC 9113 sec. 6 (frame types, flags), sec. 7 (error codes), 3.4."""
+    assert {c.name: c.value for c in GrpcCode} == {
+        "OK": 0,
+        "CANCELLED": 1,
+        "UNKNOWN": 2,
+        "INVALID_ARGUMENT": 3,
+        "DEADLINE_EXCEEDED": 4,
+        "RESOURCE_EXHAUSTED": 8,
+        "UNIMPLEMENTED": 12,
+        "INTERNAL": 13,
+        "UNAVAILABLE": 14,
+        "UNAUTHENTICATED": 16,
+    }
+    assert {e.name: e.value for e in H2Error} == {
+        "NO_ERROR": 0,
+        "PROTOCOL_ERROR": 1,
+        "INTERNAL_ERROR": 2,
+        "FLOW_CONTROL_ERROR": 3,
+        "FRAME_SIZE_ERROR": 6,
+        "REFUSED_STREAM": 7,
+        "CANCEL": 8,
+        "ENHANCE_YOUR_CALM": 11,
+    }
+    assert [
+        lim.FRAME_DATA,
+        lim.FRAME_HEADERS,
+        lim.FRAME_PRIORITY,
+        lim.FRAME_RST_STREAM,
+        lim.FRAME_SETTINGS,
+        lim.FRAME_PUSH_PROMISE,
+        lim.FRAME_PING,
+        lim.FRAME_GOAWAY,
+        lim.FRAME_WINDOW_UPDATE,
+        lim.FRAME_CONTINUATION,
+    ] == list(range(10))
+    assert (lim.FLAG_END_STREAM, lim.FLAG_END_HEADERS, lim.FRAME_HEADER_BYTES) == (1, 4, 9)
+    assert lim.PREFACE == b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
+    assert lim.SUPPORTED_ENCODINGS == ("identity", "gzip", "deflate")
+    assert lim.ACCEPT_ENCODING == "identity,gzip,deflate"
+
+
+# ---- more of the frame gate: each boundary ----
+
+
+def test_a_frame_of_exactly_the_limit_passes() -> None:
+    assert lim.FrameGate().scan(_frame(16384, lim.FRAME_DATA, 0, 1), 0.0) is None
+    refusal = lim.FrameGate(max_frame_bytes=100).scan(_frame(101, lim.FRAME_DATA, 0, 1)[:9], 0.0)
+    assert refusal == lim.ConnectionRefusal(
+        H2Error.FRAME_SIZE_ERROR, "a frame of 101 bytes, over the 100 advertised"
+    )
+
+
+def test_a_frame_length_uses_all_24_bits() -> None:
+    """0x01_0000 bytes (the high byte set, the low 16 bits zero) is over 16 KiB."""
+    refusal = lim.FrameGate().scan(_frame(0x10000, lim.FRAME_DATA, 0, 1)[:9], 0.0)
+    assert refusal is not None and refusal.reason.startswith("a frame of 65536 bytes")
+
+
+def test_the_body_of_a_frame_is_skipped_not_read_as_headers() -> None:
+    """A PING's 8 payload bytes look like nothing: only whole frame headers are judged."""
+    gate = lim.FrameGate(control=lim.TokenBucket(2, 0.0))
+    assert gate.scan(_frame(8, lim.FRAME_PING) + _frame(8, lim.FRAME_PING), 0.0) is None
+    assert gate.scan(_frame(8, lim.FRAME_PING), 0.0) is not None  # the third: over the burst
+
+
+def test_continuations_and_bytes_at_their_limits_pass() -> None:
+    gate = lim.FrameGate(max_continuations=2, max_header_block_bytes=30)
+    assert gate.scan(_frame(10, lim.FRAME_HEADERS, 0, 1), 0.0) is None
+    assert gate.scan(_frame(10, lim.FRAME_CONTINUATION, 0, 1), 0.0) is None
+    assert gate.scan(_frame(10, lim.FRAME_CONTINUATION, lim.FLAG_END_HEADERS, 1), 0.0) is None
+    assert gate.header_block_started_s is None
+    # A new block counts from zero again.
+    assert gate.scan(_frame(10, lim.FRAME_HEADERS, 0, 3), 1.0) is None
+    assert gate.scan(_frame(10, lim.FRAME_CONTINUATION, 0, 3), 1.0) is None
+    assert gate.scan(_frame(11, lim.FRAME_CONTINUATION, 0, 3), 1.0) == lim.ConnectionRefusal(
+        H2Error.ENHANCE_YOUR_CALM, "a header block over 30 bytes"
+    )
+    gate = lim.FrameGate(max_continuations=2)
+    for frame in [_frame(1, lim.FRAME_HEADERS, 0, 1)] + [_frame(1, lim.FRAME_CONTINUATION)] * 2:
+        assert gate.scan(frame, 0.0) is None
+    assert gate.scan(_frame(1, lim.FRAME_CONTINUATION), 0.0) == lim.ConnectionRefusal(
+        H2Error.ENHANCE_YOUR_CALM, "a header block of more than 2 CONTINUATION frames"
+    )
+
+
+def test_a_push_promise_opens_a_header_block_too() -> None:
+    gate = lim.FrameGate()
+    gate.scan(_frame(4, lim.FRAME_PUSH_PROMISE, 0, 1), 3.0)
+    assert gate.header_block_started_s == 3.0
+
+
+def test_headers_with_end_headers_open_no_block() -> None:
+    gate = lim.FrameGate()
+    gate.scan(_frame(4, lim.FRAME_HEADERS, lim.FLAG_END_HEADERS | lim.FLAG_END_STREAM, 1), 3.0)
+    assert gate.header_block_started_s is None
+
+
+def test_inside_a_block_another_frame_is_left_to_h2_and_not_counted() -> None:
+    """Only CONTINUATION may follow; h2 refuses the rest, and a PING there costs no token."""
+    gate = lim.FrameGate(control=lim.TokenBucket(1, 0.0))
+    gate.scan(_frame(4, lim.FRAME_HEADERS, 0, 1), 0.0)
+    assert gate.scan(_frame(8, lim.FRAME_PING), 0.0) is None
+    assert gate.scan(_frame(8, lim.FRAME_PING), 0.0) is None
+    assert gate.header_block_started_s == 0.0
+
+
+def test_the_header_block_timer_fires_only_past_its_timeout() -> None:
+    gate = lim.FrameGate()
+    assert not gate.header_block_overdue(1e9)  # no block open
+    gate.scan(_frame(4, lim.FRAME_HEADERS, 0, 1), 100.0)
+    assert not gate.header_block_overdue(110.0)  # exactly the 10 s default
+    assert gate.header_block_overdue(110.5)
+    assert not gate.header_block_overdue(102.0, timeout_s=2.0)
+    assert gate.header_block_overdue(102.5, timeout_s=2.0)
+
+
+def test_the_reserved_bit_of_the_stream_id_is_ignored() -> None:
+    """WINDOW_UPDATE on stream 0 with the reserved high bit set is still a control frame."""
+    gate = lim.FrameGate(control=lim.TokenBucket(1, 0.0))
+    frame = _frame(4, lim.FRAME_WINDOW_UPDATE, 0, 0x80000000)
+    assert gate.scan(frame, 0.0) is None
+    refusal = gate.scan(frame, 0.0)
+    assert refusal == lim.ConnectionRefusal(
+        H2Error.ENHANCE_YOUR_CALM, "control frames faster than 0/s (burst 1)"
+    )
+
+
+def test_the_default_gate_takes_a_burst_of_200_control_frames() -> None:
+    gate = lim.FrameGate()
+    ping = _frame(8, lim.FRAME_PING)
+    assert all(gate.scan(ping, 0.0) is None for _ in range(200))
+    refusal = gate.scan(ping, 0.0)
+    assert refusal is not None and refusal.reason == "control frames faster than 100/s (burst 200)"
+
+
+def test_the_bucket_refills_in_proportion_to_the_time_passed() -> None:
+    bucket = lim.TokenBucket(10, 4.0)
+    assert bucket.tokens == 10 and bucket.last_s is None
+    for _ in range(10):
+        assert bucket.take(0.0)
+    assert not bucket.take(0.0)
+    assert bucket.take(0.25)  # 0.25 s at 4/s: exactly one token
+    assert not bucket.take(0.25)
+    assert bucket.take(0.5) and bucket.tokens == 0
+    assert bucket.take(100.0) and bucket.tokens == 9  # refilled to the burst, one taken
+    bucket.credit(0.5)
+    assert bucket.tokens == 9.5
+
+
+def test_the_log_budget_opens_a_new_window_exactly_at_its_end() -> None:
+    budget = lim.LogBudget(lines=1, window_s=10.0)
+    assert budget.allow("x", 0.0) == (True, 0)
+    assert budget.allow("x", 9.9) == (False, 0)
+    assert budget.allow("x", 9.95) == (False, 0)
+    assert budget.allow("x", 10.0) == (True, 2)
+    default = lim.LogBudget()
+    assert [default.allow("y", 0.0)[0] for _ in range(11)] == [True] * 10 + [False]
+    assert default.allow("y", 9.0) == (False, 0)
+    assert default.allow("y", 10.0) == (True, 2)
+
+
+# ---- more of the request head ----
+
+
+def _refused(headers: list[tuple[bytes, bytes]]) -> lim.MalformedRequest:
+    with pytest.raises(lim.MalformedRequest) as info:
+        lim.check_request_head(headers)
+    return info.value
+
+
+@pytest.mark.parametrize(
+    ("headers", "code", "message"),
+    [
+        (
+            [*_head(grpc_headers()), (b":method", b"POST")],
+            GrpcCode.INTERNAL,
+            "pseudo-header ':method': misplaced or repeated",
+        ),
+        (
+            [(b":method", b"POST"), (b":method", b"POST"), *_head(grpc_headers())[1:]],
+            GrpcCode.INTERNAL,
+            "pseudo-header ':method': misplaced or repeated",
+        ),
+        (
+            [(b":status", b"200"), *_head(grpc_headers())],
+            GrpcCode.INTERNAL,
+            "pseudo-header ':status': misplaced or repeated",
+        ),
+        (
+            [*_head(grpc_headers()), (b"X-Upper", b"1")],
+            GrpcCode.INTERNAL,
+            "header 'X-Upper': expected a name of lower-case letters, digits, _ . -",
+        ),
+        (
+            [*_head(grpc_headers()), (b"connection", b"close")],
+            GrpcCode.INTERNAL,
+            "header 'connection': not allowed in HTTP/2",
+        ),
+        (
+            [*_head(grpc_headers()), (b"x-note", b"trailing ")],
+            GrpcCode.INTERNAL,
+            "header 'x-note': expected printable ASCII without leading or trailing whitespace",
+        ),
+        (
+            [*_head(grpc_headers()), (b"authorization", b"Bearer \x01")],
+            GrpcCode.UNAUTHENTICATED,
+            "header 'authorization': expected printable ASCII without leading or trailing "
+            "whitespace",
+        ),
+        (
+            [h for h in _head(grpc_headers()) if h[0] != b":path"],
+            GrpcCode.INTERNAL,
+            "pseudo-header ':path': missing",
+        ),
+        (
+            [h for h in _head(grpc_headers()) if h[0] != b":scheme"],
+            GrpcCode.INTERNAL,
+            "pseudo-header ':scheme': missing",
+        ),
+        (
+            [h for h in _head(grpc_headers()) if h[0] != b"te"],
+            GrpcCode.INTERNAL,
+            "te: expected trailers",
+        ),
+        (
+            [h for h in _head(grpc_headers()) if h[0] != b"content-type"],
+            GrpcCode.INTERNAL,
+            "content-type: expected application/grpc, got ''",
+        ),
+        (
+            [
+                (k, b"application/grpcx" if k == b"content-type" else v)
+                for k, v in _head(grpc_headers())
+            ],
+            GrpcCode.INTERNAL,
+            "content-type: expected application/grpc, got 'application/grpcx'",
+        ),
+        (
+            [(k, b"GET" if k == b":method" else v) for k, v in _head(grpc_headers())],
+            GrpcCode.INTERNAL,
+            ":method: expected POST, got 'GET'",
+        ),
+        (
+            [(k, b"/Svc" if k == b":path" else v) for k, v in _head(grpc_headers())],
+            GrpcCode.UNIMPLEMENTED,
+            ":path: expected /package.Service/Method, got '/Svc'",
+        ),
+        (
+            [*_head(grpc_headers()), (b"grpc-encoding", b"br")],
+            GrpcCode.UNIMPLEMENTED,
+            "grpc-encoding: expected one of identity,gzip,deflate, got 'br'",
+        ),
+    ],
+)
+def test_each_refusal_of_a_head_says_what_was_wrong(
+    headers: list[tuple[bytes, bytes]], code: GrpcCode, message: str
+) -> None:
+    refused = _refused(headers)
+    assert (refused.code, refused.message) == (code, message)
+
+
+@pytest.mark.parametrize(
+    "content_type", ["application/grpc", "application/grpc+json", "application/grpc;v=1"]
+)
+def test_grpc_content_types_with_a_subtype_or_parameters_are_accepted(content_type: str) -> None:
+    headers = [(k, content_type if k == "content-type" else v) for k, v in grpc_headers("/a.B/C")]
+    head = lim.check_request_head(_head(headers))
+    assert (head.service, head.method, head.timeout_s, head.metadata) == ("a.B", "C", None, ())
+
+
+def test_the_first_of_repeated_headers_counts_and_all_stay_in_the_metadata() -> None:
+    headers = _head(grpc_headers(grpc_timeout="3S", grpc_encoding="deflate"))
+    headers += [(b"grpc-timeout", b"9S"), (b"x-a", b"1"), (b"x-a", b"2"), (b"te", b"nope")]
+    head = lim.check_request_head(headers)
+    assert (head.timeout_s, head.encoding) == (3.0, "deflate")
+    assert head.metadata == (("x-a", "1"), ("x-a", "2"))
+
+
+def test_a_metadata_value_may_hold_inner_spaces_and_a_name_dots_and_underscores() -> None:
+    headers = [*_head(grpc_headers()), (b"x_a.b-c", b"a  b"), (b"x-one", b"!")]
+    assert lim.check_request_head(headers).metadata == (("x_a.b-c", "a  b"), ("x-one", "!"))
+
+
+def test_an_empty_metadata_value_is_accepted() -> None:
+    assert lim.check_request_head([*_head(grpc_headers()), (b"x-e", b"")]).metadata == (
+        ("x-e", ""),
+    )
+
+
+def test_unprintable_bytes_in_a_refusal_are_shown_as_question_marks_and_cut() -> None:
+    refused = _refused([*_head(grpc_headers()), (b"X\x00" + b"y" * 60, b"1")])
+    assert refused.message.startswith("header 'X?" + "y" * 38 + "': expected a name")
+
+
+@pytest.mark.parametrize(
+    ("text", "seconds"),
+    [
+        ("99999999S", 86400.0),
+        ("24H", 86400.0),
+        ("1441M", 86400.0),
+        ("1439M", 86340.0),
+        ("1n", 1e-9),
+        ("12345678u", 12.345678),
+    ],
+)
+def test_grpc_timeouts_at_their_bounds(text: str, seconds: float) -> None:
+    assert lim.parse_grpc_timeout(text) == pytest.approx(seconds, rel=1e-12)
+
+
+def test_a_bad_grpc_timeout_message_shows_the_value_cut() -> None:
+    with pytest.raises(lim.MalformedRequest) as info:
+        lim.parse_grpc_timeout("x" * 30)
+    assert info.value.message == (
+        f"grpc-timeout: expected 1 to 8 digits and a unit of H, M, S, m, u or n, got {'x' * 20!r}"
+    )
+    assert info.value.http_status == 200
+
+
+# ---- more of the deframer and inflation ----
+
+
+def test_a_message_of_exactly_the_limit_passes_and_its_flag_is_kept() -> None:
+    deframer = lim.Deframer(10)
+    wire = b"\x01" + struct.pack(">L", 10) + b"x" * 10 + b"\x00" + struct.pack(">L", 0)
+    assert deframer.feed(wire[:7]) == []
+    assert deframer.partial
+    assert deframer.feed(wire[7:]) == [lim.Frame(True, b"x" * 10), lim.Frame(False, b"")]
+    assert not deframer.partial
+    with pytest.raises(lim.MessageTooLarge) as info:
+        deframer.feed(b"\x00" + struct.pack(">L", 11))
+    assert info.value.message == "request message larger than 10 bytes (declared 11)"
+    assert info.value.code == GrpcCode.RESOURCE_EXHAUSTED
+
+
+def test_the_default_deframer_takes_4_kib() -> None:
+    wire = b"\x00" + struct.pack(">L", 4096) + bytes(4096)
+    assert lim.Deframer().feed(wire) == [lim.Frame(False, bytes(4096))]
+    with pytest.raises(lim.MessageTooLarge):
+        lim.Deframer().feed(b"\x00" + struct.pack(">L", 4097))
+
+
+def test_a_prefix_is_judged_once_all_five_bytes_are_there() -> None:
+    deframer = lim.Deframer(10)
+    assert deframer.feed(b"\x00\x00\x00\x00") == [] and deframer.partial
+    with pytest.raises(lim.BadMessage) as info:
+        lim.Deframer().feed(b"\x07" + struct.pack(">L", 0))
+    assert info.value.message == "compressed-flag: expected 0 or 1, got 7"
+    assert info.value.code == GrpcCode.INTERNAL
+
+
+def test_an_uncompressed_message_is_returned_as_it_is_whatever_the_encoding() -> None:
+    assert lim.decode_message(lim.Frame(False, b"raw"), "gzip") == b"raw"
+
+
+def test_inflation_errors_say_what_went_wrong() -> None:
+    with pytest.raises(lim.BadMessage) as info:
+        lim.decode_message(lim.Frame(True, b"x"), "identity")
+    assert info.value.message == "compressed-flag set, but grpc-encoding is identity or missing"
+    with pytest.raises(lim.BadMessage) as info:
+        lim.decode_message(lim.Frame(True, zlib.compress(b"abcdef")[:-2]), "deflate")
+    assert info.value.message == "deflate data is truncated"
+    with pytest.raises(lim.BadMessage) as info:
+        lim.decode_message(lim.Frame(True, b"not gzip"), "gzip")
+    assert info.value.message.startswith("gzip data does not inflate: ")
+    with pytest.raises(lim.MessageTooLarge) as info:
+        lim.decode_message(lim.Frame(True, gzip.compress(b"a" * 11)), "gzip", 10)
+    assert info.value.message.startswith("request message larger than 10 bytes (inflates past it")
+
+
+def test_the_default_inflation_bound_is_4_kib() -> None:
+    assert lim.decode_message(lim.Frame(True, gzip.compress(bytes(4096))), "gzip") == bytes(4096)
+    with pytest.raises(lim.MessageTooLarge):
+        lim.decode_message(lim.Frame(True, gzip.compress(bytes(4097))), "gzip")

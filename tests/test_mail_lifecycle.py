@@ -5,16 +5,20 @@ from __future__ import annotations
 import datetime
 import math
 
+import attrs
 import pytest
 
 from trio_mailer.core.grpc_deadline import BadTimeout, deadline_s, parse_grpc_timeout, timeout_s
 from trio_mailer.core.mail_lifecycle import (
     TRANSITIONS,
+    MailRecord,
     MailState,
     OutboxConflict,
     StatusChange,
     check_change,
 )
+from trio_mailer.core.message import OutgoingMail
+from trio_mailer.core.rendering import MailKind
 from trio_mailer.core.retry_policy import AttemptResult, GiveUp, RetryAt, RetryPolicy
 from trio_mailer.core.session_policy import (
     SessionAction,
@@ -23,7 +27,15 @@ from trio_mailer.core.session_policy import (
     should_recycle,
 )
 
-from .helpers import queued
+# (A local builder, not tests/helpers.queued: this file stays pure, as tools/mutate.py runs it
+# without conftest and the service.)
+_MAIL = OutgoingMail(
+    message_id="<1@x.example>",
+    kind=MailKind.RETRIEVE,
+    envelope_from="mailer@x.example",
+    envelope_to="user1@y.example",
+    data=b"Subject: code\r\n\r\ncode 000001\r\n",
+)
 
 S = MailState
 ALLOWED = {
@@ -45,11 +57,9 @@ ALLOWED = {
 
 
 def in_state(state: MailState, attempts: int = 1):  # type: ignore[no-untyped-def]
-    record = queued(1)
+    record = MailRecord.accepted(_MAIL, 1.0)
     if state is S.QUEUED:
         return record
-    import attrs
-
     return attrs.evolve(
         record,
         state=state,

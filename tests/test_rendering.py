@@ -15,6 +15,9 @@ from trio_mailer.core.rendering import (
     RenderError,
     TemplateError,
     locale_chain,
+    normalize_locale,
+    sample_variables,
+    validate_locale,
 )
 
 BUILTINS = {"to": "user@example.com", "service_name": "Acme"}
@@ -331,3 +334,394 @@ def test_default_locale_setting_is_checked() -> None:
     assert any(
         p.startswith("MAILER_DEFAULT_LOCALE: expected a language tag") for p in info.value.problems
     )
+
+
+# ---- more cases: locales, declarations, parts, variables (each branch and boundary) ----
+
+
+def test_the_locale_chain_is_the_tag_then_its_prefixes_then_the_default_chain(
+    tmp_path: Path,
+) -> None:
+    """Default pt-BR: a request for de-AT tries de-at, de, then pt-br, then pt, then the base."""
+    variant = (
+        "{# requires: code #}{% block subject %}S-LOCALE{% endblock %}"
+        "{% block text %}t{% endblock %}"
+    )
+    templates = load(tmp_path, default_locale="pt-BR", password_pt=variant.replace("LOCALE", "pt"))
+    assert templates.resolve("password", "de-AT").locale == "pt"  # the default's prefix
+    assert templates.render("password", CODE, locale="de-AT").subject == "S-pt"
+    assert templates.resolve("password", "").locale == "pt"
+    # The base file is named after the default locale.
+    assert templates.locales("password") == ["pt-BR", "pt"]
+    assert templates.locales("retrieve") == ["pt-BR"]
+
+
+def test_locales_lists_the_default_first_then_the_others_sorted(tmp_path: Path) -> None:
+    templates = load(tmp_path, password_ru=GOOD, password_de=GOOD, password_pt__BR=GOOD)
+    assert templates.locales("password") == ["en", "de", "pt-BR", "ru"]
+    assert templates.names() == ["password", "retrieve"]
+
+
+def test_a_locale_variant_may_add_or_lack_the_html_part(tmp_path: Path) -> None:
+    """The text and html parts come from the variant used: ru has html, the base has not."""
+    templates = load(tmp_path, password_ru=WITH_HTML)
+    base = templates.render("password", CODE, builtins=BUILTINS)
+    ru = templates.render("password", CODE, locale="ru", builtins=BUILTINS)
+    assert (base.html, base.locale) == (None, "en")
+    assert (ru.subject, ru.text, ru.html) == (
+        "Code 739201",
+        "text: 739201\n",
+        "<p>html: 739201</p>\n",
+    )
+    assert ru.body == ru.text and ru.template == "password"
+
+
+def test_parts_lose_one_leading_newline_and_end_with_exactly_one(tmp_path: Path) -> None:
+    """The newline after ``{% block text %}`` is layout; a part always ends with a newline."""
+    text = (
+        "{# requires: code #}{% block subject %}  S {{ code }}  {% endblock %}"
+        "{% block text %}\n\n{{ code }}{% endblock %}{% block html %}<b>{{ code }}</b>\n\n"
+        "{% endblock %}"
+    )
+    rendered = load(tmp_path, password=text).render("password", CODE)
+    assert rendered.subject == "S 739201"  # stripped
+    assert rendered.text == "\n739201\n"
+    assert rendered.html == "<b>739201</b>\n\n"
+
+
+def test_builtins_default_to_the_samples_and_callers_cannot_override_them_by_default(
+    tmp_path: Path,
+) -> None:
+    templates = load(tmp_path)
+    assert templates.render("password", CODE).subject == "Code for trio-mailer"
+    assert templates.render("password", CODE).text == "739201 for user@example.com\n"
+    only_name = templates.render("password", CODE, builtins={"service_name": "Acme"})
+    assert only_name.text == "739201 for user@example.com\n"  # ``to`` keeps its sample
+
+
+@pytest.mark.parametrize(
+    ("line", "declared"),
+    [
+        ("{# requires: code #}", {"code"}),
+        ("{#- requires: code, ttl_minutes -#}", {"code", "ttl_minutes"}),
+        ("{#requires:code,ttl_minutes#}", {"code", "ttl_minutes"}),
+        ("{# requires: code, , ttl_minutes, #}", {"code", "ttl_minutes"}),
+        ("{# requires: #}", set()),
+    ],
+)
+def test_requires_declarations_in_their_spellings(
+    tmp_path: Path, line: str, declared: set[str]
+) -> None:
+    """The first ``{# requires: ... #}`` declares the variables; blanks between commas drop."""
+    body = "".join(f"{{{{ {name} }}}}" for name in sorted(declared))
+    text = f"{line}{{% block subject %}}S{{% endblock %}}{{% block text %}}x{body}{{% endblock %}}"
+    templates = load(tmp_path, welcome=text)
+    assert templates.requires("welcome") == declared
+    templates.check_variables("welcome", dict.fromkeys(declared, "v"))
+    assert templates.render("welcome", dict.fromkeys(declared, "v")).text == (
+        "x" + "v" * len(declared) + "\n"
+    )
+
+
+def test_a_template_that_requires_nothing_takes_no_variables(tmp_path: Path) -> None:
+    templates = load(
+        tmp_path,
+        welcome="{# requires: #}{% block subject %}Hi{% endblock %}{% block text %}x{% endblock %}",
+    )
+    templates.check_variables("welcome", {})
+    with pytest.raises(InvalidRequest) as info:
+        templates.check_variables("welcome", {"code": "1"})
+    assert (info.value.field, info.value.message) == (
+        "vars.code",
+        "vars.code: template 'welcome' does not take this variable (it requires: nothing)",
+    )
+
+
+@pytest.mark.parametrize(
+    ("line", "problem"),
+    [
+        ("{# requires: code, 1x, a-b #}", "requires: 1x, a-b not variable names"),
+        ("{# requires: code, service_name #}", "requires: service_name provided by the service"),
+        (
+            "{# requires: " + ", ".join(f"v{i}" for i in range(33)) + " #}",
+            "requires: more than 32 variables",
+        ),
+    ],
+)
+def test_bad_requires_declarations_stop_start_up(tmp_path: Path, line: str, problem: str) -> None:
+    write_templates(
+        tmp_path,
+        password=f"{line}{{% block subject %}}x{{% endblock %}}{{% block text %}}x{{% endblock %}}",
+        retrieve=GOOD,
+    )
+    with pytest.raises(TemplateError) as info:
+        MailTemplates.load(tmp_path)
+    (only,) = info.value.problems
+    assert only.startswith(f"{tmp_path / 'mail/password.msg'}: {problem}")
+
+
+def test_thirty_two_declared_variables_are_the_most(tmp_path: Path) -> None:
+    names = [f"v{i:02d}" for i in range(32)]
+    text = (
+        "{# requires: " + ", ".join(names) + " #}{% block subject %}x{% endblock %}"
+        "{% block text %}" + "".join(f"{{{{ {n} }}}}" for n in names) + "{% endblock %}"
+    )
+    templates = load(tmp_path, welcome=text)
+    templates.check_variables("welcome", dict.fromkeys(names, "1"))
+    assert templates.render("welcome", dict.fromkeys(names, "1")).text == "1" * 32 + "\n"
+
+
+@pytest.mark.parametrize(
+    ("variables", "field", "message"),
+    [
+        (
+            {f"v{i}": "1" for i in range(33)},
+            "vars",
+            "vars: template 'password': expected at most 32, got 33",
+        ),
+        (
+            {f"v{i:02d}": "1" for i in range(32)},  # 32 is not too many: each is unknown
+            "vars.v00",
+            "vars.v00: template 'password' does not take this variable (it requires: code)",
+        ),
+        (
+            {**CODE, "1x": "1"},
+            "vars",
+            "vars: template 'password': '1x' is not a variable name",
+        ),
+        (
+            {**CODE, "b": "1", "a": "1"},  # the first unknown one in name order
+            "vars.a",
+            "vars.a: template 'password' does not take this variable (it requires: code)",
+        ),
+        (
+            {"code": "a\u2028b"},
+            "vars.code",
+            "vars.code: template 'password': control character '\\u2028' is not allowed",
+        ),
+        (
+            {"code": "a\x85b"},
+            "vars.code",
+            "vars.code: template 'password': control character '\\x85' is not allowed",
+        ),
+        (
+            {"code": "\t"},
+            "vars.code",
+            "vars.code: template 'password': control character '\\t' is not allowed",
+        ),
+    ],
+)
+def test_more_variable_problems_name_their_field(
+    tmp_path: Path, variables: dict[str, str], field: str, message: str
+) -> None:
+    with pytest.raises(InvalidRequest) as info:
+        load(tmp_path).check_variables("password", variables)
+    assert (info.value.field, info.value.message) == (field, message)
+
+
+def test_every_missing_variable_is_named_in_order(tmp_path: Path) -> None:
+    """Two declared, one sent: the missing one is named (and the first missing, of two)."""
+    text = GOOD.replace("requires: code", "requires: code, ttl").replace("{{ to }}", "{{ ttl }}")
+    templates = load(tmp_path, welcome=text)
+    with pytest.raises(InvalidRequest) as info:
+        templates.check_variables("welcome", CODE)
+    assert info.value.field == "vars.ttl"
+    with pytest.raises(InvalidRequest) as info:
+        templates.check_variables("welcome", {})
+    assert info.value.field == "vars.code"
+
+
+@pytest.mark.parametrize("value", ["x" * MAX_VARIABLE_CHARS, "=", "a ? b", "é ü 中", ""])
+def test_values_up_to_the_limit_and_without_control_characters_pass(
+    tmp_path: Path, value: str
+) -> None:
+    load(tmp_path).check_variables("password", {"code": value})
+
+
+def test_an_unknown_template_is_refused_everywhere_naming_the_field(tmp_path: Path) -> None:
+    templates = load(tmp_path)
+    for call in (
+        lambda: templates.requires("nope"),
+        lambda: templates.resolve("nope", "en"),
+        lambda: templates.render("nope", CODE),
+    ):
+        with pytest.raises(InvalidRequest) as info:
+            call()
+        assert info.value.message == "template: unknown template 'nope' (known: password, retrieve)"
+    with pytest.raises(InvalidRequest) as info:
+        templates.requires("Bad\nName")
+    assert info.value.message == (
+        "template: unknown template \"'Bad\\\\nName'\" (known: password, retrieve)"
+    )
+
+
+def test_a_value_that_breaks_a_template_at_render_time_is_a_render_error(tmp_path: Path) -> None:
+    """Samples render; another value reaches an undefined name: RenderError with the file."""
+    text = GOOD.replace(
+        "{{ code }} for", '{% if code == "boom" %}{{ nowhere }}{% endif %}{{ code }} for'
+    )
+    templates = load(tmp_path, password=text)
+    with pytest.raises(RenderError) as info:
+        templates.render("password", {"code": "boom"})
+    assert str(info.value) == "password.msg: 'nowhere' is undefined"
+
+
+@pytest.mark.parametrize(
+    ("value", "error"),
+    [
+        ("x" * 195, None),  # "Code " + 195: exactly 200
+        ("x" * 196, "the subject is 201 characters, over 200"),
+        ("a\x85b", "the subject spans more than one line"),
+        ("a\u2029b", "the subject spans more than one line"),
+        ("a\x00b", "the subject spans more than one line"),
+        ("   ", None),  # "Code" after stripping: not empty
+    ],
+)
+def test_the_subject_limits(tmp_path: Path, value: str, error: str | None) -> None:
+    templates = load(
+        tmp_path, password=GOOD.replace("Code for {{ service_name }}", "Code {{ code }}")
+    )
+    if error is None:
+        assert templates.render("password", {"code": value}).subject == f"Code {value}".strip()
+    else:
+        with pytest.raises(RenderError, match=error):
+            templates.render("password", {"code": value})
+
+
+def test_an_empty_subject_at_render_time_is_a_render_error(tmp_path: Path) -> None:
+    templates = load(tmp_path, password=GOOD.replace("Code for {{ service_name }}", "{{ code }}"))
+    with pytest.raises(RenderError, match="the subject is empty"):
+        templates.render("password", {"code": "  "})
+
+
+@pytest.mark.parametrize(
+    ("files", "problem"),
+    [
+        ({"password_pt__BR": GOOD, "password_pt__br": GOOD}, "the same locale as"),
+        ({"password_x": GOOD}, "expected a file name <name>.msg or <name>.<locale>.msg"),
+        ({("a" * 65): GOOD}, "expected a file name <name>.msg or <name>.<locale>.msg"),
+    ],
+)
+def test_bad_or_clashing_file_names_are_reported(
+    tmp_path: Path, files: dict[str, str], problem: str
+) -> None:
+    write_templates(tmp_path, password=GOOD, retrieve=GOOD, **files)
+    with pytest.raises(TemplateError) as info:
+        MailTemplates.load(tmp_path)
+    (only,) = info.value.problems
+    assert problem in only
+    assert str(info.value) == f"mail templates are not usable:\n  - {only}"
+
+
+def test_a_64_character_template_name_is_fine(tmp_path: Path) -> None:
+    assert "a" * 64 in load(tmp_path, **{"a" * 64: GOOD}).names()
+
+
+def test_a_broken_default_file_is_reported_once_and_its_variants_not_again(
+    tmp_path: Path,
+) -> None:
+    """welcome.msg is broken and welcome.ru.msg fine: one problem, about welcome.msg."""
+    write_templates(tmp_path, password=GOOD, retrieve=GOOD, welcome="{{ oops", welcome_ru=GOOD)
+    with pytest.raises(TemplateError) as info:
+        MailTemplates.load(tmp_path)
+    (only,) = info.value.problems
+    assert only.startswith(f"{tmp_path / 'mail/welcome.msg'}:1: syntax error:")
+
+
+def test_a_file_that_is_not_utf8_is_reported(tmp_path: Path) -> None:
+    write_templates(tmp_path, password=GOOD, retrieve=GOOD)
+    (tmp_path / "mail" / "welcome.msg").write_bytes(b"{# requires: #}\xff\xfe")
+    with pytest.raises(TemplateError) as info:
+        MailTemplates.load(tmp_path)
+    (only,) = info.value.problems
+    assert only.startswith(f"{tmp_path / 'mail/welcome.msg'}: not UTF-8 text:")
+
+
+def test_no_mail_directory_reports_both_required_templates(tmp_path: Path) -> None:
+    with pytest.raises(TemplateError) as info:
+        MailTemplates.load(tmp_path)
+    assert info.value.problems == [
+        f"{tmp_path / 'mail/password.msg'}: not found",
+        f"{tmp_path / 'mail/retrieve.msg'}: not found",
+    ]
+
+
+def test_a_render_error_in_the_html_part_names_its_line(tmp_path: Path) -> None:
+    """A name undefined only in the html block: found at load, with the line of the block."""
+    text = WITH_HTML.replace("<p>html: {{ code }}</p>", "<p>{{ missing }}</p>")
+    write_templates(tmp_path, password=text, retrieve=GOOD)
+    with pytest.raises(TemplateError) as info:
+        MailTemplates.load(tmp_path)
+    assert info.value.problems == [
+        f"{tmp_path / 'mail/password.msg'}:7: does not render with sample values: 'missing' is "
+        "undefined (declare caller variables in its requires line)"
+    ]
+
+
+def test_a_template_expression_that_raises_is_a_listed_problem_not_a_crash(
+    tmp_path: Path,
+) -> None:
+    """``{{ code + 1 }}`` (a str plus an int) or ``// 0``: start-up lists it with file and line.
+
+    (It used to escape ``load`` as a bare TypeError or ZeroDivisionError.)"""
+    write_templates(
+        tmp_path,
+        password=GOOD.replace("{{ code }} for", "{{ code | int // 0 }} for"),
+        retrieve=GOOD.replace("{{ code }} for", "{{ code + 1 }} for"),
+    )
+    with pytest.raises(TemplateError) as info:
+        MailTemplates.load(tmp_path)
+    mail = tmp_path / "mail"
+    assert info.value.problems == [
+        f"{mail / 'password.msg'}:4: does not render with sample values: "
+        "ZeroDivisionError: integer division or modulo by zero",
+        f"{mail / 'retrieve.msg'}:4: does not render with sample values: "
+        'TypeError: can only concatenate str (not "int") to str',
+    ]
+
+
+def test_a_template_expression_that_raises_for_a_value_is_a_render_error(tmp_path: Path) -> None:
+    """Samples render, but ``{{ 100 // code | int }}`` with code "0" raises: a RenderError."""
+    templates = load(
+        tmp_path, password=GOOD.replace("{{ code }} for", "{{ 100 // code | int }} for")
+    )
+    assert templates.render("password", {"code": "4"}).text == "25 for user@example.com\n"
+    with pytest.raises(RenderError) as info:
+        templates.render("password", {"code": "0"})
+    assert str(info.value) == "password.msg: ZeroDivisionError: integer division or modulo by zero"
+
+
+@pytest.mark.parametrize(
+    ("value", "ok"),
+    [
+        ("", True),
+        ("en", True),
+        ("pt_BR", True),
+        ("zh-Hant-TW", True),
+        ("a" * 2 + "-abcdefgh" * 3 + "-abcde", True),  # 35 characters
+        ("a" * 2 + "-abcdefgh" * 3 + "-abcdef", False),  # 36
+        ("e", False),
+        ("en\nBcc", False),
+        ("en-", False),
+        ("english", False),
+    ],
+)
+def test_a_requested_locale_is_checked_for_shape(value: str, ok: bool) -> None:
+    if ok:
+        assert validate_locale("locale", value) == value
+        return
+    with pytest.raises(InvalidRequest) as info:
+        validate_locale("locale", value)
+    assert info.value.field == "locale"
+    if len(value) > 35:
+        assert info.value.message == f"locale: expected at most 35 characters, got {len(value)}"
+    else:
+        assert info.value.message == (
+            f"locale: expected a language tag such as en, ru or pt-BR, got {value!a}"
+        )
+
+
+def test_small_helpers() -> None:
+    assert MailKind.PASSWORD.template_name == "mail/password.msg"
+    assert sample_variables(["a", "b"]) == {"a": "123456", "b": "123456"}
+    assert normalize_locale("pt_BR") == "pt-br"

@@ -51,24 +51,44 @@ CORE = ROOT / "trio_mailer" / "core"
 # The test files that exercise each module: plain tests of the core, run without conftest.py
 # (so each takes a fraction of a second). A module missing here runs tests/test_<module>.py.
 TESTS: dict[str, list[str]] = {
+    "addresses": ["tests/test_admission_rules.py"],
+    "call_policy": ["tests/test_call_policy.py"],
     "caller_auth": ["tests/test_caller_auth.py"],
     "config": ["tests/test_config_checks.py", "tests/test_config.py"],
-    "errors": ["tests/test_statuses.py", "tests/test_errors.py"],
+    "errors": ["tests/test_errors.py"],
+    "grpc_deadline": ["tests/test_mail_lifecycle.py"],
     "health_decision": ["tests/test_health_decision.py"],
-    "mail_lifecycle": ["tests/test_mail_lifecycle.py", "tests/test_outbox.py"],
-    "message": ["tests/test_message.py", "tests/test_properties.py"],
+    "http2_limits": ["tests/test_http2_limits.py"],
+    "idempotency": ["tests/test_admission_rules.py"],
+    "mail_lifecycle": ["tests/test_mail_lifecycle.py", "tests/test_stored_states.py"],
+    "message": ["tests/test_message.py"],
+    "rate_limits": ["tests/test_admission_rules.py"],
     "rendering": ["tests/test_rendering.py"],
     "retry_policy": ["tests/test_retry_policy.py"],
-    "smtp_replies": ["tests/test_smtp_replies.py"],
-    "addresses": ["tests/test_admission_rules.py"],
-    "idempotency": ["tests/test_admission_rules.py"],
-    "rate_limits": ["tests/test_admission_rules.py"],
-    "suppression": ["tests/test_admission_rules.py"],
-    "grpc_deadline": ["tests/test_mail_lifecycle.py"],
     "session_policy": ["tests/test_mail_lifecycle.py"],
-    "http2_limits": ["tests/test_http2_limits.py"],
-    "validation": ["tests/test_validation.py", "tests/test_properties.py"],
+    "smtp_replies": ["tests/test_smtp_replies.py"],
+    "suppression": ["tests/test_admission_rules.py"],
+    "validation": ["tests/test_validation.py"],
 }
+# What a test file in TESTS may not load (checked before a run, in a fresh interpreter): the
+# I/O libraries and the service's shell. Such a file belongs to the shell's tests, and under
+# --noconftest it would be slow or fail for reasons that have nothing to do with the mutant.
+IMPURE = (
+    "trio",
+    "anyio",
+    "purerpc",
+    "h2",
+    "grpc",
+    "smtplib",
+    "sqlite3",
+    "prometheus_client",
+    "trustme",
+    "psycopg",
+    "trio_mailer.grpc",
+    "trio_mailer.store",
+    "trio_mailer.delivery",
+    "trio_mailer.app",
+)
 
 # (module, the source line stripped, the change as printed) -> why the mutant is equivalent.
 _DOMAIN_UNREACHABLE = (
@@ -93,6 +113,14 @@ EQUIVALENT: dict[tuple[str, str, str], str] = {
     ): (
         "the last `continue` of the loop in MailTemplates.load: without it the broken template "
         "is kept too, but a problem was recorded, so load raises TemplateError either way"
+    ),
+    (
+        "rate_limits",
+        "if times and times[-1] > at:  # out of order (loaded from the store): keep it sorted",
+        "> -> >=",
+    ): (
+        "a time equal to the newest takes the sorting path instead of a plain append: the "
+        "deque comes out the same, already sorted"
     ),
 }
 
@@ -498,6 +526,39 @@ def _independent_of(target: str, graph: dict[str, set[str]]) -> list[str]:
     return sorted(n for n in graph if not uses(n) and "__main__" not in n)
 
 
+# (Hypothesis itself loads trio, to seed its random: what counts is what the file adds.)
+_PURITY_PROBE = """
+import importlib, json, sys
+import pytest, hypothesis, hypothesis.strategies
+before = set(sys.modules)
+importlib.import_module(sys.argv[1])
+added = set(sys.modules) - before
+bad = [m for m in sys.argv[2:] if any(a == m or a.startswith(m + ".") for a in added)]
+print(json.dumps(bad))
+"""
+
+
+def impure_tests(tests: list[str]) -> dict[str, list[str]]:
+    """test file -> the IMPURE modules importing it loads (only the files that load some)."""
+    import subprocess
+
+    found: dict[str, list[str]] = {}
+    for test in tests:
+        name = test.removesuffix(".py").replace("/", ".")
+        result = subprocess.run(
+            [sys.executable, "-c", _PURITY_PROBE, name, *IMPURE],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            check=False,
+        )
+        if result.returncode != 0:
+            found[test] = [f"does not import: {result.stderr.strip().splitlines()[-1:]}"]
+        elif bad := json.loads(result.stdout):
+            found[test] = bad
+    return found
+
+
 def _preload() -> None:
     """Imports what every child needs except trio_mailer, so each fork starts warm."""
     names = ["pytest", "_pytest.python", "_pytest.terminal", "pytest_trio", "hypothesis"]
@@ -579,6 +640,12 @@ def main(argv: list[str] | None = None) -> int:
             for m in enumerate_mutants(module)[1]:
                 print(f"{module}.py:{m.line}: {m.change}    [{m.source_line}]")
         return 0
+    wanted = sorted({t for m in modules for t in TESTS.get(m) or [f"tests/test_{m}.py"]})
+    impure = impure_tests([t for t in wanted if (ROOT / t).exists()])
+    for test, loaded in impure.items():
+        print(f"{test}: not a pure test file (loads {', '.join(loaded)}); fix TESTS")
+    if impure:
+        return 2
     _preload()
     scores: list[tuple[str, int, int, int]] = []
     excluded: list[tuple[Mutant, str]] = []

@@ -61,6 +61,9 @@ VARIABLE_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,63}")
 # An RFC 5646 language tag in its common shapes: a 2-3 letter language, then subtags.
 LOCALE_TAG = re.compile(r"[A-Za-z]{2,3}(?:-[A-Za-z0-9]{1,8})*")
 _REQUIRES = re.compile(r"\{#-?\s*requires:(?P<names>[^#]*?)-?#\}")
+# What a template's own expressions raise (`{{ code + 1 }}`, `{{ n // 0 }}`, `{{ d["x"] }}`),
+# beside Jinja's errors: a problem of the template, never a crash of the service.
+_EXPRESSION_ERRORS = (ArithmeticError, LookupError, TypeError, ValueError)
 
 
 class MailKind(enum.StrEnum):
@@ -329,8 +332,8 @@ class MailTemplates:
 
         Raises:
             InvalidRequest: ``name`` is not a template here.
-            RenderError: the template failed for these values, or the subject came out empty,
-                too long, or spanning lines.
+            RenderError: the template failed for these values (a Jinja error, or one of its
+                expressions raised), or the subject came out empty, too long, or spanning lines.
         """
         variant = self.resolve(name, locale)
         context = {**SAMPLE_BUILTINS, **(builtins or {}), **variables}
@@ -338,6 +341,9 @@ class MailTemplates:
             return _render(variant, context)
         except jinja2.TemplateError as exc:
             raise RenderError(f"{variant.path.name}: {exc}") from exc
+        except _EXPRESSION_ERRORS as exc:
+            # The template's own expressions, with this request's values (`{{ code | int // n }}`).
+            raise RenderError(f"{variant.path.name}: {type(exc).__name__}: {exc}") from exc
 
 
 def _load_variant(
@@ -415,6 +421,11 @@ def _load_variant(
         line = _line_of(exc, (variant.plain, variant.escaped))
         where = f"{path}:{line}" if line else str(path)
         problems.append(f"{where}: does not render with sample values: {exc}")
+        return None
+    except _EXPRESSION_ERRORS as exc:  # a template's own expression: `{{ code + 1 }}`, `// 0`
+        line = _line_of(exc, (variant.plain, variant.escaped))
+        where = f"{path}:{line}" if line else str(path)
+        problems.append(f"{where}: does not render with sample values: {type(exc).__name__}: {exc}")
         return None
     return variant
 
