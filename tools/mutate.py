@@ -115,6 +115,18 @@ EQUIVALENT: dict[tuple[str, str, str], str] = {
         "is kept too, but a problem was recorded, so load raises TemplateError either way"
     ),
     (
+        "message",
+        "data: bytes = attrs.field(repr=False)  # the serialized message, CRLF line ends",
+        "False -> True",
+    ): "repr only: OutgoingMail's repr shows the bytes too; no behaviour reads it",
+    (
+        "message",
+        'self, kind: MailKind, to: str, code: str, now: datetime, *, locale: str = ""',
+        "'' -> 'XX'",
+    ): "an unknown locale falls back to the default, so the default argument 'XX' "
+    "builds the same mail as ''",
+    ("message", 'locale: str = "",', "'' -> 'XX'"): "as above, for compose_template's default",
+    (
         "rate_limits",
         "if times and times[-1] > at:  # out of order (loaded from the store): keep it sorted",
         "> -> >=",
