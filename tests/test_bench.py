@@ -29,10 +29,14 @@ SECTIONS = (
     "cpu",
 )
 TIMEOUT_S = 360  # a loaded 2-core machine; quick takes well under a minute when idle
+# Counts that are rightly zero: under the flood, paced calls mostly take the places the senders
+# free (MAILER_REFUSALS_PER_S), so few or none hear "queue full".
+MAY_BE_ZERO = {("overload", "flood refused (queue full)")}
 
 
 def test_quick_benchmark_reports_every_section_with_positive_figures(tmp_path: Path) -> None:
-    """`bench/run.py --quick --json` exits 0; every row and ratio of every section is positive."""
+    """`bench/run.py --quick --json` exits 0; every row and ratio of every section is positive
+    (or, for a count in MAY_BE_ZERO, not negative)."""
     report_path = tmp_path / "bench.json"
     # Its own process group: on a timeout the servers it started go down with it.
     bench = subprocess.Popen(
@@ -58,7 +62,10 @@ def test_quick_benchmark_reports_every_section_with_positive_figures(tmp_path: P
         assert section["ratios"], f"{name}: no ratios"
         for item in section["rows"] + section["ratios"]:
             assert item["samples"], f"{name}: {item.get('what') or item['name']}: no samples"
-            assert all(v > 0 for v in item["samples"]), f"{name}: {item}"
+            if (name, item.get("what")) in MAY_BE_ZERO:
+                assert all(v >= 0 for v in item["samples"]), f"{name}: {item}"
+            else:
+                assert all(v > 0 for v in item["samples"]), f"{name}: {item}"
     assert report["targets"], "no target was judged"
     assert all(isinstance(target["met"], bool) for target in report["targets"])
     assert "== targets" in stdout
