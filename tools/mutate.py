@@ -60,7 +60,11 @@ TESTS: dict[str, list[str]] = {
     "health_decision": ["tests/test_health_decision.py"],
     "http2_limits": ["tests/test_http2_limits.py"],
     "idempotency": ["tests/test_admission_rules.py"],
-    "mail_lifecycle": ["tests/test_mail_lifecycle.py", "tests/test_stored_states.py"],
+    "mail_lifecycle": [
+        "tests/test_mail_lifecycle.py",
+        "tests/test_mail_records.py",
+        "tests/test_stored_states.py",
+    ],
     "message": ["tests/test_message.py"],
     "rate_limits": ["tests/test_admission_rules.py"],
     "rendering": ["tests/test_rendering.py"],
@@ -126,6 +130,12 @@ EQUIVALENT: dict[tuple[str, str, str], str] = {
     ): "an unknown locale falls back to the default, so the default argument 'XX' "
     "builds the same mail as ''",
     ("message", 'locale: str = "",', "'' -> 'XX'"): "as above, for compose_template's default",
+    ("mail_lifecycle", 'state_home = env.get("XDG_STATE_HOME", "")', "'' -> 'XX'"): (
+        "a missing variable read as the relative path 'XX' is ignored exactly as '' is"
+    ),
+    ("mail_lifecycle", 'home = env.get("HOME", "")', "'' -> 'XX'"): (
+        "a missing HOME read as the relative path 'XX' is refused exactly as '' is"
+    ),
     (
         "rate_limits",
         "if times and times[-1] > at:  # out of order (loaded from the store): keep it sorted",
