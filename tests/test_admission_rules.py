@@ -200,6 +200,7 @@ def test_retry_after_rounds_up_to_whole_milliseconds() -> None:
         ("bob@example.com", "bob@example.com", "b***@example.com"),
         ("a@b.example", "a@b.example", "a***@b.example"),
         ("no-at-sign", "no-at-sign", "***"),
+        ("@example.com", "@example.com", "***"),  # no local part: nothing to show
     ],
 )
 def test_addresses_normalise_and_mask(address: str, normal: str, masked: str) -> None:
@@ -238,6 +239,7 @@ def test_a_report_splits_into_command_code_and_text() -> None:
     assert parse_reply("RCPT rejected: 550 5.1.1 no such user") == RelayReply(
         "RCPT", 550, "5.1.1 no such user"
     )
+    assert parse_reply("DOT rejected: 554") == RelayReply("DOT", 554, "")  # a bare code
     assert enhanced_status("5.01.010 x") == "5.1.10"
     assert enhanced_status("no code here") is None
 

@@ -472,6 +472,70 @@ async def test_a_call_failing_authentication_costs_no_inflation(monkeypatch) -> 
             await client.aclose()
 
 
+async def _h2_client_exchange(stream: trio.SocketStream, conn: Any) -> list[Any]:
+    """Send what h2's client queued, then read one chunk: the events it gives."""
+    await stream.send_all(conn.data_to_send())
+    chunk = await stream.receive_some(65536)
+    assert chunk, "the server closed the connection"
+    return list(conn.receive_data(chunk))
+
+
+async def test_many_streams_each_sending_half_a_message_first_all_finish() -> None:
+    """64 calls on one connection, each sending the first half of a 4 KiB message before any
+    sends its second half (flow control allowing), as h2's own client state machine keeps it:
+    together the halves are more than the 64 KiB connection window. Every call still finishes,
+    because bytes held in an unfinished message are returned to the connection's window (the
+    per-stream window still bounds each call)."""
+    import h2.config
+    import h2.connection
+    import h2.events
+
+    message = grpc_message(health_pb2.HealthCheckRequest(service="x" * 4080).SerializeToString())
+    assert 4000 < len(message) <= 4096 + 5
+    half = len(message) // 2
+    headers = grpc_headers(path="/test.Attack/Guarded", authorization=f"Bearer {GOOD_TOKEN}")
+    with trio.fail_after(TIMEOUT_S):
+        async with open_server() as server:
+            stream = await trio.open_tcp_stream("127.0.0.1", server.port)
+            async with stream:
+                conn = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True))
+                conn.initiate_connection()
+                ids = list(range(1, 128, 2))
+                for stream_id in ids:
+                    conn.send_headers(stream_id, headers)
+                ended: set[int] = set()
+                statuses: dict[int, str] = {}
+
+                async def send(stream_id: int, data: bytes, *, end: bool) -> None:
+                    # Waits for window; a stall here is the bug (fail_after ends the test).
+                    while conn.local_flow_control_window(stream_id) < len(data):
+                        for event in await _h2_client_exchange(stream, conn):
+                            note(event)
+                    conn.send_data(stream_id, data, end_stream=end)
+
+                def note(event: Any) -> None:
+                    if isinstance(event, h2.events.TrailersReceived | h2.events.ResponseReceived):
+                        for name, value in event.headers:
+                            if name == b"grpc-status":
+                                statuses[event.stream_id] = value.decode()
+                    if isinstance(event, h2.events.DataReceived):
+                        conn.acknowledge_received_data(
+                            event.flow_controlled_length, event.stream_id
+                        )
+                    if isinstance(event, h2.events.StreamEnded | h2.events.StreamReset):
+                        ended.add(event.stream_id)
+
+                for stream_id in ids:
+                    await send(stream_id, message[:half], end=False)
+                for stream_id in ids:
+                    await send(stream_id, message[half:], end=True)
+                while len(ended) < len(ids):
+                    for event in await _h2_client_exchange(stream, conn):
+                        note(event)
+                assert statuses == {stream_id: "0" for stream_id in ids}
+                assert server.test_service.calls == len(ids)
+
+
 # ---- malformed requests: a status on that stream, the connection kept ----
 
 _GOOD = dict(grpc_headers())

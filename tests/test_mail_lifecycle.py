@@ -23,6 +23,7 @@ from trio_mailer.core.retry_policy import AttemptResult, GiveUp, RetryAt, RetryP
 from trio_mailer.core.session_policy import (
     SessionAction,
     after_rejection,
+    enhanced_status,
     should_probe,
     should_recycle,
 )
@@ -119,6 +120,8 @@ def test_an_outcome_with_fewer_attempts_is_recorded_with_the_higher_count() -> N
         ("RCPT", 452, "4.5.3 Too many recipients", 0, "session lost", "replace"),
         ("MAIL", 451, "too many messages per session", 3, "session lost", "replace"),
         ("MAIL", 451, "too many messages per session", 0, "transient", "keep"),
+        ("MAIL", 451, "too many messages per session", 1, "session lost", "replace"),
+        ("MAIL", 452, "  4.5.3 Too many messages", 1, "session lost", "replace"),
         ("MAIL", 452, "4.3.1 out of storage", 5, "transient", "keep"),
         ("RCPT", 450, "4.2.0 greylisted", 5, "transient", "keep"),
         ("RCPT", 550, "5.1.1 no such user", 5, "permanent", "keep"),
@@ -132,6 +135,12 @@ def test_a_4xx_the_relay_ties_to_the_session_replaces_it(
     decision = after_rejection(command, code, text, session_attempts_before=before)
     assert decision.result is AttemptResult(result)
     assert decision.session is SessionAction(session)
+
+
+def test_the_enhanced_status_is_the_code_alone() -> None:
+    assert enhanced_status("  4.5.3 Too many messages") == "4.5.3"
+    assert enhanced_status("4.5.3") == "4.5.3"
+    assert enhanced_status("too many 4.5.3") is None
 
 
 def test_probe_and_recycle_decisions() -> None:

@@ -45,3 +45,23 @@ def test_the_h2_method_the_listener_overrides_is_still_there() -> None:
     assert callable(getattr(h2.connection.H2Connection, "_receive_window_update_frame", None)), (
         "h2.connection.H2Connection._receive_window_update_frame moved: adapt _H2Connection"
     )
+
+
+def test_the_h2_flow_control_parts_the_listener_uses_are_still_there() -> None:
+    """http2_server._H2Connection returns received bytes to the connection's window and to a
+    stream's window separately, through h2's window manager and frame queue."""
+    import h2.config
+    import h2.connection
+    import h2.stream
+
+    conn = h2.connection.H2Connection(h2.config.H2Configuration(client_side=False))
+    manager = getattr(conn, "_inbound_flow_control_window_manager", None)
+    assert callable(getattr(manager, "process_bytes", None)), (
+        "h2's connection window manager moved: adapt _H2Connection.acknowledge_connection_data"
+    )
+    assert callable(getattr(conn, "_prepare_for_sending", None)), (
+        "h2.connection.H2Connection._prepare_for_sending moved: adapt _H2Connection"
+    )
+    assert callable(getattr(h2.stream.H2Stream, "acknowledge_received_data", None)), (
+        "h2.stream.H2Stream.acknowledge_received_data moved: adapt _H2Connection"
+    )

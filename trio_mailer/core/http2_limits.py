@@ -47,8 +47,10 @@ MAX_CONTINUATION_FRAMES = 8
 MAX_CONCURRENT_STREAMS = 100
 # SETTINGS_INITIAL_WINDOW_SIZE per stream: two whole 4 KiB messages with their 5-byte prefixes.
 STREAM_WINDOW_BYTES = 2 * (MAX_MESSAGE_BYTES + 5)
-# The connection's receive window: every stream's window together, no more.
-CONNECTION_WINDOW_BYTES = 64 * 1024
+# What one connection's calls may hold in unfinished or untaken messages: every stream's window
+# together. The connection-level window (h2's 64 KiB) is returned as bytes arrive, so that only
+# the stream windows bound this, and unfinished messages cannot hold the connection shut.
+CONNECTION_BUFFER_BYTES = MAX_CONCURRENT_STREAMS * STREAM_WINDOW_BYTES
 # Control frames a connection may send in a burst, and per second after it.
 CONTROL_FRAME_BURST = 200
 CONTROL_FRAMES_PER_S = 100.0

@@ -13,8 +13,10 @@ pure ``FrameGate`` (frame sizes, CONTINUATION count, control-frame rate), is fed
 stream's head is checked (``check_request_head``); a bad one is answered on its stream. A good
 one becomes a ``Call`` served in its own task under a cancel scope that carries its deadline; a
 client's RST_STREAM cancels that scope. DATA goes into the call's ``Deframer``; its bytes are
-returned to the client's flow-control window only when the handler takes the message, so one
-stream buffers at most ``STREAM_WINDOW_BYTES`` and the connection at most h2's 64 KiB window.
+returned to the connection's flow-control window on arrival and to the stream's only when the
+handler takes the message, so one stream buffers at most ``STREAM_WINDOW_BYTES`` and a
+connection at most ``MAX_CONCURRENT_STREAMS`` of those (``CONNECTION_BUFFER_BYTES``), and no
+set of unfinished messages can hold the connection's window shut.
 Messages are inflated in the call's task, after the authorizer said yes. Every h2 output goes
 to one buffer drained by a writer task; a client that lets it pass ``MAX_UNSENT_OUTPUT_BYTES``
 is cut off. A connection with no call for ``idle_timeout_s`` gets GOAWAY NO_ERROR.
@@ -40,7 +42,7 @@ import purerpc
 import trio
 from google.protobuf.message import DecodeError
 from hyperframe.frame import Frame as WireFrame
-from hyperframe.frame import SettingsFrame
+from hyperframe.frame import SettingsFrame, WindowUpdateFrame
 from purerpc.grpclib.events import RequestReceived
 from purerpc.grpclib.exceptions import ProtocolError as PurerpcProtocolError
 from purerpc.grpclib.exceptions import RpcFailedError
@@ -96,6 +98,23 @@ class _H2Connection(h2.connection.H2Connection):  # type: ignore[misc]
             return super()._receive_window_update_frame(frame)
         except h2.exceptions.StreamClosedError:
             return [], []
+
+    # h2 returns consumed bytes to both windows at once (``acknowledge_received_data``); we
+    # return them to the connection's window on arrival and to the stream's when the handler
+    # takes its message. These two use h2's window managers and frame queue (private; checked
+    # by tests/test_purerpc_internals.py).
+
+    def acknowledge_connection_data(self, size: int) -> None:
+        """Return ``size`` received bytes to the connection-level window only."""
+        increment = self._inbound_flow_control_window_manager.process_bytes(size)
+        if increment:
+            self._prepare_for_sending([WindowUpdateFrame(0, window_increment=increment)])
+
+    def acknowledge_stream_data(self, size: int, stream_id: int) -> None:
+        """Return ``size`` consumed bytes to ``stream_id``'s window only (if still open)."""
+        stream = self.streams.get(stream_id)
+        if stream is not None and stream.open:
+            self._prepare_for_sending(stream.acknowledge_received_data(size))
 
 
 @attrs.frozen
@@ -162,8 +181,11 @@ class Call:
         if self.failure is not None or self.closed:
             self._conn.ack(self.stream_id, flow_controlled)
             return
-        self.unacked_bytes += flow_controlled - len(data)
         self._conn.ack(self.stream_id, flow_controlled - len(data))  # padding: at once
+        # The connection's window at once, the stream's when the message is taken: an
+        # unfinished message holds only its own stream's window, never the connection's
+        # (else 64 streams each holding half a message would stall the connection).
+        self._conn.ack_connection(len(data))
         self.unacked_bytes += len(data)
         try:
             self._frames.extend(self._deframer.feed(data))
@@ -195,7 +217,7 @@ class Call:
     def _release_input(self) -> None:
         self._frames.clear()
         if self.unacked_bytes:
-            self._conn.ack(self.stream_id, self.unacked_bytes)
+            self._conn.ack_stream(self.stream_id, self.unacked_bytes)
             self.unacked_bytes = 0
         self._wake()
 
@@ -218,7 +240,7 @@ class Call:
         frame = self._frames.popleft()
         size = 5 + len(frame.payload)
         self.unacked_bytes -= size
-        self._conn.ack(self.stream_id, size)
+        self._conn.ack_stream(self.stream_id, size)
         try:
             data = lim.decode_message(
                 frame, self.head.encoding, self._conn.limits.max_message_bytes
@@ -645,7 +667,7 @@ class Http2Connection:
         self._flush()
 
     def ack(self, stream_id: int, size: int) -> None:
-        """Return ``size`` consumed bytes to the client's flow-control windows."""
+        """Return ``size`` consumed bytes to the client's flow-control windows (both)."""
         if size <= 0:
             return
         try:
@@ -653,6 +675,18 @@ class Http2Connection:
         except h2.exceptions.H2Error as exc:
             log.debug("could not acknowledge data on stream %d: %r", stream_id, exc)
         self._flush()
+
+    def ack_connection(self, size: int) -> None:
+        """Return ``size`` received bytes to the connection's window (buffered in a call)."""
+        if size > 0:
+            self._h2.acknowledge_connection_data(size)
+            self._flush()
+
+    def ack_stream(self, stream_id: int, size: int) -> None:
+        """Return ``size`` bytes a call has taken (or dropped) to its stream's window."""
+        if size > 0:
+            self._h2.acknowledge_stream_data(size, stream_id)
+            self._flush()
 
     # -- output --
 
