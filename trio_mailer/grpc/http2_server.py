@@ -38,6 +38,7 @@ import h2.connection
 import h2.events
 import h2.exceptions
 import h2.settings
+import hpack
 import purerpc
 import trio
 from google.protobuf.message import DecodeError
@@ -117,6 +118,36 @@ class _H2Connection(h2.connection.H2Connection):  # type: ignore[misc]
             self._prepare_for_sending(stream.acknowledge_received_data(size))
 
 
+class _StatelessEncoder(hpack.Encoder):  # type: ignore[misc]
+    """hpack's encoder that never adds to its dynamic table, so a header list always encodes to
+    the same block: the blocks of our constant header lists are encoded once, at import.
+
+    Every header goes out as a never-indexed literal (or a static-table index): the table stays
+    empty and the only state is a pending table-size update after the client's SETTINGS, which
+    hpack emits on the next block as usual. Costs a few bytes per response against indexing,
+    and saves HPACK's table search per header (about a sixth of h2's work on a unary call).
+    """
+
+    def encode(self, headers: Any, huffman: bool = True) -> bytes:
+        key = tuple(headers)
+        if not self.header_table.resized:
+            block = _CONSTANT_BLOCKS.get(key)
+            if block is not None:
+                return block
+        return bytes(super().encode([hpack.NeverIndexedHeaderTuple(n, v) for n, v in key], huffman))
+
+
+_RESPONSE_HEADERS = (
+    (b":status", b"200"),
+    (b"content-type", b"application/grpc"),
+    (b"grpc-accept-encoding", lim.ACCEPT_ENCODING.encode()),
+)
+_OK_TRAILERS = ((b"grpc-status", b"0"),)
+_CONSTANT_BLOCKS: dict[tuple[tuple[bytes, bytes], ...], bytes] = {}
+for _headers in (_RESPONSE_HEADERS, _OK_TRAILERS, _RESPONSE_HEADERS + _OK_TRAILERS):
+    _CONSTANT_BLOCKS[_headers] = _StatelessEncoder().encode(_headers)
+
+
 @attrs.frozen
 class Limits:
     """What one connection may cost; the defaults are the documented production limits."""
@@ -147,6 +178,8 @@ class _CallFailed(Exception):
 
 
 def _status_headers(code: int, message: str) -> list[tuple[bytes, bytes]]:
+    if code == 0 and not message:
+        return list(_OK_TRAILERS)
     headers = [(b"grpc-status", str(int(code)).encode())]
     if message:
         # The spec's percent-encoding: printable ASCII except %, everything else as %XX.
@@ -266,11 +299,7 @@ class Call:
 
     def response_headers(self) -> list[tuple[bytes, bytes]]:
         self._headers_sent = True
-        return [
-            (b":status", b"200"),
-            (b"content-type", b"application/grpc"),
-            (b"grpc-accept-encoding", lim.ACCEPT_ENCODING.encode()),
-        ]
+        return list(_RESPONSE_HEADERS)
 
     @property
     def headers_sent(self) -> bool:
@@ -304,6 +333,7 @@ class Http2Connection:
             normalize_outbound_headers=False,
         )
         self._h2 = _H2Connection(config)
+        self._h2.encoder = _StatelessEncoder()
         self._h2.local_settings = h2.settings.Settings(
             client=False,
             initial_values={
