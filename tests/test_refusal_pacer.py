@@ -60,3 +60,23 @@ def test_turns_are_never_early_late_or_closer_than_the_interval(
         if turn < latest:
             taken.append(turn)
     assert all(b - a >= 1.0 / per_s * (1 - 1e-9) for a, b in itertools.pairwise(taken))
+
+
+def test_a_bound_at_the_arrival_or_at_the_turn() -> None:
+    """A bound equal to the arrival answers at once and takes no turn; a turn exactly at its
+    bound is taken."""
+    pacer = RefusalPacer(per_s=1.0)
+    assert pacer.turn_s(0.0, 0.0) == 0.0  # no turn taken
+    assert pacer.turn_s(0.0, 5.0) == 0.0  # so 0.0 is still free
+    assert pacer.turn_s(0.0, 1.0) == 1.0  # the next turn, exactly at the bound: taken
+    assert pacer.turn_s(0.0, 5.0) == 2.0
+
+
+def test_the_defaults_are_the_documented_ones() -> None:
+    """README settings table: MAILER_REFUSALS_PER_S 100, MAILER_REFUSAL_WAIT_S 1 s; a paced
+    answer leaves 50 ms before the call's deadline."""
+    from trio_mailer.core import load_shedding
+
+    assert RefusalPacer().per_s == load_shedding.REFUSALS_PER_S == 100.0
+    assert load_shedding.REFUSAL_WAIT_S == 1.0
+    assert load_shedding.DEADLINE_MARGIN_S == 0.05
