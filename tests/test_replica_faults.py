@@ -20,7 +20,7 @@ import purerpc
 import pytest
 import trio
 
-from trio_mailer.client import check_health, open_channel
+from trio_mailer.client import Target, check_health, open_channel
 from trio_mailer.core.errors import OutboxConflict, OutboxError, exception_leaves
 from trio_mailer.core.mail_lifecycle import MailRecord, MailState, StatusChange
 from trio_mailer.core.message import OutgoingMail
@@ -107,7 +107,7 @@ async def refusal(port: int, to: str) -> str:
 
 
 async def health(port: int) -> str:
-    return await check_health("127.0.0.1", port, timeout_s=30)
+    return await check_health(Target("127.0.0.1", port, timeout_s=30))
 
 
 async def wait_for_health(port: int, status: str) -> None:

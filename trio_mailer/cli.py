@@ -22,7 +22,6 @@ from functools import partial
 from pathlib import Path
 from typing import TypeVar
 
-import attrs
 import trio
 
 from trio_mailer.app import MailerApp, TlsFileError
@@ -30,6 +29,7 @@ from trio_mailer.client import (
     CALL_TIMEOUT_S,
     CONNECT_TIMEOUT_S,
     SendFailed,
+    Target,
     check_health,
     client_ssl_context,
     list_suppressed,
@@ -183,40 +183,18 @@ async def _run_dev(tls: dev.DevTls, outbox: Path, inbox_port: int | None = None)
 T = TypeVar("T")
 
 
-@attrs.frozen
-class _Target:
-    """Where and how a client command reaches the service."""
+def _run_call(
+    fn: Callable[..., Awaitable[T]], target: Target, *args: object, **options: object
+) -> T:
+    """Run the client call ``fn(target, *args, **options)`` to its end.
 
-    host: str
-    port: int
-    ssl_context: ssl.SSLContext | None
-    token: str | None
-    connect_timeout_s: float
-    timeout_s: float
-
-    def call(self, fn: Callable[..., Awaitable[T]], *args: object, **options: object) -> T:
-        """Run the client call ``fn(host, port, *args, ...)`` with this target's connection
-        options and timeouts.
-
-        Raises:
-            SendFailed: what the call raised.
-        """
-        return trio.run(
-            partial(
-                fn,
-                token=self.token,
-                ssl_context=self.ssl_context,
-                connect_timeout_s=self.connect_timeout_s,
-                timeout_s=self.timeout_s,
-                **options,
-            ),
-            self.host,
-            self.port,
-            *args,
-        )
+    Raises:
+        SendFailed: what the call raised.
+    """
+    return trio.run(partial(fn, target, *args, **options))
 
 
-def _target(command: str, args: argparse.Namespace) -> _Target | None:
+def _target(command: str, args: argparse.Namespace) -> Target | None:
     """The --server, TLS and token options, or None after printing what is wrong."""
     try:
         host, port = parse_host_port(args.server, None)
@@ -234,7 +212,7 @@ def _target(command: str, args: argparse.Namespace) -> _Target | None:
             print(f"trio-mailer {command}: cannot load TLS files: {exc}", file=sys.stderr)
             return None
     token = args.token or os.environ.get("MAILER_TOKEN") or None
-    return _Target(host, port, ssl_context, token, args.connect_timeout_s, args.timeout_s)
+    return Target(host, port, token, ssl_context, args.connect_timeout_s, args.timeout_s)
 
 
 def _parse_vars(command: str, pairs: Sequence[str]) -> dict[str, str] | None:
@@ -262,8 +240,9 @@ def _send(args: argparse.Namespace) -> int:
         if args.template is not None:
             if args.code is not None:
                 variables.setdefault("code", args.code)
-            reply = target.call(
+            reply = _run_call(
                 send_template,
+                target,
                 args.template,
                 args.to,
                 variables,
@@ -278,8 +257,9 @@ def _send(args: argparse.Namespace) -> int:
                 )
                 return EXIT_START_FAILED
             kind = MailKind.PASSWORD if args.kind == "pass" else MailKind.RETRIEVE
-            reply = target.call(
+            reply = _run_call(
                 send,
+                target,
                 kind,
                 args.to,
                 args.code,
@@ -323,7 +303,7 @@ def _status(args: argparse.Namespace) -> int:
         print(f"trio-mailer status: {exc}", file=sys.stderr)
         return EXIT_START_FAILED
     try:
-        target.call(fetch_status, message_id, _print_status, watch=args.watch)
+        _run_call(fetch_status, target, message_id, _print_status, watch=args.watch)
     except SendFailed as exc:
         print(f"error: {exc.status}: {exc.detail}", file=sys.stderr)
         return 1
@@ -335,7 +315,7 @@ def _health(args: argparse.Namespace) -> int:
     if target is None:
         return EXIT_START_FAILED
     try:
-        serving = target.call(check_health, args.service)
+        serving = _run_call(check_health, target, args.service)
     except SendFailed as exc:
         print(f"error: {exc.status}: {exc.detail}", file=sys.stderr)
         return 1
@@ -349,10 +329,10 @@ def _suppressed(args: argparse.Namespace) -> int:
         return EXIT_START_FAILED
     try:
         if args.action == "remove":
-            removed = target.call(remove_suppressed, args.address)
+            removed = _run_call(remove_suppressed, target, args.address)
             print(f"removed {args.address}" if removed else f"not suppressed: {args.address}")
             return 0 if removed else 1
-        entries = target.call(list_suppressed)
+        entries = _run_call(list_suppressed, target)
     except SendFailed as exc:
         print(f"error: {exc.status}: {exc.detail}", file=sys.stderr)
         return 1

@@ -62,6 +62,18 @@ CALL_TIMEOUT_S = DEFAULT_TIMEOUT_S
 CONNECT_TIMEOUT_S = 3.0
 
 
+@attrs.frozen
+class Target:
+    """Where and how a call reaches the service: its address, TLS, token and time bounds."""
+
+    host: str
+    port: int
+    token: str | None = None
+    ssl_context: ssl.SSLContext | None = None
+    connect_timeout_s: float = CONNECT_TIMEOUT_S
+    timeout_s: float = CALL_TIMEOUT_S  # the whole call, retries included
+
+
 @attrs.define
 class _Budget:
     """One cancel scope for the whole call, its deadline moved as the call makes progress."""
@@ -113,20 +125,15 @@ def client_ssl_context(
 
 
 async def send(
-    host: str,
-    port: int,
+    target: Target,
     kind: MailKind,
     to: str,
     code: str,
     *,
     locale: str = "",
-    token: str | None = None,
-    ssl_context: ssl.SSLContext | None = None,
     idempotency_key: str | None = None,
-    connect_timeout_s: float = CONNECT_TIMEOUT_S,
-    timeout_s: float = CALL_TIMEOUT_S,
 ) -> MsgReply:
-    """Ask the service at ``host:port`` for a ``kind`` mail, retrying within ``timeout_s``.
+    """Ask the service at ``target`` for a ``kind`` mail, retrying within its ``timeout_s``.
 
     Raises:
         SendFailed: with the gRPC status name and its message (DEADLINE_EXCEEDED past a
@@ -141,33 +148,20 @@ async def send(
         reply: MsgReply = await method(request, metadata=metadata)
         return reply
 
-    return await _retried(
-        host,
-        port,
-        call,
-        token=token,
-        ssl_context=ssl_context,
-        connect_timeout_s=connect_timeout_s,
-        timeout_s=timeout_s,
-    )
+    return await _retried(target, call)
 
 
 async def send_template(
-    host: str,
-    port: int,
+    target: Target,
     template: str,
     to: str,
     variables: Mapping[str, str],
     *,
     locale: str = "",
-    token: str | None = None,
-    ssl_context: ssl.SSLContext | None = None,
     idempotency_key: str = "",
-    connect_timeout_s: float = CONNECT_TIMEOUT_S,
-    timeout_s: float = CALL_TIMEOUT_S,
 ) -> MsgReply:
-    """Ask the service at ``host:port`` for a mail from ``template`` (the ``Send`` call),
-    retrying within ``timeout_s`` with one idempotency key, as ``send`` does.
+    """Ask the service at ``target`` for a mail from ``template`` (the ``Send`` call),
+    retrying within its ``timeout_s`` with one idempotency key, as ``send`` does.
 
     Raises:
         SendFailed: with the gRPC status name and its message.
@@ -184,15 +178,7 @@ async def send_template(
         reply: MsgReply = await stub.Send(request, metadata=metadata)
         return reply
 
-    return await _retried(
-        host,
-        port,
-        call,
-        token=token,
-        ssl_context=ssl_context,
-        connect_timeout_s=connect_timeout_s,
-        timeout_s=timeout_s,
-    )
+    return await _retried(target, call)
 
 
 async def with_retries(
@@ -223,20 +209,16 @@ async def with_retries(
 
 
 async def status(
-    host: str,
-    port: int,
+    target: Target,
     message_id: str,
     on_status: Callable[[MailStatus], None],
     *,
     watch: bool = False,
-    token: str | None = None,
-    ssl_context: ssl.SSLContext | None = None,
     idempotency_key: str = "",
-    connect_timeout_s: float = CONNECT_TIMEOUT_S,
-    timeout_s: float = CALL_TIMEOUT_S,
 ) -> None:
     """Report the status of ``message_id`` to ``on_status``; with ``watch``, every change until
-    the final state. ``GetStatus`` is retried within ``timeout_s`` (a watch has no timeout).
+    the final state. ``GetStatus`` is retried within ``timeout_s`` (a watch: bounded until its
+    first status, then none).
 
     Raises:
         SendFailed: with the gRPC status name and its message.
@@ -253,26 +235,10 @@ async def status(
                 on_status(change)
 
     run = _call if watch else _retried  # a watch is bounded until its first status, not retried
-    await run(
-        host,
-        port,
-        call,
-        token=token,
-        ssl_context=ssl_context,
-        connect_timeout_s=connect_timeout_s,
-        timeout_s=timeout_s,
-    )
+    await run(target, call)
 
 
-async def list_suppressed(
-    host: str,
-    port: int,
-    *,
-    token: str | None = None,
-    ssl_context: ssl.SSLContext | None = None,
-    connect_timeout_s: float = CONNECT_TIMEOUT_S,
-    timeout_s: float = CALL_TIMEOUT_S,
-) -> list[SuppressedAddress]:
+async def list_suppressed(target: Target) -> list[SuppressedAddress]:
     """The running service's suppression list.
 
     Raises:
@@ -285,28 +251,10 @@ async def list_suppressed(
         reply = await admin.ListSuppressed(ListSuppressedRequest(), metadata=metadata)
         return list(reply.addresses)
 
-    return await _call(
-        host,
-        port,
-        call,
-        token=token,
-        ssl_context=ssl_context,
-        connect_timeout_s=connect_timeout_s,
-        timeout_s=timeout_s,
-        make_stub=MailerAdminStub,
-    )
+    return await _call(target, call, make_stub=MailerAdminStub)
 
 
-async def remove_suppressed(
-    host: str,
-    port: int,
-    address: str,
-    *,
-    token: str | None = None,
-    ssl_context: ssl.SSLContext | None = None,
-    connect_timeout_s: float = CONNECT_TIMEOUT_S,
-    timeout_s: float = CALL_TIMEOUT_S,
-) -> bool:
+async def remove_suppressed(target: Target, address: str) -> bool:
     """Take ``address`` off the running service's suppression list; False if it was not on it.
 
     Raises:
@@ -319,35 +267,23 @@ async def remove_suppressed(
         )
         return bool(reply.removed)
 
-    return await _call(
-        host,
-        port,
-        call,
-        token=token,
-        ssl_context=ssl_context,
-        connect_timeout_s=connect_timeout_s,
-        timeout_s=timeout_s,
-        make_stub=MailerAdminStub,
-    )
+    return await _call(target, call, make_stub=MailerAdminStub)
 
 
 Metadata = list[tuple[str, str]] | None
 
 
 async def _call(
-    host: str,
-    port: int,
+    target: Target,
     call: Callable[[Any, Metadata, _Budget], Awaitable[T]],
     *,
-    token: str | None,
-    ssl_context: ssl.SSLContext | None,
-    connect_timeout_s: float,
-    timeout_s: float,
     deadline: float | None = None,
     make_stub: Callable[[Any], Any] = MailerStub,
 ) -> T:
     """One attempt: connect within ``connect_timeout_s``, then wait for the reply until
     ``deadline`` (the whole call's, retries included; default ``timeout_s`` from now)."""
+    host, port, token = target.host, target.port, target.token
+    connect_timeout_s, timeout_s = target.connect_timeout_s, target.timeout_s
     metadata = [("authorization", f"Bearer {token}")] if token else None
     now = trio.current_time()
     call_deadline = now + timeout_s if deadline is None else deadline
@@ -356,7 +292,7 @@ async def _call(
     # purerpc's client runs the call in a task group, so errors arrive inside exception groups.
     try:
         with budget.scope:
-            async with open_channel(host, port, ssl_context) as channel:
+            async with open_channel(host, port, target.ssl_context) as channel:
                 budget.connected()
                 return await call(make_stub(channel), metadata, budget)
         if budget.phase == "connect" and connect_deadline <= call_deadline:
@@ -376,44 +312,20 @@ async def _call(
 
 
 async def _retried(
-    host: str,
-    port: int,
+    target: Target,
     call: Callable[[Any, Metadata, _Budget], Awaitable[T]],
     *,
-    token: str | None,
-    ssl_context: ssl.SSLContext | None,
-    connect_timeout_s: float,
-    timeout_s: float,
     make_stub: Callable[[Any], Any] = MailerStub,
 ) -> T:
     """``_call`` retried by ``with_retries`` within ``timeout_s``, every attempt given the
     overall deadline."""
     return await with_retries(
-        lambda deadline: _call(
-            host,
-            port,
-            call,
-            token=token,
-            ssl_context=ssl_context,
-            connect_timeout_s=connect_timeout_s,
-            timeout_s=timeout_s,
-            deadline=deadline,
-            make_stub=make_stub,
-        ),
-        timeout_s,
+        lambda deadline: _call(target, call, deadline=deadline, make_stub=make_stub),
+        target.timeout_s,
     )
 
 
-async def check_health(
-    host: str,
-    port: int,
-    service: str = "",
-    *,
-    token: str | None = None,
-    ssl_context: ssl.SSLContext | None = None,
-    connect_timeout_s: float = CONNECT_TIMEOUT_S,
-    timeout_s: float = CALL_TIMEOUT_S,
-) -> str:
+async def check_health(target: Target, service: str = "") -> str:
     """The serving status the gRPC health service reports for ``service`` ("" for the whole
     server): "SERVING", "NOT_SERVING", ... Retried within ``timeout_s`` like the other calls.
 
@@ -427,13 +339,4 @@ async def check_health(
         reply = await stub.Check(HealthCheckRequest(service=service), metadata=metadata)
         return str(HealthCheckResponse.ServingStatus.Name(reply.status))
 
-    return await _retried(
-        host,
-        port,
-        call,
-        token=token,
-        ssl_context=ssl_context,
-        connect_timeout_s=connect_timeout_s,
-        timeout_s=timeout_s,
-        make_stub=HealthStub,
-    )
+    return await _retried(target, call, make_stub=HealthStub)
