@@ -111,6 +111,19 @@ EQUIVALENT: dict[tuple[str, str, str], str] = {
     ("smtp_replies", "if 500 <= code < 600:", "500 -> 499"): (
         "code 500 is already past the 4yz branch above; 499 never reaches this line"
     ),
+    (
+        "call_policy",
+        "step = min(BACKOFF_CAP_S, BACKOFF_FIRST_S * 2.0 ** min(retry, 30))",
+        "30 -> 31",
+    ): (
+        "the exponent's clamp only keeps 2.0 ** retry finite: the cap (1 s from 0.05 s) is "
+        "reached by retry 5"
+    ),
+    (
+        "call_policy",
+        "step = min(BACKOFF_CAP_S, BACKOFF_FIRST_S * 2.0 ** min(retry, 30))",
+        "30 -> 29",
+    ): "as above",
     ("smtp_replies", "if 200 <= code < 400:", "200 -> 199"): (
         "a 199 to DATA that passes this test is a protocol error by the last line anyway"
     ),

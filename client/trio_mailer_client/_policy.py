@@ -76,6 +76,6 @@ def normalise_message_id(text: str) -> str:
         ValueError: empty, or brackets on one side only.
     """
     text = text.strip()
-    if text.startswith("<") != text.endswith(">") or text in {"", "<", ">", "<>"}:
+    if text.startswith("<") != text.endswith(">") or text in {"", "<>"}:
         raise ValueError(f"message_id: expected <local@domain> or local@domain, got {text!r}")
     return text if text.startswith("<") else f"<{text}>"
