@@ -725,3 +725,85 @@ def test_small_helpers() -> None:
     assert MailKind.PASSWORD.template_name == "mail/password.msg"
     assert sample_variables(["a", "b"]) == {"a": "123456", "b": "123456"}
     assert normalize_locale("pt_BR") == "pt-br"
+
+
+def test_the_limits_are_the_ones_the_readme_documents() -> None:
+    """README "Templates": a change here changes what a caller may send."""
+    from trio_mailer.core import rendering
+
+    assert (
+        rendering.MAX_SUBJECT_CHARS,
+        rendering.MAX_VARIABLE_CHARS,
+        rendering.MAX_VARIABLES,
+        rendering.MAX_TEMPLATE_NAME_CHARS,
+        rendering.MAX_LOCALE_CHARS,
+    ) == (200, 1000, 32, 64, 35)
+    assert rendering.TEMPLATE_NAME.fullmatch("a" * 64)
+    assert not rendering.TEMPLATE_NAME.fullmatch("a" * 65)
+
+
+def test_every_problem_is_listed_one_a_line(tmp_path: Path) -> None:
+    error = TemplateError(["first", "second"])
+    assert str(error) == "mail templates are not usable:\n  - first\n  - second"
+
+
+def test_a_rendered_mail_names_no_template_unless_told() -> None:
+    from trio_mailer.core.rendering import RenderedMail
+
+    assert RenderedMail("s", "t\n", None, "en").template == ""
+
+
+def test_variables_on_both_sides_of_a_requires_mismatch_are_listed(tmp_path: Path) -> None:
+    """A variant requiring nothing against a base requiring two: both spelt out."""
+    base = GOOD.replace("requires: code", "requires: code, ttl").replace(
+        "{{ code }}", "{{ code }} {{ ttl }}"
+    )
+    variant = GOOD.replace("requires: code", "requires:").replace("{{ code }} for", "for")
+    write_templates(tmp_path, password=GOOD, retrieve=GOOD, welcome=base, welcome_ru=variant)
+    with pytest.raises(TemplateError) as info:
+        MailTemplates.load(tmp_path)
+    assert info.value.problems == [
+        f"{tmp_path / 'mail/welcome.ru.msg'}: requires nothing but welcome.msg requires code, ttl"
+    ]
+    write_templates(tmp_path, welcome=variant, welcome_ru=base)
+    with pytest.raises(TemplateError) as info:
+        MailTemplates.load(tmp_path)
+    assert info.value.problems == [
+        f"{tmp_path / 'mail/welcome.ru.msg'}: requires code, ttl but welcome.msg requires nothing"
+    ]
+
+
+def test_an_unknown_variable_is_refused_listing_what_the_template_takes(tmp_path: Path) -> None:
+    base = GOOD.replace("requires: code", "requires: code, ttl").replace(
+        "{{ code }}", "{{ code }} {{ ttl }}"
+    )
+    templates = load(tmp_path, welcome=base)
+    with pytest.raises(InvalidRequest) as info:
+        templates.check_variables("welcome", {"code": "1", "ttl": "2", "zzz": "3"})
+    assert info.value.message == (
+        "vars.zzz: template 'welcome' does not take this variable (it requires: code, ttl)"
+    )
+
+
+def test_an_unknown_template_error_shows_at_most_40_characters_and_20_names(
+    tmp_path: Path,
+) -> None:
+    names = {f"t{i:02d}": GOOD for i in range(25)}
+    templates = load(tmp_path, **names)
+    known = ", ".join(templates.names()[:20])
+    assert len(templates.names()) == 27 and known.count(",") == 19
+    bad = "Ü" + "x" * 60
+    with pytest.raises(InvalidRequest) as info:
+        templates.requires(bad)
+    assert info.value.message == (
+        f"template: unknown template {ascii(bad[:40])!r} (known: {known})"
+    )
+
+
+def test_a_template_path_that_cannot_be_read_is_reported(tmp_path: Path) -> None:
+    write_templates(tmp_path, password=GOOD, retrieve=GOOD)
+    (tmp_path / "mail" / "welcome.msg").mkdir()  # a directory where a file should be
+    with pytest.raises(TemplateError) as info:
+        MailTemplates.load(tmp_path)
+    (only,) = info.value.problems
+    assert only.startswith(f"{tmp_path / 'mail/welcome.msg'}: cannot read:")

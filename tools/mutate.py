@@ -124,6 +124,46 @@ EQUIVALENT: dict[tuple[str, str, str], str] = {
         "step = min(BACKOFF_CAP_S, BACKOFF_FIRST_S * 2.0 ** min(retry, 30))",
         "30 -> 29",
     ): "as above",
+    ("rendering", "plain: jinja2.Template = attrs.field(repr=False)", "False -> True"): (
+        "repr only: a variant's repr would show the compiled template; no behaviour reads it"
+    ),
+    (
+        "rendering",
+        "escaped: jinja2.Template | None = attrs.field(repr=False)",
+        "False -> True",
+    ): "repr only, as above",
+    (
+        "rendering",
+        "_variants: Mapping[str, Mapping[str, _Variant]] = attrs.field(repr=False)",
+        "False -> True",
+    ): "repr only, as above",
+    (
+        "rendering",
+        'common = {"undefined": jinja2.StrictUndefined, "keep_trailing_newline": True}',
+        "True -> False",
+    ): (
+        "only blocks are rendered, and the newline Jinja would strip ends the file, after the "
+        "last {% endblock %}: no block's text changes"
+    ),
+    ("rendering", 'named.add(path.name.split(".", 1)[0])', "1 -> 2"): (
+        "the first piece of a split is the same whatever the maximum number of splits"
+    ),
+    (
+        "rendering",
+        'problems.append(f"{path}: the same locale as {existing[key].path.name}") / continue',
+        "continue statement deleted",
+    ): (
+        "without it the clashing variant replaces the first, but a problem was recorded, so "
+        "load raises TemplateError either way"
+    ),
+    ("rendering", 'return self._variant(name, "")', "'' -> 'XX'"): (
+        "in resolve, for a name with no variants: _variant raises for the unknown name before "
+        "it reads the key"
+    ),
+    ("rendering", 'locale: str = "",', "'' -> 'XX'"): (
+        "an unknown locale falls back to the default, so the default argument 'XX' renders the "
+        "same mail as ''"
+    ),
     ("smtp_replies", "if 200 <= code < 400:", "200 -> 199"): (
         "a 199 to DATA that passes this test is a protocol error by the last line anyway"
     ),

@@ -43,7 +43,6 @@ import jinja2
 
 from trio_mailer.core.errors import InvalidRequest
 
-REQUIRED_BLOCKS = ("subject", "text")
 LEGACY_TEXT_BLOCK = "body"  # templates written before the html part called the text block so
 REQUIRED_TEMPLATES = ("password", "retrieve")  # what SendPass and SendRetrieve send
 BUILTIN_VARIABLES = frozenset({"to", "service_name"})  # filled in by the service
@@ -56,7 +55,7 @@ DEFAULT_LOCALE = "en"
 SAMPLE_VALUE = "123456"  # what every declared variable holds in the start-up check
 SAMPLE_BUILTINS = {"to": "user@example.com", "service_name": "trio-mailer"}
 
-TEMPLATE_NAME = re.compile(r"[a-z0-9][a-z0-9_-]{0,63}")
+TEMPLATE_NAME = re.compile(rf"[a-z0-9][a-z0-9_-]{{0,{MAX_TEMPLATE_NAME_CHARS - 1}}}")
 VARIABLE_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,63}")
 # An RFC 5646 language tag in its common shapes: a 2-3 letter language, then subtags.
 LOCALE_TAG = re.compile(r"[A-Za-z]{2,3}(?:-[A-Za-z0-9]{1,8})*")
