@@ -536,6 +536,32 @@ async def test_many_streams_each_sending_half_a_message_first_all_finish() -> No
                 assert server.test_service.calls == len(ids)
 
 
+async def test_data_past_a_streams_window_is_refused_not_buffered() -> None:
+    """The connection's window is returned as bytes arrive, so only the stream's window bounds
+    what one call may hold: a client that sends past it (8,202 bytes, never read by a sleeping
+    handler) gets FLOW_CONTROL_ERROR, and other connections are served."""
+    with trio.fail_after(TIMEOUT_S):
+        async with open_server() as server:
+            client = await server.connect()
+            stream_id = await client.call(
+                grpc_message(CHECK), grpc_headers(path="/test.Attack/Sleep"), end_stream=False
+            )
+            window = lim.STREAM_WINDOW_BYTES - len(grpc_message(CHECK))
+            await client.send(raw_h2.DataFrame(stream_id, b"\0" * window).serialize())
+            await client.send(raw_h2.DataFrame(stream_id, b"\0").serialize())
+            await client.read_until(
+                lambda c: (
+                    c.goaway is not None
+                    or c.streams.get(stream_id, raw_h2.StreamResult()).reset is not None
+                )
+            )
+            flow_control_error = 0x3
+            reset = client.streams.get(stream_id, raw_h2.StreamResult()).reset
+            assert flow_control_error in (client.goaway, reset), (client.goaway, reset)
+            await probe(server.port)
+            await client.aclose()
+
+
 # ---- malformed requests: a status on that stream, the connection kept ----
 
 _GOOD = dict(grpc_headers())
