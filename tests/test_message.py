@@ -123,6 +123,13 @@ def test_envelope_and_message_id(composer: MailComposer) -> None:
     assert first.message_id != second.message_id
 
 
+def test_the_body_names_the_real_recipient_not_the_sample(composer: MailComposer) -> None:
+    """``{{ to }}`` in a template is the recipient (the start-up check uses a sample one)."""
+    mail = composer.compose(MailKind.PASSWORD, "zed@example.org", "739201", NOW)
+    text = text_part(parse(mail.data))
+    assert "zed@example.org" in text and "user@example.com" not in text
+
+
 def test_non_ascii_code_and_service_name_are_encoded(composer: MailComposer) -> None:
     """Non-ASCII text travels as RFC 2047 headers and a UTF-8 body, and parses back."""
     unicode = MailComposer(composer.templates, "noreply@example.com", 'Ünïcode "Svc"')

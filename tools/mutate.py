@@ -164,6 +164,14 @@ EQUIVALENT: dict[tuple[str, str, str], str] = {
         "an unknown locale falls back to the default, so the default argument 'XX' renders the "
         "same mail as ''"
     ),
+    ("message", "@functools.lru_cache(maxsize=16)", "16 -> 17"): (
+        "the cache of From lines: its size changes only how often one is built again"
+    ),
+    ("message", "@functools.lru_cache(maxsize=16)", "16 -> 15"): "as above",
+    ("message", 'try: / validate_address("to", to)', "'to' -> ''"): (
+        "in _is_one_address, the field name goes only into an error that is caught and dropped "
+        "(the same line in compose_template is killed)"
+    ),
     ("smtp_replies", "if 200 <= code < 400:", "200 -> 199"): (
         "a 199 to DATA that passes this test is a protocol error by the last line anyway"
     ),

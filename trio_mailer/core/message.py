@@ -267,7 +267,8 @@ def _sender_fields(from_address: str, service_name: str) -> str:
     """
     message = EmailMessage(policy=email.policy.SMTP)
     message["From"] = Address(display_name=service_name, addr_spec=from_address)
-    field = email.policy.SMTP.fold_binary("From", message["From"])
+    header = message["From"]
+    field = email.policy.SMTP.fold_binary(header.name, header)
     parsed = email.parser.BytesHeaderParser(policy=email.policy.default).parsebytes(field)
     addresses: tuple[Address, ...] = getattr(parsed["From"], "addresses", ())
     if parsed.keys() != ["From"] or [(a.display_name, a.addr_spec) for a in addresses] != [
