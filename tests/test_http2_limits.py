@@ -740,3 +740,50 @@ def test_the_default_inflation_bound_is_4_kib() -> None:
     assert lim.decode_message(lim.Frame(True, gzip.compress(bytes(4096))), "gzip") == bytes(4096)
     with pytest.raises(lim.MessageTooLarge):
         lim.decode_message(lim.Frame(True, gzip.compress(bytes(4097))), "gzip")
+
+
+def test_a_frame_header_split_across_reads_is_judged_whole() -> None:
+    """Five bytes of a header, then the rest with the next frame: both frames are judged."""
+    header = struct.pack(">BHBBL", 0, 0xFFFF, lim.FRAME_DATA, 0, 1)
+    gate = lim.FrameGate()
+    assert gate.scan(_frame(4, lim.FRAME_PING)[:5], 0.0) is None
+    assert gate.scan(_frame(4, lim.FRAME_PING)[5:] + header[:5], 0.0) is None
+    refusal = gate.scan(header[5:], 0.0)
+    assert refusal == lim.ConnectionRefusal(
+        H2Error.FRAME_SIZE_ERROR, "a frame of 65535 bytes, over the 16384 advertised"
+    )
+
+
+def test_window_updates_on_a_stream_are_not_control_frames_to_the_gate() -> None:
+    """Only stream 0's WINDOW_UPDATE counts against the bucket (the reserved bit masked off,
+    nothing else)."""
+    gate = lim.FrameGate(control=lim.TokenBucket(1, 0.0))
+    on_stream_1 = _frame(4, lim.FRAME_WINDOW_UPDATE, 0, 1)
+    assert all(gate.scan(on_stream_1, 0.0) is None for _ in range(5))
+
+
+def test_the_log_budget_counts_each_window_from_its_own_start() -> None:
+    """Windows start at the first line, not at 0; a new window allows exactly ``lines``."""
+    budget = lim.LogBudget(lines=2, window_s=10.0)
+    assert [budget.allow("x", 100.0)[0] for _ in range(3)] == [True, True, False]
+    assert budget.allow("x", 105.0) == (False, 0)  # the window that began at 100 goes on
+    assert [budget.allow("x", 110.0) for _ in range(3)] == [(True, 2), (True, 0), (False, 0)]
+
+
+def test_a_path_that_is_not_ascii_is_unimplemented_not_a_crash() -> None:
+    base = [
+        (b":method", b"POST"),
+        (b":scheme", b"http"),
+        (b":path", b"/pkg.Svc/M\xff"),
+        (b":authority", b"x"),
+        (b"content-type", b"application/grpc"),
+        (b"te", b"trailers"),
+    ]
+    with pytest.raises(lim.MalformedRequest) as info:
+        lim.check_request_head(base)
+    assert info.value.code == lim.GrpcCode.UNIMPLEMENTED
+
+
+def test_a_bad_message_says_what_is_wrong() -> None:
+    error = lim.BadMessage("gzip data is truncated")
+    assert (str(error), error.message) == ("gzip data is truncated", "gzip data is truncated")

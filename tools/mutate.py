@@ -172,6 +172,40 @@ EQUIVALENT: dict[tuple[str, str, str], str] = {
         "in _is_one_address, the field name goes only into an error that is caught and dropped "
         "(the same line in compose_template is killed)"
     ),
+    (
+        "http2_limits",
+        "last_s: float | None = attrs.field(init=False, default=None)",
+        "False -> True",
+    ): "only adds an optional constructor argument that no caller passes",
+    ("http2_limits", "_continuations: int = 0", "0 -> 1"): (
+        "set when a header block starts and read only while one is open"
+    ),
+    ("http2_limits", "_continuations: int = 0", "0 -> -1"): "as above",
+    ("http2_limits", "_block_bytes: int = 0", "0 -> 1"): "as above",
+    ("http2_limits", "_block_bytes: int = 0", "0 -> -1"): "as above",
+    (
+        "http2_limits",
+        "view = view[step:] / continue",
+        "continue statement deleted",
+    ): (
+        "without it the loop body goes on to read a frame header from what is left, which is "
+        "what the next pass of the loop does (and an empty rest returns None either way)"
+    ),
+    (
+        "http2_limits",
+        'wbits = 16 + zlib.MAX_WBITS if encoding == "gzip" else zlib.MAX_WBITS',
+        "16 -> 15",
+    ): (
+        "a 16 KiB gzip window instead of 32 KiB: a message inflates to at most 4 KiB, so no "
+        "back-reference reaches past 16 KiB (gzip has no window field to check)"
+    ),
+    ("http2_limits", "out = inflater.decompress(frame.payload, limit_bytes + 1)", "1 -> 2"): (
+        "one byte past the limit or two: either is over it"
+    ),
+    ("http2_limits", "out = inflater.decompress(frame.payload, limit_bytes + 1)", "1 -> 0"): (
+        "stopped at the limit, a longer message always leaves input unread (at least its "
+        "checksum trailer), which the unconsumed_tail test catches"
+    ),
     ("smtp_replies", "if 200 <= code < 400:", "200 -> 199"): (
         "a 199 to DATA that passes this test is a protocol error by the last line anyway"
     ),
