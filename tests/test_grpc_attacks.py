@@ -538,17 +538,16 @@ async def test_many_streams_each_sending_half_a_message_first_all_finish() -> No
 
 async def test_data_past_a_streams_window_is_refused_not_buffered() -> None:
     """The connection's window is returned as bytes arrive, so only the stream's window bounds
-    what one call may hold: a client that sends past it (8,202 bytes, never read by a sleeping
-    handler) gets FLOW_CONTROL_ERROR, and other connections are served."""
+    what one call may hold: a client that sends past it (one DATA frame of 8,203 bytes, before
+    any message of it can reach the handler) gets FLOW_CONTROL_ERROR, and other connections are
+    served."""
     with trio.fail_after(TIMEOUT_S):
         async with open_server() as server:
             client = await server.connect()
-            stream_id = await client.call(
-                grpc_message(CHECK), grpc_headers(path="/test.Attack/Sleep"), end_stream=False
-            )
-            window = lim.STREAM_WINDOW_BYTES - len(grpc_message(CHECK))
-            await client.send(raw_h2.DataFrame(stream_id, b"\0" * window).serialize())
-            await client.send(raw_h2.DataFrame(stream_id, b"\0").serialize())
+            stream_id = client.new_stream_id()
+            head = client.headers_frame(stream_id, grpc_headers(path="/test.Attack/Sleep"))
+            data = raw_h2.DataFrame(stream_id, bytes(lim.STREAM_WINDOW_BYTES + 1)).serialize()
+            await client.send(head + data)
             await client.read_until(
                 lambda c: (
                     c.goaway is not None
