@@ -206,6 +206,10 @@ EQUIVALENT: dict[tuple[str, str, str], str] = {
         "stopped at the limit, a longer message always leaves input unread (at least its "
         "checksum trailer), which the unconsumed_tail test catches"
     ),
+    ("http2_limits", "super().__init__(message)", "expr statement deleted"): (
+        "BaseException.__new__ already keeps the arguments, so str() and args are the same "
+        "without Exception.__init__"
+    ),
     ("smtp_replies", "if 200 <= code < 400:", "200 -> 199"): (
         "a 199 to DATA that passes this test is a protocol error by the last line anyway"
     ),
