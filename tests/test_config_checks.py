@@ -395,3 +395,13 @@ def test_a_bracketed_address_must_be_followed_by_a_port_or_nothing() -> None:
     assert problems(MAILER_REMOTE_HOST="[2001:db8::1]x25") == [
         "MAILER_REMOTE_HOST: expected [IPv6]:port, got '[2001:db8::1]x25'"
     ]
+
+
+def test_refusals_per_second_range() -> None:
+    """MAILER_REFUSALS_PER_S: 0 (refuse at once) to 1e6, a finite number."""
+    for text, value in (("0", 0.0), ("100", 100.0), ("1000000", 1e6), (" 2.5 ", 2.5)):
+        assert load_config({**MINIMAL, "MAILER_REFUSALS_PER_S": text}).refusals_per_s == value
+    message = "MAILER_REFUSALS_PER_S: expected a number per second, at least 0 and at most 1e+06"
+    for bad in ("-0.5", "1000001", "nan", "inf", "lots"):
+        (problem,) = problems(MAILER_REFUSALS_PER_S=bad)
+        assert problem.startswith(message), problem
