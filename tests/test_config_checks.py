@@ -69,6 +69,10 @@ SECONDS = [
     ("MAILER_SESSION_MAX_AGE_S", "session_max_age_s", 0, False, 86400),
     ("MAILER_HEALTH_DOWN_AFTER_S", "health_down_after_s", 0, True, 86400),
     ("MAILER_STATUS_RETENTION_S", "status_retention_s", 0, False, 31536000),  # shown 3.1536e+07
+    ("MAILER_DB_TIMEOUT_S", "db_timeout_s", 0, False, 600),
+    ("MAILER_REFUSAL_WAIT_S", "refusal_wait_s", 0, True, 60),
+    ("MAILER_IDEMPOTENCY_WINDOW_S", "idempotency_window_s", 0, False, 2592000),
+    ("MAILER_SUPPRESS_S", "suppress_s", 0, True, 31536000),
 ]
 
 
@@ -405,3 +409,12 @@ def test_refusals_per_second_range() -> None:
     for bad in ("-0.5", "1000001", "nan", "inf", "lots"):
         (problem,) = problems(MAILER_REFUSALS_PER_S=bad)
         assert problem.startswith(message), problem
+
+
+@pytest.mark.parametrize(
+    "text",
+    ["relay.example:0", "relay.example:65536", "a:b:25", "[::1]:65536"],
+)
+def test_a_relay_address_with_a_bad_port_or_colons_is_refused(text: str) -> None:
+    (problem,) = problems(MAILER_REMOTE_HOST=text)
+    assert problem.startswith("MAILER_REMOTE_HOST: expected "), problem
