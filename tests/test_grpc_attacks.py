@@ -19,6 +19,9 @@ from typing import Any
 
 import attrs
 import grpc
+import h2.config
+import h2.connection
+import h2.events
 import purerpc
 import pytest
 import trio
@@ -486,10 +489,6 @@ async def test_many_streams_each_sending_half_a_message_first_all_finish() -> No
     together the halves are more than the 64 KiB connection window. Every call still finishes,
     because bytes held in an unfinished message are returned to the connection's window (the
     per-stream window still bounds each call)."""
-    import h2.config
-    import h2.connection
-    import h2.events
-
     message = grpc_message(health_pb2.HealthCheckRequest(service="x" * 4080).SerializeToString())
     assert 4000 < len(message) <= 4096 + 5
     half = len(message) // 2
