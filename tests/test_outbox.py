@@ -6,7 +6,7 @@ import contextlib
 import os
 import sqlite3
 import sys
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 
 import attrs
@@ -549,93 +549,133 @@ async def test_a_full_disk_fails_every_caller_of_the_batch_and_the_next_commit_w
         await box.aclose()
 
 
-# ---- SqliteOutbox: cancellation ----
+# ---- the durable outboxes: cancellation (their shared group commit) ----
+
+Durable = SqliteOutbox | PostgresOutbox
 
 
-async def hold_worker(
-    box: SqliteOutbox, release: trio.Event, *, task_status: trio.TaskStatus[None]
+@pytest.fixture(params=["sqlite", "postgres"])
+async def open_durable(
+    request: pytest.FixtureRequest, tmp_path: Path
+) -> AsyncIterator[Callable[[], Awaitable[Durable]]]:
+    """Opens the same durable outbox (file or database) each call; all closed at the end."""
+    opened: list[Durable] = []
+    with contextlib.ExitStack() as stack:
+        url = stack.enter_context(fresh_database()) if request.param == "postgres" else ""
+
+        async def open_again() -> Durable:
+            with trio.fail_after(TIMEOUT_S):
+                box: Durable
+                if url:
+                    box = await PostgresOutbox.open(url, pool_size=2)
+                else:
+                    box = await SqliteOutbox.open(tmp_path / "outbox.sqlite3")
+            opened.append(box)
+            return box
+
+        try:
+            yield open_again
+        finally:
+            with trio.fail_after(TIMEOUT_S):
+                for box in opened:
+                    await box.aclose()
+
+
+async def hold_workers(
+    box: Durable, release: trio.Event, *, task_status: trio.TaskStatus[None]
 ) -> None:
-    """Keep the outbox's worker busy (its limiter borrowed) until ``release`` is set."""
-    async with box._limiter:
+    """Keep every worker thread of the outbox busy (all its limiter's tokens borrowed) until
+    ``release`` is set."""
+    limiter = box._limiter
+    borrowers = [object() for _ in range(int(limiter.total_tokens))]
+    for borrower in borrowers:
+        await limiter.acquire_on_behalf_of(borrower)
+    try:
         task_status.started()
         await release.wait()
+    finally:
+        for borrower in borrowers:
+            limiter.release_on_behalf_of(borrower)
 
 
-async def test_an_add_cancelled_before_its_batch_is_taken_stores_nothing(tmp_path: Path) -> None:
+async def test_an_add_cancelled_before_its_batch_is_taken_stores_nothing(
+    open_durable: Callable[[], Awaitable[Durable]],
+) -> None:
     """Cancelled while another caller's commit waits for the worker: the change is dropped."""
-    box = await open_sqlite(tmp_path / "outbox.sqlite3")
+    box = await open_durable()
     release = trio.Event()
     with trio.fail_after(TIMEOUT_S):
-        try:
-            async with trio.open_nursery() as nursery:
-                await nursery.start(hold_worker, box, release)
-                nursery.start_soon(box.add, queued(1))  # leads a commit, waits for the worker
-                await trio.testing.wait_all_tasks_blocked()
-                scope = trio.CancelScope()
+        async with trio.open_nursery() as nursery:
+            await nursery.start(hold_workers, box, release)
+            nursery.start_soon(box.add, queued(1))  # leads a commit, waits for the worker
+            await trio.testing.wait_all_tasks_blocked()
+            scope = trio.CancelScope()
 
-                async def cancelled_add() -> None:
-                    with scope:
-                        await box.add(queued(2))
+            async def cancelled_add() -> None:
+                with scope:
+                    await box.add(queued(2))
 
-                nursery.start_soon(cancelled_add)
-                await trio.testing.wait_all_tasks_blocked()
-                assert box.statistics().pending == 1
-                scope.cancel()
-                await trio.testing.wait_all_tasks_blocked()
-                assert box.statistics().pending == 0
-                release.set()
-            assert await box.get("<2@x.example>") is None
-            assert await box.get("<1@x.example>") == queued(1)
-            assert box.statistics().rows_committed == 1
-        finally:
-            await box.aclose()
+            nursery.start_soon(cancelled_add)
+            await trio.testing.wait_all_tasks_blocked()
+            assert box.statistics().pending == 1
+            scope.cancel()
+            await trio.testing.wait_all_tasks_blocked()
+            assert box.statistics().pending == 0
+            release.set()
+        assert await box.get("<2@x.example>") is None
+        assert await box.get("<1@x.example>") == queued(1)
+        assert box.statistics().rows_committed == 1
 
 
-async def test_a_cancelled_leader_hands_the_rest_of_its_batch_on(tmp_path: Path) -> None:
-    """The leader is cancelled while waiting for the worker: the others' changes still commit."""
-    box = await open_sqlite(tmp_path / "outbox.sqlite3")
+async def test_a_cancelled_leader_hands_the_rest_of_its_batch_on(
+    open_durable: Callable[[], Awaitable[Durable]],
+) -> None:
+    """The leader is cancelled while waiting for the worker: the others' changes still commit.
+
+    (The PostgreSQL outbox used to spin here for ever: the others' changes stayed taken by the
+    cancelled batch, so no later commit settled them.)"""
+    box = await open_durable()
     release = trio.Event()
     with trio.fail_after(TIMEOUT_S):
-        try:
-            async with trio.open_nursery() as nursery:
-                await nursery.start(hold_worker, box, release)
-                nursery.start_soon(box.add, queued(2))
-                nursery.start_soon(box.add, queued(3))
-                with trio.CancelScope() as scope:
+        async with trio.open_nursery() as nursery:
+            await nursery.start(hold_workers, box, release)
+            nursery.start_soon(box.add, queued(2))
+            nursery.start_soon(box.add, queued(3))
+            with trio.CancelScope() as scope:
 
-                    async def cancel_when_blocked() -> None:
-                        await trio.testing.wait_all_tasks_blocked()
-                        assert box.statistics().pending == 0  # all three in this task's batch
-                        scope.cancel()
-                        await trio.testing.wait_all_tasks_blocked()
-                        release.set()
+                async def cancel_when_blocked() -> None:
+                    await trio.testing.wait_all_tasks_blocked()
+                    assert box.statistics().pending == 0  # all three in this task's batch
+                    scope.cancel()
+                    await trio.testing.wait_all_tasks_blocked()
+                    release.set()
 
-                    nursery.start_soon(cancel_when_blocked)
-                    await box.add(queued(1))  # appended first: this task leads the commit
-                assert scope.cancelled_caught
-            assert await box.get("<1@x.example>") is None
-            assert [r.message_id for r in await box.unfinished()] == [
-                "<2@x.example>",
-                "<3@x.example>",
-            ]
-            assert box.statistics().commits == 1
-        finally:
-            await box.aclose()
+                nursery.start_soon(cancel_when_blocked)
+                await box.add(queued(1))  # appended first: this task leads the commit
+            assert scope.cancelled_caught
+        assert await box.get("<1@x.example>") is None
+        assert [r.message_id for r in await box.unfinished()] == [
+            "<2@x.example>",
+            "<3@x.example>",
+        ]
+        assert box.statistics().commits == 1
 
 
-async def test_an_add_cancelled_after_its_batch_was_taken_is_withdrawn(tmp_path: Path) -> None:
-    """Its row is committed with the batch, then deleted by the next commit."""
-    box = await open_sqlite(tmp_path / "outbox.sqlite3")
-    release = trio.Event()
+async def test_a_status_change_waiting_on_a_cancelled_leader_is_stored(
+    open_durable: Callable[[], Awaitable[Durable]],
+) -> None:
+    """The sender's ``record`` (no deadline of its own) behind a leader cancelled while waiting
+    for the worker: it is stored, and returns."""
+    box = await open_durable()
     with trio.fail_after(TIMEOUT_S):
-        try:
-            async with trio.open_nursery() as nursery:
-                await nursery.start(hold_worker, box, release)
-                scope = trio.CancelScope()
-
-                async def cancelled_add() -> None:
-                    with scope:
-                        await box.add(queued(2))
+        await box.add(queued(1))
+    release = trio.Event()
+    sending = StatusChange("<1@x.example>", MailState.SENDING, 1, None, "", T0 + 1, False)
+    with trio.fail_after(TIMEOUT_S):
+        async with trio.open_nursery() as nursery:
+            await nursery.start(hold_workers, box, release)
+            nursery.start_soon(box.record, sending)
+            with trio.CancelScope() as scope:
 
                 async def cancel_when_blocked() -> None:
                     await trio.testing.wait_all_tasks_blocked()
@@ -644,30 +684,59 @@ async def test_an_add_cancelled_after_its_batch_was_taken_is_withdrawn(tmp_path:
                     await trio.testing.wait_all_tasks_blocked()
                     release.set()
 
-                nursery.start_soon(cancelled_add)
                 nursery.start_soon(cancel_when_blocked)
-                await box.add(queued(1))  # appended first: this task leads the commit
+                await box.add(queued(2))  # appended first: leads the commit `sending` joins
             assert scope.cancelled_caught
-            assert await box.get("<2@x.example>") == queued(2)  # committed with the batch
-            assert box.statistics().pending == 1  # the withdrawal
-            await box.add(queued(3))
-            assert await box.get("<2@x.example>") is None
-            assert [r.message_id for r in await box.unfinished()] == [
-                "<1@x.example>",
-                "<3@x.example>",
-            ]
-        finally:
-            await box.aclose()
+        stored = await box.get("<1@x.example>")
+        assert stored is not None and stored.state is MailState.SENDING
+        assert await box.get("<2@x.example>") is None
 
 
-async def test_aclose_commits_a_pending_withdrawal(tmp_path: Path) -> None:
-    """A withdrawal still pending at close is committed by aclose()."""
-    path = tmp_path / "outbox.sqlite3"
-    box = await open_sqlite(path)
+async def test_an_add_cancelled_after_its_batch_was_taken_is_withdrawn(
+    open_durable: Callable[[], Awaitable[Durable]],
+) -> None:
+    """Its row is committed with the batch, then deleted by the next commit."""
+    box = await open_durable()
     release = trio.Event()
     with trio.fail_after(TIMEOUT_S):
         async with trio.open_nursery() as nursery:
-            await nursery.start(hold_worker, box, release)
+            await nursery.start(hold_workers, box, release)
+            scope = trio.CancelScope()
+
+            async def cancelled_add() -> None:
+                with scope:
+                    await box.add(queued(2))
+
+            async def cancel_when_blocked() -> None:
+                await trio.testing.wait_all_tasks_blocked()
+                assert box.statistics().pending == 0  # both in this task's batch
+                scope.cancel()
+                await trio.testing.wait_all_tasks_blocked()
+                release.set()
+
+            nursery.start_soon(cancelled_add)
+            nursery.start_soon(cancel_when_blocked)
+            await box.add(queued(1))  # appended first: this task leads the commit
+        assert scope.cancelled_caught
+        assert await box.get("<2@x.example>") == queued(2)  # committed with the batch
+        assert box.statistics().pending == 1  # the withdrawal
+        await box.add(queued(3))
+        assert await box.get("<2@x.example>") is None
+        assert [r.message_id for r in await box.unfinished()] == [
+            "<1@x.example>",
+            "<3@x.example>",
+        ]
+
+
+async def test_aclose_commits_a_pending_withdrawal(
+    open_durable: Callable[[], Awaitable[Durable]],
+) -> None:
+    """A withdrawal still pending at close is committed by aclose()."""
+    box = await open_durable()
+    release = trio.Event()
+    with trio.fail_after(TIMEOUT_S):
+        async with trio.open_nursery() as nursery:
+            await nursery.start(hold_workers, box, release)
             scope = trio.CancelScope()
 
             async def cancelled_add() -> None:
@@ -685,10 +754,9 @@ async def test_aclose_commits_a_pending_withdrawal(tmp_path: Path) -> None:
             await box.add(queued(1))
         assert box.statistics().pending == 1
         await box.aclose()
-    box = await open_sqlite(path)
+    box = await open_durable()
     with trio.fail_after(TIMEOUT_S):
         assert [r.message_id for r in await box.unfinished()] == ["<1@x.example>"]
-        await box.aclose()
 
 
 # ---- SqliteOutbox: files it must refuse ----

@@ -9,14 +9,14 @@ used by two threads at once (hence ``check_same_thread=False``). The connection 
 SQLite's exclusive locking mode: a second process (another trio-mailer on the same file) is
 refused at ``open`` instead of resuming the same mail twice.
 
-**Group commit.** An fsync costs far more than the rows it carries, so ``add`` and ``record``
-share commits. Each call appends its change to a pending list. If no commit is running, the
-caller becomes the leader: it lets the scheduler run (so callers already runnable add theirs
-too), takes *every* pending change, writes them in one transaction in the worker thread and
-commits once. Callers arriving while a commit runs wait for it to end (one ``trio.Event`` per
-commit, so they all wake together); then those whose change was in it collect their outcome, and
-the first one still pending leads the next commit, carrying everything that arrived meanwhile.
-With a single caller it costs one commit per change, as without batching.
+**Group commit** (``store/group_commit.py``, shared with the PostgreSQL outbox). An fsync costs far
+more than the rows it carries, so ``add`` and ``record`` share commits. Each call appends its change
+to a pending list. If no commit is running, the caller becomes the leader: it lets the scheduler run
+(so callers already runnable add theirs too), takes *every* pending change, writes them in one
+transaction in the worker thread and commits once. Callers arriving while a commit runs wait for it
+to end (one ``trio.Event`` per commit, so they all wake together); then those whose change was in it
+collect their outcome, and the first one still pending leads the next commit, carrying everything
+that arrived meanwhile. With a single caller it costs one commit per change, as without batching.
 
 **Outcomes.** A change that breaks the rules (a duplicate ``add``, a change to an unknown or
 finished mail) fails alone with ``OutboxConflict`` and the rest of the batch commits. A storage
@@ -73,11 +73,11 @@ from trio_mailer.store import admission_tables as admission
 from trio_mailer.store.admission_tables import (
     Acceptance,
     AcceptedAt,
-    IdempotencyHit,
     KeyEntry,
     MemoryAdmission,
     Suppression,
 )
+from trio_mailer.store.group_commit import GroupCommit, Outcomes
 
 __all__ = [
     "MailRecord",
@@ -214,22 +214,6 @@ def _added(change: _Change) -> MailRecord | None:
     if isinstance(change, _Accept):
         return change.record
     return change if isinstance(change, MailRecord) else None
-
-
-@attrs.define(eq=False)
-class _Pending:
-    change: _Change
-    taken: bool = False  # in a batch (committing, or committed)
-    settled: bool = False  # its batch finished; ``error`` is its outcome
-    error: OutboxError | None = None
-
-
-def _copy(error: OutboxError) -> OutboxError:
-    # Each caller raises its own instance: one instance raised from many tasks would collect
-    # all their tracebacks.
-    if isinstance(error, IdempotencyHit):
-        return IdempotencyHit(error.entry)
-    return type(error)(error.problem, path=error.path)
 
 
 # ---- blocking helpers: run in the worker thread only ----
@@ -536,14 +520,13 @@ class SqliteOutbox:
     path: Path
     _conn: sqlite3.Connection | None = attrs.field(repr=False)
     _limiter: trio.CapacityLimiter = attrs.field(factory=lambda: trio.CapacityLimiter(1))
-    _committing: bool = False
-    _commit_done: trio.Event = attrs.field(factory=trio.Event)  # set when the running one ends
-    _pending: list[_Pending] = attrs.field(factory=list)
     _closed: bool = False
-    _commits: int = 0
-    _rows_committed: int = 0
-    _failed_commits: int = 0
-    _largest_batch: int = 0
+    _group: GroupCommit[_Change] = attrs.field(init=False, repr=False)
+
+    def __attrs_post_init__(self) -> None:
+        self._group = GroupCommit(
+            self._write, self._requeue_after_failure, self._withdrawal, path=self.path
+        )
 
     @classmethod
     async def open(cls, path: Path, *, max_size_bytes: int | None = None) -> SqliteOutbox:
@@ -598,88 +581,35 @@ class SqliteOutbox:
     async def _submit(self, change: _Change) -> None:
         if self._closed:
             raise trio.ClosedResourceError("the outbox is closed")
-        item = _Pending(change)
-        self._pending.append(item)
-        try:
-            # Unsettled, a change is pending or in the running commit: never lost between.
-            while not item.settled:
-                if self._committing:
-                    await self._commit_done.wait()
-                else:
-                    await self._lead()
-        except BaseException:
-            self._abandon(item)
-            raise
-        if item.error is not None:
-            raise _copy(item.error) from item.error
+        await self._group.submit(change)
 
-    async def _lead(self) -> None:
-        """Run one commit of everything pending, then wake whoever waits for it."""
-        self._committing = True
-        try:
-            # Callers already runnable join this commit. Two scheduling rounds, because trio
-            # runs the tasks of one round in random order: after the second, every task that
-            # was runnable when this one began leading has added its change.
-            await trio.lowlevel.checkpoint()
-            await trio.lowlevel.checkpoint()
-            await self._commit_pending()
-        finally:
-            self._committing = False
-            done, self._commit_done = self._commit_done, trio.Event()
-            done.set()
-
-    async def _commit_pending(self) -> None:
-        """Commit every pending change in one transaction (as the leader)."""
-        batch, self._pending = self._pending, []
-        for item in batch:
-            item.taken = True
+    async def _write(self, changes: list[_Change], began: Callable[[], None]) -> Outcomes:
         if self._conn is None:  # aclose() was cancelled before it could commit these
-            closed = OutboxError(
+            raise OutboxError(
                 "the outbox was closed before this change was committed", path=self.path
             )
-            self._settle(batch, [closed] * len(batch))
-            return
-        started = False
 
-        def write() -> list[OutboxError | None]:
-            nonlocal started
-            started = True
-            return self._write_batch([item.change for item in batch])
+        def write() -> Outcomes:
+            began()
+            return self._write_batch(changes)
 
-        try:
-            outcomes = await trio.to_thread.run_sync(write, limiter=self._limiter)
-        except OutboxError as exc:
-            self._failed_commits += 1
-            log.error("outbox commit of %d changes failed: %s", len(batch), exc)
-            outcomes = [exc] * len(batch)
-            # A withdrawal has no caller to tell: keep it for the next commit.
-            self._pending.extend(
-                _Pending(item.change) for item in batch if isinstance(item.change, _Withdraw)
-            )
-        except BaseException as exc:
-            if started:
-                # A bug, or the connection was closed: settle every caller, then re-raise.
-                failure = OutboxError(f"commit failed ({type(exc).__name__})", path=self.path)
-                self._settle(batch, [failure] * len(batch))
-            else:
-                # Cancelled while waiting for the worker: nothing was written, so the changes
-                # go back to the front of the queue for the next leader.
-                for item in batch:
-                    item.taken = False
-                self._pending[:0] = batch
-            raise
-        else:
-            committed = outcomes.count(None)
-            self._commits += 1
-            self._rows_committed += committed
-            self._largest_batch = max(self._largest_batch, len(batch))
-        self._settle(batch, outcomes)
+        return await trio.to_thread.run_sync(write, limiter=self._limiter)
 
     @staticmethod
-    def _settle(batch: list[_Pending], outcomes: list[OutboxError | None]) -> None:
-        for item, error in zip(batch, outcomes, strict=True):
-            item.settled = True
-            item.error = error
+    def _requeue_after_failure(changes: list[_Change]) -> list[_Change]:
+        # Nothing was stored; a withdrawal has no caller to tell: keep it for the next commit.
+        return [change for change in changes if isinstance(change, _Withdraw)]
+
+    def _withdrawal(self, change: _Change) -> _Change | None:
+        added = _added(change)
+        if added is None or self._closed:
+            return None
+        log.warning(
+            "add of %s was cancelled during its commit; withdrawing it",
+            added.message_id,
+            extra={"message_id": added.message_id},
+        )
+        return _Withdraw(added.message_id)
 
     def _write_batch(self, changes: list[_Change]) -> list[OutboxError | None]:
         """In the worker: write ``changes`` in one transaction and commit it.
@@ -709,21 +639,6 @@ class SqliteOutbox:
             _rollback(conn)
             raise
         return outcomes
-
-    def _abandon(self, item: _Pending) -> None:
-        """The caller of ``item`` was cancelled (or failed) before collecting its outcome."""
-        if not item.taken:
-            self._pending.remove(item)
-            return
-        failed = item.settled and item.error is not None
-        added = _added(item.change)
-        if added is not None and not failed and not self._closed:
-            log.warning(
-                "add of %s was cancelled during its commit; withdrawing it",
-                added.message_id,
-                extra={"message_id": added.message_id},
-            )
-            self._pending.append(_Pending(_Withdraw(added.message_id)))
 
     # ---- reads and upkeep ----
 
@@ -827,11 +742,11 @@ class SqliteOutbox:
 
     def statistics(self) -> OutboxStatistics:
         return OutboxStatistics(
-            commits=self._commits,
-            rows_committed=self._rows_committed,
-            failed_commits=self._failed_commits,
-            pending=len(self._pending),
-            largest_batch=self._largest_batch,
+            commits=self._group.commits,
+            rows_committed=self._group.rows_committed,
+            failed_commits=self._group.failed_commits,
+            pending=self._group.pending,
+            largest_batch=self._group.largest_batch,
         )
 
     async def aclose(self) -> None:
@@ -844,16 +759,8 @@ class SqliteOutbox:
             await trio.lowlevel.checkpoint()
             return
         self._closed = True
-        flushed = False
         try:
-            while True:
-                if self._committing:
-                    await self._commit_done.wait()
-                elif self._pending and not flushed:
-                    flushed = True  # once: a failing withdrawal would come back for ever
-                    await self._lead()
-                else:
-                    break
+            await self._group.flush()
         finally:
             with trio.CancelScope(shield=True):
                 await trio.to_thread.run_sync(self._close_connection, limiter=self._limiter)

@@ -6,11 +6,12 @@ Theory of operation
 ``ConnectionPool``. psycopg's async API is asyncio-only, so every call runs the sync API in a
 worker thread (``trio.to_thread.run_sync``) under a ``CapacityLimiter`` as large as the pool.
 
-**Group commit.** As in the SQLite outbox, concurrent ``add`` and ``record`` calls share one
-commit: the first caller leads, lets the runnable callers join, and sends every pending change
-in *one* call of the ``trio_mailer_apply`` function (``postgres_schema``): one round trip per
-batch. The outcomes are per change (a conflict, an idempotency hit, a rate limit or suppression
-that another replica's accepts tripped, a stale record); a failed call fails the whole batch.
+**Group commit** (``group_commit.py``). As in the SQLite outbox, concurrent ``add`` and
+``record`` calls share one commit: the first caller leads, lets the runnable callers join, and
+sends every pending change in *one* call of the ``trio_mailer_apply`` function
+(``postgres_schema``): one round trip per batch. The outcomes are per change (a conflict, an
+idempotency hit, a rate limit or suppression that another replica's accepts tripped, a stale
+record); a failed call fails the whole batch.
 
 **Ownership and leases.** Every unfinished row names its ``owner`` (this replica's id) and a
 ``lease_until``: a mail this replica accepted, or claimed, is held in its memory queue and
@@ -76,6 +77,7 @@ from trio_mailer.store.admission_tables import (
     StoreRefusal,
     Suppression,
 )
+from trio_mailer.store.group_commit import GroupCommit, Outcomes
 from trio_mailer.store.outbox import OutboxStatistics
 
 log = logging.getLogger(__name__)
@@ -142,14 +144,6 @@ def is_postgres_url(text: str) -> bool:
 def mask_url(url: str) -> str:
     """``url`` with its password (in the authority, or a ``password=`` parameter) as ``***``."""
     return DatabaseUrl(url).masked()
-
-
-@attrs.define(eq=False)
-class _Pending:
-    change: _Change
-    taken: bool = False
-    settled: bool = False
-    error: OutboxError | None = None
 
 
 @attrs.frozen
@@ -249,15 +243,12 @@ class PostgresOutbox:
     _work: trio.Event = attrs.field(factory=trio.Event)
     _reachable: bool = True
     _held: dict[str, MailRecord] = attrs.field(factory=dict)  # unfinished rows this one wrote
-    _committing: bool = False
-    _commit_done: trio.Event = attrs.field(factory=trio.Event)
-    _pending: list[_Pending] = attrs.field(factory=list)
     _closed: bool = False
-    _commits: int = 0
-    _rows_committed: int = 0
-    _failed_commits: int = 0
-    _largest_batch: int = 0
     _round_trips: int = 0
+    _group: GroupCommit[_Change] = attrs.field(init=False, repr=False)
+
+    def __attrs_post_init__(self) -> None:
+        self._group = GroupCommit(self._write, self._requeue_after_failure, self._withdrawal)
 
     @classmethod
     async def open(
@@ -345,60 +336,35 @@ class PostgresOutbox:
     async def _submit(self, change: _Change) -> None:
         if self._closed:
             raise trio.ClosedResourceError("the outbox is closed")
-        item = _Pending(change)
-        self._pending.append(item)
-        try:
-            while not item.settled:
-                if self._committing:
-                    await self._commit_done.wait()
-                else:
-                    await self._lead()
-        except BaseException:
-            if not item.taken:
-                self._pending.remove(item)
-            elif isinstance(change, _Add) and not (item.settled and item.error is not None):
-                self._pending.append(_Pending(_Withdraw(change.record.message_id)))
-            raise
-        if item.error is not None:
-            raise _copy(item.error) from item.error
+        await self._group.submit(change)
 
-    async def _lead(self) -> None:
-        self._committing = True
-        try:
-            await trio.lowlevel.checkpoint()
-            await trio.lowlevel.checkpoint()
-            await self._commit_pending()
-        finally:
-            self._committing = False
-            done, self._commit_done = self._commit_done, trio.Event()
-            done.set()
+    async def _write(self, changes: list[_Change], began: Callable[[], None]) -> Outcomes:
+        def write(conn: Any) -> Outcomes:
+            began()
+            return self._write_batch(conn, changes)
 
-    async def _commit_pending(self) -> None:
-        batch, self._pending = self._pending, []
-        for item in batch:
-            item.taken = True
-        changes = [item.change for item in batch]
-        try:
-            outcomes = await self._run(lambda conn: self._write_batch(conn, changes))
-        except OutboxError as exc:
-            self._failed_commits += 1
-            log.error("outbox commit of %d changes failed: %s", len(batch), exc)
-            # It may have committed before the connection failed: withdraw the adds (only
-            # untouched rows go), and keep the withdrawals, for the next batch.
-            queued = {p.change for p in self._pending}
-            for c in changes:
-                withdraw = _Withdraw(c.record.message_id) if isinstance(c, _Add) else c
-                if isinstance(withdraw, _Withdraw) and withdraw not in queued:
-                    queued.add(withdraw)
-                    self._pending.append(_Pending(withdraw))
-            outcomes = [exc] * len(batch)
-        else:
-            self._commits += 1
-            self._rows_committed += outcomes.count(None)
-            self._largest_batch = max(self._largest_batch, len(batch))
-        for item, error in zip(batch, outcomes, strict=True):
-            item.settled = True
-            item.error = error
+        return await self._run(write)
+
+    @staticmethod
+    def _requeue_after_failure(changes: list[_Change]) -> list[_Change]:
+        # It may have committed before the connection failed: withdraw the adds (only untouched
+        # rows go), and keep the withdrawals, for the next batch.
+        return [
+            _Withdraw(change.record.message_id) if isinstance(change, _Add) else change
+            for change in changes
+            if isinstance(change, _Add | _Withdraw)
+        ]
+
+    @staticmethod
+    def _withdrawal(change: _Change) -> _Change | None:
+        if not isinstance(change, _Add):
+            return None
+        log.warning(
+            "add of %s was cancelled during its commit; withdrawing it",
+            change.record.message_id,
+            extra={"message_id": change.record.message_id},
+        )
+        return _Withdraw(change.record.message_id)
 
     def _write_batch(self, conn: Any, changes: list[_Change]) -> list[OutboxError | None]:
         """In a worker: every change in one ``trio_mailer_apply`` call (a stale record is read
@@ -735,11 +701,11 @@ class PostgresOutbox:
 
     def statistics(self) -> OutboxStatistics:
         return OutboxStatistics(
-            commits=self._commits,
-            rows_committed=self._rows_committed,
-            failed_commits=self._failed_commits,
-            pending=len(self._pending),
-            largest_batch=self._largest_batch,
+            commits=self._group.commits,
+            rows_committed=self._group.rows_committed,
+            failed_commits=self._group.failed_commits,
+            pending=self._group.pending,
+            largest_batch=self._group.largest_batch,
             round_trips=self._round_trips,
         )
 
@@ -750,12 +716,7 @@ class PostgresOutbox:
             await trio.lowlevel.checkpoint()
             return
         try:
-            while self._committing or self._pending:
-                if self._committing:
-                    await self._commit_done.wait()
-                else:
-                    await self._lead()
-                    break
+            await self._group.flush()
 
             def release(conn: Any) -> None:
                 with conn.transaction():
@@ -820,11 +781,3 @@ def _describe(exc: BaseException) -> str:
     # psycopg's messages name the server and the problem, never the password.
     text = str(exc).strip().splitlines()
     return f"{type(exc).__name__}: {text[0] if text else ''}"
-
-
-def _copy(error: OutboxError) -> OutboxError:
-    if isinstance(error, IdempotencyHit):
-        return IdempotencyHit(error.entry)
-    if isinstance(error, StoreRefusal):
-        return StoreRefusal(error.reason, error.retry_after_s)
-    return type(error)(error.problem, path=error.path)
