@@ -598,6 +598,16 @@ async def hold_workers(
             limiter.release_on_behalf_of(borrower)
 
 
+async def cancel_once_batched(box: Durable, scope: trio.CancelScope, release: trio.Event) -> None:
+    """Once every change is in the running commit (which waits for the worker), cancel
+    ``scope``; then free the worker."""
+    await trio.testing.wait_all_tasks_blocked()
+    assert box.statistics().pending == 0  # all in the leader's batch
+    scope.cancel()
+    await trio.testing.wait_all_tasks_blocked()
+    release.set()
+
+
 async def test_an_add_cancelled_before_its_batch_is_taken_stores_nothing(
     open_durable: Callable[[], Awaitable[Durable]],
 ) -> None:
@@ -642,15 +652,7 @@ async def test_a_cancelled_leader_hands_the_rest_of_its_batch_on(
             nursery.start_soon(box.add, queued(2))
             nursery.start_soon(box.add, queued(3))
             with trio.CancelScope() as scope:
-
-                async def cancel_when_blocked() -> None:
-                    await trio.testing.wait_all_tasks_blocked()
-                    assert box.statistics().pending == 0  # all three in this task's batch
-                    scope.cancel()
-                    await trio.testing.wait_all_tasks_blocked()
-                    release.set()
-
-                nursery.start_soon(cancel_when_blocked)
+                nursery.start_soon(cancel_once_batched, box, scope, release)
                 await box.add(queued(1))  # appended first: this task leads the commit
             assert scope.cancelled_caught
         assert await box.get("<1@x.example>") is None
@@ -676,15 +678,7 @@ async def test_a_status_change_waiting_on_a_cancelled_leader_is_stored(
             await nursery.start(hold_workers, box, release)
             nursery.start_soon(box.record, sending)
             with trio.CancelScope() as scope:
-
-                async def cancel_when_blocked() -> None:
-                    await trio.testing.wait_all_tasks_blocked()
-                    assert box.statistics().pending == 0  # both in this task's batch
-                    scope.cancel()
-                    await trio.testing.wait_all_tasks_blocked()
-                    release.set()
-
-                nursery.start_soon(cancel_when_blocked)
+                nursery.start_soon(cancel_once_batched, box, scope, release)
                 await box.add(queued(2))  # appended first: leads the commit `sending` joins
             assert scope.cancelled_caught
         stored = await box.get("<1@x.example>")
@@ -692,32 +686,31 @@ async def test_a_status_change_waiting_on_a_cancelled_leader_is_stored(
         assert await box.get("<2@x.example>") is None
 
 
+async def add_1_while_the_add_of_2_is_cancelled_mid_commit(box: Durable) -> None:
+    """Adds mails 1 and 2 in one commit, whose leader is this task (1); the add of 2 is
+    cancelled while that commit waits for the worker."""
+    release = trio.Event()
+    async with trio.open_nursery() as nursery:
+        await nursery.start(hold_workers, box, release)
+        scope = trio.CancelScope()
+
+        async def cancelled_add() -> None:
+            with scope:
+                await box.add(queued(2))
+
+        nursery.start_soon(cancelled_add)
+        nursery.start_soon(cancel_once_batched, box, scope, release)
+        await box.add(queued(1))  # appended first: this task leads the commit
+    assert scope.cancelled_caught
+
+
 async def test_an_add_cancelled_after_its_batch_was_taken_is_withdrawn(
     open_durable: Callable[[], Awaitable[Durable]],
 ) -> None:
     """Its row is committed with the batch, then deleted by the next commit."""
     box = await open_durable()
-    release = trio.Event()
     with trio.fail_after(TIMEOUT_S):
-        async with trio.open_nursery() as nursery:
-            await nursery.start(hold_workers, box, release)
-            scope = trio.CancelScope()
-
-            async def cancelled_add() -> None:
-                with scope:
-                    await box.add(queued(2))
-
-            async def cancel_when_blocked() -> None:
-                await trio.testing.wait_all_tasks_blocked()
-                assert box.statistics().pending == 0  # both in this task's batch
-                scope.cancel()
-                await trio.testing.wait_all_tasks_blocked()
-                release.set()
-
-            nursery.start_soon(cancelled_add)
-            nursery.start_soon(cancel_when_blocked)
-            await box.add(queued(1))  # appended first: this task leads the commit
-        assert scope.cancelled_caught
+        await add_1_while_the_add_of_2_is_cancelled_mid_commit(box)
         assert await box.get("<2@x.example>") == queued(2)  # committed with the batch
         assert box.statistics().pending == 1  # the withdrawal
         await box.add(queued(3))
@@ -733,25 +726,8 @@ async def test_aclose_commits_a_pending_withdrawal(
 ) -> None:
     """A withdrawal still pending at close is committed by aclose()."""
     box = await open_durable()
-    release = trio.Event()
     with trio.fail_after(TIMEOUT_S):
-        async with trio.open_nursery() as nursery:
-            await nursery.start(hold_workers, box, release)
-            scope = trio.CancelScope()
-
-            async def cancelled_add() -> None:
-                with scope:
-                    await box.add(queued(2))
-
-            async def cancel_when_blocked() -> None:
-                await trio.testing.wait_all_tasks_blocked()
-                scope.cancel()
-                await trio.testing.wait_all_tasks_blocked()
-                release.set()
-
-            nursery.start_soon(cancelled_add)
-            nursery.start_soon(cancel_when_blocked)
-            await box.add(queued(1))
+        await add_1_while_the_add_of_2_is_cancelled_mid_commit(box)
         assert box.statistics().pending == 1
         await box.aclose()
     box = await open_durable()
