@@ -12,6 +12,7 @@ import pytest
 from trio_mailer.core.config import (
     MAX_SERVICE_NAME_CHARS,
     SETTINGS,
+    Config,
     ConfigError,
     Setting,
     TlsMode,
@@ -44,6 +45,8 @@ INTEGERS = [
     ("MAILER_SMTP_SESSIONS", "smtp_sessions", 1, 64),
     ("MAILER_SESSION_MAX_MESSAGES", "session_max_messages", 1, 1_000_000),
     ("MAILER_METRICS_PORT", "metrics_port", 0, 65535),
+    ("MAILER_DB_POOL_SIZE", "db_pool_size", 2, 1000),
+    ("MAILER_MAX_CONNECTIONS", "max_connections", 1, 100_000),
 ]
 
 
@@ -73,6 +76,8 @@ SECONDS = [
     ("MAILER_REFUSAL_WAIT_S", "refusal_wait_s", 0, True, 60),
     ("MAILER_IDEMPOTENCY_WINDOW_S", "idempotency_window_s", 0, False, 2592000),
     ("MAILER_SUPPRESS_S", "suppress_s", 0, True, 31536000),
+    ("MAILER_LEASE_S", "lease_s", 0, False, 3600),
+    ("MAILER_GRPC_IDLE_TIMEOUT_S", "grpc_idle_timeout_s", 0, False, 86400),
 ]
 
 
@@ -418,3 +423,79 @@ def test_refusals_per_second_range() -> None:
 def test_a_relay_address_with_a_bad_port_or_colons_is_refused(text: str) -> None:
     (problem,) = problems(MAILER_REMOTE_HOST=text)
     assert problem.startswith("MAILER_REMOTE_HOST: expected "), problem
+
+
+def test_a_bad_default_locale_names_its_variable() -> None:
+    found = problems(MAILER_DEFAULT_LOCALE="not a locale!")
+    assert len(found) == 1
+    assert found[0].startswith("MAILER_DEFAULT_LOCALE: expected a language tag"), found
+
+
+@pytest.mark.parametrize(
+    ("url", "shown"),
+    [
+        ("postgresql://mailer:s3cret@db:5432/mail", "postgresql://mailer:***@db:5432/mail"),
+        (
+            "postgres://db/mail?user=mailer&password=s3cret",
+            "postgres://db/mail?user=mailer&password=***",
+        ),
+    ],
+)
+def test_a_postgresql_outbox_is_a_url_shown_without_its_password(url: str, shown: str) -> None:
+    config = load_config({**MINIMAL, "MAILER_OUTBOX": url})
+    assert config.outbox_path is None
+    assert config.outbox_url is not None
+    assert config.outbox_url.url == url
+    assert config.outbox_url.masked() == shown
+    assert str(config.outbox_url) == shown
+    assert "s3cret" not in repr(config) and "s3cret" not in config.describe()
+    assert f"outbox={shown} lease_s=30 db_pool_size=10 db_timeout_s=5 " in config.describe()
+
+
+def test_a_file_outbox_has_no_url() -> None:
+    config = load_config({**MINIMAL, "MAILER_OUTBOX": "/tmp/trio-mailer-test-outbox.sqlite3"})
+    assert config.outbox_url is None
+    assert config.outbox_path == Path("/tmp/trio-mailer-test-outbox.sqlite3")
+    assert "outbox=/tmp/trio-mailer-test-outbox.sqlite3 status_retention_s=" in config.describe()
+    assert "lease_s" not in config.describe()
+
+
+def test_the_description_lists_every_relay_in_order() -> None:
+    config = load_config(
+        {**MINIMAL, "MAILER_REMOTE_HOST": "a.example.com:465, b.example.com:2465,c.example.com"}
+    )
+    assert "relay=a.example.com:465,b.example.com:2465,c.example.com:465 " in config.describe()
+
+
+def test_relay_ports_include_both_ends() -> None:
+    config = load_config({**MINIMAL, "MAILER_REMOTE_HOST": "a.example:1,b.example:65535"})
+    assert config.relay_list == (("a.example", 1), ("b.example", 65535))
+    assert (config.relay_host, config.relay_port) == ("a.example", 1)  # the first is tried first
+
+
+def test_a_config_built_without_a_relay_list_has_its_one_relay() -> None:
+    config = Config(relay_host="relay.example", relay_port=2465, mail_from="a@example.com")
+    assert config.relay_list == (("relay.example", 2465),)
+
+
+def test_the_description_says_when_there_is_no_smtp_auth() -> None:
+    assert " tls=implicit no AUTH ca_file=" in load_config(MINIMAL).describe()
+
+
+def test_the_config_error_lists_each_problem_on_its_own_line() -> None:
+    error = ConfigError(["MAILER_A: bad", "MAILER_B: worse"])
+    assert str(error) == "invalid configuration:\n  - MAILER_A: bad\n  - MAILER_B: worse"
+    assert error.problems == ["MAILER_A: bad", "MAILER_B: worse"]
+
+
+def test_the_default_locale_is_read() -> None:
+    assert load_config({**MINIMAL, "MAILER_DEFAULT_LOCALE": "pt-BR"}).default_locale == "pt-BR"
+
+
+def test_shipped_templates_are_found_in_a_wheel_and_in_a_checkout(tmp_path: Path) -> None:
+    package = tmp_path / "site" / "trio_mailer"
+    (package / "templates").mkdir(parents=True)
+    assert shipped_templates_dir(package) == package / "templates"  # a wheel
+    checkout = tmp_path / "checkout" / "trio_mailer"
+    checkout.mkdir(parents=True)
+    assert shipped_templates_dir(checkout) == tmp_path / "checkout" / "templates"

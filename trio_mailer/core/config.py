@@ -56,13 +56,17 @@ class ConfigError(Exception):
         self.problems = problems
 
 
-def shipped_templates_dir() -> Path:
+def shipped_templates_dir(package_dir: Path | None = None) -> Path:
     """The templates shipped with the package, wherever it was installed from.
 
     A wheel carries them as ``trio_mailer/templates`` (hatchling ``force-include``); a source
     checkout (editable install, or running from the tree) has them at the top level.
+
+    Args:
+        package_dir: the ``trio_mailer`` directory (default: this package's).
     """
-    package_dir = Path(__file__).resolve().parent.parent  # trio_mailer/
+    if package_dir is None:
+        package_dir = Path(__file__).resolve().parent.parent  # trio_mailer/
     installed = package_dir / "templates"
     if installed.is_dir():
         return installed
@@ -156,7 +160,7 @@ def parse_host_port(text: str, default_port: int | None) -> tuple[str, int]:
             port_text = rest[1:]
     elif text.count(":") == 1:
         host, port_text = text.split(":")
-    elif text.count(":") > 1:
+    elif ":" in text:
         raise ValueError("expected host:port (write an IPv6 address as [addr]:port)")
     if not host or any(c.isspace() for c in host) or "/" in host or "@" in host:
         raise ValueError("expected host:port with a host name or address")
@@ -168,10 +172,6 @@ def parse_host_port(text: str, default_port: int | None) -> tuple[str, int]:
         return host, _int_in(1, 65535)(port_text)
     except ValueError:
         raise ValueError("expected host:port, the port a whole number from 1 to 65535") from None
-
-
-def _path(text: str) -> Path:
-    return Path(text)
 
 
 def _readable_file(text: str) -> Path:
@@ -291,8 +291,6 @@ class Setting:
             return str(self.default.value)
         if isinstance(self.default, float):
             return f"{self.default:g}"
-        if isinstance(self.default, RateLimit):
-            return str(self.default)
         return str(self.default)
 
 
@@ -302,10 +300,8 @@ class Setting:
 def _check_remote(values: dict[str, Any], _env: Mapping[str, str]) -> str | None:
     tls: TlsMode = values["smtp_tls"]
     remote = values.pop("remote_host")
-    values["relay_host"], values["relay_port"] = "", tls.default_port
-    values["relays"] = ()
     if remote is None:
-        return None
+        return None  # reported as required
     relays = []
     for part in remote.split(","):
         try:
@@ -380,12 +376,10 @@ def _check_exposure(values: dict[str, Any], env: Mapping[str, str]) -> str | Non
 
 
 def _check_outbox(values: dict[str, Any], env: Mapping[str, str]) -> str | None:
-    values["outbox_url"] = None
     if isinstance(values["outbox_path"], DatabaseUrl):
         values["outbox_url"], values["outbox_path"] = values["outbox_path"], None
     if values["outbox_path"] is not _UNSET:
         return None
-    values["outbox_path"] = None
     try:
         values["outbox_path"] = default_outbox_path(env)
     except ValueError as exc:
@@ -410,7 +404,7 @@ SETTINGS: tuple[Setting, ...] = (
             "the SMTP relay, host:port ([v6addr]:port); without a port: 465, 587 or 25 by TLS "
             "mode; several, comma-separated, are tried in order",
             required="the SMTP relay as host:port", check=_check_remote),
-    Setting("MAILER_FROM", "mail_from", "", _mail_from,
+    Setting("MAILER_FROM", "mail_from", None, _mail_from,
             "the sender address (envelope and From:)",
             required="the sender address, e.g. noreply@example.com"),
     Setting("MAILER_SERVICENAME", "service_name", "trio-mailer", _service_name,
