@@ -186,4 +186,4 @@ class GroupCommit(Generic[C]):
             return  # it was not stored: nothing to undo
         undo = self.withdrawal(item.change)
         if undo is not None:
-            self._pending.append(_Pending(undo))
+            self.queue(undo)
