@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import ssl
 from collections.abc import AsyncIterator
 from contextlib import aclosing, asynccontextmanager
@@ -53,6 +54,33 @@ async def test_send_status_and_watch_against_the_service(
                 assert retrieve.sent
                 await relay.wait_for_mails(2)
     assert b"424242" in relay.received[0].data
+
+
+async def test_send_takes_a_template_and_every_send_a_locale(start_harness) -> None:
+    """send(to, template, vars, locale=...) is the service's Send; send_pass and send_retrieve
+    take locale= too: the relay gets each mail in the language asked for (or its fallback)."""
+    with trio.fail_after(60):
+        async with start_harness() as h:
+            async with trio_mailer_client.open_mailer(f"127.0.0.1:{h.grpc_port}") as mailer:
+                results = [
+                    await mailer.send("user@example.com", "password", {"code": "1"}, locale="ru"),
+                    await mailer.send_pass("user@example.com", "2", locale="ru"),
+                    await mailer.send_retrieve("user@example.com", "3", locale="pt-BR"),
+                    await mailer.send("user@example.com", "retrieve", {"code": "4"}),
+                ]
+                with pytest.raises(MailerError) as info:
+                    await mailer.send("user@example.com", "password", {"name": "x"})
+                await h.relay.wait_for_mails(4)
+    assert all(isinstance(result, Accepted) for result in results)
+    languages = [
+        re.search(rb"Content-Language: (\S+)", mail.data).group(1)  # type: ignore[union-attr]
+        for mail in h.relay.received
+    ]
+    assert languages == [b"ru", b"ru", b"en", b"en"]
+    assert (info.value.code, info.value.details) == (
+        "INVALID_ARGUMENT",
+        "vars.name: template 'password' does not take this variable (it requires: code)",
+    )
 
 
 async def test_errors_carry_the_grpc_status(

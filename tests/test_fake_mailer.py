@@ -28,15 +28,78 @@ async def test_records_every_mail(autojump_clock: trio.testing.MockClock) -> Non
     second = await fake.send_retrieve("other@example.com", "222")
     assert isinstance(first, Accepted) and isinstance(second, Accepted)
     assert fake.mails == [
-        SentMail("user@example.com", MailKind.PASSWORD, "111", "k1", first.message_id),
+        SentMail("user@example.com", "password", {"code": "111"}, "", "k1", first.message_id),
         SentMail(
             "other@example.com",
-            MailKind.RETRIEVE,
-            "222",
+            "retrieve",
+            {"code": "222"},
+            "",
             second.idempotency_key,
             second.message_id,
         ),
     ]
+    assert [(mail.kind, mail.code) for mail in fake.mails] == [
+        (MailKind.PASSWORD, "111"),
+        (MailKind.RETRIEVE, "222"),
+    ]
+
+
+async def test_send_takes_the_templates_the_fake_was_given(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """send(to, template, vars, locale=...) with a template of one's own and its declared
+    variables; a variable it does not declare is INVALID_ARGUMENT naming it."""
+    fake = FakeMailer(templates={"welcome": ["name", "link"]})
+    variables = {"name": "Ann", "link": "https://example.com/a"}
+    result = await fake.send("ann@example.com", "welcome", variables, locale="ru")
+    assert isinstance(result, Accepted)
+    [mail] = fake.mails
+    assert (mail.template, mail.vars, mail.locale, mail.kind) == ("welcome", variables, "ru", None)
+    with pytest.raises(MailerError) as info:
+        await fake.send("ann@example.com", "welcome", {"name": "Ann"})
+    assert (info.value.code, info.value.details) == (
+        "INVALID_ARGUMENT",
+        "vars.link: template 'welcome' requires it, got nothing",
+    )
+    with pytest.raises(MailerError) as unknown:
+        await fake.send("ann@example.com", "goodbye", {})
+    assert unknown.value.details == (
+        "template: unknown template 'goodbye' (known: password, retrieve, welcome)"
+    )
+    assert (await fake.send_pass("ann@example.com", "1", locale="pt-BR")).sent
+    assert fake.mails[-1].locale == "pt-BR"
+
+
+@pytest.mark.parametrize(
+    ("code", "detail"),
+    [
+        ("1" * 129, "code: expected at most 128 characters, got 129"),
+        ("12\n34", "code: control character '\\n' is not allowed"),
+        ("=?x", "code: '=?' (an RFC 2047 encoded-word opener) is not allowed"),
+    ],
+)
+async def test_codes_the_service_refuses_are_refused(
+    code: str, detail: str, autojump_clock: trio.testing.MockClock
+) -> None:
+    """The issue's codes: over 128 characters, a line break, an encoded-word opener."""
+    with pytest.raises(MailerError) as info:
+        await FakeMailer().send_pass("user@example.com", code)
+    assert (info.value.code, info.value.details) == ("INVALID_ARGUMENT", detail)
+
+
+@pytest.mark.parametrize(
+    "templates",
+    [
+        {"Welcome": ["name"]},
+        {"welcome": ["to"]},
+        {"welcome": ["1st"]},
+        {"x": [f"v{n}" for n in range(33)]},
+    ],
+)
+def test_a_template_the_service_would_refuse_is_refused(templates: dict[str, list[str]]) -> None:
+    """A name or a declaration the service would not load: ValueError at construction."""
+    with pytest.raises(ValueError, match="template"):
+        FakeMailer(templates=templates)
 
 
 async def test_same_key_same_mail_answers_the_first_reply(

@@ -12,21 +12,19 @@ from typing import Any
 import grpc
 import trio
 
-from trio_mailer_client._api import MailerApi
+from trio_mailer_client._api import MailerApi, SendCall
 from trio_mailer_client._bridge import await_future, next_message
 from trio_mailer_client._generated import mailer_pb2
 from trio_mailer_client._policy import (
     DEFAULT_TIMEOUT_S,
     backoff_s,
     check_idempotency_key,
-    new_idempotency_key,
     normalise_message_id,
 )
 from trio_mailer_client._retry import with_retries
 from trio_mailer_client._types import (
     Accepted,
     MailerError,
-    MailKind,
     MailState,
     MailStatus,
     Refused,
@@ -34,7 +32,11 @@ from trio_mailer_client._types import (
 )
 
 SERVICE = "/trio_mailer.v1.Mailer/"
-_METHODS = {MailKind.PASSWORD: "SendPass", MailKind.RETRIEVE: "SendRetrieve"}
+_SEND_METHODS: dict[str, Any] = {  # the request message class of each send method
+    "Send": mailer_pb2.SendRequest,
+    "SendPass": mailer_pb2.MsgRequest,
+    "SendRetrieve": mailer_pb2.MsgRequest,
+}
 # Reconnect soon after the service restarts (grpcio's default first backoff is 1 s, up to 120 s),
 # and notice a dead connection (a host that vanished without a FIN) within about 40 s. Not
 # grpc.min_reconnect_backoff_ms: it is also the connect timeout (20 s), which must stay generous.
@@ -80,7 +82,8 @@ async def open_mailer(
 
     Args:
         target: the service's address, "host:port".
-        token: the bearer token the service expects (MAILER_TOKEN_FILE on its side), if any.
+        token: the bearer token the service expects (one of the tokens in its
+            MAILER_AUTH_TOKENS_FILE), if any.
         tls: False for plaintext (loopback, or a mesh that encrypts), True for TLS verified
             against the system's roots, or credentials from ``tls_credentials``.
         options: extra grpcio channel options; they override ``CHANNEL_OPTIONS``.
@@ -115,12 +118,12 @@ class Mailer(MailerApi):
         self._metadata = (("authorization", f"Bearer {token}"),) if token else None
         self._jitter = jitter
         self._send = {
-            kind: channel.unary_unary(
+            name: channel.unary_unary(
                 SERVICE + name,
-                request_serializer=mailer_pb2.MsgRequest.SerializeToString,
+                request_serializer=request.SerializeToString,
                 response_deserializer=mailer_pb2.MsgReply.FromString,
             )
-            for kind, name in _METHODS.items()
+            for name, request in _SEND_METHODS.items()
         }
         self._get_status = channel.unary_unary(
             SERVICE + "GetStatus",
@@ -133,20 +136,11 @@ class Mailer(MailerApi):
             response_deserializer=mailer_pb2.MailStatus.FromString,
         )
 
-    async def send(
-        self,
-        kind: MailKind,
-        to: str,
-        code: str,
-        idempotency_key: str | None = None,
-        timeout: float = DEFAULT_TIMEOUT_S,
-    ) -> SendResult:
-        """``send_pass`` or ``send_retrieve``, by ``kind``."""
-        key = new_idempotency_key() if idempotency_key is None else idempotency_key
-        request = mailer_pb2.MsgRequest(
-            to=to, code=code, idempotency_key=check_idempotency_key(key)
-        )
-        method = self._send[kind]
+    async def _submit(self, call: SendCall, timeout: float) -> SendResult:
+        """One ``Send``/``SendPass``/``SendRetrieve`` call, retried within ``timeout``."""
+        request = call.request()
+        method = self._send[call.method]
+        key = call.idempotency_key
 
         async def attempt(remaining_s: float) -> SendResult:
             reply = await self._unary(method, request, remaining_s)

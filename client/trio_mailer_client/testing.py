@@ -3,15 +3,22 @@
 It records every mail it accepts (``fake.mails``), and behaves as the service does on the paths
 a caller's code has to handle:
 
+- it refuses exactly the requests the service refuses, with the same status and the same
+  detail naming the field (``to: expected one address, got a list of 2``, ``code: ...``,
+  ``template: unknown template ...``, ``vars.name: ...``, ``locale: ...``; RESOURCE_EXHAUSTED
+  for a request over 4 KiB): ``tests/test_fake_mailer_rules.py`` in trio-mailer's repository
+  holds the two to each other with random requests;
+- it knows the shipped templates (``password`` and ``retrieve``, each requiring ``code``) and
+  the ones you give it with their declared variables,
+  ``FakeMailer(templates={"welcome": ["name"]})``, for ``send(to, template, vars)``;
 - an idempotency key already accepted, with the same mail, answers the first reply and sends
-  nothing; with a different ``to``, ``code`` or kind it fails with FAILED_PRECONDITION naming
-  ``idempotency_key``; a refused call does not use up its key;
-- at most ``recipient_limit`` accepted mails per address (domain lower-cased, local part compared
-  case-insensitively) in ``recipient_window_s`` seconds; beyond it ``Refused("recipient rate
-  limited", retry_after=...)`` saying when the next would be accepted (the service's default is
-  5 in 600 s; ``recipient_limit=0`` turns it off);
-- ``to`` must be one plain address (INVALID_ARGUMENT naming ``to`` otherwise), ``code`` must not
-  be empty;
+  nothing; with a different one (another method, ``to``, template, variable or locale) it fails
+  with FAILED_PRECONDITION naming ``idempotency_key``; a refused call does not use up its key;
+- at most ``recipient_limit`` accepted mails per address (lower-cased) in
+  ``recipient_window_s`` seconds; beyond it ``Refused("recipient rate limited",
+  retry_after=...)`` saying when the next would be accepted (the service's default is 5 in
+  600 s; ``recipient_limit=0`` turns it off). As in the service, the limit is looked at before
+  the request is checked;
 - ``refuse_next`` / ``fail_next`` script refusals (queue full) and failures (any gRPC status);
   UNAVAILABLE and DEADLINE_EXCEEDED are retried by the same rules and backoff as the real
   client, within the same ``timeout``;
@@ -21,7 +28,7 @@ a caller's code has to handle:
 Everything runs on Trio's clock (``trio.current_time``, ``trio.sleep``): under ``MockClock``
 the rate-limit windows and the retry backoff pass as fast as the test likes. No threads.
 
-Example (pytest-trio)::
+Example (pytest-trio: ``autojump_clock`` is its fixture)::
 
     from trio_mailer_client.testing import FakeMailer
 
@@ -36,17 +43,17 @@ from __future__ import annotations
 
 import random
 from collections import deque
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterable, Mapping
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 
 import trio
 
-from trio_mailer_client._api import MailerApi
+from trio_mailer_client import _rules
+from trio_mailer_client._api import MailerApi, SendCall
 from trio_mailer_client._policy import (
     DEFAULT_TIMEOUT_S,
     check_idempotency_key,
-    new_idempotency_key,
     normalise_message_id,
 )
 from trio_mailer_client._retry import with_retries
@@ -70,13 +77,26 @@ DEFAULT_RECIPIENT_WINDOW_S = 600.0
 
 @dataclass(frozen=True, slots=True)
 class SentMail:
-    """One mail the fake accepted."""
+    """One mail the fake accepted: its template with the caller's variables.
+
+    ``kind`` is the ``MailKind`` of the ``password`` and ``retrieve`` templates (None for
+    others), ``code`` the ``code`` variable ("" without one).
+    """
 
     to: str
-    kind: MailKind
-    code: str
+    template: str
+    vars: Mapping[str, str]
+    locale: str  # as sent, "" for the service's default
     idempotency_key: str
     message_id: str
+
+    @property
+    def kind(self) -> MailKind | None:
+        return next((kind for kind in MailKind if kind.value == self.template), None)
+
+    @property
+    def code(self) -> str:
+        return self.vars.get("code", "")
 
 
 @dataclass(slots=True)
@@ -85,46 +105,42 @@ class _Script:
     failures: deque[tuple[str, str]] = field(default_factory=deque)
 
 
-def _normalise_address(address: str) -> str:
-    local, _, domain = address.rpartition("@")
-    return f"{local.casefold()}@{domain.lower()}"
-
-
-def _check_to(to: str) -> None:
-    if "," in to or ";" in to:
-        raise MailerError(
-            "INVALID_ARGUMENT", f"to: expected one address, got a list of {len(to.split(','))}"
-        )
-    local, at, domain = to.partition("@")
-    if not at or not local or "." not in domain or any(c in to for c in " <>\r\n\t\"'"):
-        raise MailerError(
-            "INVALID_ARGUMENT", "to: expected one plain address like user@example.com"
-        )
+def _fingerprint(call: SendCall) -> tuple[object, ...]:
+    """What tells a repeat from another mail under one key (the service's fingerprint)."""
+    return (call.method, call.to, call.template, sorted(call.vars.items()), call.locale)
 
 
 class FakeMailer(MailerApi):
     """An in-process stand-in for ``trio_mailer_client.Mailer`` (same methods, same results).
 
     Args:
+        templates: your templates with the variables each declares, e.g.
+            ``{"welcome": ["name"]}``; ``password`` and ``retrieve`` (requiring ``code``) are
+            always there, as in the service.
         recipient_limit: accepted mails per address per window (0: no limit).
         recipient_window_s: the window, in seconds.
         jitter: the retry backoff's random source (default: ``random.random``).
+
+    Raises:
+        ValueError: a template name or declaration the service would refuse.
     """
 
     def __init__(
         self,
         *,
+        templates: Mapping[str, Iterable[str]] | None = None,
         recipient_limit: int = DEFAULT_RECIPIENT_LIMIT,
         recipient_window_s: float = DEFAULT_RECIPIENT_WINDOW_S,
         jitter: random.Random | None = None,
     ) -> None:
+        self.templates = _rules.declared_templates(templates or {})
         self.recipient_limit = recipient_limit
         self.recipient_window_s = recipient_window_s
         self.mails: list[SentMail] = []
         self.attempts = 0  # every attempt that reached the fake, retries included
         self._jitter = (jitter or random.Random()).random
         self._script = _Script()
-        self._by_key: dict[str, tuple[SentMail, Accepted]] = {}
+        self._by_key: dict[str, tuple[tuple[object, ...], Accepted]] = {}
         self._accepted_at: dict[str, deque[float]] = {}
         self._statuses: dict[str, MailStatus] = {}
         self._changed = trio.lowlevel.ParkingLot()
@@ -152,23 +168,15 @@ class FakeMailer(MailerApi):
 
     # ---- the Mailer API ----------------------------------------------------------------------
 
-    async def send(
-        self,
-        kind: MailKind,
-        to: str,
-        code: str,
-        idempotency_key: str | None = None,
-        timeout: float = DEFAULT_TIMEOUT_S,
-    ) -> SendResult:
-        """As ``Mailer.send``."""
-        key = check_idempotency_key(
-            new_idempotency_key() if idempotency_key is None else idempotency_key
-        )
+    async def _submit(self, call: SendCall, timeout: float) -> SendResult:
+        too_large = _rules.too_large(call.request().ByteSize())
 
         async def attempt(_remaining_s: float) -> SendResult:
             await trio.lowlevel.checkpoint()
             self._attempt()
-            return self._accept(kind, to, code, key)
+            if too_large is not None:
+                raise MailerError("RESOURCE_EXHAUSTED", too_large)
+            return self._accept(call)
 
         return await with_retries(attempt, timeout, jitter=self._jitter)
 
@@ -204,7 +212,7 @@ class FakeMailer(MailerApi):
                 status = latest
                 yield status
 
-    # ---- the service's rules -----------------------------------------------------------------
+    # ---- the service's rules, in its order -----------------------------------------------------
 
     def _attempt(self) -> None:
         self.attempts += 1
@@ -212,37 +220,37 @@ class FakeMailer(MailerApi):
             code, details = self._script.failures.popleft()
             raise MailerError(code, details)
 
-    def _accept(self, kind: MailKind, to: str, code: str, key: str) -> SendResult:
+    def _accept(self, call: SendCall) -> SendResult:
+        key = call.idempotency_key
         seen = self._by_key.get(key)
         if seen is not None:
-            mail, reply = seen
-            if (mail.kind, mail.to, mail.code) != (kind, to, code):
-                raise MailerError(
-                    "FAILED_PRECONDITION",
-                    "idempotency_key: already used for a different mail",
-                )
+            fingerprint, reply = seen
+            if fingerprint != _fingerprint(call):
+                raise MailerError("FAILED_PRECONDITION", _rules.KEY_CONFLICT)
             return reply
-        _check_to(to)
-        if not code:
-            raise MailerError("INVALID_ARGUMENT", "code: expected 1 or more characters, got 0")
-        if self._script.refusals:
-            reason, retry_after = self._script.refusals.popleft()
-            return Refused(reason=reason, retry_after=retry_after, idempotency_key=key)
         now = trio.current_time()
-        if self.recipient_limit:
-            recent = self._accepted_at.setdefault(_normalise_address(to), deque())
-            while recent and recent[0] <= now - self.recipient_window_s:
-                recent.popleft()
-            if len(recent) >= self.recipient_limit:
-                retry_after = recent[0] + self.recipient_window_s - now
-                return Refused(RECIPIENT_LIMITED_REASON, retry_after, idempotency_key=key)
-            recent.append(now)
+        recent = self._accepted_at.setdefault(_rules.normalise_address(call.to), deque())
+        while recent and recent[0] <= now - self.recipient_window_s:
+            recent.popleft()
+        if self.recipient_limit and len(recent) >= self.recipient_limit:
+            retry_after = recent[0] + self.recipient_window_s - now
+            return Refused(RECIPIENT_LIMITED_REASON, retry_after, idempotency_key=key)
+        if self._script.refusals:
+            reason, retry_after_s = self._script.refusals.popleft()
+            return Refused(reason=reason, retry_after=retry_after_s, idempotency_key=key)
+        problem = _rules.refusal(
+            call.method, call.to, call.template, call.vars, call.locale, self.templates
+        )
+        if problem is not None:
+            raise MailerError("INVALID_ARGUMENT", problem)
+        recent.append(now)
         self._serial += 1
         message_id = f"<fake.{self._serial}@trio-mailer.invalid>"
-        mail = SentMail(to=to, kind=kind, code=code, idempotency_key=key, message_id=message_id)
+        self.mails.append(
+            SentMail(call.to, call.template, dict(call.vars), call.locale, key, message_id)
+        )
         reply = Accepted(message_id=message_id, idempotency_key=key)
-        self.mails.append(mail)
-        self._by_key[key] = (mail, reply)
+        self._by_key[key] = (_fingerprint(call), reply)
         self._statuses[message_id] = MailStatus(
             message_id=message_id,
             state=MailState.QUEUED,
@@ -263,7 +271,7 @@ class FakeMailer(MailerApi):
         if message_id is not None:
             return normalise_message_id(message_id)
         seen = self._by_key.get(check_idempotency_key(idempotency_key or ""))
-        return None if seen is None else seen[0].message_id
+        return None if seen is None else seen[1].message_id
 
     def _status_of(self, message_id: str | None) -> MailStatus:
         status = None if message_id is None else self._statuses.get(message_id)
