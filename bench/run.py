@@ -29,12 +29,14 @@ import attrs
 
 from bench import admission, attacks, compose, e2e, egress, ingress, memory, overload, replicas
 from bench.common import BenchError, Profile, TlsFiles
+from bench.peers import compare as peers
 from bench.procs import SinkProcess
 from bench.stats import Section, Target
 
 SECTIONS = ("egress", "overload", "ingress", "e2e", "attacks", "admission", "memory", "compose")
-# Run only when named in --only: it needs a PostgreSQL server (run under .ci/postgres).
-OPTIONAL_SECTIONS = ("replicas",)
+# Run only when named in --only: replicas needs a PostgreSQL server (run under .ci/postgres);
+# peers needs Node.js and the bench extra (aiosmtplib), and runs `npm ci` on first use.
+OPTIONAL_SECTIONS = ("replicas", "peers")
 EXIT_OK = 0
 EXIT_FAILED = 1
 EXIT_USAGE = 2
@@ -83,6 +85,7 @@ RUNNERS: dict[str, Callable[[Fixtures], Section]] = {
     "replicas": lambda f: replicas.run_section(
         f.profile, f.tls, f.sink(pipelining=True), f.log_dir
     ),
+    "peers": lambda f: peers.run_section(f.profile, f.tls, f.sink(pipelining=True), f.log_dir),
     "e2e": lambda f: e2e.run_section(
         f.profile,
         f.tls,
