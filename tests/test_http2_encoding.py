@@ -1,4 +1,4 @@
-"""The listener's HPACK encoder (http2_server._StatelessEncoder): it never indexes, so each
+"""The listener's HPACK encoder (internals.StatelessEncoder): it never indexes, so each
 header list has one encoding, and our constant lists are encoded once. A client decoding with a
 stock hpack decoder reads exactly the headers sent, before and after it resizes its table."""
 
@@ -8,7 +8,8 @@ import hpack
 from hypothesis import given
 from hypothesis import strategies as st
 
-from trio_mailer.grpc import http2_server
+from trio_mailer.grpc.internals import StatelessEncoder
+from trio_mailer.grpc.protocol import connection
 
 _names = st.sampled_from([b"grpc-status", b"grpc-message", b"content-type", b"x-custom"])
 _values = st.binary(min_size=0, max_size=40).filter(lambda v: b"\r" not in v and b"\n" not in v)
@@ -17,19 +18,19 @@ _lists = st.lists(st.tuples(_names, _values), min_size=1, max_size=5)
 
 def test_the_constant_blocks_decode_to_the_constant_headers() -> None:
     decoder = hpack.Decoder()
-    for headers, block in http2_server._CONSTANT_BLOCKS.items():
+    for headers, block in StatelessEncoder.constant_blocks.items():
         assert tuple(tuple(h) for h in decoder.decode(block, raw=True)) == headers
     assert len(decoder.header_table.dynamic_entries) == 0
-    assert http2_server._status_headers(0, "") == list(http2_server._OK_TRAILERS)
-    assert http2_server._status_headers(5, "") == [(b"grpc-status", b"5")]
+    assert connection.status_headers(0, "") == list(connection.OK_TRAILERS)
+    assert connection.status_headers(5, "") == [(b"grpc-status", b"5")]
 
 
 @given(st.lists(_lists, min_size=1, max_size=8), st.integers(0, 7))
 def test_every_block_decodes_and_nothing_is_ever_indexed(lists, resize_at) -> None:
     """Constant and other lists mixed, a table resize from the client's SETTINGS at some point:
     a stock decoder reads each block back, and neither side's dynamic table gets an entry."""
-    encoder, decoder = http2_server._StatelessEncoder(), hpack.Decoder()
-    constants = list(http2_server._CONSTANT_BLOCKS)
+    encoder, decoder = StatelessEncoder(), hpack.Decoder()
+    constants = list(StatelessEncoder.constant_blocks)
     for i, headers in enumerate(lists):
         resized = i == resize_at
         if resized:

@@ -139,3 +139,18 @@ def test_the_fault_machinery_is_not_in_the_dev_relay() -> None:
 def test_the_serve_check_can_see_test_code() -> None:
     """The probe does notice the fault relay when something imports it."""
     assert "tests.fakes.fault_relay" in loaded_by("tests.fakes.fault_relay")
+
+
+PROTOCOL_MODULES = sorted(
+    "trio_mailer.grpc.protocol" + ("" if path.stem == "__init__" else f".{path.stem}")
+    for path in (ROOT / "trio_mailer" / "grpc" / "protocol").glob("*.py")
+)
+
+
+@pytest.mark.parametrize("module", PROTOCOL_MODULES)
+def test_the_http2_protocol_object_loads_no_event_loop(module: str) -> None:
+    """The gRPC front's protocol layer (bytes in, events out) loads h2 but no event loop,
+    network, TLS or gRPC library: the Trio layer (grpc/http2_server.py) owns all I/O."""
+    loaded = [n for n in io_modules(loaded_by(module)) if n.split(".")[0] != "h2"]
+    assert loaded == [], f"{module} is the protocol layer, yet importing it loaded {loaded}"
+    assert "trio_mailer.grpc.protocol.connection" in PROTOCOL_MODULES

@@ -5,15 +5,19 @@ sharing the queue), the gRPC server (the Mailer, health checking, reflection), t
 keeps the health status in step with the senders, and the metrics endpoint when configured.
 It owns the shutdown sequence:
 
-1. ``request_shutdown()`` (SIGINT/SIGTERM in the CLI): health turns NOT_SERVING, the handlers
-   answer UNAVAILABLE and the queue is closed, so nothing new is accepted.
-2. The senders deliver what is queued or waiting for a retry, then say QUIT, within
-   ``shutdown_grace_s``.
+1. ``request_shutdown()`` (SIGINT/SIGTERM in the CLI): health turns NOT_SERVING, then the gRPC
+   server drains as grpc-go's ``GracefulStop`` does (``GrpcServer.drain``): the listening
+   socket closes, each connection gets GOAWAY and a PING, then GOAWAY with its last stream id;
+   the calls in flight are served to the end (a mail they send is accepted as usual), streaming
+   responses end with UNAVAILABLE "server is shutting down". Clients move to another replica.
+2. Then the handlers would answer UNAVAILABLE and the queue is closed: nothing new is accepted.
+   The senders deliver what is queued or waiting for a retry, then say QUIT; all of this
+   within ``shutdown_grace_s`` from the request.
 3. Past the grace period (or at a second ``request_shutdown(force=True)``) the senders are
    cancelled; a blocked socket call is unblocked from the Trio side. Every mail not delivered is
    logged by Message-ID at ERROR.
-4. The gRPC server stops. ``run`` returns the exit status: 0 when everything accepted was
-   handled, 1 when mail was left behind.
+4. ``run`` returns the exit status: 0 when everything accepted was handled, 1 when mail was
+   left behind.
 """
 
 from __future__ import annotations
@@ -23,7 +27,7 @@ import logging
 import random
 import ssl
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Sequence
 from functools import partial
 from pathlib import Path
 
@@ -61,6 +65,7 @@ from trio_mailer.grpc.health_service import SERVICE_NAME as HEALTH_SERVICE_NAME
 from trio_mailer.grpc.health_service import HealthState, ServingStatus, health_service
 from trio_mailer.grpc.listener import (
     PEER_IDENTITY,
+    GrpcServer,
     Limits,
     bound_port,
     make_server_ssl_context,
@@ -138,6 +143,7 @@ class MailerApp:
     relay_checked: trio.Event = attrs.field(init=False, factory=trio.Event)  # first check done
     _shutdown: trio.Event = attrs.field(init=False, factory=trio.Event)
     _force: trio.Event = attrs.field(init=False, factory=trio.Event)
+    _stopping: bool = attrs.field(init=False, default=False)  # health NOT_SERVING from here
 
     def __attrs_post_init__(self) -> None:
         config = self.config
@@ -324,7 +330,7 @@ class MailerApp:
         self.relay_verified = self.relay_verified or any(s.ever_connected for s in self.senders)
         serving = is_serving(
             [sender.statistics() for sender in self.senders],
-            draining=self.service.draining,
+            draining=self._stopping or self.service.draining,
             now_s=trio.current_time(),
             down_after_s=self.config.health_down_after_s,
             relay_verified=self.relay_verified,
@@ -532,12 +538,13 @@ class MailerApp:
         )
         port = bound_port(listener)
         async with trio.open_nursery() as nursery:
-            await nursery.start(
+            grpc_server: GrpcServer = await nursery.start(
                 partial(
                     serve_grpc,
                     authorizer=self.authorize,
                     max_connections=config.max_connections,
                     limits=Limits(idle_timeout_s=config.grpc_idle_timeout_s),
+                    observer=self.metrics,
                 ),
                 listener,
                 self.grpc_services(),
@@ -576,20 +583,14 @@ class MailerApp:
                 self._held(),
                 config.shutdown_grace_s,
             )
-            self.service.draining = True
+            self._stopping = True
             self._update_health()  # NOT_SERVING from the first moment of the drain
+            grace_ends = trio.current_time() + config.shutdown_grace_s
+            await self._until_forced(grace_ends, grpc_server.drain(config.shutdown_grace_s))
+            self.service.draining = True
             recovery_scope.cancel()  # what is not queued yet stays in the outbox for next time
             self.queue.close()
-            with trio.move_on_after(config.shutdown_grace_s):
-                async with trio.open_nursery() as waiters:
-
-                    async def on_force() -> None:
-                        await self._force.wait()
-                        waiters.cancel_scope.cancel()
-
-                    waiters.start_soon(on_force)
-                    await senders_done.wait()
-                    waiters.cancel_scope.cancel()
+            await self._until_forced(grace_ends, senders_done.wait())
             senders_scope.cancel()
             await senders_done.wait()
             with trio.move_on_after(SUPPRESSION_FLUSH_S):
@@ -622,6 +623,19 @@ class MailerApp:
             f"; {stored.round_trips} database round trips" if stored.round_trips else "",
         )
         return EXIT_MAIL_LEFT_BEHIND if left_behind else EXIT_OK
+
+    async def _until_forced(self, deadline: float, step: Awaitable[object]) -> None:
+        """Await ``step`` until ``deadline`` or a forced shutdown, whichever comes first."""
+        with trio.move_on_at(deadline):
+            async with trio.open_nursery() as waiters:
+
+                async def on_force() -> None:
+                    await self._force.wait()
+                    waiters.cancel_scope.cancel()
+
+                waiters.start_soon(on_force)
+                await step
+                waiters.cancel_scope.cancel()
 
     def _left_behind(self) -> list[Delivery]:
         in_flight = [s.in_flight for s in self.senders if s.in_flight is not None]

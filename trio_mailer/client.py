@@ -32,7 +32,7 @@ from trio_mailer import tls
 from trio_mailer.core.call_policy import DEFAULT_TIMEOUT_S, new_idempotency_key, retry_delay_s
 from trio_mailer.core.errors import exception_leaves
 from trio_mailer.core.rendering import MailKind
-from trio_mailer.grpc.purerpc_internals import Channel, client_channel
+from trio_mailer.grpc.internals import Channel, client_channel
 from trio_mailer.v1.mailer_grpc import MailerAdminStub, MailerStub
 from trio_mailer.v1.mailer_pb2 import (
     ListSuppressedRequest,

@@ -20,8 +20,7 @@ import importlib.metadata
 import logging
 import platform
 import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 
 import purerpc
 import trio
@@ -69,7 +68,16 @@ SEND_OUTCOMES = (
     "cancelled",  # the caller went away (or the server is stopping)
     "internal",
 )
-STATUS_OUTCOMES = ("ok", "not_found", "invalid", "unauthenticated", "unavailable", "internal")
+STATUS_OUTCOMES = (
+    "ok",
+    "not_found",
+    "invalid",
+    "unauthenticated",
+    "unavailable",
+    "deadline_exceeded",  # the server's deadline for the call fired
+    "cancelled",  # the client reset the call (or went away)
+    "internal",
+)
 REQUEST_LABELS: dict[str, tuple[str, ...]] = {
     "Send": SEND_OUTCOMES,
     "SendPass": SEND_OUTCOMES,
@@ -93,6 +101,7 @@ GRPC_CODES = (
     "FAILED_PRECONDITION",
     "ABORTED",
     "UNAUTHENTICATED",
+    "RESOURCE_EXHAUSTED",
     "UNAVAILABLE",
     "INTERNAL",
 )
@@ -105,7 +114,20 @@ _OUTCOME_OF_CODE = {
     "INVALID_ARGUMENT": "invalid",
     "UNAUTHENTICATED": "unauthenticated",
     "UNAVAILABLE": "unavailable",
+    "DEADLINE_EXCEEDED": "deadline_exceeded",
+    "CANCELLED": "cancelled",
+    "INTERNAL": "internal",
 }
+
+
+SEND_METHODS = frozenset(("Send", "SendPass", "SendRetrieve"))
+
+
+def _code_name(code: int) -> str:
+    try:
+        return str(purerpc.StatusCode(code).name)
+    except ValueError:
+        return str(code)
 
 
 def _version() -> str:
@@ -249,36 +271,27 @@ class Metrics:
 
         self.outbox_oldest_age.set_function(oldest_age)
 
-    @contextmanager
-    def grpc_call(self, method: str, *, status_outcomes: bool = False) -> Iterator[None]:
-        """Count one Mailer RPC: started, then handled with its status code. With
-        ``status_outcomes``, also ``trio_mailer_requests_total`` (GetStatus, WatchStatus; the
-        sends count their own outcomes)."""
-        grpc_type = GRPC_TYPES[method]
-        self.grpc_started.labels(grpc_type, MAILER_SERVICE, method).inc()
-        code = "INTERNAL"
-        try:
-            yield
-            code = "OK"
-        except purerpc.RpcFailedError as exc:
-            code = exc.status.status_code.name
-            raise
-        except (trio.Cancelled, GeneratorExit):  # the caller went away (a stream: closed)
-            code = "CANCELLED"
-            raise
-        finally:
-            self.grpc_handled.labels(grpc_type, MAILER_SERVICE, method, code).inc()
-            if status_outcomes:
-                self.requests.labels(method, _OUTCOME_OF_CODE.get(code, "internal")).inc()
+    def call_started(self, service: str, method: str) -> None:
+        """The gRPC front started serving a call (``grpc_server_started_total``)."""
+        if service == MAILER_SERVICE and method in GRPC_TYPES:
+            self.grpc_started.labels(GRPC_TYPES[method], MAILER_SERVICE, method).inc()
+
+    def call_finished(self, service: str, method: str, code: int) -> None:
+        """The call ended with ``code`` on the wire (CANCELLED: the client reset it):
+        ``grpc_server_handled_total``, and for GetStatus and WatchStatus also
+        ``trio_mailer_requests_total`` (the sends count their own outcomes)."""
+        if service != MAILER_SERVICE or method not in GRPC_TYPES:
+            return
+        name = _code_name(code)
+        self.grpc_handled.labels(GRPC_TYPES[method], MAILER_SERVICE, method, name).inc()
+        if method not in SEND_METHODS:
+            self.requests.labels(method, _OUTCOME_OF_CODE.get(name, "internal")).inc()
 
     def unauthenticated(self, method: str) -> None:
-        """A Mailer call refused before its handler ran: no bearer token, or a wrong one."""
-        self.requests.labels(method, "unauthenticated").inc()
-        if method in GRPC_TYPES:
-            self.grpc_started.labels(GRPC_TYPES[method], MAILER_SERVICE, method).inc()
-            self.grpc_handled.labels(
-                GRPC_TYPES[method], MAILER_SERVICE, method, "UNAUTHENTICATED"
-            ).inc()
+        """A send refused before its handler ran: no bearer token, or a wrong one (the gRPC
+        counters and the status methods' outcomes come from ``call_finished``)."""
+        if method in SEND_METHODS:
+            self.requests.labels(method, "unauthenticated").inc()
 
     def track(
         self,

@@ -63,10 +63,20 @@ CONTROL_FRAMES_PER_ANSWERED_CALL = 4
 # frames (HPACK makes a repeated request head a few bytes) that is quadratic. After each feed
 # the events are handled, so refused and answered streams are closed before the next one.
 FEED_CHUNK_BYTES = 1024
-# Streams we refuse (past the stream limit, malformed, oversized or undecodable messages) that a
-# connection may cause in a burst, and per second after it: each costs an encoded response.
+# Streams opened past SETTINGS_MAX_CONCURRENT_STREAMS (after the client acknowledged it) that a
+# connection may cause in a burst, and per second after it: no compliant client opens one. A
+# request refused on its own stream (malformed, oversized, undecodable) is ordinary traffic,
+# answered per call, and costs no token.
 REFUSAL_BURST = 50
 REFUSALS_PER_S = 10.0
+# Early resets (a client's RST_STREAM of a call not yet answered, before its deadline: the
+# rapid-reset shape, CVE-2023-44487) a connection may send in a burst, per second after it, and
+# per call the connection completes. A busy client cancelling hundreds of calls a second stays
+# far inside; a flood (thousands a second, answering nothing) trips it within a fraction of a
+# second. Cancels of calls already answering, and resets at the deadline, cost nothing.
+RESET_BURST = 500
+RESETS_PER_S = 200.0
+RESETS_PER_ANSWERED_CALL = 10
 # Bytes read from the socket at a time: one read is processed without yielding to other
 # connections, so it is kept to about one full-size frame.
 READ_CHUNK_BYTES = 16 * 1024 + 9
@@ -78,8 +88,14 @@ MAX_UNSENT_OUTPUT_BYTES = 256 * 1024
 PREFACE_TIMEOUT_S = 10.0
 # A header block that is started must be completed within this.
 HEADER_BLOCK_TIMEOUT_S = 10.0
-# Grace for in-flight calls after GOAWAY, and for the last bytes to leave, when closing.
+# Grace for in-flight calls after a GOAWAY that a budget tripped, and for the last bytes to
+# leave, when closing.
 CLOSE_GRACE_S = 1.0
+# A draining connection sends GOAWAY(2^31-1) and a PING, and the final GOAWAY (its last stream
+# id) when the PING is answered or after this long (grpc-go's GracefulStop does the same).
+DRAIN_PING_TIMEOUT_S = 1.0
+# The highest stream id: the first GOAWAY of a drain names it (every stream may still come).
+MAX_STREAM_ID = 2**31 - 1
 # The longest grpc-timeout honoured (the spec allows 8 digits of hours).
 MAX_DEADLINE_S = 24 * 3600.0
 
@@ -216,7 +232,7 @@ class FrameGate:
     _continuations: int = 0
     _block_bytes: int = 0
 
-    def scan(self, data: bytes | bytearray, now_s: float) -> ConnectionRefusal | None:
+    def scan(self, data: bytes | bytearray | memoryview, now_s: float) -> ConnectionRefusal | None:
         view = memoryview(data)
         while view:
             if self._body_left:
@@ -318,6 +334,7 @@ class RequestHead:
     timeout_s: float | None
     encoding: str  # one of SUPPORTED_ENCODINGS
     metadata: tuple[tuple[str, str], ...]  # custom metadata, in order (binary values as text)
+    content_type: str = "application/grpc"  # as sent: the response echoes +proto
 
 
 _TIMEOUT = re.compile(r"([0-9]{1,8})([HMSmun])")
@@ -428,7 +445,14 @@ def check_request_head(headers: list[tuple[bytes, bytes]]) -> RequestHead:
         for name, value in regular
         if name not in _RESERVED
     )
-    return RequestHead(path.group(1), path.group(2), timeout_s, encoding, metadata)
+    return RequestHead(
+        path.group(1),
+        path.group(2),
+        timeout_s,
+        encoding,
+        metadata,
+        content_type.decode("ascii", "replace"),
+    )
 
 
 def _show(raw: bytes) -> str:

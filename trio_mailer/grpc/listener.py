@@ -11,7 +11,13 @@ the configured address, runs its own accept loop, and hands each connection to
 - Past ``max_connections`` (``MAILER_MAX_CONNECTIONS``) a new connection is closed at once,
   before any TLS handshake.
 - TLS is wrapped per connection with ``TLS_HANDSHAKE_TIMEOUT_S``; a failed handshake is one
-  INFO line.
+  INFO line. A client whose ClientHello offers ALPN without ``h2`` gets the
+  ``no_application_protocol`` alert (``core/tls_hello.py``; OpenSSL through Python would carry on
+  without a protocol).
+- ``GrpcServer.drain(grace_s)`` stops gracefully, as grpc-go's ``GracefulStop``: the listening
+  sockets close, every connection sends GOAWAY(2^31-1) and a PING, then GOAWAY with its last
+  stream id; calls in flight finish, streaming responses end with UNAVAILABLE "server is
+  shutting down"; what is still open when the grace ends is closed.
 """
 
 from __future__ import annotations
@@ -31,7 +37,19 @@ import trio
 from trio_mailer import tls
 from trio_mailer.core.caller_auth import certificate_identity
 from trio_mailer.core.http2_limits import MAX_MESSAGE_BYTES
-from trio_mailer.grpc.http2_server import Authorizer, Limits, log_client_fault, serve_connection
+from trio_mailer.core.tls_hello import (
+    NO_APPLICATION_PROTOCOL_ALERT,
+    record_bytes_needed,
+    refuse_alpn,
+)
+from trio_mailer.grpc.http2_server import (
+    Authorizer,
+    CallObserver,
+    Http2Connection,
+    Limits,
+    NoObserver,
+)
+from trio_mailer.grpc.protocol.connection import log_client_fault
 from trio_mailer.logs import printable
 
 __all__ = [
@@ -39,7 +57,9 @@ __all__ = [
     "PEER_IDENTITY",
     "Authorizer",
     "BindError",
+    "CallObserver",
     "GrpcListener",
+    "GrpcServer",
     "Limits",
     "bound_port",
     "make_server_ssl_context",
@@ -123,17 +143,45 @@ def bound_port(listener: GrpcListener) -> int:
     return int(listener.sockets[0].socket.getsockname()[1])
 
 
+class _Replayed(trio.abc.Stream):
+    """A TCP stream whose first bytes were already read (the ClientHello): gives them again."""
+
+    def __init__(self, tcp: trio.SocketStream, first: bytes) -> None:
+        self._tcp = tcp
+        self._first = first
+
+    async def send_all(self, data: bytes | bytearray | memoryview) -> None:
+        await self._tcp.send_all(data)
+
+    async def wait_send_all_might_not_block(self) -> None:
+        await self._tcp.wait_send_all_might_not_block()
+
+    async def receive_some(self, max_bytes: int | None = None) -> bytes | bytearray:
+        if self._first:
+            data, self._first = self._first, b""
+            await trio.lowlevel.checkpoint()
+            return data
+        return await self._tcp.receive_some(max_bytes)
+
+    async def aclose(self) -> None:
+        await self._tcp.aclose()
+
+
 @attrs.define
 class _Accepting:
-    """The accept loops' shared state: how many connections are open."""
+    """The accept loops' shared state: the open connections."""
 
     services: dict[str, purerpc.Service]
     authorizer: Authorizer
     limits: Limits
     max_connections: int
     ssl_context: ssl.SSLContext | None
+    observer: CallObserver
     open_connections: int = 0
     refused: int = 0
+    serving: set[Http2Connection] = attrs.Factory(set)
+    draining: bool = False
+    all_closed: trio.Event = attrs.Factory(trio.Event)
 
     async def accept_loop(self, listener: trio.SocketListener, nursery: trio.Nursery) -> None:
         starved = False
@@ -183,15 +231,39 @@ class _Accepting:
                     return
                 PEER_IDENTITY.set(_peer_identity(secured))  # this connection's task only
                 stream = secured
-            await serve_connection(stream, self.services, self.authorizer, self.limits, peer)
+            connection = Http2Connection(
+                stream, self.services, self.authorizer, self.limits, peer, self.observer
+            )
+            self.serving.add(connection)
+            if self.draining:
+                connection.drain()
+            try:
+                await connection.serve()
+            finally:
+                self.serving.discard(connection)
         finally:
             self.open_connections -= 1
+            if self.draining and not self.open_connections:
+                self.all_closed.set()
 
     async def _handshake(self, tcp: trio.SocketStream, peer: str) -> trio.SSLStream[Any] | None:
         assert self.ssl_context is not None
-        secured = trio.SSLStream(tcp, self.ssl_context, server_side=True)
         try:
             with trio.fail_after(TLS_HANDSHAKE_TIMEOUT_S):
+                hello = await _client_hello(tcp)
+                if refuse_alpn(hello, b"h2"):
+                    await tcp.send_all(NO_APPLICATION_PROTOCOL_ALERT)
+                    await trio.aclose_forcefully(tcp)
+                    log_client_fault(
+                        logging.INFO,
+                        "tls-alpn",
+                        trio.current_time(),
+                        "refused a gRPC connection: its TLS ClientHello offers ALPN without "
+                        "h2 (from %s)",
+                        peer,
+                    )
+                    return None
+                secured = trio.SSLStream(_Replayed(tcp, hello), self.ssl_context, server_side=True)
                 await secured.do_handshake()
         except (trio.TooSlowError, trio.BrokenResourceError, OSError) as exc:
             await trio.aclose_forcefully(tcp)
@@ -200,12 +272,35 @@ class _Accepting:
             log_client_fault(
                 logging.INFO,
                 "tls-handshake",
+                trio.current_time(),
                 "refused a gRPC connection: TLS handshake failed: %s (from %s)",
                 printable(detail or repr(exc)),
                 peer,
             )
             return None
         return secured
+
+    async def drain(self, grace_s: float, nursery: trio.Nursery) -> None:
+        """Drain every connection (see the module's docstring); after ``grace_s``, close
+        whatever is left by cancelling ``nursery``."""
+        self.draining = True
+        for connection in list(self.serving):
+            connection.drain()
+        with trio.move_on_after(grace_s):
+            if self.open_connections:
+                await self.all_closed.wait()
+        nursery.cancel_scope.cancel()
+
+
+async def _client_hello(tcp: trio.SocketStream) -> bytes:
+    """The client's first TLS record (its ClientHello), or what came before the stream ended."""
+    data = b""
+    while len(data) < record_bytes_needed(data):
+        chunk = await tcp.receive_some(record_bytes_needed(data) - len(data))
+        if not chunk:
+            break
+        data += chunk
+    return data
 
 
 def _peer_name(stream: trio.SocketStream) -> str:
@@ -216,6 +311,19 @@ def _peer_name(stream: trio.SocketStream) -> str:
     return f"{address[0]}:{address[1]}" if isinstance(address, tuple) else str(address)
 
 
+@attrs.define
+class GrpcServer:
+    """A running gRPC server: ``drain(grace_s)`` stops it gracefully (the module's docstring)."""
+
+    _accepting: _Accepting
+    _listeners_scope: trio.CancelScope
+    _connections: trio.Nursery
+
+    async def drain(self, grace_s: float) -> None:
+        self._listeners_scope.cancel()  # the accept loops end and the sockets close
+        await self._accepting.drain(grace_s, self._connections)
+
+
 async def serve_grpc(
     listener: GrpcListener,
     services: Iterable[purerpc.Service],
@@ -223,11 +331,14 @@ async def serve_grpc(
     authorizer: Authorizer = _allow_all,
     max_connections: int = DEFAULT_MAX_CONNECTIONS,
     limits: Limits | None = None,
-    task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
+    observer: CallObserver | None = None,
+    task_status: trio.TaskStatus[GrpcServer] = trio.TASK_STATUS_IGNORED,
 ) -> None:
-    """Serve ``services`` on ``listener`` until cancelled; closes the listener.
+    """Serve ``services`` on ``listener`` until cancelled or drained; closes the listener.
 
     ``authorizer`` is asked before every call; a refused call gets UNAUTHENTICATED.
+    ``observer`` is told of each call's start and of the status code it ended with.
+    Reports a ``GrpcServer`` (for ``drain``) through ``task_status``.
     """
     accepting = _Accepting(
         {service.name: service for service in services},
@@ -235,12 +346,17 @@ async def serve_grpc(
         limits or Limits(),
         max_connections,
         listener.ssl_context,
+        observer or NoObserver(),
     )
-    try:
-        async with trio.open_nursery() as nursery:
-            for socket_listener in listener.sockets:
-                nursery.start_soon(accepting.accept_loop, socket_listener, nursery)
-            task_status.started()
-    finally:
-        with trio.CancelScope(shield=True):
-            await listener.aclose()
+    async with trio.open_nursery() as connections:
+        with trio.CancelScope() as listeners_scope:
+            try:
+                async with trio.open_nursery() as nursery:
+                    for socket_listener in listener.sockets:
+                        nursery.start_soon(accepting.accept_loop, socket_listener, connections)
+                    task_status.started(GrpcServer(accepting, listeners_scope, connections))
+            finally:
+                with trio.CancelScope(shield=True):
+                    await listener.aclose()
+        if not accepting.draining:
+            connections.cancel_scope.cancel()

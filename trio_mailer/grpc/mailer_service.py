@@ -242,17 +242,16 @@ class MailerService(MailerServicer):  # type: ignore[misc]  # generated, untyped
 
     @contextmanager
     def _observed(self, method: str) -> Iterator[None]:
-        """The gRPC metrics of one call (and the accept latency of a send)."""
+        """The accept latency of a send (the front counts every call by its status code)."""
         if self._metrics is None:
             yield
             return
         started = time.perf_counter()
-        with self._metrics.grpc_call(method, status_outcomes=method not in _SENDS):
-            try:
-                yield
-            finally:
-                if method in _SENDS:
-                    self._metrics.accept_latency.observe(time.perf_counter() - started)
+        try:
+            yield
+        finally:
+            if method in _SENDS:
+                self._metrics.accept_latency.observe(time.perf_counter() - started)
 
     async def _status_id(self, message: StatusRequest, request: Any) -> str:
         """The message_id a StatusRequest names, directly or by the caller's idempotency key."""
@@ -358,7 +357,9 @@ class MailerService(MailerServicer):  # type: ignore[misc]  # generated, untyped
                 outcome = _OUTCOMES.get(exc.status.status_code, "internal")
             raise
         except trio.Cancelled:
-            outcome = "cancelled"  # the client went away (or the server is stopping)
+            # The front's deadline for the call fired, or the client went away.
+            past = trio.current_time() >= call.deadline
+            outcome = "deadline_exceeded" if past else "cancelled"
             raise
         finally:
             if self._metrics is not None:
@@ -478,7 +479,11 @@ def _repeat_reply(repeat: Repeat) -> MsgReply:
 
 
 def _deadline(request: Any) -> float:
-    """The call's deadline on the trio clock, from its ``grpc-timeout`` (inf: none)."""
+    """The call's deadline on the trio clock (inf: none): the one the gRPC front keeps for
+    the call, else one from its ``grpc-timeout``."""
+    kept = getattr(request, "deadline_s", None)
+    if kept is not None:
+        return float(kept)
     return deadline_s(trio.current_time(), timeout_s(getattr(request, "timeout", None)))
 
 
