@@ -166,6 +166,7 @@ class ServerConnection:
         self._settings_acked = False
         self._born_s = self._idle_since_s = now_s
         self._drain_ping_s: float | None = None  # when a drain's PING went out
+        self._highest_stream_id = 0  # the last request processed (answered or being served)
         self.last_stream_id: int | None = None  # the final GOAWAY's, once sent
         self.graceful = True  # False once a budget tripped: stop reading
         self.ended = False  # ConnectionEnded was returned: close the socket
@@ -304,10 +305,12 @@ class ServerConnection:
                 )
                 out += self._end(f"HTTP/2 error: {exc}")  # h2 queued its GOAWAY
                 return out
-            for event in h2_events:
+            for event in h2_events:  # after a trip too: the streams below it go on
                 out += self._on_h2_event(event, now_s)
-                if self.ended or not self.graceful:
+                if self.ended:
                     return out
+            if not self.graceful:
+                return out  # a budget tripped: read no further
         return out
 
     def _on_h2_event(self, event: h2.events.Event, now_s: float) -> list[ev.Event]:
@@ -343,6 +346,7 @@ class ServerConnection:
             # elsewhere. Not the client's fault: it had not seen the GOAWAY yet.
             self._reset(stream_id, H2Error.REFUSED_STREAM)
             return []
+        self._highest_stream_id = stream_id
         if len(self._live) >= self.limits.max_concurrent_streams:
             self._reset(stream_id, H2Error.REFUSED_STREAM)
             # Before it has our SETTINGS a client may assume no limit: only refused, not charged.
@@ -529,7 +533,7 @@ class ServerConnection:
 
     def _final_goaway(self, code: H2Error) -> list[ev.Event]:
         """GOAWAY naming the last stream we will answer: every stream up to it is served."""
-        last = self._h2.highest_inbound_stream_id
+        last = self._highest_stream_id
         self._h2.queue_frame(GoAwayFrame(0, last_stream_id=last, error_code=int(code)))
         self.last_stream_id = last
         return [ev.GoingAway(last, graceful=self.graceful)]
