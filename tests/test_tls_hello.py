@@ -84,7 +84,11 @@ async def _handshake(port: int, ca: trustme.CA, alpn: list[str] | None) -> trio.
         context.set_alpn_protocols(alpn)
     tcp = await trio.open_tcp_stream("127.0.0.1", port)
     tls = trio.SSLStream(tcp, context, server_hostname="127.0.0.1")
-    await tls.do_handshake()
+    try:
+        await tls.do_handshake()
+    except trio.BrokenResourceError:
+        await trio.aclose_forcefully(tcp)
+        raise
     return tls
 
 
