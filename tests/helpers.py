@@ -178,6 +178,25 @@ async def serve_until_it_exits(env: dict[str, str], cwd: Path) -> tuple[int, str
     return result.returncode, result.stderr.decode()
 
 
+@asynccontextmanager
+async def silent_server(connected: trio.Event | None = None) -> AsyncIterator[int]:
+    """A loopback TCP port that accepts connections and never says a word (a hung service);
+    ``connected`` is set when the first connection arrives."""
+    listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
+    streams: list[trio.SocketStream] = []
+
+    async def hold(stream: trio.SocketStream) -> None:
+        streams.append(stream)
+        if connected is not None:
+            connected.set()
+        await trio.sleep_forever()
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(trio.serve_listeners, hold, listeners)
+        yield listeners[0].socket.getsockname()[1]
+        nursery.cancel_scope.cancel()
+
+
 def subprocess_env(**overrides: str) -> dict[str, str]:
     """The current environment without MAILER_* leftovers, plus ``overrides``."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("MAILER_")}

@@ -17,7 +17,14 @@ from trio_mailer.v1.mailer_grpc import MailerStub
 from trio_mailer.v1.mailer_pb2 import MsgRequest
 
 from .fakes.fault_relay import Fault, FaultRelay
-from .helpers import LISTENING, relay_env, serve_until_it_exits, start_service, subprocess_env
+from .helpers import (
+    LISTENING,
+    relay_env,
+    serve_until_it_exits,
+    silent_server,
+    start_service,
+    subprocess_env,
+)
 
 
 def assert_quiet_shutdown(text: str) -> None:
@@ -215,25 +222,11 @@ async def test_json_logs_of_a_full_run_hold_no_secrets(
     assert len(relay.received) == 1 and code.encode() in relay.received[0].data
 
 
-async def _silent_server(task_status: trio.TaskStatus[int]) -> None:
-    """Accepts TCP connections and never says a word (loopback only)."""
-    listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
-    task_status.started(listeners[0].socket.getsockname()[1])
-    held: list[trio.SocketStream] = []
-
-    async def hold(stream: trio.SocketStream) -> None:
-        held.append(stream)
-        await trio.sleep_forever()
-
-    await trio.serve_listeners(hold, listeners)
-
-
 async def test_send_and_status_to_a_port_that_never_speaks_time_out_with_exit_1() -> None:
     """Issue 10 item 9: `send` and `status` against a silent port: a clear DEADLINE_EXCEEDED and
     a non-zero exit after --timeout-s, instead of waiting forever."""
     with trio.fail_after(60):
-        async with trio.open_nursery() as nursery:
-            port = await nursery.start(_silent_server)
+        async with silent_server() as port:
             for command in (
                 ["send", "--to", "user@example.com", "--code", "1"],
                 ["status", "<x@example.com>"],
@@ -257,4 +250,3 @@ async def test_send_and_status_to_a_port_that_never_speaks_time_out_with_exit_1(
                 assert result.stderr.decode() == (
                     f"error: DEADLINE_EXCEEDED: no reply from 127.0.0.1:{port} within 0.5s\n"
                 )
-            nursery.cancel_scope.cancel()

@@ -4,8 +4,7 @@ from __future__ import annotations
 
 import re
 import ssl
-from collections.abc import AsyncIterator
-from contextlib import aclosing, asynccontextmanager
+from contextlib import aclosing
 from pathlib import Path
 
 import grpc
@@ -18,7 +17,7 @@ from trio_mailer_client._bridge import await_future
 from trio_mailer_client._generated import mailer_pb2
 
 from .fakes.fault_relay import Fault, FaultRelay
-from .helpers import relay_and_service, running_service
+from .helpers import relay_and_service, running_service, silent_server
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -171,22 +170,6 @@ async def test_a_repeat_with_the_same_key_after_a_restart_sends_nothing_new(
             nursery.cancel_scope.cancel()
     assert replies[0] == replies[1]
     assert len(relay.received) == 1
-
-
-@asynccontextmanager
-async def silent_server() -> AsyncIterator[int]:
-    """A TCP port that accepts connections and never says a word (a hung service)."""
-    listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
-    streams: list[trio.SocketStream] = []
-
-    async def hold(stream: trio.SocketStream) -> None:
-        streams.append(stream)
-        await trio.sleep_forever()
-
-    async with trio.open_nursery() as nursery:
-        nursery.start_soon(trio.serve_listeners, hold, listeners)
-        yield listeners[0].socket.getsockname()[1]
-        nursery.cancel_scope.cancel()
 
 
 async def test_a_silent_service_ends_in_deadline_exceeded_within_the_timeout() -> None:

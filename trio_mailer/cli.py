@@ -38,13 +38,14 @@ from trio_mailer.client import (
     send_template,
 )
 from trio_mailer.client import status as fetch_status
-from trio_mailer.core.call_policy import normalise_message_id
+from trio_mailer.core.call_policy import new_idempotency_key, normalise_message_id
 from trio_mailer.core.config import (
     SETTINGS,
     ConfigError,
     load_config,
     parse_host_port,
     shipped_templates_dir,
+    unknown_variables,
 )
 from trio_mailer.core.errors import (
     InvalidRequest,
@@ -72,6 +73,7 @@ from trio_mailer.v1.mailer_pb2 import MailStatus
 log = logging.getLogger("trio_mailer")
 
 EXIT_START_FAILED = 2
+EXIT_INTERRUPTED = 130  # 128 + SIGINT: what a shell reports for a command stopped by Ctrl-C
 
 
 async def run_until_signalled(app: MailerApp) -> int:
@@ -113,7 +115,10 @@ def run_trio(async_fn: Callable[..., Awaitable[int]], *args: object) -> int:
 
 
 def build_app(env: Mapping[str, str]) -> MailerApp | None:
-    """Config, templates and TLS context from ``env``; prints every problem and returns None."""
+    """Config, templates and TLS context from ``env``; prints every problem and returns None.
+    A ``MAILER_*`` variable that nothing reads is warned about first (a typo, most likely)."""
+    for warning in unknown_variables(env):
+        print(f"trio-mailer: warning: {warning}", file=sys.stderr)
     try:
         config = load_config(env)
         configure_logging(log_format=config.log_format)
@@ -194,6 +199,17 @@ def _run_call(
     return trio.run(partial(fn, target, *args, **options))
 
 
+def _call_failed(exc: SendFailed, target: Target) -> int:
+    """Print why a client call failed, with what to do where that is clear; exit status 1."""
+    hint = ""
+    if exc.status == "UNAUTHENTICATED" and target.token is None:
+        hint = " (this service needs a token: pass --token TOKEN or set MAILER_TOKEN)"
+    elif exc.status == "UNAUTHENTICATED":
+        hint = " (the service refused the token given by --token or MAILER_TOKEN)"
+    print(f"error: {exc.status}: {exc.detail}{hint}", file=sys.stderr)
+    return 1
+
+
 def _target(command: str, args: argparse.Namespace) -> Target | None:
     """The --server, TLS and token options, or None after printing what is wrong."""
     try:
@@ -233,6 +249,8 @@ def _send(args: argparse.Namespace) -> int:
     target = _target("send", args)
     if target is None:
         return EXIT_START_FAILED
+    # Chosen here, not by the call, so that an interrupted send can name it (see ``main``).
+    args.idempotency_key = args.idempotency_key or new_idempotency_key()
     variables = _parse_vars("send", args.var)
     if variables is None:
         return EXIT_START_FAILED
@@ -247,7 +265,7 @@ def _send(args: argparse.Namespace) -> int:
                 args.to,
                 variables,
                 locale=args.locale,
-                idempotency_key=args.idempotency_key or "",
+                idempotency_key=args.idempotency_key,
             )
         else:
             if args.code is None or variables:
@@ -264,17 +282,21 @@ def _send(args: argparse.Namespace) -> int:
                 args.to,
                 args.code,
                 locale=args.locale,
-                idempotency_key=args.idempotency_key or "",
+                idempotency_key=args.idempotency_key,
             )
     except SendFailed as exc:
-        print(f"error: {exc.status}: {exc.detail}", file=sys.stderr)
-        return 1
+        return _call_failed(exc, target)
     if reply.sent:
         print(f"sent=true message_id={reply.message_id}")
         return 0
-    retry = f" retry_after_ms={reply.retry_after_ms}" if reply.retry_after_ms else ""
+    retry = f" retry_after_s={_seconds(reply.retry_after_ms)}" if reply.retry_after_ms else ""
     print(f"sent=false reason={reply.reason}{retry}")
     return 1
+
+
+def _seconds(ms: int) -> str:
+    """Milliseconds as seconds, without trailing zeros: 597154 -> "597.154", 2000 -> "2"."""
+    return f"{ms / 1000:.3f}".rstrip("0").rstrip(".")
 
 
 def _print_status(reply: MailStatus) -> None:
@@ -302,12 +324,23 @@ def _status(args: argparse.Namespace) -> int:
     except ValueError as exc:
         print(f"trio-mailer status: {exc}", file=sys.stderr)
         return EXIT_START_FAILED
+    shown: list[MailStatus] = []
+
+    def on_status(reply: MailStatus) -> None:
+        _print_status(reply)
+        shown.append(reply)
+
     try:
-        _run_call(fetch_status, target, message_id, _print_status, watch=args.watch)
+        _run_call(fetch_status, target, message_id, on_status, watch=args.watch)
     except SendFailed as exc:
-        print(f"error: {exc.status}: {exc.detail}", file=sys.stderr)
-        return 1
-    return 0
+        return _call_failed(exc, target)
+    if not args.watch:
+        return 0
+    # A watch ends at the final state: its exit status says how the mail ended.
+    final = shown[-1].state if shown else None
+    if final not in (MailStatus.DELIVERED, MailStatus.FAILED, MailStatus.EXPIRED):
+        print("trio-mailer status: the watch ended before a final state", file=sys.stderr)
+    return 0 if final == MailStatus.DELIVERED else 1
 
 
 def _health(args: argparse.Namespace) -> int:
@@ -317,8 +350,7 @@ def _health(args: argparse.Namespace) -> int:
     try:
         serving = _run_call(check_health, target, args.service)
     except SendFailed as exc:
-        print(f"error: {exc.status}: {exc.detail}", file=sys.stderr)
-        return 1
+        return _call_failed(exc, target)
     print(serving)
     return 0 if serving == "SERVING" else 1
 
@@ -334,8 +366,7 @@ def _suppressed(args: argparse.Namespace) -> int:
             return 0 if removed else 1
         entries = _run_call(list_suppressed, target)
     except SendFailed as exc:
-        print(f"error: {exc.status}: {exc.detail}", file=sys.stderr)
-        return 1
+        return _call_failed(exc, target)
     for entry in entries:
         until = entry.until.ToDatetime(tzinfo=UTC).isoformat(timespec="seconds")
         print(f"{entry.address}\tuntil={until}\t{entry.reply_code} {entry.reply_text}")
@@ -557,8 +588,30 @@ def _render(args: argparse.Namespace) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    status: int = args.run(args)
-    return status
+    try:
+        status: int = args.run(args)
+    except BaseException as exc:
+        if not _is_ctrl_c(exc):
+            raise
+    else:
+        return status
+    # Ctrl-C: one line, no traceback. (``serve`` and ``dev`` drain on SIGINT instead, once
+    # they run: this is Ctrl-C while they start, and in every other command.)
+    note = ""
+    if args.command == "send":
+        note = (
+            "; the mail may have been accepted: to send it at most once, repeat the command "
+            f"with --idempotency-key {args.idempotency_key}"
+        )
+    print(f"trio-mailer {args.command}: interrupted{note}", file=sys.stderr)
+    return EXIT_INTERRUPTED
+
+
+def _is_ctrl_c(exc: BaseException) -> bool:
+    """``KeyboardInterrupt``, alone or as every leaf of a group (Trio's and purerpc's task
+    groups wrap it)."""
+    leaves = exception_leaves(exc) if isinstance(exc, BaseExceptionGroup) else [exc]
+    return all(isinstance(leaf, KeyboardInterrupt) for leaf in leaves)
 
 
 def main_entry() -> None:

@@ -10,6 +10,7 @@ each row's cross-field check right after the row, collects every problem, and ra
 
 from __future__ import annotations
 
+import difflib
 import enum
 import math
 import re
@@ -641,3 +642,25 @@ def load_config(env: Mapping[str, str]) -> Config:
     if problems:
         raise ConfigError(problems)
     return Config(**values)
+
+
+# Read by the client commands (``send``, ``status``, ...), not by the service.
+CLIENT_VARIABLES = ("MAILER_TOKEN",)
+_PREFIX = "MAILER_"
+
+
+def unknown_variables(env: Mapping[str, str]) -> list[str]:
+    """A warning for each ``MAILER_*`` variable in ``env`` that nothing reads, naming the
+    closest known name (difflib, on the part after ``MAILER_``): a misspelt ``MAILER_FORM``
+    would otherwise pass in silence."""
+    known = [setting.env for setting in SETTINGS] + list(CLIENT_VARIABLES)
+    suffixes = {name.removeprefix(_PREFIX): name for name in known}
+    warnings = []
+    for name in sorted(env):
+        if not name.startswith(_PREFIX) or name in known:
+            continue
+        close = difflib.get_close_matches(name.removeprefix(_PREFIX), suffixes, n=1)
+        hint = f" (did you mean {suffixes[close[0]]}?)" if close else ""
+        tail = "" if close else " (trio-mailer serve --help lists them all)"
+        warnings.append(f"{name} is not a trio-mailer setting{hint}; it is ignored{tail}")
+    return warnings
