@@ -21,6 +21,8 @@ from trio_mailer.dev.capture_relay import (
     CaptureStatistics,
     ReceivedMail,
 )
+from trio_mailer.dev.chaos import OFF, Chaos
+from trio_mailer.dev.environment import ChaosRelay
 
 from .fakes.fault_relay import Fault, FaultRelay
 
@@ -89,6 +91,20 @@ async def read_reply(stream: trio.SocketStream, buffer: bytearray) -> bytes:
     line, _, rest = bytes(buffer).partition(b"\r\n")
     buffer[:] = rest
     return line
+
+
+async def refusal(
+    port: int, context: ssl.SSLContext, error: type[smtplib.SMTPResponseException]
+) -> tuple[int, bytes | str]:
+    """Sends one mail that the server must refuse with ``error``; the reply's code and text."""
+
+    def client() -> tuple[int, bytes | str]:
+        with smtps(port, context) as smtp:
+            with pytest.raises(error) as refused:
+                smtp.sendmail("a@example.com", ["b@example.com"], MESSAGE)
+            return refused.value.smtp_code, refused.value.smtp_error
+
+    return await trio.to_thread.run_sync(client)
 
 
 async def test_implicit_tls_mail_arrives_exactly(
@@ -183,13 +199,8 @@ async def test_require_auth_refuses_mail_without_auth(
     with trio.fail_after(TEST_TIMEOUT_S):
         port = await start(nursery, server)
 
-        def client() -> tuple[int, bytes]:
-            with smtps(port, client_context) as smtp:
-                with pytest.raises(smtplib.SMTPSenderRefused) as error:
-                    smtp.sendmail("a@example.com", ["b@example.com"], MESSAGE)
-                return error.value.smtp_code, error.value.smtp_error
-
-        assert await trio.to_thread.run_sync(client) == (530, b"5.7.0 Authentication required")
+        refused = await refusal(port, client_context, smtplib.SMTPSenderRefused)
+        assert refused == (530, b"5.7.0 Authentication required")
     assert server.received == []
 
 
@@ -428,6 +439,7 @@ async def test_outbox_dir_gets_eml_and_log_line(
         True
     ]
     assert files[0].read_bytes() == server.received[0].data == MESSAGE
+    assert server.received[0].file_name == files[0].name  # the inbox deletes it by this name
     captured = [r.getMessage() for r in caplog.records if r.getMessage().startswith("captured")]
     assert captured == [
         f"captured mail from=<a@example.com> to=<b@example.com> size={len(MESSAGE)} "
@@ -587,3 +599,89 @@ def test_server_needs_ssl_context_for_tls() -> None:
     """Implicit TLS without an ssl_context is refused at construction."""
     with pytest.raises(ValueError, match="ssl_context"):
         CaptureSMTPServer(tls_mode="implicit")
+
+
+TRY_LATER = "451 4.3.0 try again later"
+
+
+async def test_chaos_refuses_the_next_mails_at_rcpt_then_turns_off(
+    nursery: trio.Nursery, server_context: ssl.SSLContext, client_context: ssl.SSLContext
+) -> None:
+    """Chaos at rcpt, count 2: two mails get its reply to RCPT, the third lands; every change
+    of the countdown is reported."""
+    changes: list[Chaos] = []
+    server = ChaosRelay(ssl_context=server_context, on_chaos=changes.append)
+    server.set_chaos(Chaos("rcpt", TRY_LATER, 2))
+    with trio.fail_after(TEST_TIMEOUT_S):
+        port = await start(nursery, server)
+
+        def client() -> list[dict[str, tuple[int, bytes]]]:
+            refusals = []
+            with smtps(port, client_context) as smtp:
+                for _ in range(2):
+                    with pytest.raises(smtplib.SMTPRecipientsRefused) as error:
+                        smtp.sendmail("a@example.com", ["b@example.com"], MESSAGE)
+                    refusals.append(error.value.recipients)
+                    smtp.rset()
+                smtp.sendmail("a@example.com", ["b@example.com"], MESSAGE)
+            return refusals
+
+        refusals = await trio.to_thread.run_sync(client)
+
+    assert refusals == [{"b@example.com": (451, b"4.3.0 try again later")}] * 2
+    assert len(server.received) == 1
+    assert server.chaos == OFF
+    assert changes == [Chaos("rcpt", TRY_LATER, 2), Chaos("rcpt", TRY_LATER, 1), OFF]
+
+
+@pytest.mark.parametrize(
+    ("stage", "reply", "error"),
+    [
+        ("mail", "550 5.7.1 not from you", smtplib.SMTPSenderRefused),
+        ("data", "554 5.7.1 looks like spam", smtplib.SMTPDataError),
+    ],
+)
+async def test_chaos_at_mail_or_data_refuses_the_mail_and_keeps_nothing(
+    nursery: trio.Nursery,
+    server_context: ssl.SSLContext,
+    client_context: ssl.SSLContext,
+    tmp_path: pathlib.Path,
+    stage: str,
+    reply: str,
+    error: type[smtplib.SMTPResponseException],
+) -> None:
+    """Chaos at mail answers MAIL FROM; at data, the final "." (the content was sent): either
+    way the mail is neither recorded nor written as a file."""
+    outbox = tmp_path / "outbox"
+    server = ChaosRelay(ssl_context=server_context, outbox_dir=outbox, on_chaos=lambda chaos: None)
+    server.set_chaos(Chaos(stage, reply, 1))
+    with trio.fail_after(TEST_TIMEOUT_S):
+        port = await start(nursery, server)
+        code, text = await refusal(port, client_context, error)
+    assert f"{code} {text!r}" == f"{reply[:3]} {reply[4:].encode()!r}"
+    assert (server.received, server.chaos) == ([], OFF)
+    assert not await trio.Path(outbox).exists()  # the relay makes it for its first file
+
+
+async def test_chaos_at_connect_closes_open_sessions_and_refuses_the_greeting(
+    nursery: trio.Nursery, server_context: ssl.SSLContext, client_context: ssl.SSLContext
+) -> None:
+    """Chaos at connect: a session already open is closed (its next command fails), so the
+    next mail needs a new connection, whose greeting is the chaos reply."""
+    server = ChaosRelay(ssl_context=server_context, on_chaos=lambda chaos: None)
+    with trio.fail_after(TEST_TIMEOUT_S):
+        port = await start(nursery, server)
+        open_session = await trio.to_thread.run_sync(smtps, port, client_context)
+        try:
+            assert (await trio.to_thread.run_sync(open_session.noop))[0] == 250
+            server.set_chaos(Chaos("connect", "421 4.3.2 going down", 1))
+            with pytest.raises(smtplib.SMTPServerDisconnected):
+                await trio.to_thread.run_sync(open_session.noop)
+        finally:
+            await trio.to_thread.run_sync(open_session.close)
+        with pytest.raises(smtplib.SMTPConnectError) as error:
+            await trio.to_thread.run_sync(smtps, port, client_context)
+        assert error.value.smtp_code == 421
+        assert server.chaos == OFF
+        again = await trio.to_thread.run_sync(smtps, port, client_context)
+        await trio.to_thread.run_sync(again.quit)

@@ -396,6 +396,22 @@ class MailerApp:
         if self._finished_callback is not None:
             self._finished_callback(finished)
 
+    # ---- a mail's status for the dev inbox (trio_mailer/dev/inbox.py), as GetStatus has it ----
+
+    async def mail_status(self, message_id: str) -> MailRecord | None:
+        """Where ``message_id`` stands: the live board, else the outbox; None when this service
+        does not know it (never accepted, or past the retention). Only while ``run`` runs.
+
+        Raises:
+            OutboxError: the outbox cannot be read.
+        """
+        record = self.board.get(message_id)
+        return record if record is not None else await self.service.outbox.get(message_id)
+
+    async def wait_for_status_change(self, message_id: str) -> None:
+        """Return at the next change of ``message_id``'s status in this process."""
+        await self.board.wait_for_change(message_id)
+
     def statistics(self) -> SenderStatistics:
         """The pool's counters, summed."""
         stats = [sender.statistics() for sender in self.senders]

@@ -64,8 +64,7 @@ from trio_mailer.core.rendering import (
     sample_variables,
 )
 from trio_mailer.dev import environment as dev
-from trio_mailer.dev.inbox import DEFAULT_INBOX_PORT, Inbox, InboxApp
-from trio_mailer.dev.inbox_http import serve_http
+from trio_mailer.dev.dev_mode import run_dev
 from trio_mailer.grpc.listener import BindError
 from trio_mailer.logs import configure_logging
 from trio_mailer.v1.mailer_pb2 import MailStatus
@@ -143,46 +142,9 @@ def _serve(args: argparse.Namespace) -> int:
 
 def _dev(args: argparse.Namespace) -> int:
     configure_logging()
+    options = dev.DevOptions(args.outbox.resolve(), args.inbox_port, args.port, args.metrics_port)
     with dev.throwaway_tls() as tls:
-        return run_trio(_run_dev, tls, args.outbox.resolve(), args.inbox_port)
-
-
-async def _run_dev(tls: dev.DevTls, outbox: Path, inbox_port: int | None = None) -> int:
-    inbox = Inbox()
-    relay = dev.capture_relay(tls, outbox, on_mail=inbox.add)
-    async with trio.open_nursery() as nursery:
-        relay_port = await nursery.start(relay.serve, "127.0.0.1", 0)
-        if inbox_port is not None:
-            web = InboxApp(inbox)
-            try:
-                web.port = await nursery.start(serve_http, web, "127.0.0.1", inbox_port)
-            except OSError as exc:
-                print(
-                    f"trio-mailer: cannot serve the dev inbox on 127.0.0.1:{inbox_port}: {exc} "
-                    "(choose another with --inbox-port)",
-                    file=sys.stderr,
-                )
-                nursery.cancel_scope.cancel()
-                return EXIT_START_FAILED
-            log.info("dev: web inbox on http://127.0.0.1:%d/", web.port)
-        app = build_app(dev.relay_env(os.environ, relay_port, tls, outbox))
-        if app is None:
-            nursery.cancel_scope.cancel()
-            return EXIT_START_FAILED
-        log.info(
-            "dev: capture relay on 127.0.0.1:%d (implicit TLS, throwaway CA, AUTH); "
-            "mails are written to %s",
-            relay_port,
-            outbox,
-        )
-        log.info(
-            "dev: try  trio-mailer send --server %s:%d --to user@example.com --code 123456",
-            app.config.serve_host,
-            app.config.serve_port,
-        )
-        status = await run_until_signalled(app)
-        nursery.cancel_scope.cancel()
-    return status
+        return run_trio(run_dev, options, tls, build_app, run_until_signalled)
 
 
 T = TypeVar("T")
@@ -448,9 +410,22 @@ def _parser() -> argparse.ArgumentParser:
     dev_cmd.add_argument(
         "--inbox-port",
         type=_port_or_off,
-        default=DEFAULT_INBOX_PORT,
-        help=f"the web inbox's port on 127.0.0.1 ({DEFAULT_INBOX_PORT}; 0: any free port; "
+        default=dev.DEFAULT_INBOX_PORT,
+        help=f"the web inbox's port on 127.0.0.1 ({dev.DEFAULT_INBOX_PORT}; 0: any free port; "
         "off: no inbox)",
+    )
+    dev_cmd.add_argument(
+        "--port",
+        type=_port,
+        default=dev.FROM_ENV,
+        help="the gRPC port (default: MAILER_SERVE_PORT, else 20100; 0: any free port)",
+    )
+    dev_cmd.add_argument(
+        "--metrics-port",
+        type=_port_or_off,
+        default=dev.FROM_ENV,
+        help=f"the metrics port (default: MAILER_METRICS_PORT, else {dev.DEV_METRICS_PORT}; "
+        "0: any free port; off: no metrics)",
     )
     dev_cmd.set_defaults(run=_dev)
     send_cmd = commands.add_parser("send", help="ask a running service to send a mail")
@@ -519,16 +494,15 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _port_or_off(text: str) -> int | None:
-    if text == "off":
-        return None
-    try:
-        port = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a port 0-65535 or off, got {text!r}") from None
+def _port(text: str, *, also: str = "") -> int:
+    port = int(text) if text.isdigit() and len(text) <= 5 else -1
     if not 0 <= port <= 65535:
-        raise argparse.ArgumentTypeError(f"expected a port 0-65535 or off, got {text!r}")
+        raise argparse.ArgumentTypeError(f"expected a port 0-65535{also}, got {text!r}")
     return port
+
+
+def _port_or_off(text: str) -> int | None:
+    return None if text == "off" else _port(text, also=" or off")
 
 
 def _render(args: argparse.Namespace) -> int:

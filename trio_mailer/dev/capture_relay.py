@@ -119,6 +119,8 @@ class ReceivedMail:
     """The message as received: dot-unstuffed, CRLF line ends, without the final ".\\r\\n"."""
     session_id: int
     """1-based number of the connection that carried it."""
+    file_name: str | None = None
+    """The .eml file it was written to in ``outbox_dir`` (None: no ``outbox_dir``)."""
 
 
 @attrs.frozen
@@ -713,7 +715,7 @@ class CaptureSMTPServer:
                 self._log.warning("capture: cannot write the mail to outbox_dir: %s", exc)
                 reply, takes_effect = "451 4.3.0 Cannot store the message", False
         if takes_effect:
-            self._record_mail(ReceivedMail(mail_from, rcpt_to, data, session.session_id), file_name)
+            self._record_mail(ReceivedMail(mail_from, rcpt_to, data, session.session_id, file_name))
         await self._send(session, reply)
 
     async def _write_outbox(self, number: int, data: bytes) -> str | None:
@@ -724,7 +726,7 @@ class CaptureSMTPServer:
             _write_eml, self._outbox_dir, f"{stamp}-{number:06d}", data
         )
 
-    def _record_mail(self, mail: ReceivedMail, file_name: str | None) -> None:
+    def _record_mail(self, mail: ReceivedMail) -> None:
         self.received.append(mail)
         if self._history_limit is not None and len(self.received) > 2 * self._history_limit:
             del self.received[: -self._history_limit]
@@ -734,7 +736,7 @@ class CaptureSMTPServer:
             mail.mail_from,
             ",".join(f"<{address}>" for address in mail.rcpt_to),
             len(mail.data),
-            file_name or "-",
+            mail.file_name or "-",
         )
         self._mail_arrived.unpark_all()
         if self._on_mail is not None:

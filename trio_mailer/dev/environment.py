@@ -9,6 +9,7 @@ verified-TLS path.
 
 from __future__ import annotations
 
+import enum
 import logging
 import secrets
 import ssl
@@ -16,16 +17,20 @@ import tempfile
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import attrs
 import trustme
 
 from trio_mailer import tls
-from trio_mailer.dev.capture_relay import CaptureSMTPServer, ReceivedMail
+from trio_mailer.core.config import Config
+from trio_mailer.dev.capture_relay import CaptureSMTPServer, ReceivedMail, Session
+from trio_mailer.dev.chaos import OFF, Chaos
 
 DEV_USER = "dev"
 DEV_FROM = "noreply@example.com"
 DEV_METRICS_PORT = 20101
+DEFAULT_INBOX_PORT = 20102
 
 
 @attrs.frozen
@@ -48,10 +53,49 @@ def throwaway_tls() -> Iterator[DevTls]:
         yield DevTls(server_context, ca_file, secrets.token_urlsafe(16))
 
 
+class ChaosRelay(CaptureSMTPServer):
+    """The capture relay, with relay faults on demand (``chaos.py``; ``PUT /api/chaos``).
+
+    Args:
+        on_chaos: told of every change of the chaos: set, one used up, off.
+        **kwargs: as for ``CaptureSMTPServer``.
+    """
+
+    def __init__(self, *, on_chaos: Callable[[Chaos], None], **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self._chaos = OFF
+        self._on_chaos = on_chaos
+
+    @property
+    def chaos(self) -> Chaos:
+        return self._chaos
+
+    def set_chaos(self, chaos: Chaos) -> None:
+        """Answer the next mails as ``chaos`` says (``OFF``: normally again)."""
+        self._chaos = chaos
+        self._on_chaos(chaos)
+        if chaos.stage == "connect":
+            # The service keeps its session open between mails: close it, or the next mail
+            # would never meet a greeting.
+            for session in self._active.values():
+                session.cancel_scope.cancel()
+
+    async def _before_reply(self, session: Session, command: str) -> str | None:
+        reply, rest = self._chaos.take(command)
+        if reply is not None:
+            self._log.info("chaos: answered %s with %r (%d more to go)", command, reply, rest.count)
+            self._chaos = rest
+            self._on_chaos(rest)
+        return reply
+
+
 def capture_relay(
-    tls: DevTls, outbox: Path, on_mail: Callable[[ReceivedMail], None] | None = None
-) -> CaptureSMTPServer:
-    return CaptureSMTPServer(
+    tls: DevTls,
+    outbox: Path,
+    on_mail: Callable[[ReceivedMail], None] | None,
+    on_chaos: Callable[[Chaos], None],
+) -> ChaosRelay:
+    return ChaosRelay(
         ssl_context=tls.server_context,
         tls_mode="implicit",
         credentials=(DEV_USER, tls.password),
@@ -60,14 +104,38 @@ def capture_relay(
         log=logging.getLogger("trio_mailer.dev.relay"),
         history_limit=1000,  # the dev relay may run for days: keep memory bounded
         on_mail=on_mail,  # the web inbox
+        on_chaos=on_chaos,  # the web inbox too
     )
 
 
-def relay_env(env: Mapping[str, str], port: int, tls: DevTls, outbox: Path) -> dict[str, str]:
-    """``env`` with the relay variables pointed at the capture relay on ``port``."""
-    return {
+class FromEnv(enum.Enum):
+    """An option left out: the ``MAILER_*`` variable decides, else the dev default."""
+
+    FROM_ENV = "from MAILER_*"
+
+
+FROM_ENV = FromEnv.FROM_ENV
+
+
+@attrs.frozen
+class DevOptions:
+    """``trio-mailer dev``'s options."""
+
+    outbox: Path  # the .eml directory
+    inbox_port: int | None = DEFAULT_INBOX_PORT  # None: no inbox
+    port: int | FromEnv = FROM_ENV  # the gRPC port (MAILER_SERVE_PORT)
+    metrics_port: int | FromEnv | None = FROM_ENV  # MAILER_METRICS_PORT; None: no metrics
+
+
+def dev_env(
+    env: Mapping[str, str], relay_port: int, tls: DevTls, options: DevOptions
+) -> dict[str, str]:
+    """``env`` with the relay variables pointed at the capture relay on ``relay_port``, the
+    options applied, and the dev defaults where ``env`` sets nothing."""
+    outbox = options.outbox
+    result = {
         **env,
-        "MAILER_REMOTE_HOST": f"127.0.0.1:{port}",
+        "MAILER_REMOTE_HOST": f"127.0.0.1:{relay_port}",
         "MAILER_SMTP_TLS": "implicit",
         "MAILER_SMTP_CA_FILE": str(tls.ca_file),
         "MAILER_USER": DEV_USER,
@@ -78,4 +146,26 @@ def relay_env(env: Mapping[str, str], port: int, tls: DevTls, outbox: Path) -> d
         # The outbox file lives beside the folder of captured mails.
         "MAILER_OUTBOX": env.get("MAILER_OUTBOX")
         or str(outbox.with_name(outbox.name + ".sqlite3")),
+        # A developer sends to one test address again and again: no limit unless asked for.
+        "MAILER_RECIPIENT_LIMIT": env.get("MAILER_RECIPIENT_LIMIT") or "0",
     }
+    if options.port is not FROM_ENV:
+        result["MAILER_SERVE_PORT"] = str(options.port)
+    if options.metrics_port is None:
+        del result["MAILER_METRICS_PORT"]
+    elif options.metrics_port is not FROM_ENV:
+        result["MAILER_METRICS_PORT"] = str(options.metrics_port)
+    return result
+
+
+def rate_limits_line(config: Config) -> str:
+    """What the start-up log says of the rate limits (off in dev unless ``MAILER_*`` sets one)."""
+    if config.recipient_limit is None and config.caller_limit is None:
+        return (
+            "no recipient or caller rate limit "
+            "(MAILER_RECIPIENT_LIMIT or MAILER_CALLER_LIMIT sets one)"
+        )
+    return (
+        f"rate limits from MAILER_*: recipient {config.recipient_limit or 'off'}, "
+        f"caller {config.caller_limit or 'off'}"
+    )

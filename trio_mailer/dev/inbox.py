@@ -1,21 +1,23 @@
-"""The dev web inbox: the mails the capture relay took, in a browser (``trio-mailer dev``).
+"""The dev inbox's mails: the capture relay's ``.eml`` directory, in memory, with an event log.
 
-``Inbox`` keeps the newest ``MAX_MAILS`` captured mails in memory; ``InboxApp`` answers HTTP
-(through ``inbox_http``) on loopback only:
+Theory of operation
+-------------------
+The directory is the inbox. At start ``Inbox.load`` reads the newest ``max_mails`` ``.eml``
+files already there (by modification time), so a restart of ``trio-mailer dev`` shows what the
+last run captured; from then on the capture relay tells ``add`` of each mail it wrote. Deleting
+a mail deletes its file; deleting all deletes every ``.eml`` file of the directory. Beyond
+``max_mails`` the oldest mails leave memory (their files stay).
 
-- ``GET /``: the page (``/app.js`` and ``/app.css`` beside it; no inline script, so the page's
-  own CSP can forbid it);
-- ``GET /api/mails``: summaries, newest first; ``GET /api/mails/{id}``: headers, text part, html
-  part, raw source; ``GET /api/mails/{id}/html`` the html part alone, for the iframe;
-  ``GET /api/mails/{id}/raw`` the source; ``DELETE /api/mails`` empties the inbox;
-- ``GET /api/events``: server-sent events, ``mail`` (a summary) and ``clear``.
+Every change is an event in a bounded log, numbered in order: ``mail`` (a summary), ``delete``,
+``clear``, ``status`` (the service's status of a Message-ID) and ``chaos`` (the relay's faults
+on demand). An event's id on the wire is ``<run>-<number>``, ``<run>`` drawn at start: a client
+that comes back with the id of the last event it saw gets every event after it, or, when that
+id is from another run or older than the log, a ``reset`` (load everything again).
 
-A captured mail is untrusted HTML. The page shows it in ``<iframe sandbox="">`` (no scripts, no
-same origin, no forms), loaded from ``/api/mails/{id}/html``, which is served with
-``Content-Security-Policy: default-src 'none'; style-src 'unsafe-inline'; img-src data:`` so
-that even opened directly it runs no script and loads nothing remote. Requests whose ``Host`` is
-not the loopback address the server listens on are refused (DNS rebinding), and nothing answers
-CORS, so another site's page cannot clear the inbox.
+``track_statuses`` follows each mail's status on the service side, by its Message-ID, through
+``MailStatuses`` (``MailerApp`` in ``trio-mailer dev``): asked once, then at each change (and
+every ``STATUS_POLL_S`` in case one was missed) until the status is final or the service does
+not know the mail.
 """
 
 from __future__ import annotations
@@ -24,77 +26,130 @@ import collections
 import email
 import email.message
 import email.policy
+import email.utils
 import json
-import re
+import logging
+import secrets
 import time
-import urllib.parse
-from collections.abc import AsyncIterator
-from functools import partial
-from importlib import resources
-from typing import Any
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any, Protocol
 
 import attrs
 import trio
 
+from trio_mailer.core.errors import OutboxError
+from trio_mailer.core.mail_lifecycle import MailRecord
 from trio_mailer.dev.capture_relay import ReceivedMail
-from trio_mailer.dev.inbox_http import Request, Response, plain
+from trio_mailer.dev.chaos import Chaos
 
-MAX_MAILS = 500  # the inbox forgets the oldest beyond this
-HEARTBEAT_S = 15.0  # an SSE comment this often, so a vanished client is noticed
-DEFAULT_INBOX_PORT = 20102
+log = logging.getLogger(__name__)
 
-MAIL_CSP = "default-src 'none'; style-src 'unsafe-inline'; img-src data:; base-uri 'none'"
-PAGE_CSP = (
-    "default-src 'none'; script-src 'self'; style-src 'self'; connect-src 'self'; "
-    "frame-src 'self'; img-src 'self' data:; base-uri 'none'; form-action 'none'; "
-    "frame-ancestors 'none'"
-)
-_COMMON_HEADERS = (
-    ("x-content-type-options", "nosniff"),
-    ("referrer-policy", "no-referrer"),
-    ("cache-control", "no-store"),
-)
-_MAIL_PATH = re.compile(r"/api/mails/(\d{1,12})(/html|/raw)?")
-_LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "[::1]")
+MAX_MAILS = 500  # the inbox forgets the oldest beyond this (their files stay)
+EVENT_LOG_SIZE = 2000  # events kept for clients that reconnect
+STATUS_POLL_S = 5.0  # a mail's status is asked again this often while it is not final
+
+
+@attrs.frozen
+class MailQuery:
+    """``GET /api/mails``'s filters; an empty one is no filter."""
+
+    q: str = ""  # case-insensitive, in From, To, Subject and the text part
+    to: str = ""  # one recipient address, any case
+    message_id: str = ""  # with angle brackets
+
+
+ALL = MailQuery()
 
 
 @attrs.frozen
 class InboxMail:
-    """One captured mail, with what the page shows parsed out of it."""
+    """One captured mail, with what the list and the search need parsed out of it once."""
 
     id: int
     received_at_unix: float
-    mail_from: str
-    rcpt_to: tuple[str, ...]
+    envelope_from: str
+    envelope_to: tuple[str, ...]
     data: bytes = attrs.field(repr=False)
+    file_name: str | None
+    message_id: str
+    subject: str
+    from_: str
+    to: str
+    date: str
+    content_language: str
+    text: str | None = attrs.field(repr=False)
+    has_html: bool
+    recipients: frozenset[str]  # case-folded: the envelope's and the To header's
 
-    def _parsed(self) -> email.message.EmailMessage:
-        message = email.message_from_bytes(self.data, policy=email.policy.default)
-        assert isinstance(message, email.message.EmailMessage)
-        return message
+    @classmethod
+    def parse(
+        cls,
+        mail_id: int,
+        received_at_unix: float,
+        data: bytes,
+        file_name: str | None,
+        envelope: tuple[str, tuple[str, ...]] | None,
+    ) -> InboxMail:
+        """``envelope`` None (a file from an earlier run): read from the From and To headers."""
+        message = _parsed(data)
+        to = _header(message, "To")
+        to_addresses = tuple(address for _, address in email.utils.getaddresses([to]) if address)
+        if envelope is None:
+            envelope = (email.utils.parseaddr(_header(message, "From"))[1], to_addresses)
+        return cls(
+            id=mail_id,
+            received_at_unix=received_at_unix,
+            envelope_from=envelope[0],
+            envelope_to=envelope[1],
+            data=data,
+            file_name=file_name,
+            message_id=_header(message, "Message-ID").strip(),
+            subject=_header(message, "Subject"),
+            from_=_header(message, "From"),
+            to=to,
+            date=_header(message, "Date"),
+            content_language=_header(message, "Content-Language"),
+            text=_part(message, "plain"),
+            has_html=_part(message, "html") is not None,
+            recipients=frozenset(a.casefold() for a in (*envelope[1], *to_addresses)),
+        )
 
-    def summary(self) -> dict[str, Any]:
-        message = self._parsed()
+    def matches(self, query: MailQuery) -> bool:
+        if query.message_id and query.message_id != self.message_id:
+            return False
+        if query.to and query.to.casefold() not in self.recipients:
+            return False
+        if query.q:
+            needle = query.q.casefold()
+            fields = (self.from_, self.to, self.subject, self.text or "")
+            return any(needle in field.casefold() for field in fields)
+        return True
+
+    def summary(self, status: MailRecord | None) -> dict[str, Any]:
         return {
             "id": self.id,
+            "message_id": self.message_id,
             "received_at": self.received_at_unix,
-            "envelope_from": self.mail_from,
-            "envelope_to": list(self.rcpt_to),
-            "subject": _header(message, "Subject"),
-            "from": _header(message, "From"),
-            "to": _header(message, "To"),
-            "date": _header(message, "Date"),
-            "content_language": _header(message, "Content-Language"),
-            "has_html": _part(message, "html") is not None,
+            "envelope_from": self.envelope_from,
+            "envelope_to": list(self.envelope_to),
+            "subject": self.subject,
+            "from": self.from_,
+            "to": self.to,
+            "date": self.date,
+            "content_language": self.content_language,
+            "has_html": self.has_html,
             "size": len(self.data),
+            "file": self.file_name,
+            "status": None if status is None else status_json(status),
         }
 
-    def detail(self) -> dict[str, Any]:
-        message = self._parsed()
+    def detail(self, status: MailRecord | None) -> dict[str, Any]:
+        message = _parsed(self.data)
         return {
-            **self.summary(),
+            **self.summary(status),
             "headers": [[name, _safe_str(value)] for name, value in message.items()],
-            "text": _part(message, "plain"),
+            "text": self.text,
             "html": _part(message, "html"),
             "raw": self.raw(),
         }
@@ -103,7 +158,27 @@ class InboxMail:
         return self.data.decode("utf-8", errors="replace")
 
     def html(self) -> str | None:
-        return _part(self._parsed(), "html")
+        return _part(_parsed(self.data), "html")
+
+
+def status_json(record: MailRecord) -> dict[str, Any]:
+    """What ``GetStatus`` answers for a mail, as JSON (state names as in ``MailStatus``)."""
+    return {
+        "state": record.state.name,
+        "attempts": record.attempts,
+        "last_reply_code": record.last_reply_code,
+        "last_reply_text": record.last_reply_text,
+        "possible_duplicate": record.possible_duplicate,
+        "accepted_at": record.accepted_at_unix,
+        "last_attempt_at": record.last_attempt_at_unix,
+        "finished_at": record.finished_at_unix,
+    }
+
+
+def _parsed(data: bytes) -> email.message.EmailMessage:
+    message = email.message_from_bytes(data, policy=email.policy.default)
+    assert isinstance(message, email.message.EmailMessage)
+    return message
 
 
 def _safe_str(value: object) -> str:
@@ -114,7 +189,10 @@ def _safe_str(value: object) -> str:
 
 
 def _header(message: email.message.EmailMessage, name: str) -> str:
-    value = message.get(name)
+    try:
+        value = message.get(name)
+    except Exception:  # the header parser can fail on a malformed value; shown as missing
+        return ""
     return "" if value is None else _safe_str(value)
 
 
@@ -129,41 +207,98 @@ def _part(message: email.message.EmailMessage, subtype: str) -> str | None:
     return content if isinstance(content, str) else None
 
 
+@attrs.frozen
+class InboxEvent:
+    seq: int
+    name: str
+    data: str  # JSON, one line
+
+
+def _newest_files(directory: Path, limit: int) -> list[tuple[float, str, bytes]]:
+    """The newest ``limit`` ``.eml`` files as (mtime, name, content), oldest first; runs in a
+    worker thread. A file that vanished or cannot be read is left out."""
+    try:
+        paths = [path for path in directory.iterdir() if path.suffix == ".eml"]
+    except FileNotFoundError:
+        return []
+    stamped = []
+    for path in paths:
+        try:
+            stamped.append((path.stat().st_mtime, path.name))
+        except OSError:
+            continue
+    found = []
+    for mtime, name in sorted(stamped)[-limit:]:
+        try:
+            found.append((mtime, name, (directory / name).read_bytes()))
+        except OSError as exc:
+            log.warning("dev inbox: cannot read %s: %s", directory / name, exc)
+    return found
+
+
+def _delete_files(directory: Path, names: Iterable[str]) -> None:
+    """Delete ``names`` in ``directory`` (already gone is fine); runs in a worker thread.
+
+    Raises:
+        OSError: the first file that could not be deleted (after trying them all).
+    """
+    failed: OSError | None = None
+    for name in names:
+        try:
+            (directory / name).unlink(missing_ok=True)
+        except OSError as exc:
+            failed = failed or exc
+    if failed is not None:
+        raise failed
+
+
+def _eml_names(directory: Path) -> list[str]:
+    try:
+        return [path.name for path in directory.iterdir() if path.suffix == ".eml"]
+    except FileNotFoundError:
+        return []
+
+
 @attrs.define
 class Inbox:
-    """The captured mails, newest last, and a way to wait for a change."""
+    """The captured mails, newest last, their service statuses, and the event log."""
 
+    directory: Path
     max_mails: int = MAX_MAILS
-    _mails: collections.deque[InboxMail] = attrs.field(init=False)
+    event_log_size: int = EVENT_LOG_SIZE
+    run: str = attrs.field(factory=lambda: secrets.token_hex(4))
+    seq: int = attrs.field(init=False, default=0)  # the number of the newest event
+    _mails: collections.deque[InboxMail] = attrs.field(init=False, factory=collections.deque)
+    _statuses: dict[str, MailRecord] = attrs.field(init=False, factory=dict)
+    _events: collections.deque[InboxEvent] = attrs.field(init=False)
     _next_id: int = attrs.field(init=False, default=1)
-    version: int = attrs.field(init=False, default=0)
-    cleared_at_version: int = attrs.field(init=False, default=0)
     _changed: trio.Event = attrs.field(init=False, factory=trio.Event)
 
     def __attrs_post_init__(self) -> None:
-        self._mails = collections.deque(maxlen=self.max_mails)
+        self._events = collections.deque(maxlen=self.event_log_size)
+
+    async def load(self) -> int:
+        """Read the newest ``max_mails`` ``.eml`` files of the directory; returns how many."""
+        found = await trio.to_thread.run_sync(_newest_files, self.directory, self.max_mails)
+        for mtime, name, data in found:
+            self._keep(InboxMail.parse(self._take_id(), mtime, data, name, None))
+        return len(found)
 
     def add(self, mail: ReceivedMail) -> None:
-        """Record ``mail`` (the capture relay's ``on_mail``)."""
-        self.add_mail(mail)
+        """Record a mail the relay captured (its ``on_mail``)."""
+        envelope = (mail.mail_from, mail.rcpt_to)
+        stored = InboxMail.parse(self._take_id(), time.time(), mail.data, mail.file_name, envelope)
+        self._keep(stored)
+        self._emit("mail", stored.summary(self._statuses.get(stored.message_id)))
 
-    def add_mail(self, mail: ReceivedMail) -> InboxMail:
-        """Record ``mail`` and return what was stored."""
-        stored = InboxMail(self._next_id, time.time(), mail.mail_from, mail.rcpt_to, mail.data)
+    def _take_id(self) -> int:
         self._next_id += 1
-        self._mails.append(stored)
-        self._bump()
-        return stored
+        return self._next_id - 1
 
-    def clear(self) -> None:
-        self._mails.clear()
-        self.cleared_at_version = self.version + 1
-        self._bump()
-
-    def _bump(self) -> None:
-        self.version += 1
-        self._changed.set()
-        self._changed = trio.Event()
+    def _keep(self, mail: InboxMail) -> None:
+        if len(self._mails) >= self.max_mails:
+            self._forget_status(self._mails.popleft().message_id)
+        self._mails.append(mail)
 
     def newest_first(self) -> list[InboxMail]:
         return list(reversed(self._mails))
@@ -174,150 +309,159 @@ class Inbox:
                 return mail
         return None
 
-    def after(self, mail_id: int) -> list[InboxMail]:
-        """The mails with an id above ``mail_id``, oldest first."""
-        return [mail for mail in self._mails if mail.id > mail_id]
+    def summaries(self, query: MailQuery = ALL) -> list[dict[str, Any]]:
+        """The mails that match ``query``, newest first, with their statuses."""
+        return [
+            mail.summary(self._statuses.get(mail.message_id))
+            for mail in reversed(self._mails)
+            if mail.matches(query)
+        ]
+
+    def detail(self, mail: InboxMail) -> dict[str, Any]:
+        return mail.detail(self._statuses.get(mail.message_id))
+
+    async def delete(self, mail_id: int) -> bool:
+        """Delete a mail and its file; False when there is no such mail.
+
+        Raises:
+            OSError: the file could not be deleted (the mail stays).
+        """
+        mail = self.get(mail_id)
+        if mail is None:
+            return False
+        if mail.file_name is not None:
+            await trio.to_thread.run_sync(_delete_files, self.directory, [mail.file_name])
+        if mail in self._mails:  # not deleted by someone else meanwhile
+            self._mails.remove(mail)
+            self._forget_status(mail.message_id)
+            self._emit("delete", {"id": mail_id})
+        return True
+
+    async def delete_all(self) -> int:
+        """Delete every mail and every ``.eml`` file of the directory; returns how many mails.
+
+        Raises:
+            OSError: a file could not be deleted (the others are; the inbox is emptied).
+        """
+        count = len(self._mails)
+        names = await trio.to_thread.run_sync(_eml_names, self.directory)
+        try:
+            await trio.to_thread.run_sync(_delete_files, self.directory, names)
+        finally:
+            self._mails.clear()
+            self._statuses.clear()
+            self._emit("clear", {})
+        return count
+
+    # ---- the service's side ----
+
+    def message_ids(self) -> set[str]:
+        return {mail.message_id for mail in self._mails if mail.message_id}
+
+    def set_status(self, message_id: str, record: MailRecord | None) -> None:
+        """The service's status of ``message_id`` (None: it does not know the mail)."""
+        if self._statuses.get(message_id) == record or message_id not in self.message_ids():
+            return
+        if record is None:
+            del self._statuses[message_id]
+        else:
+            self._statuses[message_id] = record
+        status = None if record is None else status_json(record)
+        self._emit("status", {"message_id": message_id, "status": status})
+
+    def _forget_status(self, message_id: str) -> None:
+        if all(mail.message_id != message_id for mail in self._mails):
+            self._statuses.pop(message_id, None)
+
+    def chaos_changed(self, chaos: Chaos) -> None:
+        """The relay's chaos changed (its ``on_chaos``)."""
+        self._emit("chaos", chaos.to_json())
+
+    # ---- events ----
+
+    def _emit(self, name: str, value: object) -> None:
+        self.seq += 1
+        # ensure_ascii: one line whatever the mail holds, as a server-sent event needs.
+        self._events.append(InboxEvent(self.seq, name, json.dumps(value, ensure_ascii=True)))
+        self._changed.set()
+        self._changed = trio.Event()
 
     @property
-    def last_id(self) -> int:
-        return self._next_id - 1
+    def event_id(self) -> str:
+        """The id of the newest event (``<run>-<number>``)."""
+        return f"{self.run}-{self.seq}"
 
-    async def wait_changed(self, seen_version: int) -> None:
-        """Return once ``version`` is past ``seen_version``."""
-        while self.version <= seen_version:
+    def parse_event_id(self, text: str) -> int | None:
+        """The event number in an id of this run; None for another run's or a malformed one."""
+        run, _, number = text.strip().rpartition("-")
+        if run != self.run or not number.isdigit() or len(number) > 12:
+            return None
+        return int(number)
+
+    def events_after(self, seq: int) -> list[InboxEvent] | None:
+        """The events after number ``seq``; None when some of them are no longer kept."""
+        if seq > self.seq:
+            return None
+        oldest = self._events[0].seq if self._events else self.seq + 1
+        if seq + 1 < oldest and seq < self.seq:
+            return None
+        return [event for event in self._events if event.seq > seq]
+
+    async def wait_changed(self, seen_seq: int) -> None:
+        """Return once there is an event after number ``seen_seq``."""
+        while self.seq <= seen_seq:
             await self._changed.wait()
 
 
-def _json(status: int, value: object) -> Response:
-    body = json.dumps(value, ensure_ascii=False).encode()
-    return Response(
-        status, (("content-type", "application/json; charset=utf-8"), *_COMMON_HEADERS), body
-    )
+class MailStatuses(Protocol):
+    """Where a mail stands on the service side, as ``GetStatus`` answers (``MailerApp``)."""
 
+    async def mail_status(self, message_id: str) -> MailRecord | None: ...
 
-def _asset(name: str) -> bytes:
-    return resources.files("trio_mailer.dev").joinpath("inbox_assets", name).read_bytes()
+    async def wait_for_status_change(self, message_id: str) -> None: ...
 
 
 @attrs.define
-class InboxApp:
-    """The HTTP side of the inbox: routes a ``Request`` to a ``Response``."""
-
+class _StatusFollower:
     inbox: Inbox
-    port: int = 0  # the bound port, for the Host check (set once serving)
-    _assets: dict[str, tuple[str, bytes]] = attrs.field(init=False, factory=dict)
+    statuses: MailStatuses
+    following: set[str] = attrs.Factory(set)
+    settled: set[str] = attrs.Factory(set)  # final, or unknown to the service
 
-    def __attrs_post_init__(self) -> None:
-        self._assets = {
-            "/": ("text/html; charset=utf-8", _asset("index.html")),
-            "/app.js": ("text/javascript; charset=utf-8", _asset("app.js")),
-            "/app.css": ("text/css; charset=utf-8", _asset("app.css")),
-        }
+    async def follow(self, message_id: str) -> None:
+        try:
+            while True:
+                try:
+                    record = await self.statuses.mail_status(message_id)
+                except OutboxError as exc:
+                    log.warning("dev inbox: cannot read the status of %s: %s", message_id, exc)
+                else:
+                    self.inbox.set_status(message_id, record)
+                    if record is None or record.state.terminal:
+                        self.settled.add(message_id)
+                        return
+                with trio.move_on_after(STATUS_POLL_S):
+                    await self.statuses.wait_for_status_change(message_id)
+        finally:
+            self.following.discard(message_id)
 
-    def _host_ok(self, host: str | None) -> bool:
-        if host is None:
-            return False
-        return host in {f"{name}:{self.port}" for name in _LOOPBACK_HOSTS}
 
-    async def __call__(self, request: Request) -> Response:
-        if not self._host_ok(request.header("host")):
-            return plain(421, "this inbox answers only to its loopback address\n")
-        path = request.target.split("?", 1)[0]
-        method = request.method
-        if path in self._assets:
-            if method != "GET":
-                return plain(405, "method not allowed\n", headers=(("allow", "GET"),))
-            content_type, body = self._assets[path]
-            headers: tuple[tuple[str, str], ...] = (
-                ("content-type", content_type),
-                *_COMMON_HEADERS,
-            )
-            if path == "/":
-                headers = (*headers, ("content-security-policy", PAGE_CSP))
-            return Response(200, headers, body)
-        if path == "/api/mails":
-            if method == "GET":
-                return _json(200, [mail.summary() for mail in self.inbox.newest_first()])
-            if method == "DELETE":
-                self.inbox.clear()
-                return _json(200, {"cleared": True})
-            return plain(405, "method not allowed\n", headers=(("allow", "GET, DELETE"),))
-        if path == "/api/events":
-            if method != "GET":
-                return plain(405, "method not allowed\n", headers=(("allow", "GET"),))
-            return Response(
-                200,
-                (
-                    ("content-type", "text/event-stream; charset=utf-8"),
-                    *_COMMON_HEADERS,
-                ),
-                stream=partial(self._events, _after(request.target)),
-            )
-        match = _MAIL_PATH.fullmatch(path)
-        if match is None:
-            return plain(404, "not found\n")
-        if method != "GET":
-            return plain(405, "method not allowed\n", headers=(("allow", "GET"),))
-        mail = self.inbox.get(int(match[1]))
-        if mail is None:
-            return plain(404, "no such mail (cleared, or older than the inbox keeps)\n")
-        if match[2] == "/raw":
-            return Response(
-                200,
-                (("content-type", "text/plain; charset=utf-8"), *_COMMON_HEADERS),
-                mail.raw().encode(),
-            )
-        if match[2] == "/html":
-            html = mail.html()
-            if html is None:
-                return plain(404, "this mail has no html part\n")
-            return Response(
-                200,
-                (
-                    ("content-type", "text/html; charset=utf-8"),
-                    ("content-security-policy", MAIL_CSP),
-                    *_COMMON_HEADERS,
-                ),
-                html.encode(),
-            )
-        return _json(200, mail.detail())
-
-    async def _events(self, after: int | None) -> AsyncIterator[bytes]:
-        """Server-sent events: ``mail`` for each new one, ``clear`` when emptied.
-
-        ``after`` (``/api/events?after=N``): the newest id the page already has; the mails
-        after it are sent at once, so none is lost between loading the list and listening.
-        """
-        inbox = self.inbox
-        seen_version = inbox.version
-        last_id = inbox.last_id if after is None else after
-        yield b"retry: 2000\n\n"
-        for mail in inbox.after(last_id):
-            last_id = mail.id
-            yield _mail_event(mail)
+async def track_statuses(
+    inbox: Inbox,
+    statuses: MailStatuses,
+    *,
+    task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """Keep each mail's service status in ``inbox``, live, until it is final; runs until
+    cancelled."""
+    follower = _StatusFollower(inbox, statuses)
+    async with trio.open_nursery() as nursery:
+        task_status.started()
         while True:
-            with trio.move_on_after(HEARTBEAT_S):
-                await inbox.wait_changed(seen_version)
-            if inbox.version == seen_version:
-                yield b": keep-alive\n\n"
-                continue
-            if inbox.cleared_at_version > seen_version:
-                yield b"event: clear\ndata: {}\n\n"
-            seen_version = inbox.version
-            for mail in inbox.after(last_id):
-                last_id = mail.id
-                yield _mail_event(mail)
-            last_id = max(last_id, inbox.last_id)
-
-
-def _mail_event(mail: InboxMail) -> bytes:
-    data = json.dumps(mail.summary(), ensure_ascii=True)  # one line: JSON escapes newlines
-    return f"event: mail\ndata: {data}\n\n".encode()
-
-
-def _after(target: str) -> int | None:
-    query = urllib.parse.urlsplit(target).query
-    values = urllib.parse.parse_qs(query).get("after", [])
-    if len(values) != 1 or not values[0].isdigit() or len(values[0]) > 12:
-        return None
-    return int(values[0])
+            seen = inbox.seq
+            present = inbox.message_ids()
+            follower.settled &= present
+            for message_id in present - follower.following - follower.settled:
+                follower.following.add(message_id)
+                nursery.start_soon(follower.follow, message_id)
+            await inbox.wait_changed(seen)

@@ -16,8 +16,10 @@ Bounded on purpose, since a browser tab left open for days is the normal client:
 
 from __future__ import annotations
 
+import contextlib
+import json
 import logging
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncGenerator, Awaitable, Callable
 from functools import partial
 
 import attrs
@@ -55,21 +57,31 @@ class Response:
     headers: tuple[tuple[str, str], ...] = ()
     body: bytes = b""
     # A streamed body (server-sent events): sent chunk by chunk, then the connection closes.
-    stream: Callable[[], AsyncIterator[bytes]] | None = None
+    stream: Callable[[], AsyncGenerator[bytes, None]] | None = None
 
 
 Handler = Callable[[Request], Awaitable[Response]]
 
 
-def plain(status: int, text: str, *, headers: tuple[tuple[str, str], ...] = ()) -> Response:
-    return Response(
-        status, (("content-type", "text/plain; charset=utf-8"), *headers), text.encode()
-    )
+JSON_TYPE = "application/json; charset=utf-8"
 
 
+def json_response(
+    status: int, value: object, *, headers: tuple[tuple[str, str], ...] = ()
+) -> Response:
+    body = json.dumps(value, ensure_ascii=False).encode()
+    return Response(status, (("content-type", JSON_TYPE), *headers), body)
+
+
+def json_error(status: int, message: str, *, headers: tuple[tuple[str, str], ...] = ()) -> Response:
+    """An error as every answer of this server gives it: ``{"error": message}``."""
+    return json_response(status, {"error": message}, headers=headers)
+
+
+_TOO_MANY_BODY = b'{"error": "too many connections"}'
 _TOO_MANY = (
-    b"HTTP/1.1 503 Service Unavailable\r\ncontent-type: text/plain; charset=utf-8\r\n"
-    b"content-length: 21\r\nconnection: close\r\n\r\ntoo many connections\n"
+    b"HTTP/1.1 503 Service Unavailable\r\ncontent-type: application/json; charset=utf-8\r\n"
+    b"content-length: %d\r\nconnection: close\r\n\r\n%s" % (len(_TOO_MANY_BODY), _TOO_MANY_BODY)
 )
 
 
@@ -128,10 +140,10 @@ async def _serve_connection(handler: Handler, stream: trio.SocketStream) -> None
             except h11.RemoteProtocolError as exc:
                 if conn.our_state in (h11.IDLE, h11.SEND_RESPONSE):
                     status = exc.error_status_hint
-                    await _send_response(stream, conn, plain(status, f"bad request: {exc}\n"))
+                    await _send_response(stream, conn, json_error(status, f"bad request: {exc}"))
                 return
             except _BodyTooLarge:
-                await _send_response(stream, conn, plain(413, "request body too large\n"))
+                await _send_response(stream, conn, json_error(413, "request body too large"))
                 return
         if timer.cancelled_caught or request is None:
             return
@@ -139,7 +151,7 @@ async def _serve_connection(handler: Handler, stream: trio.SocketStream) -> None
             response = await handler(request)
         except Exception:
             log.exception("inbox: error answering %s %s", request.method, request.target[:200])
-            response = plain(500, "internal error\n")
+            response = json_error(500, "internal error")
         await _send_response(stream, conn, response)
         if response.stream is not None or conn.our_state is h11.MUST_CLOSE:
             return
@@ -217,5 +229,7 @@ async def _send_response(
         await _write(stream, conn.send(h11.Data(data=response.body)))
         await _write(stream, conn.send(h11.EndOfMessage()))
         return
-    async for chunk in response.stream():
-        await _write(stream, conn.send(h11.Data(data=chunk)))
+    # aclosing: a client that goes away ends the generator here, not in the garbage collector.
+    async with contextlib.aclosing(response.stream()) as chunks:
+        async for chunk in chunks:
+            await _write(stream, conn.send(h11.Data(data=chunk)))

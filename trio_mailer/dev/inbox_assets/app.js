@@ -80,11 +80,11 @@ async function load() {
   const reply = await fetch("/api/mails");
   state.mails = await reply.json();
   renderList();
+  return reply.headers.get("Inbox-Event-ID");
 }
 
-function listen() {
-  const newest = state.mails.length ? state.mails[0].id : 0;
-  const events = new EventSource("/api/events?after=" + newest);
+function listen(lastEventId) {
+  const events = new EventSource("/api/events?last_event_id=" + encodeURIComponent(lastEventId));
   events.addEventListener("open", () => { $("live").textContent = "live"; $("live").classList.add("on"); });
   events.addEventListener("error", () => { $("live").textContent = "reconnecting…"; $("live").classList.remove("on"); });
   events.addEventListener("mail", (event) => {
