@@ -13,7 +13,8 @@ Each repetition, every measurement in an order that rotates between repetitions:
   call to the sink's receipt of the last mail, and the server's CPU per delivered mail (its
   process, every thread, from /proc);
 - **paced** (``e2e._deliver``): an open-loop load at ``e2e_paced_fraction`` of the slowest
-  stack's burst rate of the same repetition, the same rate for all three, for ``e2e_paced_s``:
+  stack's burst rate of the same repetition, the same rate for all three, for
+  ``PACED_WINDOWS`` x ``e2e_paced_s`` (twice e2e's, so that a p99 rests on a few hundred mails):
   p50 and p99 from the start of the call to the sink's receipt of the whole message;
 - **refused** (``ingress._measure``): a second server of each stack, with a queue of one and a
   relay port that refuses connections (an hour's backoff), so every call is answered
@@ -54,6 +55,7 @@ STARTERS: dict[str, Callable[[str, dict[str, str], Path], ServerProcess]] = {
 }
 PEERS = ("node", "python")
 WARMUP_MAILS = 100
+PACED_WINDOWS = 2  # the paced phase lasts this many times e2e_paced_s
 REFUSED_CONCURRENCY = 64
 # The issue's targets, trio-mailer/peer. Mails/s and CPU per mail against Node only.
 TARGETS = {
@@ -65,31 +67,29 @@ TARGETS = {
 }
 
 
-def _delivering(stack: str, sink: SinkProcess, tls: TlsFiles, log_dir: Path) -> ServerProcess:
-    name = f"peers-{stack}-delivering"
-    env = service_env(
+def delivering_env(stack: str, sink: SinkProcess, tls: TlsFiles, log_dir: Path) -> dict[str, str]:
+    """A server that delivers to ``sink``: its own outbox file, one session, a big queue."""
+    return service_env(
         sink.port,
         tls,
-        MAILER_OUTBOX=str(log_dir / f"{name}.sqlite3"),
+        MAILER_OUTBOX=str(log_dir / f"peers-{stack}-delivering.sqlite3"),
         MAILER_QUEUE_SIZE=str(QUEUE_SIZE),
         MAILER_SMTP_SESSIONS="1",
     )
-    return STARTERS[stack](name, env, log_dir)
 
 
-def _refusing(stack: str, tls: TlsFiles, log_dir: Path) -> ServerProcess:
-    name = f"peers-{stack}-refusing"
-    env = service_env(
+def refusing_env(stack: str, tls: TlsFiles, log_dir: Path) -> dict[str, str]:
+    """A server whose queue of one stays full: its relay refuses connections, for an hour."""
+    return service_env(
         _closed_port(),
         tls,
-        MAILER_OUTBOX=str(log_dir / f"{name}.sqlite3"),
+        MAILER_OUTBOX=str(log_dir / f"peers-{stack}-refusing.sqlite3"),
         MAILER_QUEUE_SIZE="1",
         MAILER_REFUSALS_PER_S="0",  # trio-mailer's refusal pacer off; the peers have none
         MAILER_RETRY_BASE_S="3600",
         MAILER_RETRY_MAX_S="3600",
         MAILER_SHUTDOWN_GRACE_S="0",
     )
-    return STARTERS[stack](name, env, log_dir)
 
 
 def _rotated(rep: int) -> tuple[str, ...]:
@@ -105,8 +105,18 @@ def run_section(profile: Profile, tls: TlsFiles, sink: SinkProcess, log_dir: Pat
     rates: list[float] = []
     with ExitStack() as stack:
         # They start side by side: each waits for its port on first use.
-        delivering = {s: stack.enter_context(_delivering(s, sink, tls, log_dir)) for s in STACKS}
-        refusing = {s: stack.enter_context(_refusing(s, tls, log_dir)) for s in STACKS}
+        delivering = {
+            s: stack.enter_context(
+                STARTERS[s](f"peers-{s}-delivering", delivering_env(s, sink, tls, log_dir), log_dir)
+            )
+            for s in STACKS
+        }
+        refusing = {
+            s: stack.enter_context(
+                STARTERS[s](f"peers-{s}-refusing", refusing_env(s, tls, log_dir), log_dir)
+            )
+            for s in STACKS
+        }
         load = stack.enter_context(LoadgenWorker("peers-load", child_env(), log_dir))
         burst_job: dict[str, object] = {"concurrency": BURST_CONCURRENCY}
         for s in STACKS:
@@ -122,7 +132,7 @@ def run_section(profile: Profile, tls: TlsFiles, sink: SinkProcess, log_dir: Pat
             for s in order:
                 job = {
                     "rate": rate,
-                    "window_s": profile.e2e_paced_s,
+                    "window_s": PACED_WINDOWS * profile.e2e_paced_s,
                     "concurrency": PACED_MAX_IN_FLIGHT,
                 }
                 paced[s].append(_deliver("paced", 1, job, delivering[s], sink, load, rate))
