@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import ssl
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Generator, Iterator
 from contextlib import asynccontextmanager
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -16,6 +16,7 @@ import trustme
 from trio_mailer.app import MailerApp
 from trio_mailer.client import open_channel
 from trio_mailer.core.config import Config, load_config
+from trio_mailer.core.errors import exception_leaves
 from trio_mailer.store.outbox import Outbox
 from trio_mailer.v1.mailer_grpc import MailerStub
 
@@ -31,6 +32,25 @@ def pytest_addoption(parser: pytest.Parser) -> None:
         help="how many mails the soak test sends (default 300; try 5000 for a long run)",
     )
     parser.addoption("--soak-seed", type=int, default=20261127, help="the soak test's seed")
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_pyfunc_call(pyfuncitem: pytest.Function) -> Generator[None, object, object]:
+    """Keep the reason of a skip raised inside an async test.
+
+    pytest-trio 0.8 finds a ``pytest.skip(reason)`` from inside the Trio run in an exception
+    group and raises a bare ``pytest.skip()`` in its place, so the summary says
+    ``_pytest/python.py:187: Skipped`` (the PostgreSQL tests without a server, for one). The
+    bare skip carries the group as its ``__context__``: raise the original skip instead, with
+    its reason and the line that raised it."""
+    try:
+        return (yield)
+    except pytest.skip.Exception as bare:
+        group = bare.__context__
+        leaves = exception_leaves(group) if isinstance(group, BaseExceptionGroup) else []
+        if bare.msg or len(leaves) != 1 or not isinstance(leaves[0], pytest.skip.Exception):
+            raise
+        raise leaves[0] from None
 
 
 @pytest.fixture(scope="session")
