@@ -5,9 +5,10 @@
     import trio_mailer_client
 
     async with trio_mailer_client.open_mailer("mailer:20100", token=token) as mailer:
-        result = await mailer.send_pass("user@example.com", "123456")
+        result = await mailer.send_pass("user@example.com", "123456", locale="ru")
         if not result.sent:
             ...  # result.reason, result.retry_after (seconds)
+        await mailer.send("user@example.com", "welcome", {"name": "Ann"})  # any template
 
 grpcio carries the calls (deadlines, reconnects, keepalive); each call is awaited in Trio
 without a thread, and cancelling the Trio task cancels the call. ``trio_mailer_client.testing``
