@@ -405,3 +405,26 @@ def test_a_response_waits_for_the_clients_window() -> None:
     pair.client.increment_flow_control_window(100, stream_id=stream_id)
     assert ev.WindowOpened() in pair.to_server()
     assert pair.server.send_message(stream, data[10:]) == 15
+
+
+@pytest.mark.parametrize(
+    ("timeout", "elapsed_s", "early"),
+    [
+        (None, 100.0, True),  # no deadline: any reset before an answer is early
+        ("2S", 1.85, True),
+        ("2S", 1.95, False),  # within DEADLINE_RESET_SLACK_S of the deadline: the client's
+        ("1m", 0.0, False),  # deadline fired first (its clock started before ours)
+    ],
+)
+def test_a_reset_near_the_deadline_is_the_deadline(
+    timeout: str | None, elapsed_s: float, early: bool
+) -> None:
+    pair = Pair()
+    headers = {} if timeout is None else {"grpc-timeout": timeout}
+    stream_id = pair.open(b"x", end=False, **headers)
+    pair.exchange()
+    stream = pair.server.stream(stream_id)
+    assert stream is not None
+    assert stream.reset_is_early(pair.now + elapsed_s) == early
+    pair.server.send_message(stream, memoryview(message(b"first")))
+    assert not stream.reset_is_early(pair.now)  # answering: a cancel, never early

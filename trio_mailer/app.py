@@ -94,6 +94,9 @@ OPEN_SERVICES = frozenset(
 
 PRUNE_INTERVAL_S = 600.0  # how often finished mails past the retention are dropped
 HEALTH_POLL_S = 0.25  # how soon a Watch sees the relay go down or come back
+# Scheduling rounds between health turning NOT_SERVING and the first GOAWAY of a drain: enough for
+# each health Watch to hand its update to its connection, which sends it before the GOAWAY.
+HEALTH_SETTLE_STEPS = 5
 SUPPRESSION_FLUSH_S = 2.0  # how long shutdown may spend storing the last suppressions
 
 EXIT_OK = 0
@@ -601,6 +604,8 @@ class MailerApp:
             )
             self._stopping = True
             self._update_health()  # NOT_SERVING from the first moment of the drain
+            for _ in range(HEALTH_SETTLE_STEPS):  # the health watchers' updates go out first
+                await trio.lowlevel.checkpoint()
             grace_ends = trio.current_time() + config.shutdown_grace_s
             await self._until_forced(grace_ends, grpc_server.drain(config.shutdown_grace_s))
             self.service.draining = True

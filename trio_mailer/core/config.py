@@ -659,8 +659,8 @@ def unknown_variables(env: Mapping[str, str]) -> list[str]:
     for name in sorted(env):
         if not name.startswith(_PREFIX) or name in known:
             continue
-        close = difflib.get_close_matches(name.removeprefix(_PREFIX), suffixes, n=1)
-        hint = f" (did you mean {suffixes[close[0]]}?)" if close else ""
-        tail = "" if close else " (trio-mailer serve --help lists them all)"
+        close = next(iter(difflib.get_close_matches(name.removeprefix(_PREFIX), suffixes)), None)
+        hint = "" if close is None else f" (did you mean {suffixes[close]}?)"
+        tail = " (trio-mailer serve --help lists them all)" if close is None else ""
         warnings.append(f"{name} is not a trio-mailer setting{hint}; it is ignored{tail}")
     return warnings

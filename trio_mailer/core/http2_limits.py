@@ -77,6 +77,9 @@ REFUSALS_PER_S = 10.0
 RESET_BURST = 500
 RESETS_PER_S = 200.0
 RESETS_PER_ANSWERED_CALL = 10
+# A reset this close to the call's deadline (on our clock, which starts the deadline when the
+# HEADERS are read, later than the client did) is the client's deadline firing, not a reset.
+DEADLINE_RESET_SLACK_S = 0.1
 # Bytes read from the socket at a time: one read is processed without yielding to other
 # connections, so it is kept to about one full-size frame.
 READ_CHUNK_BYTES = 16 * 1024 + 9

@@ -4,7 +4,11 @@ A throwaway CA (``trustme``) signs a certificate for 127.0.0.1/localhost; the em
 relay (``capture_relay.CaptureSMTPServer``) serves implicit TLS with it and accepts AUTH with a
 random password; the service is configured exactly as in production, through ``MAILER_*``
 variables, with the CA given as ``MAILER_SMTP_CA_FILE``, so the dev run exercises the same
-verified-TLS path.
+verified-TLS path. Where ``MAILER_*`` says nothing, dev has its own defaults (``dev_env``):
+metrics on 20101, the outbox file beside the ``.eml`` directory, and no recipient rate limit.
+
+``ChaosRelay`` is the capture relay with relay faults on demand (``chaos.py``), set from the
+web inbox.
 """
 
 from __future__ import annotations

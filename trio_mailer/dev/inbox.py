@@ -414,7 +414,11 @@ class Inbox:
 
 
 class MailStatuses(Protocol):
-    """Where a mail stands on the service side, as ``GetStatus`` answers (``MailerApp``)."""
+    """Where a mail stands on the service side, as ``GetStatus`` answers (``MailerApp``).
+
+    ``mail_status`` raises ``OutboxError`` when the outbox cannot be read (asked again later),
+    and ``trio.ClosedResourceError`` once the service has stopped (no longer asked).
+    """
 
     async def mail_status(self, message_id: str) -> MailRecord | None: ...
 
@@ -433,6 +437,8 @@ class _StatusFollower:
             while True:
                 try:
                     record = await self.statuses.mail_status(message_id)
+                except trio.ClosedResourceError:
+                    return  # the service has stopped (its outbox is closed): nothing more comes
                 except OutboxError as exc:
                     log.warning("dev inbox: cannot read the status of %s: %s", message_id, exc)
                 else:

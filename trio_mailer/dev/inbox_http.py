@@ -12,6 +12,9 @@ Bounded on purpose, since a browser tab left open for days is the normal client:
 - each request must arrive within ``REQUEST_TIMEOUT_S`` (idle keep-alive included), and each
   write must complete within ``WRITE_TIMEOUT_S``; a streamed response (server-sent events) lives
   until the client goes away or a write stalls.
+
+Every error it answers itself (a malformed request, a limit, a handler that raised) is JSON,
+``{"error": "..."}``, as the handler's own errors are (``json_error``).
 """
 
 from __future__ import annotations

@@ -188,6 +188,8 @@ class _Accepting:
         while True:
             try:
                 stream = await listener.accept()
+            except trio.ClosedResourceError:
+                return  # closed by drain()
             except OSError as exc:
                 if exc.errno in _OUT_OF_RESOURCES:
                     if not starved:
@@ -315,12 +317,17 @@ def _peer_name(stream: trio.SocketStream) -> str:
 class GrpcServer:
     """A running gRPC server: ``drain(grace_s)`` stops it gracefully (the module's docstring)."""
 
+    _listener: GrpcListener
     _accepting: _Accepting
     _listeners_scope: trio.CancelScope
     _connections: trio.Nursery
 
     async def drain(self, grace_s: float) -> None:
-        self._listeners_scope.cancel()  # the accept loops end and the sockets close
+        # Closed before the first GOAWAY goes out: a client that reconnects on seeing it must
+        # find the port closed, and go to another replica.
+        for socket_listener in self._listener.sockets:
+            socket_listener.socket.close()
+        self._listeners_scope.cancel()  # the accept loops end
         await self._accepting.drain(grace_s, self._connections)
 
 
@@ -354,7 +361,9 @@ async def serve_grpc(
                 async with trio.open_nursery() as nursery:
                     for socket_listener in listener.sockets:
                         nursery.start_soon(accepting.accept_loop, socket_listener, connections)
-                    task_status.started(GrpcServer(accepting, listeners_scope, connections))
+                    task_status.started(
+                        GrpcServer(listener, accepting, listeners_scope, connections)
+                    )
             finally:
                 with trio.CancelScope(shield=True):
                     await listener.aclose()

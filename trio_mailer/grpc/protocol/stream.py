@@ -69,8 +69,9 @@ class GrpcStream:
 
     def reset_is_early(self, now_s: float) -> bool:
         """A client's reset of this stream looks like the rapid-reset shape: nothing was
-        answered yet, and its deadline (if any) had not passed. A reset after the response
-        began, or at the deadline, is an ordinary cancel."""
+        answered yet, and its deadline (if any) was not near. A reset after the response
+        began, or at the deadline (within ``DEADLINE_RESET_SLACK_S``: the client's clock
+        started first), is an ordinary cancel."""
         if self.headers_sent:
             return False
-        return self.deadline_s is None or now_s < self.deadline_s
+        return self.deadline_s is None or now_s < self.deadline_s - lim.DEADLINE_RESET_SLACK_S
