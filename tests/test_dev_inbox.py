@@ -527,12 +527,26 @@ async def test_each_mail_shows_the_service_status_live(tmp_path: Path) -> None:
             nursery.cancel_scope.cancel()
 
 
-async def test_a_mail_the_service_does_not_know_has_no_status(tmp_path: Path) -> None:
-    """A mail another program sent through the relay: status null, and nothing waits on it."""
+class StoppedStatuses(FakeStatuses):
+    """The service after its outbox closed (the end of ``dev``'s shutdown)."""
+
+    async def mail_status(self, message_id: str) -> MailRecord | None:
+        await trio.lowlevel.checkpoint()
+        raise trio.ClosedResourceError("the outbox is closed")
+
+
+@pytest.mark.parametrize(
+    "statuses", [FakeStatuses(), StoppedStatuses()], ids=["unknown", "stopped"]
+)
+async def test_a_mail_without_a_status_on_the_service_side(
+    tmp_path: Path, statuses: FakeStatuses
+) -> None:
+    """A mail another program sent through the relay, or a status asked while the service
+    shuts down: status null, nothing left waiting, and nothing that stops ``dev``."""
     inbox = Inbox(tmp_path)
     with trio.fail_after(TIMEOUT_S):
         async with trio.open_nursery() as nursery:
-            await nursery.start(track_statuses, inbox, FakeStatuses())
+            await nursery.start(track_statuses, inbox, statuses)
             inbox.add(received())
             await trio.testing.wait_all_tasks_blocked()
             assert inbox.summaries()[0]["status"] is None
