@@ -15,6 +15,7 @@ import sys
 import textwrap
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
+from pathlib import Path
 from typing import Any
 
 import attrs
@@ -25,6 +26,7 @@ import h2.events
 import purerpc
 import pytest
 import trio
+import trustme
 from purerpc.rpc import Cardinality, RPCSignature
 
 from trio_mailer.core import http2_limits as lim
@@ -388,9 +390,7 @@ async def test_malformed_requests_are_answered_each_on_its_stream() -> None:
             client = await server.connect()
             bad = _head(content_type="text/plain")
             ids = [client.new_stream_id() for _ in range(1000)]
-            await client.send(
-                b"".join(client.headers_frame(i, bad, end_stream=True) for i in ids)
-            )
+            await client.send(b"".join(client.headers_frame(i, bad, end_stream=True) for i in ids))
             await client.read_until(lambda c: all(i in c.streams for i in ids))
             assert {client.streams[i].header(":status") for i in ids} == {"415"}
             assert client.goaway is None
@@ -887,3 +887,54 @@ async def test_a_busy_grpcio_client_is_not_mistaken_for_a_flood() -> None:
         async with open_server() as server:
             done = await trio.to_thread.run_sync(_busy_grpcio_client, server.port, 1500, 64)
     assert done == 1500
+
+
+# ---- ALPN: a TLS client must offer h2 (RFC 7301 sec. 3.2) ----
+
+
+@pytest.fixture
+def server_context(ca: trustme.CA, tmp_path: Path) -> ssl.SSLContext:
+    cert = ca.issue_cert("127.0.0.1")
+    cert.cert_chain_pems[0].write_to_path(str(tmp_path / "c.pem"))
+    cert.private_key_pem.write_to_path(str(tmp_path / "k.pem"))
+    return make_server_ssl_context(tmp_path / "c.pem", tmp_path / "k.pem")
+
+
+async def _handshake(port: int, ca: trustme.CA, alpn: list[str] | None) -> trio.SSLStream:
+    context = ssl.create_default_context()
+    ca.configure_trust(context)
+    if alpn is not None:
+        context.set_alpn_protocols(alpn)
+    tcp = await trio.open_tcp_stream("127.0.0.1", port)
+    tls = trio.SSLStream(tcp, context, server_hostname="127.0.0.1")
+    try:
+        await tls.do_handshake()
+    except trio.BrokenResourceError:
+        await trio.aclose_forcefully(tcp)
+        raise
+    return tls
+
+
+async def test_a_client_offering_only_http11_gets_no_application_protocol(
+    ca: trustme.CA, server_context: ssl.SSLContext
+) -> None:
+    with trio.fail_after(10):
+        async with open_server(tls=server_context) as server:
+            with pytest.raises(trio.BrokenResourceError) as caught:
+                await _handshake(server.port, ca, ["http/1.1"])
+            assert "alert no application protocol" in str(caught.value.__cause__)
+
+
+@pytest.mark.parametrize("alpn", [["h2"], ["http/1.1", "h2"]])
+async def test_a_client_offering_h2_is_served(
+    ca: trustme.CA, server_context: ssl.SSLContext, alpn: list[str]
+) -> None:
+    with trio.fail_after(10):
+        async with open_server(tls=server_context) as server:
+            tls = await _handshake(server.port, ca, alpn)
+            assert tls.selected_alpn_protocol() == "h2"
+            client = RawClient(tls)  # type: ignore[arg-type]
+            server.clients.append(client)
+            await client.send(raw_h2.PREFACE + raw_h2.SettingsFrame(0).serialize())
+            result = await client.wait_status(await client.call(grpc_message(CHECK)))
+            assert result.grpc_status == OK
