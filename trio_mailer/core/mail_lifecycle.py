@@ -1,14 +1,14 @@
 """What the outbox stores about a mail, and the rules for changing it.
 
-Pure: no trio, sqlite3, smtplib or purerpc here. ``store/outbox.py`` stores these values (in
-SQLite or in memory); both apply a sender's report through ``apply_change``, so they cannot
-disagree.
+Pure: no trio, sqlite3, smtplib or purerpc here. ``store/outbox.py`` (SQLite, memory) and
+``store/postgres_outbox.py`` store these values; every store and the status board apply a sender's
+report through ``check_change``, so they cannot disagree.
 
 Theory of operation
 -------------------
 A mail is added once, ``QUEUED``, with everything needed to send it again after a restart. The
 sender then reports each ``StatusChange``; the outbox and the status board apply it through
-``apply_change``, so they cannot disagree. The allowed moves are one table, ``TRANSITIONS``::
+``check_change``, so they cannot disagree. The allowed moves are one table, ``TRANSITIONS``::
 
     QUEUED      -> SENDING (an attempt starts), FAILED, EXPIRED,
                    QUEUED (a note: why it still waits, e.g. the relay is unavailable)
@@ -31,7 +31,7 @@ counts a new attempt.
 
 A change the rules refuse is a bug in the sender, never the mail's fault, and must not take the
 service down (it once did: an outage past the time to live made the sender report an outcome
-with a lower attempt count, and the refusal escaped the nursery). ``apply_change`` therefore
+with a lower attempt count, and the refusal escaped the nursery). ``check_change`` therefore
 never raises for a mail that is not finished; it returns the record in a *defined* state and
 says what was wrong (``Applied.problem``), which the shell logs at ERROR with the Message-ID:
 
