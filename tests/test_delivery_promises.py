@@ -66,8 +66,7 @@ class LimitedSession:
         await trio.lowlevel.checkpoint()
         return self.relay.up and self.generation == self.relay.generation
 
-    async def send(self, mail: OutgoingMail, probe_first: bool = False) -> Delivered | Rejected:
-        # (probe_first: the pre-issue-10 sender's signature, so these tests can run against it)
+    async def send(self, mail: OutgoingMail) -> Delivered | Rejected:
         await trio.sleep(0.01)
         cap = self.relay.per_session_cap
         if cap is not None and self.carried >= cap:

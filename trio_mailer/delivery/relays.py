@@ -52,11 +52,6 @@ class RelayChain:
     def _record(self, name: str) -> _Record:
         return self._records.setdefault(name, _Record())
 
-    def skipped(self) -> list[str]:
-        """The relays being skipped now."""
-        now = trio.current_time()
-        return [name for name, r in self._records.items() if r.skip_until > now]
-
     def trouble(self, name: str, reason: str, *, config_error: bool = False) -> None:
         """``name`` failed (a connect, or a 421): skip it for its backoff period."""
         record = self._record(name)

@@ -235,10 +235,6 @@ class ConnectFailed(Exception):
         self.config_error = config_error
 
 
-class ProbeFailed(Exception):
-    """NOOP was not answered 250: the session is gone, and nothing of the mail was sent."""
-
-
 class SessionLost(Exception):
     """The session broke while sending; the mail must go again on a new session."""
 
@@ -392,18 +388,12 @@ class BlockingSmtp:
             return False
         return code == 250
 
-    def send(self, mail: OutgoingMail, probe_first: bool = False) -> Delivered | Rejected:
+    def send(self, mail: OutgoingMail) -> Delivered | Rejected:
         """Send one mail, checking every reply (pipelined when the relay offers PIPELINING).
 
-        With ``probe_first``, NOOP first, in the same thread hop.
-
         Raises:
-            ProbeFailed: the NOOP was not answered 250; nothing of the mail was sent.
             SessionLost: the connection broke, timed out, or the relay said 421.
         """
-        if probe_first and not self.noop():
-            self.close()
-            raise ProbeFailed()
         smtp = self._smtp
         if smtp is None:
             raise SessionLost("no session", after_data_end=False)
@@ -601,14 +591,9 @@ class ThreadedSmtpSession:
         except _WatchdogExpired:
             return False
 
-    async def send(self, mail: OutgoingMail, *, probe_first: bool = False) -> Delivered | Rejected:
+    async def send(self, mail: OutgoingMail) -> Delivered | Rejected:
         try:
-            return await self._call(
-                self._blocking.send,
-                mail,
-                probe_first,
-                round_trips=SEND_ROUND_TRIPS + probe_first,
-            )
+            return await self._call(self._blocking.send, mail, round_trips=SEND_ROUND_TRIPS)
         except _WatchdogExpired:
             raise SessionLost("timed out", after_data_end=self._blocking.data_end_sent) from None
 
