@@ -1,5 +1,5 @@
-"""The dev capture relay (and the tests' fault relay built on it), driven by the stdlib smtplib
-client (in a thread, on the real clock)."""
+"""The SMTP-server core, as the dev capture relay and the tests' fault relay (both built on it),
+driven by the stdlib smtplib client (in a thread, on the real clock)."""
 
 from __future__ import annotations
 
@@ -15,14 +15,14 @@ import trio
 import trio.testing
 import trustme
 
-from trio_mailer.dev.capture_relay import (
-    MAX_LINE_BYTES,
-    CaptureSMTPServer,
-    CaptureStatistics,
-    ReceivedMail,
-)
+from trio_mailer.dev.capture_relay import CaptureSMTPServer
 from trio_mailer.dev.chaos import OFF, Chaos
-from trio_mailer.dev.environment import ChaosRelay
+from trio_mailer.dev.smtp_server import (
+    MAX_LINE_BYTES,
+    ReceivedMail,
+    ServerStatistics,
+    SMTPServer,
+)
 
 from .fakes.fault_relay import Fault, FaultRelay
 
@@ -65,7 +65,7 @@ def client_context(ca: trustme.CA) -> ssl.SSLContext:
     return context
 
 
-async def start(nursery: trio.Nursery, server: CaptureSMTPServer) -> int:
+async def start(nursery: trio.Nursery, server: SMTPServer) -> int:
     """Starts `server` in pytest-trio's nursery (cancelled when the test ends); returns its port."""
     port: int = await nursery.start(server.serve)
     return port
@@ -447,6 +447,42 @@ async def test_outbox_dir_gets_eml_and_log_line(
     ]
 
 
+async def test_an_eml_that_cannot_be_written_gets_451_and_is_not_recorded(
+    nursery: trio.Nursery,
+    server_context: ssl.SSLContext,
+    client_context: ssl.SSLContext,
+    tmp_path: pathlib.Path,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """outbox_dir is a file, so no .eml can be written: the mail gets 451 after its "." (not
+    250), nothing is recorded, one WARNING says why, and the session goes on."""
+    caplog.set_level(logging.INFO, logger=LOGGER_NAME)
+    blocker = tmp_path / "not-a-directory"
+    blocker.write_bytes(b"")
+    server = CaptureSMTPServer(
+        ssl_context=server_context, outbox_dir=blocker, log=logging.getLogger(LOGGER_NAME)
+    )
+    with trio.fail_after(TEST_TIMEOUT_S):
+        port = await start(nursery, server)
+
+        def client() -> tuple[int, bytes, int]:
+            with smtps(port, client_context) as smtp:
+                with pytest.raises(smtplib.SMTPDataError) as error:
+                    smtp.sendmail("a@example.com", ["b@example.com"], MESSAGE)
+                noop_code, _ = smtp.noop()
+                return error.value.smtp_code, error.value.smtp_error, noop_code
+
+        assert await trio.to_thread.run_sync(client) == (
+            451,
+            b"4.3.0 Cannot store the message",
+            250,
+        )
+    assert server.received == []
+    assert server.statistics().mails_received == 0
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 1 and warnings[0].startswith("capture: cannot keep the mail: ")
+
+
 async def test_drop_sessions_disconnects_clients(
     nursery: trio.Nursery, server_context: ssl.SSLContext, client_context: ssl.SSLContext
 ) -> None:
@@ -457,9 +493,9 @@ async def test_drop_sessions_disconnects_clients(
         smtp = await trio.to_thread.run_sync(smtps, port, client_context)
         try:
             assert (await trio.to_thread.run_sync(smtp.noop))[0] == 250
-            assert server.statistics() == CaptureStatistics(1, 1, 0)
+            assert server.statistics() == ServerStatistics(1, 1, 0)
             await server.drop_sessions()
-            assert server.statistics() == CaptureStatistics(1, 0, 0)
+            assert server.statistics() == ServerStatistics(1, 0, 0)
             with pytest.raises(smtplib.SMTPServerDisconnected):
                 await trio.to_thread.run_sync(smtp.noop)
         finally:
@@ -610,7 +646,7 @@ async def test_chaos_refuses_the_next_mails_at_rcpt_then_turns_off(
     """Chaos at rcpt, count 2: two mails get its reply to RCPT, the third lands; every change
     of the countdown is reported."""
     changes: list[Chaos] = []
-    server = ChaosRelay(ssl_context=server_context, on_chaos=changes.append)
+    server = CaptureSMTPServer(ssl_context=server_context, on_chaos=changes.append)
     server.set_chaos(Chaos("rcpt", TRY_LATER, 2))
     with trio.fail_after(TEST_TIMEOUT_S):
         port = await start(nursery, server)
@@ -653,7 +689,7 @@ async def test_chaos_at_mail_or_data_refuses_the_mail_and_keeps_nothing(
     """Chaos at mail answers MAIL FROM; at data, the final "." (the content was sent): either
     way the mail is neither recorded nor written as a file."""
     outbox = tmp_path / "outbox"
-    server = ChaosRelay(ssl_context=server_context, outbox_dir=outbox, on_chaos=lambda chaos: None)
+    server = CaptureSMTPServer(ssl_context=server_context, outbox_dir=outbox)
     server.set_chaos(Chaos(stage, reply, 1))
     with trio.fail_after(TEST_TIMEOUT_S):
         port = await start(nursery, server)
@@ -668,7 +704,7 @@ async def test_chaos_at_connect_closes_open_sessions_and_refuses_the_greeting(
 ) -> None:
     """Chaos at connect: a session already open is closed (its next command fails), so the
     next mail needs a new connection, whose greeting is the chaos reply."""
-    server = ChaosRelay(ssl_context=server_context, on_chaos=lambda chaos: None)
+    server = CaptureSMTPServer(ssl_context=server_context)
     with trio.fail_after(TEST_TIMEOUT_S):
         port = await start(nursery, server)
         open_session = await trio.to_thread.run_sync(smtps, port, client_context)

@@ -18,9 +18,8 @@ import trio
 
 from trio_mailer.core.mail_lifecycle import MailRecord, MailState
 from trio_mailer.dev import inbox_http
-from trio_mailer.dev.capture_relay import ReceivedMail
+from trio_mailer.dev.capture_relay import CaptureSMTPServer, ReceivedMail
 from trio_mailer.dev.chaos import OFF, Chaos
-from trio_mailer.dev.environment import ChaosRelay
 from trio_mailer.dev.inbox import Inbox, track_statuses
 from trio_mailer.dev.inbox_app import MAIL_CSP, PAGE_CSP, InboxApp
 from trio_mailer.dev.inbox_http import serve_http
@@ -68,8 +67,8 @@ def names(directory: Path) -> list[str]:
     return sorted(path.name for path in directory.iterdir())
 
 
-def chaos_relay(inbox: Inbox) -> ChaosRelay:
-    return ChaosRelay(tls_mode="none", on_chaos=inbox.chaos_changed)
+def chaos_relay(inbox: Inbox) -> CaptureSMTPServer:
+    return CaptureSMTPServer(tls_mode="none", on_chaos=inbox.chaos_changed)
 
 
 async def start(
@@ -592,7 +591,7 @@ async def test_chaos_is_set_read_and_turned_off_through_the_api(tmp_path: Path) 
             assert relay.chaos == Chaos("rcpt", "451 4.3.0 try again later", 3)
             assert await get_json(app.port, "/api/chaos") == json.loads(body)
             assert (await events.next()) == Event(inbox.event_id, "chaos", json.loads(body))
-            assert (await relay._before_reply(None, "RCPT")) == "451 4.3.0 try again later"  # type: ignore[arg-type]
+            assert (await relay.before_reply(None, "RCPT")) == "451 4.3.0 try again later"  # type: ignore[arg-type]
             assert (await events.next()).data["count"] == 2
             status, _, answer = await request(app.port, "DELETE", "/api/chaos")
             assert (status, json.loads(answer)) == (200, OFF.to_json())

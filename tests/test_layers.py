@@ -124,16 +124,28 @@ def test_serve_loads_no_test_code(module: str) -> None:
     assert test_code == [], f"{module} loaded test code: {test_code}"
 
 
-def test_the_fault_machinery_is_not_in_the_dev_relay() -> None:
-    """The dev relay defines no Fault, chaos or trickle: they live in tests/fakes."""
-    source = (ROOT / "trio_mailer" / "dev" / "capture_relay.py").read_text(encoding="utf-8")
+@pytest.mark.parametrize("name", ["smtp_server.py", "capture_relay.py"])
+def test_the_fault_machinery_is_not_in_the_dev_relay(name: str) -> None:
+    """The SMTP-server core and the dev relay define no Fault script, stall or trickle: that
+    machinery lives in tests/fakes. (The dev relay's faults on demand, dev/chaos.py, are a dev
+    feature: one reply at a stage, set from the inbox; the core knows nothing of them.)"""
+    source = (ROOT / "trio_mailer" / "dev" / name).read_text(encoding="utf-8")
     names = {
         node.name
         for node in ast.walk(ast.parse(source))
         if isinstance(node, (ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef))
     }
-    assert not names & {"Fault", "add_fault", "drop_sessions", "_take_fault"}
-    assert "chaos" not in source and "trickle" not in source
+    assert not names & {"Fault", "FaultRelay", "add_fault", "drop_sessions", "_take_fault"}
+    assert "trickle" not in source and "stall_mid_reply" not in source
+    if name == "smtp_server.py":
+        assert "chaos" not in source
+
+
+def test_the_fault_relay_is_built_on_the_core_not_on_the_dev_relay() -> None:
+    """tests/fakes/fault_relay.py needs the SMTP-server core only, not the dev capture relay."""
+    loaded = loaded_by("tests.fakes.fault_relay")
+    assert "trio_mailer.dev.smtp_server" in loaded
+    assert "trio_mailer.dev.capture_relay" not in loaded
 
 
 def test_the_serve_check_can_see_test_code() -> None:

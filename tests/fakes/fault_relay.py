@@ -1,9 +1,9 @@
-"""The test-suite's fake relay: the dev capture relay, plus scripted faults and inspection.
+"""The test-suite's fake relay: the SMTP-server core, plus scripted faults and inspection.
 
-``FaultRelay`` is ``trio_mailer.dev.capture_relay.CaptureSMTPServer`` with its extension points
-filled in (read that module's docstring first). It records every command verb (``commands``),
-and answers from a script of ``Fault`` values, with an optional ``chaos`` function for the soak
-test's seeded random failures.
+``FaultRelay`` is ``trio_mailer.dev.smtp_server.SMTPServer`` (the core the dev capture relay is
+built on too) with its hooks filled in (read that module's docstring first). It keeps mails in
+memory only, records every command verb (``commands``), and answers from a script of ``Fault``
+values, with an optional ``chaos`` function for the soak test's seeded random failures.
 
 A fault fires when its command is next seen: first ``delay_s`` (trio.sleep), then ``drop``
 (close without reply), otherwise ``reply`` replaces the normal reply, under the relay's rule
@@ -14,15 +14,17 @@ the *next* reply written on that session goes out (for AUTH, that is the first 3
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
 import attrs
 import trio
 
-from trio_mailer.dev.capture_relay import (
+from trio_mailer.dev.smtp_server import (
     REPLY_COMMANDS,
-    CaptureSMTPServer,
     EndSession,
+    ReceivedMail,
     Session,
+    SMTPServer,
 )
 
 __all__ = ["FAULT_COMMANDS", "Fault", "FaultRelay"]
@@ -68,19 +70,19 @@ class Fault:
     silent, yet never done)."""
 
 
-class FaultRelay(CaptureSMTPServer):
-    """A capture relay that can be told to fail, and that remembers every command.
+class FaultRelay(SMTPServer):
+    """An SMTP server that can be told to fail, and that remembers every command.
 
     Args:
         chaos: asked for a fault for every command that no scripted fault matches; None means
             no fault.
-        **kwargs: as for ``CaptureSMTPServer``. `history_limit` also trims `commands`.
+        **settings: as for ``SMTPServer``. `history_limit` also trims `commands`.
     """
 
     def __init__(
-        self, *, chaos: Callable[[str], Fault | None] | None = None, **kwargs: object
+        self, *, chaos: Callable[[str], Fault | None] | None = None, **settings: Any
     ) -> None:
-        super().__init__(**kwargs)  # type: ignore[arg-type]
+        super().__init__(**settings)
         self._chaos = chaos
         self.faults: list[Fault] = []
         self.commands: list[tuple[int, str]] = []
@@ -108,25 +110,25 @@ class FaultRelay(CaptureSMTPServer):
 
         Returns once they are all closed, so the client's next command is certain to fail.
         """
-        sessions = list(self._active.values())
+        sessions = self.open_sessions()
         for session in sessions:
-            session.cancel_scope.cancel()
+            session.drop()
         for session in sessions:
             await session.finished.wait()
 
-    # ---- the extension points ----
+    # ---- the hooks ----
 
-    def _on_command(self, session: Session, verb: str) -> None:
-        if session.reader.has_line():
+    def command_received(self, session: Session, verb: str) -> None:
+        if session.has_pipelined_line():
             self.pipelined_commands += 1
         self.commands.append((session.session_id, verb))
         self._verbs_seen.add(verb)
         self._command_arrived.unpark_all()
         # Trimming in halves keeps the cost per command constant.
-        if self._history_limit is not None and len(self.commands) > 2 * self._history_limit:
-            del self.commands[: -self._history_limit]
+        if self.history_limit is not None and len(self.commands) > 2 * self.history_limit:
+            del self.commands[: -self.history_limit]
 
-    async def _before_reply(self, session: Session, command: str) -> str | None:
+    async def before_reply(self, session: Session, command: str) -> str | None:
         fault = self._take_fault(command)
         if fault is None:
             return None
@@ -138,19 +140,22 @@ class FaultRelay(CaptureSMTPServer):
             raise EndSession(f"fault dropped the connection at {fault.command}")
         return fault.reply
 
-    async def _write_reply(self, session: Session, payload: bytes) -> None:
+    async def write_reply(self, session: Session, payload: bytes) -> None:
         stall_s, trickle_s = self._next_write.pop(session.session_id, (0.0, 0.0))
         if stall_s > 0:
             half = len(payload) // 2
-            await super()._write_reply(session, payload[:half])
+            await session.write(payload[:half])
             await trio.sleep(stall_s)
             payload = payload[half:]
         if trickle_s > 0:
             for byte in payload[:-1]:
-                await super()._write_reply(session, bytes([byte]))
+                await session.write(bytes([byte]))
                 await trio.sleep(trickle_s)
             payload = payload[-1:]
-        await super()._write_reply(session, payload)
+        await session.write(payload)
+
+    async def keep_mail(self, mail: ReceivedMail, number: int) -> ReceivedMail:
+        return mail  # in memory only: `received`
 
     def _take_fault(self, command: str) -> Fault | None:
         for index, fault in enumerate(self.faults):

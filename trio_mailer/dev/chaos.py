@@ -5,7 +5,7 @@ Theory of operation
 A ``Chaos`` says: answer the next ``count`` mails at ``stage`` with ``reply``. The capture relay
 asks ``take(command)`` before each reply it is about to send; at the chaos's stage the answer is
 the chaos reply and a ``Chaos`` with one less to go (``OFF`` after the last). The relay's own
-rule then applies (``capture_relay``'s module docstring): a replaced reply never invents state,
+rule then applies (``smtp_server``'s module docstring): a replaced reply never invents state,
 so a 4xx/5xx at RCPT refuses the recipient and at the end of data loses the mail.
 
 =========  ==============================================================================
@@ -31,7 +31,7 @@ import attrs
 __all__ = ["MAX_COUNT", "MAX_REPLY_CHARS", "OFF", "STAGES", "Chaos", "ChaosError", "parse_chaos"]
 
 STAGES = {"connect": "GREETING", "mail": "MAIL", "rcpt": "RCPT", "data": "DOT"}
-"""Each stage, and the relay reply it replaces (a name of ``capture_relay.REPLY_COMMANDS``)."""
+"""Each stage, and the relay reply it replaces (a name of ``smtp_server.REPLY_COMMANDS``)."""
 MAX_COUNT = 1000
 MAX_REPLY_CHARS = 512  # RFC 5321 section 4.5.3.1.5: a reply line, CRLF included
 _EXAMPLE_REPLY = "451 4.3.0 try again later"

@@ -7,8 +7,7 @@ variables, with the CA given as ``MAILER_SMTP_CA_FILE``, so the dev run exercise
 verified-TLS path. Where ``MAILER_*`` says nothing, dev has its own defaults (``dev_env``):
 metrics on 20101, the outbox file beside the ``.eml`` directory, and no recipient rate limit.
 
-``ChaosRelay`` is the capture relay with relay faults on demand (``chaos.py``), set from the
-web inbox.
+The capture relay answers with relay faults on demand (``chaos.py``), set from the web inbox.
 """
 
 from __future__ import annotations
@@ -21,15 +20,14 @@ import tempfile
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
 
 import attrs
 import trustme
 
 from trio_mailer import tls
 from trio_mailer.core.config import Config
-from trio_mailer.dev.capture_relay import CaptureSMTPServer, ReceivedMail, Session
-from trio_mailer.dev.chaos import OFF, Chaos
+from trio_mailer.dev.capture_relay import CaptureSMTPServer, ReceivedMail
+from trio_mailer.dev.chaos import Chaos
 
 DEV_USER = "dev"
 DEV_FROM = "noreply@example.com"
@@ -57,49 +55,13 @@ def throwaway_tls() -> Iterator[DevTls]:
         yield DevTls(server_context, ca_file, secrets.token_urlsafe(16))
 
 
-class ChaosRelay(CaptureSMTPServer):
-    """The capture relay, with relay faults on demand (``chaos.py``; ``PUT /api/chaos``).
-
-    Args:
-        on_chaos: told of every change of the chaos: set, one used up, off.
-        **kwargs: as for ``CaptureSMTPServer``.
-    """
-
-    def __init__(self, *, on_chaos: Callable[[Chaos], None], **kwargs: Any) -> None:
-        super().__init__(**kwargs)
-        self._chaos = OFF
-        self._on_chaos = on_chaos
-
-    @property
-    def chaos(self) -> Chaos:
-        return self._chaos
-
-    def set_chaos(self, chaos: Chaos) -> None:
-        """Answer the next mails as ``chaos`` says (``OFF``: normally again)."""
-        self._chaos = chaos
-        self._on_chaos(chaos)
-        if chaos.stage == "connect":
-            # The service keeps its session open between mails: close it, or the next mail
-            # would never meet a greeting.
-            for session in self._active.values():
-                session.cancel_scope.cancel()
-
-    async def _before_reply(self, session: Session, command: str) -> str | None:
-        reply, rest = self._chaos.take(command)
-        if reply is not None:
-            self._log.info("chaos: answered %s with %r (%d more to go)", command, reply, rest.count)
-            self._chaos = rest
-            self._on_chaos(rest)
-        return reply
-
-
 def capture_relay(
     tls: DevTls,
     outbox: Path,
     on_mail: Callable[[ReceivedMail], None] | None,
     on_chaos: Callable[[Chaos], None],
-) -> ChaosRelay:
-    return ChaosRelay(
+) -> CaptureSMTPServer:
+    return CaptureSMTPServer(
         ssl_context=tls.server_context,
         tls_mode="implicit",
         credentials=(DEV_USER, tls.password),

@@ -67,7 +67,7 @@ _ASSETS = {
 
 
 class ChaosSwitch(Protocol):
-    """The relay's faults on demand (``environment.ChaosRelay``)."""
+    """The relay's faults on demand (``capture_relay.CaptureSMTPServer``)."""
 
     @property
     def chaos(self) -> Chaos: ...
