@@ -16,13 +16,13 @@ import h11
 import pytest
 import trio
 
+from trio_mailer import http_server
 from trio_mailer.core.mail_lifecycle import MailRecord, MailState
-from trio_mailer.dev import inbox_http
 from trio_mailer.dev.capture_relay import CaptureSMTPServer, ReceivedMail
 from trio_mailer.dev.chaos import OFF, Chaos
 from trio_mailer.dev.inbox import Inbox, track_statuses
 from trio_mailer.dev.inbox_app import MAIL_CSP, PAGE_CSP, InboxApp
-from trio_mailer.dev.inbox_http import serve_http
+from trio_mailer.http_server import serve_http
 
 from .fakes.fault_relay import Fault
 from .helpers import FAST, Harness, send_pass
@@ -72,7 +72,7 @@ def chaos_relay(inbox: Inbox) -> CaptureSMTPServer:
 
 
 async def start(
-    nursery: trio.Nursery, inbox: Inbox, max_connections: int = inbox_http.MAX_CONNECTIONS
+    nursery: trio.Nursery, inbox: Inbox, max_connections: int = http_server.MAX_CONNECTIONS
 ) -> InboxApp:
     app = InboxApp(inbox, chaos_relay(inbox))
     app.port = await nursery.start(
@@ -290,7 +290,7 @@ async def test_search_by_text_recipient_and_message_id(
         (
             "PUT",
             "/api/chaos",
-            b"x" * (inbox_http.MAX_BODY_BYTES + 1),
+            b"x" * (http_server.MAX_BODY_BYTES + 1),
             413,
             "request body too large",
         ),
@@ -340,7 +340,7 @@ async def test_oversized_request_head_is_refused(tmp_path: Path) -> None:
     with trio.fail_after(TIMEOUT_S):
         async with trio.open_nursery() as nursery:
             app = await start(nursery, Inbox(tmp_path))
-            big = [("x-filler", "a" * (inbox_http.MAX_HEAD_BYTES + 10))]
+            big = [("x-filler", "a" * (http_server.MAX_HEAD_BYTES + 10))]
             status, _, body = await request(app.port, "GET", "/", extra=big)
             assert status == 431
             assert json.loads(body) == {"error": "bad request: request head too large"}
@@ -644,13 +644,13 @@ async def test_idle_connection_is_closed_after_the_request_timeout(
     tmp_path: Path, autojump_clock: trio.abc.Clock
 ) -> None:
     """A client that connects and says nothing is dropped after REQUEST_TIMEOUT_S."""
-    with trio.fail_after(inbox_http.REQUEST_TIMEOUT_S * 3):
+    with trio.fail_after(http_server.REQUEST_TIMEOUT_S * 3):
         async with trio.open_nursery() as nursery:
             app = await start(nursery, Inbox(tmp_path))
             stream = await trio.open_tcp_stream("127.0.0.1", app.port)
             start_s = trio.current_time()
             assert await stream.receive_some(4096) == b""
-            assert trio.current_time() - start_s >= inbox_http.REQUEST_TIMEOUT_S
+            assert trio.current_time() - start_s >= http_server.REQUEST_TIMEOUT_S
             await stream.aclose()
             nursery.cancel_scope.cancel()
 

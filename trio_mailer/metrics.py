@@ -1,9 +1,10 @@
-"""Prometheus metrics, and a small ``/metrics`` HTTP endpoint on Trio.
+"""Prometheus metrics, and the ``/metrics`` HTTP endpoint.
 
 The exposition format comes from the well-kept ``prometheus-client`` library; the endpoint is a
-few lines of Trio (one bounded request per connection, GET /metrics only), so scraping never
-starts a thread or blocks the event loop for longer than rendering the text takes. Each
-``Metrics`` has its own registry, so tests and several apps in one process do not collide.
+handler on the one HTTP/1.1 server (``http_server.py``, h11 on Trio; GET /metrics only, one
+request per connection), so scraping never starts a thread or blocks the event loop for longer
+than rendering the text takes. Each ``Metrics`` has its own registry, so tests and several apps
+in one process do not collide.
 
 Conventions (https://prometheus.io/docs/practices/naming/ and the client libraries' own):
 ``process_*`` and ``python_*`` collectors on the registry; no ``*_created`` series (they double
@@ -17,10 +18,10 @@ the common gRPC exporters (go-grpc-prometheus, py-grpc-prometheus), so their das
 from __future__ import annotations
 
 import importlib.metadata
-import logging
 import platform
 import time
 from collections.abc import Callable
+from functools import partial
 
 import purerpc
 import trio
@@ -38,10 +39,8 @@ from prometheus_client import (
 )
 
 from trio_mailer.grpc.listener import BindError
+from trio_mailer.http_server import Request, Response, serve_http
 
-log = logging.getLogger(__name__)
-
-MAX_REQUEST_BYTES = 8 * 1024
 REQUEST_TIMEOUT_S = 5.0
 LATENCY_BUCKETS_S = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600)
 # Accepting a mail takes well under 10 ms (one fsync with the file outbox): finer buckets there.
@@ -337,51 +336,32 @@ async def serve_metrics(
     *,
     task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED,
 ) -> None:
-    """Serve ``GET /metrics`` on ``host:port`` until cancelled; reports the bound port."""
+    """Serve ``GET /metrics`` on ``host:port`` until cancelled; reports the bound port.
+
+    Raises:
+        BindError: ``host:port`` cannot be listened on.
+    """
     try:
-        listeners = await trio.open_tcp_listeners(port, host=host)
-    except OSError as exc:
+        await serve_http(
+            partial(_answer, metrics),
+            host,
+            port,
+            request_timeout_s=REQUEST_TIMEOUT_S,
+            task_status=task_status,
+        )
+    except OSError as exc:  # bare: the bind (see serve_http)
         raise BindError(
             f"cannot listen on {host}:{port} for metrics: {exc.strerror or exc}"
         ) from exc
-    bound: int = listeners[0].socket.getsockname()[1]
-    task_status.started(bound)
-
-    async def handle(stream: trio.SocketStream) -> None:
-        async with stream:
-            try:
-                with trio.fail_after(REQUEST_TIMEOUT_S):
-                    head = await _read_head(stream)
-                    status, body, content_type = _respond(metrics, head)
-                    await stream.send_all(
-                        f"HTTP/1.1 {status}\r\nContent-Type: {content_type}\r\n"
-                        f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n".encode()
-                        + body
-                    )
-            except (trio.TooSlowError, trio.BrokenResourceError, OSError, ValueError) as exc:
-                log.debug("metrics request ended: %r", exc)
-
-    await trio.serve_listeners(handle, listeners)
 
 
-async def _read_head(stream: trio.SocketStream) -> bytes:
-    head = b""
-    while b"\r\n\r\n" not in head:
-        chunk = await stream.receive_some(MAX_REQUEST_BYTES)
-        if not chunk:
-            break
-        head += chunk
-        if len(head) > MAX_REQUEST_BYTES:
-            raise ValueError("request head too large")
-    return head
+_CLOSE = ("Connection", "close")  # a scrape is one request: nothing to keep a connection for
+_TEXT = (("Content-Type", "text/plain"), _CLOSE)
 
 
-def _respond(metrics: Metrics, head: bytes) -> tuple[str, bytes, str]:
-    request_line = head.split(b"\r\n", 1)[0].decode("latin-1")
-    method, _, rest = request_line.partition(" ")
-    path = rest.partition(" ")[0].partition("?")[0]
-    if method != "GET":
-        return "405 Method Not Allowed", b"GET only\n", "text/plain"
-    if path != "/metrics":
-        return "404 Not Found", b"see /metrics\n", "text/plain"
-    return "200 OK", metrics.render(), CONTENT_TYPE_LATEST
+async def _answer(metrics: Metrics, request: Request) -> Response:
+    if request.method != "GET":
+        return Response(405, (*_TEXT, ("Allow", "GET")), b"GET only\n")
+    if request.target.partition("?")[0] != "/metrics":
+        return Response(404, _TEXT, b"see /metrics\n")
+    return Response(200, (("Content-Type", CONTENT_TYPE_LATEST), _CLOSE), metrics.render())

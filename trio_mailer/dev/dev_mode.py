@@ -22,8 +22,8 @@ from trio_mailer.core.errors import exception_leaves
 from trio_mailer.dev import environment as dev
 from trio_mailer.dev.inbox import Inbox, track_statuses
 from trio_mailer.dev.inbox_app import InboxApp
-from trio_mailer.dev.inbox_http import serve_http
 from trio_mailer.grpc.listener import BindError
+from trio_mailer.http_server import serve_http
 
 log = logging.getLogger("trio_mailer")
 

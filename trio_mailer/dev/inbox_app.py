@@ -1,6 +1,6 @@
 """The dev web inbox over HTTP (``trio-mailer dev``): the page, the JSON API, the events.
 
-``InboxApp`` routes a ``Request`` (from ``inbox_http``, on loopback only) to a ``Response``:
+``InboxApp`` routes a ``Request`` (from ``http_server``, on loopback only) to a ``Response``:
 
 - ``GET /``: the page (``/app.js``, ``/app.css`` and ``/favicon.ico`` beside it; no inline
   script, so the page's own CSP can forbid it);
@@ -39,7 +39,7 @@ import trio
 from trio_mailer.core.call_policy import normalise_message_id
 from trio_mailer.dev.chaos import OFF, Chaos, ChaosError, parse_chaos
 from trio_mailer.dev.inbox import Inbox, InboxEvent, MailQuery
-from trio_mailer.dev.inbox_http import Request, Response, json_error, json_response
+from trio_mailer.http_server import Request, Response, json_error, json_response
 
 HEARTBEAT_S = 15.0  # an SSE comment this often, so a vanished client is noticed
 RECONNECT_MS = 2000  # how soon a browser reconnects an event stream that broke

@@ -1,25 +1,30 @@
-"""A small HTTP/1.1 server on Trio streams, with h11 doing the protocol.
+"""The one HTTP/1.1 server: a small loop on Trio streams, with h11 doing the protocol.
+
+Both HTTP endpoints serve through it: the dev web inbox (``dev/inbox_app.py``) and Prometheus'
+``/metrics`` (``metrics.py``). Each gives a ``Handler``, a ``Request`` in and a ``Response`` out.
 
 Why h11 and not hypercorn: hypercorn 0.18 needs h2>=4.3, and purerpc 0.8.0 pins h2<4; h11 is
 the pure HTTP/1.1 state machine hypercorn itself uses, so the protocol is the well-kept part and
 this module is only the I/O loop (as in h11's ``examples/trio-server.py``).
 
-Bounded on purpose, since a browser tab left open for days is the normal client:
+Bounded on purpose, since a browser tab left open for days is a normal client:
 
 - at most ``MAX_CONNECTIONS`` at once; one more gets ``503`` and is closed;
 - a request head of at most ``MAX_HEAD_BYTES`` (else ``431``), a body of at most
   ``MAX_BODY_BYTES`` (else ``413``);
-- each request must arrive within ``REQUEST_TIMEOUT_S`` (idle keep-alive included), and each
+- each request must arrive within ``request_timeout_s`` (idle keep-alive included), and each
   write must complete within ``WRITE_TIMEOUT_S``; a streamed response (server-sent events) lives
-  until the client goes away or a write stalls.
+  until the client goes away or a write stalls. A response with ``connection: close`` ends its
+  connection.
 
 Every error it answers itself (a malformed request, a limit, a handler that raised) is JSON,
-``{"error": "..."}``, as the handler's own errors are (``json_error``).
+``{"error": "..."}``, as the inbox's own errors are (``json_error``).
 """
 
 from __future__ import annotations
 
 import contextlib
+import http
 import json
 import logging
 from collections.abc import AsyncGenerator, Awaitable, Callable
@@ -35,6 +40,7 @@ MAX_CONNECTIONS = 32
 MAX_HEAD_BYTES = 16 * 1024
 MAX_BODY_BYTES = 64 * 1024
 REQUEST_TIMEOUT_S = 30.0
+"""Default budget for one request to arrive, idle keep-alive included."""
 WRITE_TIMEOUT_S = 10.0
 READ_CHUNK_BYTES = 16 * 1024
 
@@ -88,6 +94,9 @@ _TOO_MANY = (
 )
 
 
+_REASONS = {status.value: status.phrase.encode("ascii") for status in http.HTTPStatus}
+
+
 class _ClientGone(Exception):
     pass
 
@@ -98,22 +107,29 @@ async def serve_http(
     port: int,
     *,
     max_connections: int = MAX_CONNECTIONS,
+    request_timeout_s: float = REQUEST_TIMEOUT_S,
     task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED,
 ) -> None:
-    """Serve ``handler`` on ``host:port``; reports the bound port through ``task_status``.
+    """Serve ``handler`` on ``host:port`` until cancelled; reports the bound port through
+    ``task_status``.
 
     Raises:
-        OSError: the port cannot be bound.
+        OSError: the port cannot be bound. Only the bind raises a bare OSError: what fails later
+            comes out of the connections' nursery as an ExceptionGroup.
     """
     listeners = await trio.open_tcp_listeners(port, host=host)
     bound = listeners[0].socket.getsockname()[1]
     limiter = trio.CapacityLimiter(max_connections)
     task_status.started(bound)
-    await trio.serve_listeners(partial(_connection, handler, limiter), listeners)
+    connection = partial(_connection, handler, limiter, request_timeout_s)
+    await trio.serve_listeners(connection, listeners)
 
 
 async def _connection(
-    handler: Handler, limiter: trio.CapacityLimiter, stream: trio.SocketStream
+    handler: Handler,
+    limiter: trio.CapacityLimiter,
+    request_timeout_s: float,
+    stream: trio.SocketStream,
 ) -> None:
     async with stream:
         try:
@@ -127,17 +143,19 @@ async def _connection(
                     pass
             return
         try:
-            await _serve_connection(handler, stream)
+            await _serve_connection(handler, request_timeout_s, stream)
         except (_ClientGone, trio.BrokenResourceError, trio.ClosedResourceError):
             pass
         finally:
             limiter.release()
 
 
-async def _serve_connection(handler: Handler, stream: trio.SocketStream) -> None:
+async def _serve_connection(
+    handler: Handler, request_timeout_s: float, stream: trio.SocketStream
+) -> None:
     conn = h11.Connection(h11.SERVER, max_incomplete_event_size=MAX_HEAD_BYTES)
     while True:
-        with trio.move_on_after(REQUEST_TIMEOUT_S) as timer:
+        with trio.move_on_after(request_timeout_s) as timer:
             try:
                 request = await _read_request(stream, conn)
             except h11.RemoteProtocolError as exc:
@@ -153,7 +171,7 @@ async def _serve_connection(handler: Handler, stream: trio.SocketStream) -> None
         try:
             response = await handler(request)
         except Exception:
-            log.exception("inbox: error answering %s %s", request.method, request.target[:200])
+            log.exception("error answering %s %s", request.method, request.target[:200])
             response = json_error(500, "internal error")
         await _send_response(stream, conn, response)
         if response.stream is not None or conn.our_state is h11.MUST_CLOSE:
@@ -226,7 +244,8 @@ async def _send_response(
         headers.append((b"content-length", str(len(response.body)).encode()))
     else:
         headers.append((b"connection", b"close"))
-    head = conn.send(h11.Response(status_code=response.status, headers=headers))
+    reason = _REASONS.get(response.status, b"")
+    head = conn.send(h11.Response(status_code=response.status, headers=headers, reason=reason))
     await _write(stream, head)
     if response.stream is None:
         await _write(stream, conn.send(h11.Data(data=response.body)))
