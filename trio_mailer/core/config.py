@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import difflib
 import enum
+import importlib.util
 import math
 import re
 from collections.abc import Callable, Mapping
@@ -248,10 +249,27 @@ class DatabaseUrl:
         return self.masked()
 
 
+POSTGRES_EXTRA_MODULES = ("psycopg", "psycopg_pool")
+"""What ``pip install 'trio-mailer[postgres]'`` adds (found, not imported: the core stays pure)."""
+
+
+def postgres_extra_installed() -> bool:
+    try:
+        return all(importlib.util.find_spec(name) for name in POSTGRES_EXTRA_MODULES)
+    except ImportError:  # a finder that refuses the name
+        return False
+
+
 def _outbox(text: str) -> Path | DatabaseUrl | None:
     if text.lower() == "memory":
         return None
     if text.startswith(("postgresql://", "postgres://")):
+        if not postgres_extra_installed():
+            scheme = text.partition("://")[0]
+            raise _Refused(
+                f"MAILER_OUTBOX={scheme}://...: needs the PostgreSQL extra: "
+                "pip install 'trio-mailer[postgres]'"
+            )
         return DatabaseUrl(text)
     path = Path(text)
     if path.exists() and not path.is_file():
