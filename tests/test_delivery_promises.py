@@ -22,6 +22,7 @@ from trio_mailer.store.outbox import MemoryOutbox
 from trio_mailer.store.status_board import StatusBoard
 
 from .helpers import mail
+from .sender_helpers import build_sender
 
 
 @attrs.define
@@ -90,12 +91,7 @@ def pool(relay: LimitedRelay, size: int, finished: list[FinishedMail], **kwargs:
     kwargs.setdefault("backoff", ReconnectBackoff(base_s=1, cap_s=30))
     kwargs.setdefault("policy", RetryPolicy(base_s=1, max_s=30, ttl_s=600))
     return [
-        Sender(
-            connect=relay.connect,
-            random=lambda: 1.0,
-            on_finished=finished.append,
-            **kwargs,  # type: ignore[arg-type]
-        )
+        build_sender(relay.connect, random=lambda: 1.0, on_finished=finished.append, **kwargs)
         for _ in range(size)
     ]
 
@@ -221,7 +217,7 @@ async def test_retries_continue_until_the_ttl_not_a_fixed_count(
         self.relay.delivered.append((mail.message_id, self.number))
         return Delivered(Reply(250, "ok"))
 
-    sender = Sender(connect=relay.connect, on_finished=finished.append)  # default policy
+    sender = build_sender(relay.connect, on_finished=finished.append)  # default policy
     queue = MailQueue.open(capacity=1, retry_capacity=1)
     queue.put_nowait(mail(1))
     queue.close()
@@ -250,7 +246,7 @@ async def test_an_attempt_is_stored_as_started_before_data(
         await trio.sleep_forever()
         raise AssertionError("unreachable")
 
-    sender = Sender(connect=relay.connect, board=board, outbox=outbox)
+    sender = build_sender(relay.connect, board=board, outbox=outbox)
     record = MailRecord.accepted(mail(1), accepted_at_unix=sender.wall_clock())
     await outbox.add(record)
     board.track(record)
@@ -280,7 +276,7 @@ async def test_status_says_why_a_mail_waits_while_the_relay_refuses_our_credenti
         await trio.lowlevel.checkpoint()
         raise ConnectFailed("AUTH refused: 535 5.7.8 bad credentials", config_error=True)
 
-    sender = Sender(connect=refuse, board=board, backoff=ReconnectBackoff(base_s=1, cap_s=10))
+    sender = build_sender(refuse, board=board, backoff=ReconnectBackoff(base_s=1, cap_s=10))
     record = MailRecord.accepted(mail(1), accepted_at_unix=sender.wall_clock())
     board.track(record)
     queue = MailQueue.open(capacity=1, retry_capacity=1)
@@ -327,7 +323,7 @@ async def test_a_connect_that_ends_past_the_ttl_does_not_send_the_mail_late(
         await trio.sleep(90)  # a relay that takes its time over the greeting and TLS
         return await relay.connect()
 
-    sender = Sender(connect=slow_connect, policy=RetryPolicy(ttl_s=60), on_finished=finished.append)
+    sender = build_sender(slow_connect, policy=RetryPolicy(ttl_s=60), on_finished=finished.append)
     queue = MailQueue.open(capacity=1, retry_capacity=1)
     queue.put_nowait(mail(1))
     queue.close()

@@ -25,7 +25,7 @@ from trio_mailer.core.errors import OutboxConflict, OutboxError, exception_leave
 from trio_mailer.core.mail_lifecycle import MailRecord, MailState, StatusChange
 from trio_mailer.core.message import OutgoingMail
 from trio_mailer.delivery.mail_queue import MailQueue
-from trio_mailer.delivery.sender import FinishedMail, Sender
+from trio_mailer.delivery.sender import FinishedMail
 from trio_mailer.delivery.smtp_session import Delivered, Reply
 from trio_mailer.store import psycopg_internals
 from trio_mailer.store.postgres_outbox import LEASE_LOST, PostgresOutbox
@@ -36,6 +36,7 @@ from trio_mailer.v1.mailer_pb2 import MsgReply, MsgRequest
 from .fakes.fault_relay import Fault, FaultRelay
 from .helpers import message_ids, queued, running_service
 from .postgres_helpers import StallingProxy, fresh_database, server_port, via_port
+from .sender_helpers import build_sender
 
 TIMEOUT_S = 120  # generous: a busy machine, subprocesses, a database restart
 DB_TIMEOUT_S = 1.0  # MAILER_DB_TIMEOUT_S in these tests
@@ -262,7 +263,7 @@ async def deliver(box: PostgresOutbox, relay: Relay, record: MailRecord) -> list
     board = StatusBoard()
     board.track(record)
     finished: list[FinishedMail] = []
-    sender = Sender(connect=relay.connect, board=board, outbox=box, on_finished=finished.append)
+    sender = build_sender(relay.connect, board=board, outbox=box, on_finished=finished.append)
     queue = MailQueue.open(capacity=1, retry_capacity=1)
     queue.put_nowait(record.to_mail())
     queue.close()

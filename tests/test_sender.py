@@ -28,6 +28,7 @@ from trio_mailer.delivery.smtp_session import (
 )
 
 from .helpers import mail
+from .sender_helpers import build_sender
 
 Outcome = Delivered | Rejected | SessionLost
 
@@ -102,11 +103,11 @@ async def run_sender(
     finished: list[FinishedMail] = []
     kwargs.setdefault("backoff", ReconnectBackoff(base_s=0.5, cap_s=30))
     kwargs.setdefault("noop_idle_s", 0)  # probe before every reuse, unless a test says otherwise
-    sender = Sender(
-        connect=relay.connect,
+    sender = build_sender(
+        relay.connect,
         random=lambda: 1.0,  # the top of every jitter range: deterministic delays
         on_finished=finished.append,
-        **kwargs,  # type: ignore[arg-type]
+        **kwargs,
     )
     queue = MailQueue.open(capacity=max(len(mails), 1), retry_capacity=10)
     for m in mails:
@@ -262,7 +263,7 @@ async def test_cancelled_sender_keeps_the_in_flight_mail_and_closes_the_session(
 ) -> None:
     """Cancellation mid-send leaves in_flight set (for the shutdown report) and closes."""
     relay = FakeRelay()
-    sender = Sender(connect=relay.connect)
+    sender = build_sender(relay.connect)
     queue = MailQueue.open(capacity=1, retry_capacity=1)
     queue.put_nowait(mail(1))
     with trio.move_on_after(0.005):  # shorter than one send
@@ -397,8 +398,8 @@ async def test_jitter_spreads_reconnects(autojump_clock: trio.testing.MockClock)
     relay = FakeRelay(connect_failures=3)
     start = trio.current_time()
     finished: list[FinishedMail] = []
-    sender = Sender(
-        connect=relay.connect,
+    sender = build_sender(
+        relay.connect,
         backoff=ReconnectBackoff(base_s=2, cap_s=60),
         random=lambda: 0.0,
         on_finished=finished.append,
@@ -413,7 +414,7 @@ async def test_jitter_spreads_reconnects(autojump_clock: trio.testing.MockClock)
 
 async def run_sender_with_gaps(relay: FakeRelay, gaps_s: list[float], **kwargs: object) -> Sender:
     """Mail n+1 arrives gaps_s[n] after mail n was handed over."""
-    sender = Sender(connect=relay.connect, random=lambda: 1.0, **kwargs)  # type: ignore[arg-type]
+    sender = build_sender(relay.connect, random=lambda: 1.0, **kwargs)
     queue = MailQueue.open(capacity=len(gaps_s) + 1, retry_capacity=5)
     async with trio.open_nursery() as nursery:
         nursery.start_soon(sender.run, queue)

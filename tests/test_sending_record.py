@@ -21,13 +21,15 @@ from trio_mailer.core.errors import OutboxConflict, OutboxError
 from trio_mailer.core.mail_lifecycle import MailRecord, MailState, StatusChange
 from trio_mailer.core.message import OutgoingMail
 from trio_mailer.core.retry_policy import ReconnectBackoff
+from trio_mailer.delivery.attempt import UNSTORED_RETRY_MAX_S
 from trio_mailer.delivery.mail_queue import MailQueue
-from trio_mailer.delivery.sender import UNSTORED_RETRY_MAX_S, FinishedMail, Sender
+from trio_mailer.delivery.sender import FinishedMail, Sender
 from trio_mailer.delivery.smtp_session import Delivered, Reply
 from trio_mailer.store.outbox import MemoryOutbox
 from trio_mailer.store.status_board import StatusBoard
 
 from .helpers import mail
+from .sender_helpers import build_sender
 
 
 @attrs.define
@@ -91,8 +93,8 @@ async def start(
     relay = Relay()
     board = StatusBoard()
     finished: list[FinishedMail] = []
-    sender = Sender(
-        connect=relay.connect,
+    sender = build_sender(
+        relay.connect,
         board=board,
         outbox=outbox,
         on_finished=finished.append,

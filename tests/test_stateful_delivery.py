@@ -38,12 +38,13 @@ from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
-import trio_mailer.app as app_module
 from trio_mailer.app import MailerApp
 from trio_mailer.core.config import Config, shipped_templates_dir
 from trio_mailer.core.mail_lifecycle import TERMINAL_STATES, MailState
 from trio_mailer.core.message import OutgoingMail
 from trio_mailer.core.rendering import MailTemplates
+from trio_mailer.delivery.mail_queue import MailQueue
+from trio_mailer.delivery.sender import Sender
 from trio_mailer.delivery.smtp_session import (
     ConnectFailed,
     Delivered,
@@ -191,14 +192,6 @@ def wall() -> float:
     return EPOCH + trio.current_time()
 
 
-class _WallTime:
-    """Stands in for the ``time`` module in ``app`` (its recovery reads ``time.time()``)."""
-
-    @staticmethod
-    def time() -> float:
-        return wall()
-
-
 class DeliveryMachine(RuleBasedStateMachine):
     def __init__(self) -> None:
         super().__init__()
@@ -210,8 +203,6 @@ class DeliveryMachine(RuleBasedStateMachine):
         self.crashes: list[BaseException] = []
         self.refused = RefusedChanges()
         logging.getLogger("trio_mailer").addHandler(self.refused)
-        self._saved_time = app_module.time
-        app_module.time = _WallTime  # type: ignore[assignment]
         self.count = 0
         self.app: MailerApp
         self.scope: trio.CancelScope
@@ -234,25 +225,29 @@ class DeliveryMachine(RuleBasedStateMachine):
             # in advance_clock here (the pacing has its own tests: test_load_shedding.py).
             refusals_per_s=0.0,
         )
-        self.app = app = MailerApp(config, TEMPLATES, self.relay.connect)  # type: ignore[arg-type]
+        self.app = app = MailerApp(
+            config,
+            TEMPLATES,
+            self.relay.connect,  # type: ignore[arg-type]
+            on_finished=lambda f: self.finished.append(f.delivery.message_id),
+            wall_clock=wall,
+        )
         app.service.outbox = self.outbox
-        app.service._wall_clock = wall
         app.relay_checked.set()
-        for sender in app.senders:
-            sender.outbox = self.outbox
-            sender.wall_clock = wall
-            sender.on_finished = lambda f: self.finished.append(f.delivery.message_id)
+        senders = app.build_senders(self.outbox)
         self.scope = trio.CancelScope()
         assert self.trio.nursery is not None
-        self.trio.nursery.start_soon(self._run_pool, app, self.scope)
+        self.trio.nursery.start_soon(self._run_pool, senders, app.queue, self.scope)
         await app._recover(self.outbox)
 
-    async def _run_pool(self, app: MailerApp, scope: trio.CancelScope) -> None:
+    async def _run_pool(
+        self, senders: list[Sender], queue: MailQueue, scope: trio.CancelScope
+    ) -> None:
         try:
             with scope:
                 async with trio.open_nursery() as pool:
-                    for sender in app.senders:
-                        pool.start_soon(sender.run, app.queue)
+                    for sender in senders:
+                        pool.start_soon(sender.run, queue)
         except BaseException as exc:
             self.crashes.append(exc)
 
@@ -369,7 +364,6 @@ class DeliveryMachine(RuleBasedStateMachine):
                 self.the_service_never_dies()
                 self.every_status_change_follows_the_table()
         finally:
-            app_module.time = self._saved_time  # type: ignore[assignment]
             logging.getLogger("trio_mailer").removeHandler(self.refused)
             self.trio.stop()
 

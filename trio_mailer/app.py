@@ -46,12 +46,8 @@ from trio_mailer.core.rendering import MailTemplates, TemplateError
 from trio_mailer.core.retry_policy import ReconnectBackoff, RetryPolicy
 from trio_mailer.delivery.mail_queue import Delivery, MailQueue
 from trio_mailer.delivery.relays import RelayChain
-from trio_mailer.delivery.sender import (
-    Connector,
-    FinishedMail,
-    Sender,
-    SmtpSession,
-)
+from trio_mailer.delivery.sender import FinishedMail, Sender, no_relay_chain
+from trio_mailer.delivery.session_keeper import Connector, SmtpSession
 from trio_mailer.delivery.smtp_session import (
     ConnectFailed,
     RelaySettings,
@@ -131,8 +127,10 @@ class MailerApp:
     on_finished: Callable[[FinishedMail], None] | None = None
     outbox: Outbox | None = None  # given: used instead of the one the config names
     relays: RelayChain | None = None  # the relays behind ``connect``, told of each 421
+    wall_clock: Callable[[], float] = time.time  # unix seconds: what the outbox stores
     queue: MailQueue = attrs.field(init=False)
-    senders: list[Sender] = attrs.field(init=False)
+    # The pool, built by ``run`` once the outbox is open (``build_senders``); empty before.
+    senders: list[Sender] = attrs.field(init=False, factory=list)
     metrics: Metrics = attrs.field(init=False)
     health: HealthState = attrs.field(init=False)
     board: StatusBoard = attrs.field(init=False)
@@ -151,36 +149,9 @@ class MailerApp:
     def __attrs_post_init__(self) -> None:
         config = self.config
         self.queue = MailQueue.open(config.queue_size, config.retry_capacity)
-        policy = RetryPolicy(
-            base_s=config.retry_base_s,
-            max_s=config.retry_max_s,
-            max_attempts=config.max_attempts,
-            ttl_s=config.message_ttl_s,
-        )
-        backoff = ReconnectBackoff(base_s=config.retry_base_s, cap_s=config.retry_max_s)
-        # The pool: one sender task per SMTP session, all sharing the queue and the policy.
-        self.senders = [
-            Sender(
-                connect=self.connect,
-                policy=policy,
-                backoff=backoff,
-                noop_idle_s=config.noop_idle_s,
-                max_messages=config.session_max_messages,
-                max_age_s=config.session_max_age_s,
-                start_after=self.relay_checked,
-            )
-            for _ in range(config.smtp_sessions)
-        ]
-        for sender in self.senders:
-            sender.on_finished = self._mail_finished
-        if self.relays is not None:
-            for sender in self.senders:
-                sender.on_relay_closing = self.relays.trouble
         if self.on_finished is not None:
             self.watch_finished(self.on_finished)
         self.metrics = Metrics()
-        for sender in self.senders:
-            sender.metrics = self.metrics
         self.metrics.track(
             queue_depth=lambda: self.queue.statistics().queued,
             in_flight=lambda: self.queue.statistics().in_flight,
@@ -200,6 +171,7 @@ class MailerApp:
             caller_limit=config.caller_limit,
             suppress_s=config.suppress_s,
             on_suppressed=self.metrics.suppressed_addresses.set,
+            wall_clock=self.wall_clock,
         )
         self.service = MailerService(
             composer,
@@ -210,10 +182,39 @@ class MailerApp:
             identify=self.caller_identity,
             refusal_pacer=RefusalPacer(config.refusals_per_s),
             refusal_wait_s=config.refusal_wait_s,
+            wall_clock=self.wall_clock,
         )
-        for sender in self.senders:
-            sender.board = self.board
         self.health = HealthState([self.service.service.name])
+
+    def build_senders(self, outbox: Outbox) -> list[Sender]:
+        """The pool: one sender task per SMTP session, all sharing the queue, the policies and
+        ``outbox``; each is given every collaborator here, at construction."""
+        config = self.config
+        policy = RetryPolicy(
+            base_s=config.retry_base_s,
+            max_s=config.retry_max_s,
+            max_attempts=config.max_attempts,
+            ttl_s=config.message_ttl_s,
+        )
+        backoff = ReconnectBackoff(base_s=config.retry_base_s, cap_s=config.retry_max_s)
+        return [
+            Sender(
+                connect=self.connect,
+                outbox=outbox,
+                board=self.board,
+                metrics=self.metrics,
+                on_finished=self._mail_finished,
+                policy=policy,
+                backoff=backoff,
+                wall_clock=self.wall_clock,
+                noop_idle_s=config.noop_idle_s,
+                max_messages=config.session_max_messages,
+                max_age_s=config.session_max_age_s,
+                start_after=self.relay_checked,
+                on_relay_closing=no_relay_chain if self.relays is None else self.relays.trouble,
+            )
+            for _ in range(config.smtp_sessions)
+        ]
 
     @classmethod
     def from_config(cls, config: Config) -> MailerApp:
@@ -506,7 +507,7 @@ class MailerApp:
         # A page at a time, each mail waiting for room: memory stays within the queue's bound.
         for record in page:
             # Its age so far, in this process's clock, so the time to live carries over.
-            age_s = max(0.0, time.time() - record.accepted_at_unix)
+            age_s = max(0.0, self.wall_clock() - record.accepted_at_unix)
             self.board.track(record)
             await self.queue.put_recovered(
                 Delivery(
@@ -526,7 +527,7 @@ class MailerApp:
         retention = self.config.status_retention_s
         while True:
             try:
-                pruned = await outbox.prune(time.time() - retention)
+                pruned = await outbox.prune(self.wall_clock() - retention)
             except OutboxError as exc:
                 log.error("cannot prune the outbox: %s", exc)
             else:
@@ -539,8 +540,7 @@ class MailerApp:
         self.service.outbox = outbox
         self.admission.outbox = outbox
         await self.admission.load()  # the limits' counts and the suppression list, before serving
-        for sender in self.senders:
-            sender.outbox = outbox
+        self.senders = self.build_senders(outbox)
         senders_done = trio.Event()
         senders_scope = trio.CancelScope()
 

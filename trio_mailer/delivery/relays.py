@@ -24,7 +24,7 @@ import attrs
 import trio
 
 from trio_mailer.core.retry_policy import ReconnectBackoff
-from trio_mailer.delivery.sender import SmtpSession
+from trio_mailer.delivery.session_keeper import SmtpSession
 from trio_mailer.delivery.smtp_session import ConnectFailed, RelaySettings
 
 log = logging.getLogger(__name__)
