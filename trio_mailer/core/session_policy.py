@@ -1,6 +1,7 @@
 """What a sender does with its SMTP session: probe it, recycle it, or replace it after a reply.
 
-Pure: the session keeper (``delivery/session_keeper.py``) asks these functions and does what they answer.
+Pure: the session keeper (``delivery/session_keeper.py``) asks these functions and does what
+they answer.
 
 Theory of operation
 -------------------
