@@ -68,7 +68,7 @@ async def test_a_stalled_network_fails_calls_within_the_timeout_and_the_store_re
                 connect_timeout_s=DB_TIMEOUT_S,
             )
             try:
-                await nursery.start(box.run)
+                await nursery.start(box.run, lambda message_id: None)  # no watchers
                 for n in range(3):
                     await box.add(queued(n))
                 proxy.freeze()

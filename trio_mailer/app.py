@@ -73,7 +73,6 @@ from trio_mailer.grpc.reflection_service import reflection_services
 from trio_mailer.logs import printable
 from trio_mailer.metrics import Metrics, serve_metrics
 from trio_mailer.store.outbox import Outbox, open_outbox
-from trio_mailer.store.postgres_outbox import PostgresOutbox, mask_url
 from trio_mailer.store.status_board import StatusBoard
 from trio_mailer.v1 import mailer_pb2
 
@@ -338,9 +337,7 @@ class MailerApp:
             now_s=trio.current_time(),
             down_after_s=self.config.health_down_after_s,
             relay_verified=self.relay_verified,
-            store_reachable=self.service.outbox.reachable()
-            if isinstance(self.service.outbox, PostgresOutbox)
-            else True,
+            store_reachable=self.service.outbox.reachable(),
         )
         self.health.set(ServingStatus.SERVING if serving else ServingStatus.NOT_SERVING)
 
@@ -461,47 +458,34 @@ class MailerApp:
             pool_size=self.config.db_pool_size,
             timeout_s=self.config.db_timeout_s,
         ) as outbox:
-            if isinstance(outbox, PostgresOutbox):
-                self._share(outbox)
-            elif self.outbox is None and path is not None:
-                log.info("outbox: %s", path)
+            log.info("outbox: %s", outbox.describe())
+            # A shared store checks the limits and the suppression list against every replica.
+            self.admission.shared_store = outbox.shared
             return await self._run_with(outbox, task_status)
 
-    def _share(self, outbox: PostgresOutbox) -> None:
-        """Wire the shared outbox: watchers woken by other replicas, limits checked in it."""
-        outbox.on_change = self.board.changed_elsewhere
-        self.admission.shared_store = True
-        log.info("outbox: %s (shared; this replica is %s)", mask_url(outbox.url), outbox.owner)
-
-    async def _claim(self, outbox: PostgresOutbox) -> None:
-        """Take the mail that no live replica holds (a dead replica's, once its lease lapsed;
-        a stopped one's at once), as room in the queue allows; runs until cancelled."""
+    async def _claim(self, outbox: Outbox) -> None:
+        """Queue the mail no running process holds, as room in the queue allows: at start-up
+        what a previous run left unfinished; from a shared store, later, a dead replica's (once
+        its lease lapsed) and a stopped one's (at once). Runs until cancelled."""
         while True:
             try:
-                claimed = await outbox.claim()
+                await self._recover(outbox)
             except OutboxError as exc:
                 log.error("cannot claim mail: %s", exc)
-                claimed = []
-            if claimed:
-                log.info("claimed %d mail(s) that no live replica held", len(claimed))
-                await self._resume(claimed)
-                continue
-            await outbox.wait_for_work(outbox.lease_s / 2)
+            await outbox.wait_for_work()
 
     async def _recover(self, outbox: Outbox) -> None:
-        """Queue every mail a previous run accepted and did not finish (attempts and time to
-        live carried over), waiting for room like any other mail."""
-        after = None
+        """Queue what ``claim`` hands this process until it has nothing more (attempts and time
+        to live carried over), each mail waiting for room like any other."""
         resumed = 0
-        while page := await outbox.unfinished(after=after, limit=self.config.queue_size):
-            after = (page[-1].accepted_at_unix, page[-1].message_id)
+        while page := await outbox.claim():
             resumed += len(page)
             try:
                 await self._resume(page)
             except ShuttingDown:
                 break  # the rest stays in the outbox for the next start
         if resumed:
-            log.info("resumed %d unfinished mail(s) from the outbox", resumed)
+            log.info("claimed %d unfinished mail(s) that no running process held", resumed)
 
     async def _resume(self, page: list[MailRecord]) -> None:
         # A page at a time, each mail waiting for room: memory stays within the queue's bound.
@@ -577,11 +561,8 @@ class MailerApp:
 
             async def recover() -> None:
                 with recovery_scope:
-                    if isinstance(outbox, PostgresOutbox):
-                        await nursery.start(outbox.run)
-                        await self._claim(outbox)  # instead of reading every unfinished mail
-                    else:
-                        await self._recover(outbox)
+                    await nursery.start(outbox.run, self.board.changed_elsewhere)
+                    await self._claim(outbox)
 
             nursery.start_soon(recover)
             if config.metrics_port is not None:

@@ -42,6 +42,9 @@ reports changes and it is being stopped.
 
 ``MemoryOutbox`` has the same interface and rules without persistence (``MAILER_OUTBOX=memory``);
 each call is its own "commit", and nothing survives the process.
+
+Both implement the ``Store`` protocol (``store.py``), as the PostgreSQL outbox does
+(``postgres_outbox.py``); ``open_outbox`` opens the one the configuration names.
 """
 
 from __future__ import annotations
@@ -52,7 +55,7 @@ import math
 import os
 import sqlite3
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Protocol, TypeVar
 
@@ -78,6 +81,8 @@ from trio_mailer.store.admission_tables import (
     Suppression,
 )
 from trio_mailer.store.group_commit import GroupCommit, Outcomes
+from trio_mailer.store.postgres_outbox import PostgresOutbox
+from trio_mailer.store.store import OutboxStatistics, Store
 
 __all__ = [
     "MailRecord",
@@ -91,6 +96,7 @@ __all__ = [
     "OutboxStatistics",
     "SqliteOutbox",
     "StatusChange",
+    "Store",
     "default_outbox_path",
     "open_outbox",
 ]
@@ -159,36 +165,8 @@ _UPDATE = (
 _WITHDRAW = "DELETE FROM mail WHERE message_id = ? AND state = ? AND attempts = 0"
 
 
-@attrs.frozen
-class OutboxStatistics:
-    commits: int  # successful commits (each one fsync)
-    rows_committed: int  # changes those commits carried (adds, status changes, withdrawals)
-    failed_commits: int
-    pending: int  # changes waiting for a commit to take them
-    largest_batch: int  # the most changes one commit carried
-    round_trips: int = 0  # database round trips (a database server's outbox only)
-
-
-class Outbox(Protocol):
-    """What the service needs of an outbox (``SqliteOutbox`` or ``MemoryOutbox``)."""
-
-    async def add(self, record: MailRecord, acceptance: Acceptance | None = None) -> None: ...
-    async def record(self, change: StatusChange) -> None: ...
-    async def find_key(self, caller: str, key: str, since_unix: float) -> KeyEntry | None: ...
-    async def accepted_since(self, since_unix: float) -> list[AcceptedAt]: ...
-    async def list_suppressed(self, now_unix: float) -> list[Suppression]: ...
-    async def suppress(self, entry: Suppression) -> None: ...
-    async def unsuppress(self, address: str) -> bool: ...
-    async def prune_admission(
-        self, *, keys_before: float, log_before: float, now_unix: float
-    ) -> int: ...
-    async def unfinished(
-        self, *, after: tuple[float, str] | None = None, limit: int | None = None
-    ) -> list[MailRecord]: ...
-    async def get(self, message_id: str) -> MailRecord | None: ...
-    async def prune(self, finished_before_unix: float) -> int: ...
-    def statistics(self) -> OutboxStatistics: ...
-    async def aclose(self) -> None: ...
+# The name the service's modules import the protocol by.
+Outbox = Store
 
 
 @attrs.frozen
@@ -512,9 +490,95 @@ def _in_transaction(
 
 # ---- the outboxes ----
 
+CLAIM_BATCH = 256  # mails one claim of a single-process outbox hands out at most
+CLAIM_RETRY_S = 5.0  # after a claim failed, until the next one
+
+
+@attrs.define
+class _Claims:
+    """What a single-process outbox hands out through ``claim``: one *pass* over the mail that
+    was unfinished when the pass began, oldest first, a page of ``unfinished`` at a time, each
+    mail once; the pass ends when ``claim`` answers nothing, and the next claim begins another.
+    The service makes one pass, at start-up: it gets what a previous run left unfinished.
+
+    The mail added during a pass its adder holds already: ``added`` names it in ``held`` (in the
+    commit, before any later read) and the pages skip it.
+    """
+
+    passing: bool = False
+    after: tuple[float, str] | None = None  # the last mail the pass read
+    held: set[str] = attrs.field(factory=set)
+    read_all: bool = False  # the pass read the last page: its next claim answers nothing
+
+    def added(self, message_id: str) -> None:
+        if self.passing:
+            self.held.add(message_id)
+
+    async def claim(
+        self, unfinished: Callable[..., Awaitable[list[MailRecord]]], limit: int
+    ) -> list[MailRecord]:
+        if not self.passing:
+            self.passing, self.after, self.read_all = True, None, False
+        claimed: list[MailRecord] = []
+        while not self.read_all and len(claimed) < limit:
+            asked = limit - len(claimed)
+            page = await unfinished(after=self.after, limit=asked)
+            if page:
+                self.after = (page[-1].accepted_at_unix, page[-1].message_id)
+            claimed += [record for record in page if record.message_id not in self.held]
+            self.read_all = len(page) < asked
+        if not claimed:
+            await unfinished(limit=0)  # nothing, but a closed outbox raises as for every call
+            self.passing = False
+            self.held.clear()
+        return claimed
+
+    async def wait_for_work(self) -> None:
+        if self.passing:
+            await trio.sleep(CLAIM_RETRY_S)  # a claim failed during the pass: go on with it
+        else:
+            await trio.sleep_forever()  # nobody else adds mail
+
+
+class _Unfinished(Protocol):
+    _claims: _Claims
+
+    async def unfinished(
+        self, *, after: tuple[float, str] | None = None, limit: int | None = None
+    ) -> list[MailRecord]: ...
+
+
+class _OneProcess:
+    """The members of ``Store`` about other processes, for an outbox that only this process
+    writes: it is not shared, hands out what a previous run left (``_Claims``), has no background
+    work and no connection to lose (each call's failure is that call's answer)."""
+
+    @property
+    def shared(self) -> bool:
+        return False
+
+    async def claim(self: _Unfinished, limit: int = CLAIM_BATCH) -> list[MailRecord]:
+        """Up to ``limit`` of the mail unfinished when the pass began (``_Claims``)."""
+        return await self._claims.claim(self.unfinished, limit)
+
+    async def wait_for_work(self: _Unfinished) -> None:
+        """Forever once a pass of ``claim`` ended (nobody else adds mail)."""
+        await self._claims.wait_for_work()
+
+    async def run(
+        self,
+        on_change: Callable[[str], None],
+        *,
+        task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
+    ) -> None:
+        task_status.started()
+
+    def reachable(self) -> bool:
+        return True
+
 
 @attrs.define(eq=False)
-class SqliteOutbox:
+class SqliteOutbox(_OneProcess):
     """The durable outbox: one SQLite file, written through one worker thread at a time."""
 
     path: Path
@@ -522,11 +586,15 @@ class SqliteOutbox:
     _limiter: trio.CapacityLimiter = attrs.field(factory=lambda: trio.CapacityLimiter(1))
     _closed: bool = False
     _group: GroupCommit[_Change] = attrs.field(init=False, repr=False)
+    _claims: _Claims = attrs.field(init=False, repr=False, factory=_Claims)
 
     def __attrs_post_init__(self) -> None:
         self._group = GroupCommit(
             self._write, self._requeue_after_failure, self._withdrawal, path=self.path
         )
+
+    def describe(self) -> str:
+        return str(self.path)
 
     @classmethod
     async def open(cls, path: Path, *, max_size_bytes: int | None = None) -> SqliteOutbox:
@@ -638,6 +706,9 @@ class SqliteOutbox:
         except BaseException:
             _rollback(conn)
             raise
+        for change, outcome in zip(changes, outcomes, strict=True):
+            if outcome is None and (added := _added(change)) is not None:
+                self._claims.added(added.message_id)  # before any read that would see it
         return outcomes
 
     # ---- reads and upkeep ----
@@ -775,7 +846,7 @@ class SqliteOutbox:
 
 
 @attrs.define(eq=False)
-class MemoryOutbox:
+class MemoryOutbox(_OneProcess):
     """The outbox without persistence: the same rules, nothing survives the process.
 
     Every call checkpoints first and then takes effect at once (``add`` never waits), so a
@@ -786,6 +857,10 @@ class MemoryOutbox:
     _closed: bool = False
     _commits: int = 0
     _admission: MemoryAdmission = attrs.field(factory=MemoryAdmission)
+    _claims: _Claims = attrs.field(init=False, repr=False, factory=_Claims)
+
+    def describe(self) -> str:
+        return "memory (lost when the process stops)"
 
     async def add(self, record: MailRecord, acceptance: Acceptance | None = None) -> None:
         await self._checkpoint()
@@ -796,6 +871,7 @@ class MemoryOutbox:
         self._records[record.message_id] = record
         if acceptance is not None:
             self._admission.write(acceptance)
+        self._claims.added(record.message_id)
         self._commits += 1
 
     async def find_key(self, caller: str, key: str, since_unix: float) -> KeyEntry | None:
@@ -911,8 +987,6 @@ async def open_outbox(
     elif path is None:
         outbox = MemoryOutbox()
     elif isinstance(path, DatabaseUrl):
-        from trio_mailer.store.postgres_outbox import PostgresOutbox  # it imports this module
-
         outbox = await PostgresOutbox.open(
             path.url,
             lease_s=lease_s,

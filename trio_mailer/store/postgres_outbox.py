@@ -2,7 +2,7 @@
 
 Theory of operation
 -------------------
-``PostgresOutbox`` implements the ``Outbox`` protocol of ``outbox.py`` on a psycopg 3
+``PostgresOutbox`` implements the ``Store`` protocol (``store.py``) on a psycopg 3
 ``ConnectionPool``. psycopg's async API is asyncio-only, so every call runs the sync API in a
 worker thread (``trio.to_thread.run_sync``) under a ``CapacityLimiter`` as large as the pool.
 
@@ -32,7 +32,7 @@ stores ``SENDING`` before the relay hears DATA and does not send when that fails
 goes out from the replica that holds it, never from both unflagged.
 
 **Status everywhere.** Each stored change NOTIFYs ``trio_mailer_status`` with its message id;
-``run`` LISTENs on a connection of its own and calls ``on_change`` (the status board's wake-up),
+``run`` LISTENs on a connection of its own and calls its ``on_change`` (the status board's wake-up),
 so a ``WatchStatus`` on any replica follows a mail that another replica sends.
 
 **Faults.** Any database error becomes an ``OutboxError`` (UNAVAILABLE for a call) and marks
@@ -78,7 +78,7 @@ from trio_mailer.store.admission_tables import (
     Suppression,
 )
 from trio_mailer.store.group_commit import GroupCommit, Outcomes
-from trio_mailer.store.outbox import OutboxStatistics
+from trio_mailer.store.store import OutboxStatistics
 
 log = logging.getLogger(__name__)
 
@@ -239,7 +239,6 @@ class PostgresOutbox:
     owner: str
     _pool: Any = attrs.field(repr=False)  # psycopg_pool.ConnectionPool
     _limiter: trio.CapacityLimiter
-    on_change: Callable[[str], None] | None = None  # a mail's status changed (any replica)
     _work: trio.Event = attrs.field(factory=trio.Event)
     _reachable: bool = True
     _held: dict[str, MailRecord] = attrs.field(factory=dict)  # unfinished rows this one wrote
@@ -249,6 +248,14 @@ class PostgresOutbox:
 
     def __attrs_post_init__(self) -> None:
         self._group = GroupCommit(self._write, self._requeue_after_failure, self._withdrawal)
+
+    @property
+    def shared(self) -> bool:
+        """Always: replicas share the database."""
+        return True
+
+    def describe(self) -> str:
+        return f"{mask_url(self.url)} (shared; this replica is {self.owner})"
 
     @classmethod
     async def open(
@@ -409,7 +416,9 @@ class PostgresOutbox:
                         outcomes[i] = exc
                         continue
                     if applied.problem is not None:
-                        log.error("outbox: %s", applied.problem, extra={"message_id": current})
+                        log.error(
+                            "outbox: %s", applied.problem, extra={"message_id": current.message_id}
+                        )
                     new_records[i] = applied.record
                     payload.append(
                         {
@@ -482,9 +491,10 @@ class PostgresOutbox:
 
         return await self._run(claim)
 
-    async def wait_for_work(self, timeout_s: float) -> None:
-        """Until another replica releases mail (NOTIFY), or ``timeout_s`` passed."""
-        with trio.move_on_after(timeout_s):
+    async def wait_for_work(self) -> None:
+        """Until another replica releases mail (NOTIFY), or half a lease passed (a dead
+        replica's lease may have lapsed meanwhile)."""
+        with trio.move_on_after(self.lease_s / 2):
             await self._work.wait()
         self._work = trio.Event()
 
@@ -492,11 +502,17 @@ class PostgresOutbox:
         """False while the last database operation failed (health says NOT_SERVING)."""
         return self._reachable
 
-    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        """Renew this replica's leases and follow the NOTIFYs (until cancelled)."""
+    async def run(
+        self,
+        on_change: Callable[[str], None],
+        *,
+        task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
+    ) -> None:
+        """Renew this replica's leases and follow the NOTIFYs: ``on_change(message_id)`` for
+        each status change any replica stores (until cancelled)."""
         async with trio.open_nursery() as nursery:
             nursery.start_soon(self._renew_leases)
-            nursery.start_soon(self._listen)
+            nursery.start_soon(self._listen, on_change)
             nursery.start_soon(self._probe)
             task_status.started()
 
@@ -522,7 +538,7 @@ class PostgresOutbox:
         self._round_trips += 1
         conn.execute(_RENEW, {"me": self.owner, "lease_s": self.lease_s})
 
-    async def _listen(self) -> None:
+    async def _listen(self, on_change: Callable[[str], None]) -> None:
         import psycopg
 
         from trio_mailer.store.psycopg_internals import bounded_connection_class
@@ -561,8 +577,8 @@ class PostgresOutbox:
                 for channel, payload in notes:
                     if channel == schema.WORK_CHANNEL:
                         self._work.set()
-                    elif self.on_change is not None:
-                        self.on_change(payload)
+                    else:
+                        on_change(payload)
         finally:
             if conn is not None:
                 with trio.CancelScope(shield=True):
