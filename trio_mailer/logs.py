@@ -38,7 +38,11 @@ class JsonFormatter(logging.Formatter):
         }
         message_id = getattr(record, "message_id", None)
         if message_id is not None:
-            entry["message_id"] = message_id
+            # Anything but a string (a caller's bug) is named by its type, never its value (a
+            # whole mail, say): the line is written, not lost to a formatter that raised.
+            entry["message_id"] = (
+                message_id if isinstance(message_id, str) else f"<{type(message_id).__name__}>"
+            )
         if record.exc_info:
             entry["exception"] = self.formatException(record.exc_info)
         return json.dumps(entry, ensure_ascii=True)
