@@ -12,16 +12,26 @@ a version-1 file in place, in one transaction):
   mail's transaction, so the rate limits' counts survive a restart at no extra fsync.
 - ``suppressed``: addresses the relay called dead, until when, and the reply that said so.
 
-Runs in the outbox's worker thread only (plain ``sqlite3``).
+**The rules an acceptance passes in the mail's commit** are decided in one place, ``refusal``
+(pure; the rate limits' arithmetic is ``core.rate_limits``, as for the service's own windows):
+the live key first (a hit stores nothing), then the suppression list, the recipient limit and
+the caller limit when the acceptance names them (a store shared by replicas: each replica's
+memory knows only its own accepts). ``MemoryAdmission`` and the SQLite outbox read what the rules
+need (here, in the worker thread, plain ``sqlite3``) and ask ``refusal``. The PostgreSQL outbox
+runs the same rules inside the database (``postgres_schema``: one round trip, under locks that
+order the replicas); ``tests/test_admission_stores.py`` drives the same random requests through
+every store and a model of these rules and requires the same answers.
 """
 
 from __future__ import annotations
 
 import sqlite3
+from collections.abc import Callable, Iterable
 
 import attrs
 
 from trio_mailer.core.errors import OutboxConflict
+from trio_mailer.core.rate_limits import RateLimit, SlidingWindow
 
 # Few B-trees per accepted mail, since each one it touches is another page in the commit's WAL
 # write: the key (its primary key, and its age for pruning) and one accept_log row (its rowid
@@ -150,6 +160,57 @@ class StoreRefusal(OutboxConflict):
         self.retry_after_s = retry_after_s
 
 
+@attrs.frozen
+class Held:
+    """What a store holds that the rules of one acceptance look at."""
+
+    key: KeyEntry | None = None  # the live entry of the acceptance's key
+    suppressed: bool = False  # its recipient is on the list at its time
+    recipient_times: tuple[float, ...] = ()  # the recipient's accepts within its limit's period
+    caller_times: tuple[float, ...] = ()  # the caller's, within the caller limit's period
+
+
+def key_since(acceptance: Acceptance) -> float:
+    """A key created after this is live for ``acceptance``."""
+    return acceptance.accepted_at_unix - acceptance.key_window_s
+
+
+def period_start(acceptance: Acceptance, limit: tuple[int, float] | None) -> float | None:
+    """An accept after this counts for ``limit`` (None: the limit is off)."""
+    return None if limit is None else acceptance.accepted_at_unix - limit[1]
+
+
+def refusal(acceptance: Acceptance, held: Held) -> OutboxConflict | None:
+    """Why the store refuses to add ``acceptance``'s mail (None: it may), from what it holds.
+
+    Returns:
+        ``IdempotencyHit`` for a live key, else ``StoreRefusal``: "suppressed" (only when the
+        acceptance says ``check_suppressed``), "recipient" or "caller" (over the limit the
+        acceptance names, with the seconds until one more may go).
+    """
+    if held.key is not None:
+        return IdempotencyHit(held.key)
+    if acceptance.check_suppressed and held.suppressed:
+        return StoreRefusal("suppressed", 0.0)
+    limits = (
+        ("recipient", acceptance.recipient_limit, held.recipient_times),
+        ("caller", acceptance.caller_limit, held.caller_times),
+    )
+    for reason, limit, times in limits:
+        if limit is not None:
+            wait = _retry_after_s(RateLimit(*limit), times, acceptance.accepted_at_unix)
+            if wait > 0:
+                return StoreRefusal(reason, wait)
+    return None
+
+
+def _retry_after_s(limit: RateLimit, times: Iterable[float], now: float) -> float:
+    window = SlidingWindow(limit)
+    for at in times:
+        window.reserve("", at)
+    return window.retry_after_s("", now)
+
+
 def migrate_to_2(conn: sqlite3.Connection) -> None:
     """Add the admission tables (inside the caller's transaction)."""
     for statement in ADMISSION_SCHEMA:
@@ -181,21 +242,41 @@ def find_key(conn: sqlite3.Connection, caller: str, key: str, since_unix: float)
 
 
 def check_acceptance(conn: sqlite3.Connection, acceptance: Acceptance) -> None:
-    """Before the mail row is written: refuse a key that is already live.
+    """Before the mail row is written: the rules of ``refusal``, on what the tables hold.
 
     Raises:
         IdempotencyHit: the key was used within its window.
+        StoreRefusal: the suppression list or a limit the acceptance names refuses it.
     """
-    if acceptance.key is None:
-        return
-    entry = find_key(
-        conn,
-        acceptance.caller,
-        acceptance.key,
-        acceptance.accepted_at_unix - acceptance.key_window_s,
+    a = acceptance
+    recipient_start = period_start(a, a.recipient_limit)
+    caller_start = period_start(a, a.caller_limit)
+    held = Held(
+        key=None if a.key is None else find_key(conn, a.caller, a.key, key_since(a)),
+        suppressed=a.check_suppressed
+        and conn.execute(
+            "SELECT 1 FROM suppressed WHERE address = ? AND until_unix > ?",
+            (a.recipient, a.accepted_at_unix),
+        ).fetchone()
+        is not None,
+        recipient_times=_times(conn, "recipient", a.recipient, recipient_start),
+        caller_times=_times(conn, "caller", a.caller, caller_start),
     )
-    if entry is not None:
-        raise IdempotencyHit(entry)
+    problem = refusal(a, held)
+    if problem is not None:
+        raise problem
+
+
+def _times(
+    conn: sqlite3.Connection, column: str, subject: str, start: float | None
+) -> tuple[float, ...]:
+    if start is None:
+        return ()
+    rows = conn.execute(
+        f"SELECT accepted_at_unix FROM accept_log WHERE {column} = ? AND accepted_at_unix > ?",
+        (subject, start),
+    )
+    return tuple(row[0] for row in rows)
 
 
 def write_acceptance(conn: sqlite3.Connection, acceptance: Acceptance) -> None:
@@ -284,15 +365,28 @@ class MemoryAdmission:
     suppressed: dict[str, Suppression] = attrs.field(factory=dict)
 
     def check(self, acceptance: Acceptance) -> None:
-        if acceptance.key is None:
-            return
-        entry = self.find_key(
-            acceptance.caller,
-            acceptance.key,
-            acceptance.accepted_at_unix - acceptance.key_window_s,
+        """As ``check_acceptance``, on these dicts."""
+        a = acceptance
+        entry = self.suppressed.get(a.recipient)
+        recipient_start = period_start(a, a.recipient_limit)
+        caller_start = period_start(a, a.caller_limit)
+        held = Held(
+            key=None if a.key is None else self.find_key(a.caller, a.key, key_since(a)),
+            suppressed=entry is not None and entry.until_unix > a.accepted_at_unix,
+            recipient_times=self._times(lambda row: row.recipient == a.recipient, recipient_start),
+            caller_times=self._times(lambda row: row.caller == a.caller, caller_start),
         )
-        if entry is not None:
-            raise IdempotencyHit(entry)
+        problem = refusal(a, held)
+        if problem is not None:
+            raise problem
+
+    def _times(
+        self, subject: Callable[[AcceptedAt], bool], start: float | None
+    ) -> tuple[float, ...]:
+        if start is None:
+            return ()
+        rows = self.log.values()
+        return tuple(r.accepted_at_unix for r in rows if subject(r) and r.accepted_at_unix > start)
 
     def find_key(self, caller: str, key: str, since_unix: float) -> KeyEntry | None:
         entry = self.keys.get((caller, key))

@@ -12,7 +12,10 @@ seconds, the database's clock) how long that claim stands without renewal.
 ``trio_mailer_apply(changes jsonb, me text, lease_s float8)`` writes one group commit: every
 change of a batch in one call, so a batch costs one round trip. Each change runs in its own
 sub-transaction (a ``BEGIN ... EXCEPTION`` block), so one that breaks the rules fails alone and
-the rest commits; it returns one outcome per change (see ``postgres_outbox._outcome``).
+the rest commits; it returns one outcome per change (see ``postgres_outbox._outcome``). Its
+admission rules (a live key, the suppression list, the rate limits) are those of
+``admission_tables.refusal``, run here for the replicas' sake; ``tests/test_admission_stores.py``
+requires the same answers from every store.
 
 Version 2 replaces ``trio_mailer_apply_one``: a status change is written only while the row's
 ``owner`` is still the writing replica, and a row another replica holds answers ``lost`` (its
