@@ -1,4 +1,5 @@
-"""Every use of psycopg's private parts, in one place (see tests/test_psycopg_stall.py).
+"""Every use of psycopg's private parts, in one place (the canary and a stalled network's
+test: tests/test_replica_faults.py).
 
 A stalled network to the database must not hang a call. The server's ``statement_timeout``
 bounds a slow statement, and the kernel's ``tcp_user_timeout`` and keepalives a dead peer; but
