@@ -37,11 +37,11 @@ from trio_mailer.store.admission_tables import (
     StoreRefusal,
     Suppression,
 )
-from trio_mailer.store.outbox import MemoryOutbox, Outbox, SqliteOutbox
-from trio_mailer.store.postgres_outbox import PostgresOutbox
+from trio_mailer.store.outbox import Outbox
 
 from .helpers import T0, queued
 from .postgres_helpers import fresh_database
+from .store_helpers import STORE_KINDS, opened_store
 
 EXAMPLES = int(os.environ.get("MAILER_ADMISSION_EXAMPLES", "40"))
 TIMEOUT_S = 30
@@ -248,19 +248,10 @@ async def check_store(store: Outbox, rules: Rules, steps: list[Step]) -> None:
 
 
 async def run_examples_on(kind: str, url: str | None, rules: Rules, steps: list[Step]) -> None:
-    with tempfile.TemporaryDirectory() as directory, trio.fail_after(TIMEOUT_S):
-        store: Outbox
-        if kind == "memory":
-            store = MemoryOutbox()
-        elif kind == "sqlite":
-            store = await SqliteOutbox.open(Path(directory) / "outbox.sqlite3")
-        else:
-            assert url is not None
-            store = await PostgresOutbox.open(url, pool_size=1)
-        try:
-            await check_store(store, rules, steps)
-        finally:
-            await store.aclose()
+    with tempfile.TemporaryDirectory() as directory:
+        async with opened_store(kind, Path(directory), url) as store:
+            with trio.fail_after(TIMEOUT_S):
+                await check_store(store, rules, steps)
 
 
 def empty_tables(url: str) -> None:
@@ -275,7 +266,7 @@ plain = Send(CALLERS[0], RECIPIENTS[0], None, FINGERPRINTS[0])
 other = Send(CALLERS[0], RECIPIENTS[1], None, FINGERPRINTS[0])  # the same caller
 
 
-@pytest.mark.parametrize("kind", ["memory", "sqlite", "postgres"])
+@pytest.mark.parametrize("kind", STORE_KINDS)
 def test_every_store_answers_admission_like_the_model(kind: str) -> None:
     """Same requests, same clock: the same answers from each store as from the model."""
     with contextlib.ExitStack() as stack:

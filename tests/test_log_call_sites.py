@@ -23,12 +23,11 @@ import trio
 import trio_mailer
 from trio_mailer.core.mail_lifecycle import MailState, StatusChange
 from trio_mailer.logs import JsonFormatter
-from trio_mailer.store.outbox import MemoryOutbox, Outbox, SqliteOutbox
-from trio_mailer.store.postgres_outbox import PostgresOutbox
+from trio_mailer.store.outbox import Outbox
 from trio_mailer.store.status_board import StatusBoard
 
 from .helpers import T0, queued
-from .postgres_helpers import fresh_database
+from .store_helpers import STORE_KINDS, opened_store
 
 PACKAGE = Path(trio_mailer.__file__).parent
 GENERATED = ("v1", "grpc_std")
@@ -100,22 +99,10 @@ def json_logging() -> Iterator[JsonLines]:
         logger.removeHandler(handler)
 
 
-@pytest.fixture(params=["sqlite", "memory", "postgres"])
+@pytest.fixture(params=STORE_KINDS)
 async def store(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Outbox]:
-    with contextlib.ExitStack() as stack:
-        with trio.fail_after(TIMEOUT_S):
-            box: Outbox
-            if request.param == "sqlite":
-                box = await SqliteOutbox.open(tmp_path / "outbox.sqlite3")
-            elif request.param == "postgres":
-                box = await PostgresOutbox.open(stack.enter_context(fresh_database()))
-            else:
-                box = MemoryOutbox()
-        try:
-            yield box
-        finally:
-            with trio.fail_after(TIMEOUT_S):
-                await box.aclose()
+    async with opened_store(request.param, tmp_path) as box:
+        yield box
 
 
 def attempts_going_down(message_id: str) -> list[StatusChange]:

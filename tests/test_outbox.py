@@ -38,6 +38,7 @@ from trio_mailer.store.postgres_outbox import PostgresOutbox
 
 from .helpers import T0, queued
 from .postgres_helpers import fresh_database
+from .store_helpers import STORE_KINDS, opened_store
 
 TIMEOUT_S = 10
 
@@ -56,22 +57,10 @@ def change(
     )
 
 
-@pytest.fixture(params=["sqlite", "memory", "postgres"])
+@pytest.fixture(params=STORE_KINDS)
 async def outbox(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Outbox]:
-    with contextlib.ExitStack() as stack:
-        with trio.fail_after(TIMEOUT_S):
-            box: Outbox
-            if request.param == "sqlite":
-                box = await SqliteOutbox.open(tmp_path / "outbox.sqlite3")
-            elif request.param == "postgres":
-                box = await PostgresOutbox.open(stack.enter_context(fresh_database()))
-            else:
-                box = MemoryOutbox()
-        try:
-            yield box
-        finally:
-            with trio.fail_after(TIMEOUT_S):
-                await box.aclose()
+    async with opened_store(request.param, tmp_path) as box:
+        yield box
 
 
 async def open_sqlite(path: Path, **kwargs: int) -> SqliteOutbox:

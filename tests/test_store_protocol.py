@@ -5,7 +5,6 @@ cycle."""
 from __future__ import annotations
 
 import ast
-import contextlib
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -18,29 +17,17 @@ from trio_mailer.store.outbox import MemoryOutbox, Outbox, SqliteOutbox
 from trio_mailer.store.postgres_outbox import PostgresOutbox
 
 from .helpers import T0, queued
-from .postgres_helpers import fresh_database
+from .store_helpers import STORE_KINDS, opened_store
 
 PACKAGE = Path(trio_mailer.__file__).parent
 TIMEOUT_S = 10
 QUIET_S = 0.2  # long enough for a wait that should not end to show it does not
 
 
-@pytest.fixture(params=["sqlite", "memory", "postgres"])
+@pytest.fixture(params=STORE_KINDS)
 async def store(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Outbox]:
-    with contextlib.ExitStack() as stack:
-        with trio.fail_after(TIMEOUT_S):
-            box: Outbox
-            if request.param == "sqlite":
-                box = await SqliteOutbox.open(tmp_path / "outbox.sqlite3")
-            elif request.param == "postgres":
-                box = await PostgresOutbox.open(stack.enter_context(fresh_database()))
-            else:
-                box = MemoryOutbox()
-        try:
-            yield box
-        finally:
-            with trio.fail_after(TIMEOUT_S):
-                await box.aclose()
+    async with opened_store(request.param, tmp_path) as box:
+        yield box
 
 
 async def test_every_store_answers_every_member(store: Outbox) -> None:
