@@ -15,11 +15,13 @@ from trio_mailer.core.message import MailComposer
 from trio_mailer.core.rate_limits import RateLimit
 from trio_mailer.core.rendering import MailTemplates
 from trio_mailer.delivery.mail_queue import MailQueue
-from trio_mailer.grpc.admission import AdmissionControl
 from trio_mailer.grpc.mailer_service import MailerService
 from trio_mailer.metrics import Metrics
+from trio_mailer.service.admission import AdmissionControl
 from trio_mailer.store.outbox import MemoryOutbox, Outbox
 from trio_mailer.v1.mailer_pb2 import MsgReply, MsgRequest
+
+from .helpers import mailer_service
 
 TEMPLATES = MailTemplates.load(shipped_templates_dir())
 
@@ -64,15 +66,14 @@ def build_service(
         wall_clock=wall_clock,
         outbox=outbox,
     )
-    composer = MailComposer(TEMPLATES, "noreply@example.com", "Acme")
-    return MailerService(
-        composer,
+    return mailer_service(
         MailQueue.open(queue_size, 100),
+        composer=MailComposer(TEMPLATES, "noreply@example.com", "Acme"),
         outbox=outbox,
-        wall_clock=wall_clock,
         admission=admission,
-        identify=identify,
         metrics=metrics,
+        identify=identify,
+        wall_clock=wall_clock,
     )
 
 
@@ -103,4 +104,4 @@ async def refused_with(
 
 
 def queued(service: MailerService) -> int:
-    return service._queue.statistics().queued
+    return service.accept.queue.statistics().queued

@@ -8,7 +8,7 @@ import re
 import ssl
 import subprocess
 import sys
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from datetime import UTC, datetime
 from pathlib import Path
@@ -19,10 +19,19 @@ import trustme
 
 from trio_mailer.app import MailerApp
 from trio_mailer.core.config import shipped_templates_dir
+from trio_mailer.core.load_shedding import REFUSAL_WAIT_S, RefusalPacer
 from trio_mailer.core.mail_lifecycle import MailRecord
 from trio_mailer.core.message import MailComposer, OutgoingMail
 from trio_mailer.core.rendering import MailKind, MailTemplates
+from trio_mailer.delivery.mail_queue import MailQueue
 from trio_mailer.delivery.sender import FinishedMail
+from trio_mailer.grpc.mailer_service import ANONYMOUS_CALLER, Identify, MailerService
+from trio_mailer.metrics import Metrics
+from trio_mailer.service.accept_mail import AcceptMail
+from trio_mailer.service.admission import AdmissionControl
+from trio_mailer.service.mail_status import MailStatusLookup
+from trio_mailer.store.outbox import MemoryOutbox, Outbox
+from trio_mailer.store.status_board import StatusBoard
 from trio_mailer.v1.mailer_grpc import MailerStub
 from trio_mailer.v1.mailer_pb2 import MsgRequest
 
@@ -324,3 +333,38 @@ def tls_env(pki: Pki, *, mutual: bool) -> dict[str, str]:
 # A relay's answer for a dead mailbox, and the suppression list on at its default.
 ON = {**FAST, "MAILER_SUPPRESS_S": "604800"}  # the default (helpers.relay_env turns it off)
 DEAD = "550 5.1.1 <gone@example.com>: Recipient address rejected: User unknown"
+
+
+def mailer_service(
+    queue: MailQueue,
+    *,
+    composer: MailComposer = COMPOSER,
+    outbox: Outbox | None = None,
+    board: StatusBoard | None = None,
+    admission: AdmissionControl | None = None,
+    metrics: Metrics | None = None,
+    identify: Identify = lambda metadata: ANONYMOUS_CALLER,
+    pacer: RefusalPacer | None = None,
+    refusal_wait_s: float = REFUSAL_WAIT_S,
+    wall_clock: Callable[[], float] = trio.current_time,
+) -> MailerService:
+    """The Mailer's handlers over real use cases, in-process: the parts a test does not give
+    are fresh (a memory outbox, no limits, the wall clock tied to trio's)."""
+    outbox = outbox if outbox is not None else MemoryOutbox()
+    board = board if board is not None else StatusBoard()
+    metrics = metrics if metrics is not None else Metrics()
+    if admission is None:
+        admission = AdmissionControl(outbox, window_s=86400.0, wall_clock=wall_clock)
+    accept = AcceptMail(
+        composer,
+        queue,
+        outbox,
+        board,
+        admission,
+        metrics,
+        pacer if pacer is not None else RefusalPacer(),
+        refusal_wait_s,
+        now=lambda: datetime.now(UTC),
+        wall_clock=wall_clock,
+    )
+    return MailerService(accept, MailStatusLookup(board, outbox, admission), identify, metrics)

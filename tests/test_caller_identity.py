@@ -29,7 +29,7 @@ async def test_each_token_is_its_own_caller(start_harness, tokens_file: Path) ->
                 MsgRequest(to="c@example.com", code="1", idempotency_key="k"),
                 metadata=bearer(HASHED_TOKEN),
             )
-            rows = await h.app.service.outbox.accepted_since(0.0)
+            rows = await h.app.accept.outbox.accepted_since(0.0)
     assert a1.sent and b1.sent and a1.message_id != b1.message_id
     assert (a2.sent, a2.reason) == (False, "caller rate limited")
     callers = [row.caller for row in rows]
@@ -45,7 +45,7 @@ async def test_a_client_certificate_is_its_subject(start_harness, pki: Pki) -> N
         ) as h:
             first = await h.stub.SendPass(MsgRequest(to="a@example.com", code="1"))
             second = await h.stub.SendPass(MsgRequest(to="b@example.com", code="1"))
-            rows = await h.app.service.outbox.accepted_since(0.0)
+            rows = await h.app.accept.outbox.accepted_since(0.0)
     assert first.sent and (second.sent, second.reason) == (False, "caller rate limited")
     (row,) = rows
     assert row.caller.startswith("cert:") and "O=trustme" in row.caller

@@ -14,10 +14,11 @@ import purerpc
 import pytest
 import trio
 
+from trio_mailer.delivery.mail_queue import MailQueue
 from trio_mailer.v1.mailer_pb2 import MsgRequest
 
 from .fakes.fault_relay import Fault
-from .helpers import Harness
+from .helpers import Harness, mailer_service
 
 
 def parsed(data: bytes) -> email.message.EmailMessage:
@@ -237,19 +238,31 @@ async def test_invalid_request_gets_invalid_argument_and_sends_nothing(
             assert "MAIL" not in {verb for _, verb in h.relay.commands}
 
 
-async def test_draining_service_answers_unavailable_and_delivers_the_queue(start_harness) -> None:
-    """After shutdown starts, new calls get UNAVAILABLE; queued mail is still delivered."""
+async def test_a_shutdown_serves_the_call_on_its_way_and_delivers_the_queue(start_harness) -> None:
+    """After shutdown starts, a call already on its way is served (the gRPC drain answers every
+    stream up to its GOAWAY's last id; issue 22), and every accepted mail is delivered."""
     with trio.fail_after(10):
         async with start_harness() as h:
             h.relay.add_fault(Fault("DOT", delay_s=0.3, reply="250 2.0.0 queued"))
             ids = [await send_pass(h, code=str(n)) for n in range(3)]
             h.app.request_shutdown()
-            with pytest.raises(purerpc.UnavailableError) as info:
-                await h.stub.SendPass(MsgRequest(to="late@example.com", code="1"))
-            assert "shutting down" in info.value.status.status_message
+            ids.append(await send_pass(h, to="late@example.com", code="1"))
             assert await h.shutdown() == 0
             assert [parsed(m.data)["Message-ID"] for m in h.relay.received] == ids
             assert h.relay.commands[-1][1] == "QUIT"
+
+
+async def test_a_draining_service_refuses_new_mail_with_unavailable() -> None:
+    """Once the gRPC drain is over, the acceptance use case takes nothing: a call that still
+    reaches it gets UNAVAILABLE "server is shutting down", and nothing is queued."""
+    queue = MailQueue.open(5, 5)
+    service = mailer_service(queue)
+    service.accept.draining = True
+    with pytest.raises(purerpc.RpcFailedError) as info:
+        await service.SendPass(MsgRequest(to="late@example.com", code="1"))
+    assert info.value.status.status_code == purerpc.StatusCode.UNAVAILABLE
+    assert "shutting down" in info.value.status.status_message
+    assert queue.statistics().queued == 0
 
 
 async def test_shutdown_is_prompt_when_the_relay_stalls_mid_send(start_harness, caplog) -> None:
@@ -307,7 +320,7 @@ async def test_unexpected_error_is_internal_with_a_generic_message(start_harness
     caplog.set_level(logging.ERROR, "trio_mailer")
     with trio.fail_after(10):
         async with start_harness() as h:
-            h.app.service._composer = _BrokenComposer()  # type: ignore[assignment]
+            h.app.accept.composer = _BrokenComposer()  # type: ignore[assignment]
             with pytest.raises(purerpc.RpcFailedError) as info:
                 await h.stub.SendPass(MsgRequest(to="user@example.com", code="1"))
     status = info.value.status

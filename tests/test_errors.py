@@ -7,7 +7,9 @@ from pathlib import PurePath
 import pytest
 
 from trio_mailer.core.errors import (
+    DeadlineExceeded,
     GrpcStatus,
+    InternalError,
     InvalidRequest,
     MailerError,
     MailNotFound,
@@ -56,6 +58,12 @@ def test_invalid_request_names_the_field() -> None:
         ),
         (MessageBuildError("Subject has a newline"), GrpcStatus.INTERNAL, "internal error"),
         (MailerError("plain"), GrpcStatus.INTERNAL, "plain"),
+        (
+            DeadlineExceeded("deadline exceeded; nothing was stored"),
+            GrpcStatus.DEADLINE_EXCEEDED,
+            "deadline exceeded; nothing was stored",
+        ),
+        (InternalError(), GrpcStatus.INTERNAL, "internal error"),
     ],
 )
 def test_mailer_errors_carry_status_and_safe_message(

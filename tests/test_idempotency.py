@@ -145,9 +145,9 @@ async def test_a_refused_first_call_does_not_consume_its_key() -> None:
         await send(service, "filler@example.com")  # the queue is full now
         full = await send(service, key=KEY)
         assert not full.sent and full.reason == "queue full"
-        delivery = await service._queue.next_due()
+        delivery = await service.accept.queue.next_due()
         assert delivery is not None
-        service._queue.finish(delivery)
+        service.accept.queue.finish(delivery)
         accepted = await send(service, key=KEY)
         assert accepted.sent and await send(service, key=KEY) == accepted
 
@@ -187,7 +187,7 @@ async def reopened(path: Path) -> tuple[SqliteOutbox, MailerService]:
     """The outbox file opened again, and a new service (its admission loaded) on it."""
     outbox = await SqliteOutbox.open(path)
     service = build_service(outbox, wall_clock=time.time)
-    await service.admission.load()
+    await service.accept.admission.load()
     return outbox, service
 
 

@@ -13,11 +13,11 @@ import trio.testing
 
 from trio_mailer.core.load_shedding import DEADLINE_MARGIN_S, RefusalPacer
 from trio_mailer.delivery.mail_queue import MailQueue
-from trio_mailer.grpc.mailer_service import QUEUE_FULL_REASON, MailerService
-from trio_mailer.store.outbox import MemoryOutbox
+from trio_mailer.grpc.mailer_service import MailerService
+from trio_mailer.service.accept_mail import QUEUE_FULL_REASON
 from trio_mailer.v1.mailer_pb2 import MsgReply, MsgRequest
 
-from .helpers import COMPOSER, mail
+from .helpers import mail, mailer_service
 
 # -- the service --
 
@@ -34,13 +34,7 @@ def full_service(per_s: float, wait_s: float = 10.0) -> tuple[MailerService, Mai
     queue = MailQueue.open(capacity=1, retry_capacity=5)
     queue.put_nowait(mail(1))
     assert queue.full()
-    service = MailerService(
-        COMPOSER,
-        queue,
-        outbox=MemoryOutbox(),
-        refusal_pacer=RefusalPacer(per_s=per_s),
-        refusal_wait_s=wait_s,
-    )
+    service = mailer_service(queue, pacer=RefusalPacer(per_s=per_s), refusal_wait_s=wait_s)
     return service, queue
 
 
@@ -73,7 +67,7 @@ async def test_a_flood_on_a_full_queue_is_refused_at_the_paced_rate(
     assert times[0] == 0.0
     assert all(b - a >= 0.1 - 1e-9 for a, b in itertools.pairwise(times))
     assert 1.9 - 1e-9 <= times[-1] <= 2.0
-    assert service.refused_queue_full == 20
+    assert service.accept.refused_queue_full == 20
 
 
 async def test_a_paced_call_is_answered_by_its_wait_bound(

@@ -208,9 +208,9 @@ async def test_promtool_accepts_the_exposition(start_harness) -> None:
 
 
 def test_every_outcome_the_service_counts_is_pre_created() -> None:
-    """The outcome labels mailer_service can use are all in metrics.SEND_OUTCOMES."""
-    from trio_mailer.grpc import mailer_service
+    """The outcome labels the acceptance use case can use are all in metrics.SEND_OUTCOMES."""
     from trio_mailer.metrics import SEND_OUTCOMES
+    from trio_mailer.service import accept_mail
 
     used = {
         "accepted",
@@ -219,7 +219,7 @@ def test_every_outcome_the_service_counts_is_pre_created() -> None:
         "unauthenticated",
         "deadline_exceeded",
         "cancelled",
-        *mailer_service._OUTCOMES.values(),
-        *mailer_service._REFUSAL_OUTCOMES.values(),
+        *accept_mail.ERROR_OUTCOMES.values(),
+        *accept_mail.REFUSAL_OUTCOMES.values(),
     }
     assert used <= set(SEND_OUTCOMES)

@@ -76,9 +76,9 @@ async def test_a_refused_call_does_not_count() -> None:
         assert (await send(service, "filler@example.com")).sent
         full = await send(service)
         assert (full.reason, full.retry_after_ms) == ("queue full", 1000)  # no pace yet: 1 s
-        delivery = await service._queue.next_due()
+        delivery = await service.accept.queue.next_due()
         assert delivery is not None
-        service._queue.finish(delivery)
+        service.accept.queue.finish(delivery)
         assert (await send(service)).sent
 
 
@@ -98,7 +98,7 @@ async def test_refusals_are_logged_masked_without_the_code_and_counted(caplog) -
 async def opened(path: Path, **limits: str) -> tuple[SqliteOutbox, MailerService]:
     outbox = await SqliteOutbox.open(path)
     service = build_service(outbox, wall_clock=time.time, **limits)  # type: ignore[arg-type]
-    await service.admission.load()
+    await service.accept.admission.load()
     return outbox, service
 
 

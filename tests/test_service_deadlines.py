@@ -11,14 +11,13 @@ import trio.testing
 
 from trio_mailer.core.mail_lifecycle import MailRecord, MailState, StatusChange
 from trio_mailer.delivery.mail_queue import MailQueue
-from trio_mailer.grpc.mailer_service import MailerService
 from trio_mailer.metrics import Metrics
 from trio_mailer.store.admission_tables import Acceptance
 from trio_mailer.store.outbox import MemoryOutbox
 from trio_mailer.store.status_board import StatusBoard
 from trio_mailer.v1.mailer_pb2 import MailStatus, MsgRequest, StatusRequest
 
-from .helpers import COMPOSER, mail
+from .helpers import mail, mailer_service
 
 
 class SlowOutbox(MemoryOutbox):
@@ -51,7 +50,7 @@ async def test_a_call_past_its_deadline_stores_nothing_and_says_deadline_exceede
     metrics = Metrics()
     outbox = SlowOutbox()
     queue = MailQueue.open(capacity=5, retry_capacity=5)
-    service = MailerService(COMPOSER, queue, metrics=metrics, outbox=outbox)
+    service = mailer_service(queue, metrics=metrics, outbox=outbox)
     with pytest.raises(purerpc.RpcFailedError) as caught:
         await service.SendPass(
             MsgRequest(to="user@example.com", code="123456"),
@@ -67,7 +66,7 @@ async def test_a_call_within_its_deadline_is_accepted(
     autojump_clock: trio.testing.MockClock,
 ) -> None:
     metrics = Metrics()
-    service = MailerService(COMPOSER, MailQueue.open(5, 5), metrics=metrics, outbox=SlowOutbox())
+    service = mailer_service(MailQueue.open(5, 5), metrics=metrics, outbox=SlowOutbox())
     reply = await service.SendPass(
         MsgRequest(to="user@example.com", code="123456"), Call(datetime.timedelta(seconds=5))
     )
@@ -81,7 +80,7 @@ async def test_a_cancelled_call_is_counted_as_cancelled(
     """Issue 10 item 8: the client hung up mid-commit: `cancelled`, not `internal`."""
     metrics = Metrics()
     outbox = SlowOutbox()
-    service = MailerService(COMPOSER, MailQueue.open(5, 5), metrics=metrics, outbox=outbox)
+    service = mailer_service(MailQueue.open(5, 5), metrics=metrics, outbox=outbox)
     with trio.move_on_after(0.5):
         await service.SendPass(MsgRequest(to="user@example.com", code="123456"), Call(None))
     assert requests(metrics, "cancelled") == 1
@@ -98,7 +97,7 @@ async def test_watch_status_sees_a_change_made_while_it_was_suspended_at_yield()
     final state already moved to the outbox still ends the stream."""
     board = StatusBoard()
     outbox = MemoryOutbox()
-    service = MailerService(COMPOSER, MailQueue.open(5, 5), outbox=outbox, board=board)
+    service = mailer_service(MailQueue.open(5, 5), outbox=outbox, board=board)
     record = MailRecord.accepted(mail(1), accepted_at_unix=1000.0)
     await outbox.add(record)
     board.track(record)

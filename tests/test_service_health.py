@@ -77,6 +77,7 @@ async def test_a_relay_host_that_does_not_resolve_keeps_health_not_serving(caplo
     from trio_mailer.core.rendering import MailTemplates
     from trio_mailer.delivery.smtp_session import ConnectFailed
     from trio_mailer.grpc.health_service import ServingStatus
+    from trio_mailer.store.outbox import MemoryOutbox
 
     caplog.set_level(logging.INFO, "trio_mailer")
     resolvable = False
@@ -101,6 +102,7 @@ async def test_a_relay_host_that_does_not_resolve_keeps_health_not_serving(caplo
         retry_max_s=0.1,
     )
     app = MailerApp(config, MailTemplates.load(shipped_templates_dir()), connect)  # type: ignore[arg-type]
+    app.build_use_cases(MemoryOutbox())  # what run does once the outbox is open
     with trio.fail_after(10):
         async with trio.open_nursery() as nursery:
             nursery.start_soon(app._check_relay)

@@ -232,7 +232,7 @@ class DeliveryMachine(RuleBasedStateMachine):
             on_finished=lambda f: self.finished.append(f.delivery.message_id),
             wall_clock=wall,
         )
-        app.service.outbox = self.outbox
+        app.build_use_cases(self.outbox)
         app.relay_checked.set()
         senders = app.build_senders(self.outbox)
         self.scope = trio.CancelScope()

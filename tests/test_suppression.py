@@ -13,7 +13,7 @@ import trio
 
 from tests.fakes.fault_relay import Fault
 from trio_mailer.core.rate_limits import RateLimit
-from trio_mailer.grpc.admission import AdmissionControl
+from trio_mailer.service.admission import AdmissionControl
 from trio_mailer.store.outbox import SqliteOutbox
 from trio_mailer.v1.mailer_pb2 import MsgRequest
 

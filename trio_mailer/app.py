@@ -28,6 +28,7 @@ import random
 import ssl
 import time
 from collections.abc import Awaitable, Callable, Iterator, Sequence
+from datetime import UTC, datetime
 from functools import partial
 from pathlib import Path
 
@@ -55,7 +56,6 @@ from trio_mailer.delivery.smtp_session import (
     make_relay_ssl_context,
 )
 from trio_mailer.grpc.admin_service import AdminService
-from trio_mailer.grpc.admission import AdmissionControl
 from trio_mailer.grpc.health_service import FILE_DESCRIPTOR as HEALTH_FILE_DESCRIPTOR
 from trio_mailer.grpc.health_service import SERVICE_NAME as HEALTH_SERVICE_NAME
 from trio_mailer.grpc.health_service import HealthState, ServingStatus, health_service
@@ -71,7 +71,10 @@ from trio_mailer.grpc.listener import (
 from trio_mailer.grpc.mailer_service import ANONYMOUS_CALLER, MailerService
 from trio_mailer.grpc.reflection_service import reflection_services
 from trio_mailer.logs import printable
-from trio_mailer.metrics import Metrics, serve_metrics
+from trio_mailer.metrics import MAILER_SERVICE, Metrics, serve_metrics
+from trio_mailer.service.accept_mail import AcceptMail
+from trio_mailer.service.admission import AdmissionControl
+from trio_mailer.service.mail_status import MailStatusLookup
 from trio_mailer.store.outbox import Outbox, open_outbox
 from trio_mailer.store.status_board import StatusBoard
 from trio_mailer.v1 import mailer_pb2
@@ -134,7 +137,11 @@ class MailerApp:
     health: HealthState = attrs.field(init=False)
     board: StatusBoard = attrs.field(init=False)
     metrics_port: int | None = attrs.field(init=False, default=None)  # once serving
+    # The use cases and their handlers, built by ``run`` once the outbox is open
+    # (``build_use_cases``).
     service: MailerService = attrs.field(init=False)
+    accept: AcceptMail = attrs.field(init=False)
+    status: MailStatusLookup = attrs.field(init=False)
     admission: AdmissionControl = attrs.field(init=False)
     _finished_callback: Callable[[FinishedMail], None] | None = attrs.field(
         init=False, default=None
@@ -157,14 +164,16 @@ class MailerApp:
             retry_waiting=lambda: self.queue.statistics().retry_waiting,
             sessions_up=lambda: self.statistics().sessions_up,
         )
-        composer = MailComposer(
-            templates=self.templates,
-            from_address=self.config.mail_from,
-            service_name=self.config.service_name,
-        )
         self.board = StatusBoard()
         self.metrics.track_outbox(self.board.unfinished)
+        self.health = HealthState([MAILER_SERVICE])
+
+    def build_use_cases(self, outbox: Outbox) -> None:
+        """The use cases and their gRPC handlers, on ``outbox`` (built by ``run`` once it is
+        open; every part given at construction)."""
+        config = self.config
         self.admission = AdmissionControl(
+            outbox,
             window_s=config.idempotency_window_s,
             recipient_limit=config.recipient_limit,
             caller_limit=config.caller_limit,
@@ -172,18 +181,25 @@ class MailerApp:
             on_suppressed=self.metrics.suppressed_addresses.set,
             wall_clock=self.wall_clock,
         )
-        self.service = MailerService(
+        composer = MailComposer(
+            templates=self.templates,
+            from_address=config.mail_from,
+            service_name=config.service_name,
+        )
+        self.accept = AcceptMail(
             composer,
             self.queue,
-            metrics=self.metrics,
-            board=self.board,
-            admission=self.admission,
-            identify=self.caller_identity,
-            refusal_pacer=RefusalPacer(config.refusals_per_s),
-            refusal_wait_s=config.refusal_wait_s,
+            outbox,
+            self.board,
+            self.admission,
+            self.metrics,
+            RefusalPacer(config.refusals_per_s),
+            config.refusal_wait_s,
+            now=lambda: datetime.now(UTC),
             wall_clock=self.wall_clock,
         )
-        self.health = HealthState([self.service.service.name])
+        self.status = MailStatusLookup(self.board, outbox, self.admission)
+        self.service = MailerService(self.accept, self.status, self.caller_identity, self.metrics)
 
     def build_senders(self, outbox: Outbox) -> list[Sender]:
         """The pool: one sender task per SMTP session, all sharing the queue, the policies and
@@ -283,7 +299,8 @@ class MailerApp:
             log.error("templates not reloaded, keeping the running ones: %s", exc)
             return False
         self.templates = templates
-        self.service.replace_templates(templates)
+        if hasattr(self, "accept"):  # running: from the next request on
+            self.accept.replace_templates(templates)
         log.info(
             "templates reloaded from %s: %s",
             self.config.templates_dir,
@@ -333,11 +350,11 @@ class MailerApp:
         self.relay_verified = self.relay_verified or any(s.ever_connected for s in self.senders)
         serving = is_serving(
             [sender.statistics() for sender in self.senders],
-            draining=self._stopping or self.service.draining,
+            draining=self._stopping,
             now_s=trio.current_time(),
             down_after_s=self.config.health_down_after_s,
             relay_verified=self.relay_verified,
-            store_reachable=self.service.outbox.reachable(),
+            store_reachable=self.accept.outbox.reachable(),
         )
         self.health.set(ServingStatus.SERVING if serving else ServingStatus.NOT_SERVING)
 
@@ -407,7 +424,7 @@ class MailerApp:
             OutboxError: the outbox cannot be read.
         """
         record = self.board.get(message_id)
-        return record if record is not None else await self.service.outbox.get(message_id)
+        return record if record is not None else await self.accept.outbox.get(message_id)
 
     async def wait_for_status_change(self, message_id: str) -> None:
         """Return at the next change of ``message_id``'s status in this process."""
@@ -459,8 +476,6 @@ class MailerApp:
             timeout_s=self.config.db_timeout_s,
         ) as outbox:
             log.info("outbox: %s", outbox.describe())
-            # A shared store checks the limits and the suppression list against every replica.
-            self.admission.shared_store = outbox.shared
             return await self._run_with(outbox, task_status)
 
     async def _claim(self, outbox: Outbox) -> None:
@@ -521,8 +536,7 @@ class MailerApp:
 
     async def _run_with(self, outbox: Outbox, task_status: trio.TaskStatus[int]) -> int:
         config = self.config
-        self.service.outbox = outbox
-        self.admission.outbox = outbox
+        self.build_use_cases(outbox)
         await self.admission.load()  # the limits' counts and the suppression list, before serving
         self.senders = self.build_senders(outbox)
         senders_done = trio.Event()
@@ -589,7 +603,7 @@ class MailerApp:
                 await trio.lowlevel.checkpoint()
             grace_ends = trio.current_time() + config.shutdown_grace_s
             await self._until_forced(grace_ends, grpc_server.drain(config.shutdown_grace_s))
-            self.service.draining = True
+            self.accept.draining = True
             recovery_scope.cancel()  # what is not queued yet stays in the outbox for next time
             self.queue.close()
             await self._until_forced(grace_ends, senders_done.wait())

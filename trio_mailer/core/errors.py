@@ -74,6 +74,19 @@ class ShuttingDown(MailerError):
         super().__init__("server is shutting down; try another instance or retry later")
 
 
+class DeadlineExceeded(MailerError):
+    """The call's deadline passed before its mail was stored: nothing was stored."""
+
+    grpc_status = GrpcStatus.DEADLINE_EXCEEDED
+
+
+class InternalError(MailerError):
+    """Something unexpected (a bug): the detail is logged, the caller hears "internal error"."""
+
+    def __init__(self) -> None:
+        super().__init__("internal error")
+
+
 class MessageBuildError(MailerError):
     """A rendered message failed its own safety check; the detail is logged, not shown."""
 

@@ -16,7 +16,7 @@ from google.protobuf.timestamp_pb2 import Timestamp
 from trio_mailer.core.addresses import mask
 from trio_mailer.core.errors import InvalidRequest, OutboxError
 from trio_mailer.core.validation import validate_address
-from trio_mailer.grpc.admission import AdmissionControl
+from trio_mailer.service.admission import AdmissionControl
 from trio_mailer.store.admission_tables import Suppression
 from trio_mailer.v1.mailer_grpc import MailerAdminServicer
 from trio_mailer.v1.mailer_pb2 import (

@@ -51,7 +51,7 @@ from trio_mailer.core.idempotency import KeyBusy, KeyConflict
 from trio_mailer.core.rate_limits import Pace, RateLimit, SlidingWindow
 from trio_mailer.core.suppression import is_dead_address, parse_reply
 from trio_mailer.store.admission_tables import Acceptance, KeyEntry, Suppression
-from trio_mailer.store.outbox import MemoryOutbox, Outbox
+from trio_mailer.store.outbox import Outbox
 
 log = logging.getLogger(__name__)
 
@@ -170,16 +170,13 @@ def _pair(limit: RateLimit | None) -> tuple[int, float] | None:
 
 @attrs.define(eq=False)
 class AdmissionControl:
+    outbox: Outbox
     window_s: float
     recipient_limit: RateLimit | None = None
     caller_limit: RateLimit | None = None
     suppress_s: float = 0.0
     wall_clock: Callable[[], float] = time.time
-    outbox: Outbox = attrs.field(factory=MemoryOutbox)
     on_suppressed: Callable[[int], None] | None = None  # told the list's length on each change
-    # The outbox is shared by replicas: it checks the limits and the suppression list against
-    # every replica's rows in the mail's commit (this memory holds only this replica's).
-    shared_store: bool = False
     pace: Pace = attrs.field(factory=Pace)
     _keys: collections.OrderedDict[tuple[str, str], _KeyState] = attrs.field(
         factory=collections.OrderedDict
@@ -193,6 +190,13 @@ class AdmissionControl:
     def __attrs_post_init__(self) -> None:
         self._recipients = SlidingWindow(self.recipient_limit) if self.recipient_limit else None
         self._callers = SlidingWindow(self.caller_limit) if self.caller_limit else None
+
+    @property
+    def shared_store(self) -> bool:
+        """The outbox is shared by replicas: it checks the limits and the suppression list
+        against every replica's rows in the mail's commit (this memory holds only this
+        replica's)."""
+        return self.outbox.shared
 
     @property
     def limits_on(self) -> bool:
