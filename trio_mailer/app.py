@@ -38,7 +38,7 @@ import trio
 
 from trio_mailer.core.caller_auth import is_loopback
 from trio_mailer.core.config import Config, TlsMode
-from trio_mailer.core.errors import OutboxError, ShuttingDown
+from trio_mailer.core.errors import InvalidRequest, MailNotFound, OutboxError, ShuttingDown
 from trio_mailer.core.health_decision import SenderStatistics, is_serving
 from trio_mailer.core.load_shedding import RefusalPacer
 from trio_mailer.core.mail_lifecycle import MailRecord, MailState
@@ -423,8 +423,10 @@ class MailerApp:
         Raises:
             OutboxError: the outbox cannot be read.
         """
-        record = self.board.get(message_id)
-        return record if record is not None else await self.accept.outbox.get(message_id)
+        try:
+            return await self.status.find(message_id)  # the use case GetStatus calls
+        except (MailNotFound, InvalidRequest):
+            return None
 
     async def wait_for_status_change(self, message_id: str) -> None:
         """Return at the next change of ``message_id``'s status in this process."""
