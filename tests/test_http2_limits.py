@@ -198,7 +198,9 @@ def test_content_type_with_a_subtype_is_accepted() -> None:
     headers = [
         (k, "application/grpc+proto" if k == "content-type" else v) for k, v in grpc_headers()
     ]
-    assert lim.check_request_head(_head(headers)).encoding == "identity"
+    head = lim.check_request_head(_head(headers))
+    assert (head.encoding, head.content_type) == ("identity", "application/grpc+proto")
+    assert lim.check_request_head(_head(grpc_headers())).content_type == "application/grpc"
 
 
 def test_binary_metadata_values_are_not_checked_as_text() -> None:
@@ -330,6 +332,12 @@ def test_the_limits_are_the_ones_the_readme_documents() -> None:
         "FEED_CHUNK_BYTES": lim.FEED_CHUNK_BYTES,
         "REFUSAL_BURST": lim.REFUSAL_BURST,
         "REFUSALS_PER_S": lim.REFUSALS_PER_S,
+        "RESET_BURST": lim.RESET_BURST,
+        "RESETS_PER_S": lim.RESETS_PER_S,
+        "RESETS_PER_ANSWERED_CALL": lim.RESETS_PER_ANSWERED_CALL,
+        "DEADLINE_RESET_SLACK_S": lim.DEADLINE_RESET_SLACK_S,
+        "DRAIN_PING_TIMEOUT_S": lim.DRAIN_PING_TIMEOUT_S,
+        "MAX_STREAM_ID": lim.MAX_STREAM_ID,
         "READ_CHUNK_BYTES": lim.READ_CHUNK_BYTES,
         "OUTPUT_HIGH_WATER_BYTES": lim.OUTPUT_HIGH_WATER_BYTES,
         "MAX_UNSENT_OUTPUT_BYTES": lim.MAX_UNSENT_OUTPUT_BYTES,
@@ -354,6 +362,12 @@ def test_the_limits_are_the_ones_the_readme_documents() -> None:
         "FEED_CHUNK_BYTES": 1024,
         "REFUSAL_BURST": 50,
         "REFUSALS_PER_S": 10.0,
+        "RESET_BURST": 500,
+        "RESETS_PER_S": 200.0,
+        "RESETS_PER_ANSWERED_CALL": 10,
+        "DEADLINE_RESET_SLACK_S": 0.1,
+        "DRAIN_PING_TIMEOUT_S": 1.0,
+        "MAX_STREAM_ID": 2147483647,
         "READ_CHUNK_BYTES": 16393,
         "OUTPUT_HIGH_WATER_BYTES": 65536,
         "MAX_UNSENT_OUTPUT_BYTES": 262144,
