@@ -12,8 +12,6 @@ from pathlib import Path
 import pytest
 import trio
 
-from trio_mailer.core.config import unknown_variables
-
 from .fakes.fault_relay import Fault
 from .helpers import (
     DEAD,
@@ -186,26 +184,6 @@ async def test_a_refusal_prints_retry_after_in_seconds(start_harness) -> None:
     )
     assert match is not None, refused.stdout
     assert 590 < float(match.group(1)) <= 600
-
-
-def test_unknown_mailer_variables_are_named_with_the_closest_known_one() -> None:
-    """A MAILER_* name no setting reads gets a warning, with difflib's closest setting if any;
-    the settings and the client's MAILER_TOKEN are not warned about."""
-    env = {
-        "MAILER_FORM": "noreply@example.com",
-        "MAILER_QUEUESIZE": "5",
-        "MAILER_XYZZY": "1",
-        "MAILER_FROM": "noreply@example.com",
-        "MAILER_TOKEN": "t",
-        "PATH": "/bin",
-    }
-    assert unknown_variables(env) == [
-        "MAILER_FORM is not a trio-mailer setting (did you mean MAILER_FROM?); it is ignored",
-        "MAILER_QUEUESIZE is not a trio-mailer setting (did you mean MAILER_QUEUE_SIZE?); "
-        "it is ignored",
-        "MAILER_XYZZY is not a trio-mailer setting; it is ignored "
-        "(trio-mailer serve --help lists them all)",
-    ]
 
 
 async def test_a_misspelt_variable_is_warned_about_at_start_up(

@@ -15,6 +15,7 @@ from trio_mailer.core.config import (
     load_config,
     parse_host_port,
     shipped_templates_dir,
+    unknown_variables,
 )
 
 MINIMAL = {
@@ -282,3 +283,23 @@ def test_config_defaults_come_from_the_table() -> None:
             assert fields[setting.field].default == setting.default, setting.env
             checked += 1
     assert checked == len(SETTINGS) - 4  # REMOTE_HOST, FROM: required; two computed
+
+
+def test_unknown_mailer_variables_are_named_with_the_closest_known_one() -> None:
+    """A MAILER_* name no setting reads gets a warning, with difflib's closest setting if any;
+    the settings and the client's MAILER_TOKEN are not warned about."""
+    env = {
+        "MAILER_FORM": "noreply@example.com",
+        "MAILER_QUEUESIZE": "5",
+        "MAILER_XYZZY": "1",
+        "MAILER_FROM": "noreply@example.com",
+        "MAILER_TOKEN": "t",
+        "PATH": "/bin",
+    }
+    assert unknown_variables(env) == [
+        "MAILER_FORM is not a trio-mailer setting (did you mean MAILER_FROM?); it is ignored",
+        "MAILER_QUEUESIZE is not a trio-mailer setting (did you mean MAILER_QUEUE_SIZE?); "
+        "it is ignored",
+        "MAILER_XYZZY is not a trio-mailer setting; it is ignored "
+        "(trio-mailer serve --help lists them all)",
+    ]
