@@ -185,12 +185,12 @@ PROMTOOL = shutil.which("promtool")
 
 
 @pytest.mark.skipif(
-    PROMTOOL is None and not os.environ.get("MAILER_REQUIRE_PROMTOOL"),
+    PROMTOOL is None and not os.environ.get("TRIO_MAILER_TEST_REQUIRE_PROMTOOL"),
     reason="promtool not installed (Debian: apt-get install prometheus; .ci/run does)",
 )
 async def test_promtool_accepts_the_exposition(start_harness) -> None:
     """``promtool check metrics`` finds no problem in a scrape after some traffic."""
-    assert PROMTOOL is not None, "MAILER_REQUIRE_PROMTOOL is set but promtool is missing"
+    assert PROMTOOL is not None, "TRIO_MAILER_TEST_REQUIRE_PROMTOOL is set but promtool is missing"
     with trio.fail_after(30):
         async with start_harness(env={"MAILER_METRICS_PORT": "0"}) as h:
             await h.stub.SendPass(MsgRequest(to="user@example.com", code="1"))
