@@ -167,6 +167,7 @@ class MailerApp:
         self.board = StatusBoard()
         self.metrics.track_outbox(self.board.unfinished)
         self.health = HealthState([MAILER_SERVICE])
+        self.metrics.track_health(lambda: self.health.get("") is ServingStatus.SERVING)
 
     def build_use_cases(self, outbox: Outbox) -> None:
         """The use cases and their gRPC handlers, on ``outbox`` (built by ``run`` once it is

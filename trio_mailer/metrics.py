@@ -238,6 +238,11 @@ class Metrics:
             "trio_mailer_retry_waiting", "Mails waiting for a retry", registry=r
         )
         self.sessions_up = Gauge("trio_mailer_smtp_sessions_up", "Open SMTP sessions", registry=r)
+        self.health_serving = Gauge(
+            "trio_mailer_health_serving",
+            "1 while the gRPC health status of the server is SERVING, else 0 (NOT_SERVING)",
+            registry=r,
+        )
         self._precreate()
 
     def _precreate(self) -> None:
@@ -305,6 +310,11 @@ class Metrics:
         self.in_flight.set_function(in_flight)
         self.retry_waiting.set_function(retry_waiting)
         self.sessions_up.set_function(sessions_up)
+
+    def track_health(self, serving: Callable[[], bool]) -> None:
+        """Read ``trio_mailer_health_serving`` at scrape time: ``serving()`` says whether the
+        health status is SERVING (the alert on NOT_SERVING reads it)."""
+        self.health_serving.set_function(lambda: 1.0 if serving() else 0.0)
 
     def reply(self, code: int | None) -> None:
         self._child(self.smtp_replies, "none" if code is None else f"{code // 100}xx").inc()
