@@ -359,5 +359,6 @@ def test_search_deep_link_delete_and_chaos_in_chromium(
     assert linked.errors == narrow.errors == []
     [refused] = opened.errors  # the browser logs the 400 the bad count got, and nothing else
     assert refused.endswith(
-        "/api/chaos: Failed to load resource: the server responded with a status of 400 (Bad Request)"
+        "/api/chaos: Failed to load resource: the server responded with a status of "
+        "400 (Bad Request)"
     )
