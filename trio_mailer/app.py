@@ -147,6 +147,11 @@ class MailerApp:
         init=False, default=None
     )
     relay_verified: bool = attrs.field(init=False, default=False)  # a session succeeded
+    # Every finished mail by its final state ("delivered", "failed", "expired"), as its log
+    # line, its status and trio_mailer_mails_total name it: what the stop summary says.
+    finished: dict[str, int] = attrs.field(
+        init=False, factory=lambda: dict.fromkeys(("delivered", "failed", "expired"), 0)
+    )
     relay_checked: trio.Event = attrs.field(init=False, factory=trio.Event)  # first check done
     _shutdown: trio.Event = attrs.field(init=False, factory=trio.Event)
     _force: trio.Event = attrs.field(init=False, factory=trio.Event)
@@ -407,6 +412,7 @@ class MailerApp:
     def _mail_finished(self, finished: FinishedMail) -> None:
         """Every mail's outcome: the senders' pace, the suppression list, then the watcher."""
         self.admission.pace.finished(trio.current_time())
+        self.finished[finished.outcome] += 1
         if finished.outcome == "failed":
             delivery = finished.delivery
             self.admission.mail_failed(
@@ -628,18 +634,20 @@ class MailerApp:
                 else "; lost (in-memory outbox)",
                 extra={"message_id": mail.message_id},
             )
-        stats = self.statistics()
         stored = outbox.statistics()
+        refused = self.accept.refused_draining
         log.info(
-            "stopped: %d delivered, %d failed, %d left behind; outbox: %d changes in %d commits "
-            "(largest %d)%s",
-            stats.delivered,
-            stats.failed,
+            "stopped: %d delivered, %d failed, %d expired, %d left behind; outbox: %d changes in "
+            "%d commits (largest %d)%s%s",
+            self.finished["delivered"],
+            self.finished["failed"],
+            self.finished["expired"],
             len(left_behind),
             stored.rows_committed,
             stored.commits,
             stored.largest_batch,
             f"; {stored.round_trips} database round trips" if stored.round_trips else "",
+            f"; {refused} send call(s) refused while shutting down" if refused else "",
         )
         return EXIT_MAIL_LEFT_BEHIND if left_behind else EXIT_OK
 
@@ -657,8 +665,21 @@ class MailerApp:
                 waiters.cancel_scope.cancel()
 
     def _left_behind(self) -> list[Delivery]:
-        in_flight = [s.in_flight for s in self.senders if s.in_flight is not None]
+        in_flight = [
+            self._as_on_the_board(s.in_flight) for s in self.senders if s.in_flight is not None
+        ]
         return in_flight + self.queue.take_leftovers()
+
+    def _as_on_the_board(self, delivery: Delivery) -> Delivery:
+        """An in-flight mail as GetStatus has it: an attempt stored as started counts (the
+        sender's copy predates it), with its flag of a possible duplicate."""
+        record = self.board.get(delivery.message_id)
+        if record is None or record.attempts <= delivery.attempts:
+            return delivery
+        return delivery.replace(
+            attempts=record.attempts,
+            possible_duplicate=delivery.possible_duplicate or record.possible_duplicate,
+        )
 
 
 class TlsFileError(Exception):

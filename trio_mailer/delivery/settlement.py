@@ -8,8 +8,9 @@ place, with the queue, the status board, the outbox, the logs, the metrics and `
 told in step:
 
 - ``FinishedMail``: delivered, failed or expired. Its outcome is stored, the queue lets it go, it
-  gets its one log line (``delivered`` or ``failed``, with its Message-ID, the number of attempts
-  and the last reply) and ``on_finished`` is told.
+  gets its one log line (``delivered``, ``failed`` or ``expired``: the word of its final state, as
+  GetStatus and the metrics have it; with its Message-ID, the number of attempts and the last
+  reply) and ``on_finished`` is told.
 - ``RetryLater``: the attempt failed and another is due at ``at_s``: ``RETRY_WAIT`` is stored and
   the mail goes into the queue's retry heap.
 - ``NotStarted``: the attempt could not be stored as started, so nothing was sent (no record, no
@@ -112,7 +113,7 @@ class Settler:
     on_finished: Callable[[FinishedMail], None]
     wall_clock: Callable[[], float]  # unix seconds, for the stored changes
     delivered: int = attrs.field(init=False, default=0)
-    failed: int = attrs.field(init=False, default=0)
+    failed: int = attrs.field(init=False, default=0)  # failed for good (not expired)
     retries: int = attrs.field(init=False, default=0)
 
     async def record_started(self, delivery: Delivery) -> OutboxError | None:
@@ -184,9 +185,12 @@ class Settler:
                 extra={"message_id": delivery.message_id},
             )
         else:
-            self.failed += 1
+            if finished.outcome == "failed":  # not an expired one: the stop summary counts those
+                self.failed += 1
+            # "failed" or "expired": the word its status (GetStatus) and the metrics use.
             log.error(
-                "failed %s (attempts=%d, last reply: %s): %s",
+                "%s %s (attempts=%d, last reply: %s): %s",
+                finished.outcome,
                 delivery.message_id,
                 delivery.attempts,
                 delivery.last_reply or "none",

@@ -67,6 +67,7 @@ from trio_mailer.store.status_board import StatusBoard
 log = logging.getLogger("trio_mailer.grpc.mailer_service")
 
 QUEUE_FULL_REASON = "queue full"
+DRAINING_LOG_INTERVAL_S = 1.0  # at most one line this often for the calls a drain refuses
 # The metrics' outcome label for each refusal reason, and for each error status.
 REFUSAL_OUTCOMES = {
     QUEUE_FULL_REASON: "queue_full",
@@ -143,6 +144,9 @@ class AcceptMail:
     refused_queue_full: int = 0
     _room_watch: trio.Lock = attrs.field(init=False, factory=trio.Lock)
     _last_full_log: float = attrs.field(init=False, default=-math.inf)
+    refused_draining: int = attrs.field(init=False, default=0)  # ShuttingDown answers
+    _draining_unlogged: int = attrs.field(init=False, default=0)  # since the last such line
+    _last_draining_log: float = attrs.field(init=False, default=-math.inf)  # trio time
 
     @property
     def templates(self) -> MailTemplates:
@@ -202,6 +206,9 @@ class AcceptMail:
                 order.to,
                 wait_s=order.wait_s,
             )
+        except ShuttingDown:
+            self._refused_draining()
+            raise
         except MailerError as exc:
             log.info("refused %s request: %s", order.kind, printable(exc.message))
             raise
@@ -282,6 +289,18 @@ class AcceptMail:
         # Without the code; the address masked.
         log.info("refused %s mail to %s: %s", kind, mask(to), refusal.reason)
         return Refused(refusal.reason, refusal.retry_after_s)
+
+    def _refused_draining(self) -> None:
+        """A drain refuses every call: one summary line a second at most (a busy service gets
+        hundreds of calls in its first moments of a drain), the first at once; the stop
+        summary counts them all."""
+        self.refused_draining += 1
+        self._draining_unlogged += 1
+        now = trio.current_time()
+        if now - self._last_draining_log >= DRAINING_LOG_INTERVAL_S:
+            log.info("refused %d send call(s): server is shutting down", self._draining_unlogged)
+            self._draining_unlogged = 0
+            self._last_draining_log = now
 
     def _queue_full(self, kind: str) -> Refused:
         self.refused_queue_full += 1
