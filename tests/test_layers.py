@@ -45,6 +45,8 @@ IO_PACKAGES = frozenset(
         "asyncpg",
         "socketserver",
         "trustme",
+        # Traces are the shell's business (trio_mailer/tracing.py).
+        "opentelemetry",
     }
 )
 IO_MODULES = frozenset({"http.client", "http.server", "urllib.request", "subprocess"})

@@ -16,7 +16,8 @@ import os
 import signal
 import ssl
 import sys
-from collections.abc import Awaitable, Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from datetime import UTC, datetime
 from functools import partial
 from pathlib import Path
@@ -67,6 +68,7 @@ from trio_mailer.dev import environment as dev
 from trio_mailer.dev.dev_mode import run_dev
 from trio_mailer.grpc.listener import BindError
 from trio_mailer.logs import configure_logging
+from trio_mailer.tracing import TracingError, describe_tracing, start_tracing
 from trio_mailer.v1.mailer_pb2 import MailStatus
 
 log = logging.getLogger("trio_mailer")
@@ -129,22 +131,43 @@ def build_app(env: Mapping[str, str]) -> MailerApp | None:
         print(f"trio-mailer: cannot load TLS certificates or keys: {exc}", file=sys.stderr)
         return None
     log.info("starting trio-mailer: %s", config.describe())
+    log.info("traces: %s", describe_tracing())
     return app
+
+
+@contextmanager
+def _traces(env: Mapping[str, str]) -> Iterator[bool]:
+    """Traces as the ``OTEL_*`` variables ask (``trio_mailer.tracing``), exported until the
+    end; False (after saying why) when they ask for what cannot be done."""
+    try:
+        traces = start_tracing(env)
+    except TracingError as exc:
+        print(f"trio-mailer: {exc}", file=sys.stderr)
+        yield False
+        return
+    try:
+        yield True
+    finally:
+        traces.shutdown()
 
 
 def _serve(args: argparse.Namespace) -> int:
     configure_logging()
-    app = build_app(dict(os.environ))
-    if app is None:
-        return EXIT_START_FAILED
-    return run_trio(run_until_signalled, app)
+    with _traces(os.environ) as traced:
+        app = build_app(dict(os.environ)) if traced else None
+        if app is None:
+            return EXIT_START_FAILED
+        return run_trio(run_until_signalled, app)
 
 
 def _dev(args: argparse.Namespace) -> int:
     configure_logging()
     options = dev.DevOptions(args.outbox.resolve(), args.inbox_port, args.port, args.metrics_port)
-    with dev.throwaway_tls() as tls:
-        return run_trio(run_dev, options, tls, build_app, run_until_signalled)
+    with _traces(os.environ) as traced:
+        if not traced:
+            return EXIT_START_FAILED
+        with dev.throwaway_tls() as tls:
+            return run_trio(run_dev, options, tls, build_app, run_until_signalled)
 
 
 T = TypeVar("T")

@@ -11,6 +11,8 @@ import logging
 import sys
 from datetime import UTC, datetime
 
+from opentelemetry import trace
+
 MAX_LOGGED_CHARS = 300
 
 
@@ -26,8 +28,9 @@ def printable(text: str | bytes, limit: int = MAX_LOGGED_CHARS) -> str:
 
 
 class JsonFormatter(logging.Formatter):
-    """One JSON object per line: time, level, logger, message, and message_id when the record
-    carries one (``extra={"message_id": ...}``)."""
+    """One JSON object per line: time, level, logger, message, message_id when the record
+    carries one (``extra={"message_id": ...}``), and trace_id and span_id when a span is current
+    (traces on: ``trio_mailer.tracing``)."""
 
     def format(self, record: logging.LogRecord) -> str:
         entry: dict[str, object] = {
@@ -43,6 +46,10 @@ class JsonFormatter(logging.Formatter):
             entry["message_id"] = (
                 message_id if isinstance(message_id, str) else f"<{type(message_id).__name__}>"
             )
+        span = trace.get_current_span().get_span_context()
+        if span.is_valid:
+            entry["trace_id"] = format(span.trace_id, "032x")
+            entry["span_id"] = format(span.span_id, "016x")
         if record.exc_info:
             entry["exception"] = self.formatException(record.exc_info)
         return json.dumps(entry, ensure_ascii=True)

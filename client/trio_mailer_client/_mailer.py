@@ -31,6 +31,11 @@ from trio_mailer_client._types import (
     SendResult,
 )
 
+try:  # optional: with it, a call made under a span carries its traceparent
+    from opentelemetry import propagate as _propagate
+except ImportError:  # pragma: no cover - the package without OpenTelemetry
+    _propagate = None  # type: ignore[assignment]
+
 SERVICE = "/trio_mailer.v1.Mailer/"
 _SEND_METHODS: dict[str, Any] = {  # the request message class of each send method
     "Send": mailer_pb2.SendRequest,
@@ -187,7 +192,7 @@ class Mailer(MailerApi):
         last: MailStatus | None = None
         retry = 0
         while True:
-            call = self._watch_status(request, metadata=self._metadata)
+            call = self._watch_status(request, metadata=self._call_metadata())
             try:
                 while (message := await next_message(call, call)) is not None:
                     status = status_from_message(message)
@@ -209,8 +214,19 @@ class Mailer(MailerApi):
             await trio.sleep(min(WATCH_RECONNECT_CAP_S, backoff_s(retry, self._jitter)))
             retry += 1
 
+    def _call_metadata(self) -> tuple[tuple[str, str], ...] | None:
+        """The token, and the caller's current span as ``traceparent`` (when OpenTelemetry is
+        installed and a span is current): the service's spans continue the caller's trace."""
+        if _propagate is None:
+            return self._metadata
+        carrier: dict[str, str] = {}
+        _propagate.inject(carrier)
+        if not carrier:
+            return self._metadata
+        return (*(self._metadata or ()), *carrier.items())
+
     async def _unary(self, method: Any, request: Any, timeout_s: float) -> Any:
-        future = method.future(request, timeout=timeout_s, metadata=self._metadata)
+        future = method.future(request, timeout=timeout_s, metadata=self._call_metadata())
         try:
             return await await_future(future)
         except grpc.RpcError as exc:

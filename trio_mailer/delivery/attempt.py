@@ -25,7 +25,9 @@ from collections.abc import Callable
 
 import attrs
 import trio
+from opentelemetry.trace import Span
 
+from trio_mailer import tracing
 from trio_mailer.core.errors import OutboxConflict, OutboxError
 from trio_mailer.core.retry_policy import (
     TTL_REASON_PREFIX,
@@ -80,7 +82,24 @@ class Attempt:
         if not_stored is not None:
             return self._not_started(delivery, not_stored)
         self._unstored = 0
-        return await self._send(session, attempted)
+        relay = self.keeper.relay_name
+        if attempted.attempts == 1:  # from acceptance to the first attempt
+            tracing.queue_wait(
+                attempted.traceparent,
+                trio.current_time() - attempted.accepted_at_s,
+                **{"mailer.message_id": attempted.message_id},
+            )
+        with tracing.attempt_span(
+            attempted.traceparent,
+            **{
+                "mailer.message_id": attempted.message_id,
+                "mailer.relay": relay,
+                "mailer.attempt": attempted.attempts,
+            },
+        ) as span:
+            settlement = await self._send(session, attempted)
+            _trace_outcome(span, settlement)
+        return settlement
 
     def _expired(self, delivery: Delivery) -> FinishedMail | None:
         """Expired if its time to live has passed (it is never sent late)."""
@@ -137,3 +156,20 @@ class Attempt:
         if isinstance(retry, GiveUp):
             return FinishedMail(delivery, delivered=False, reason=retry.reason)
         return RetryLater(delivery, retry.at_s, outcome_unknown=unknown)
+
+
+def _trace_outcome(span: Span | None, settlement: Settlement) -> None:
+    """The attempt's span gets how it ended: the reply code, a possible duplicate."""
+    if span is None:
+        return
+    if isinstance(settlement, FinishedMail):
+        outcome = "delivered" if settlement.delivered else "failed"
+    else:
+        outcome = "retry"
+    delivery = settlement.delivery
+    tracing.attempt_ended(
+        span,
+        outcome=outcome,
+        reply_code=delivery.last_reply_code,
+        possible_duplicate=delivery.possible_duplicate,
+    )

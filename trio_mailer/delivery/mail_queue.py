@@ -49,6 +49,9 @@ class Delivery:
     last_reply: str = ""  # the last SMTP reply or failure, for the log
     last_reply_code: int | None = None  # its code; None when the session broke
     possible_duplicate: bool = False  # a session broke after the final "." once
+    # The accepting call's span, W3C traceparent ("": none): its attempts are traced under it.
+    # In memory only: a mail recovered from the outbox is traced without it.
+    traceparent: str = ""
 
     @property
     def message_id(self) -> str:
@@ -63,6 +66,7 @@ class Delivery:
             "last_reply": self.last_reply,
             "last_reply_code": self.last_reply_code,
             "possible_duplicate": self.possible_duplicate,
+            "traceparent": self.traceparent,
         }
         fields.update(changes)
         return Delivery(**fields)  # type: ignore[arg-type]  # the keys are the fields above
@@ -140,14 +144,17 @@ class MailQueue:
             self._send.close()
             self._wake()
 
-    def put_reserved(self, mail: OutgoingMail, accepted_at_s: float) -> Delivery:
-        """Fill a place taken with ``reserve_nowait``.
+    def put_reserved(
+        self, mail: OutgoingMail, accepted_at_s: float, traceparent: str = ""
+    ) -> Delivery:
+        """Fill a place taken with ``reserve_nowait`` (``traceparent``: the accepting call's
+        span, see ``Delivery``).
 
         Raises:
             ShuttingDown: the queue was closed meanwhile (the mail is in the outbox, and the
                 next start delivers it).
         """
-        delivery = Delivery(mail, accepted_at_s=accepted_at_s)
+        delivery = Delivery(mail, accepted_at_s=accepted_at_s, traceparent=traceparent)
         try:
             self._send.send_nowait(delivery)
         except (trio.ClosedResourceError, trio.BrokenResourceError):

@@ -39,6 +39,7 @@ from purerpc.wrappers import (
     call_server_unary_unary,
 )
 
+from trio_mailer import tracing
 from trio_mailer.core import http2_limits as lim
 from trio_mailer.core.http2_limits import GrpcCode
 from trio_mailer.grpc.internals import BadRequestMessage, PurerpcStream
@@ -279,6 +280,15 @@ class Http2Connection:
     # -- calls --
 
     async def _serve_call(self, call: Call) -> None:
+        head = call.stream.head
+        # The caller's traceparent continues here: the handler's spans are under this one.
+        with tracing.server_span(head.service, head.method, head.metadata) as span:
+            try:
+                await self._serve_traced_call(call)
+            finally:
+                tracing.call_ended(span, call.stream.end_code)
+
+    async def _serve_traced_call(self, call: Call) -> None:
         head = call.stream.head
         try:
             with call.scope:

@@ -32,6 +32,7 @@ from datetime import datetime
 import attrs
 import trio
 
+from trio_mailer import tracing
 from trio_mailer.core.addresses import mask
 from trio_mailer.core.errors import (
     DeadlineExceeded,
@@ -229,7 +230,8 @@ class AcceptMail:
             # message building, so the flood leaves the sender the CPU (and the GIL).
             if self.queue.full() and not await self._refusal_turn(order):
                 return await self._refuse(order, ticket, None)
-            mail = order.compose(self.now())
+            with tracing.span("compose", **{"mailer.kind": kind}):
+                mail = order.compose(self.now())
             try:
                 self.queue.reserve_nowait()
             except trio.WouldBlock:
@@ -239,10 +241,11 @@ class AcceptMail:
                 # Durable before the caller hears sent=true (with the file outbox); the key and
                 # the rate-limit row are in the same commit.
                 acceptance = ticket.acceptance(mail.message_id)
-                if acceptance is None:
-                    await self.outbox.add(record)
-                else:
-                    await self.outbox.add(record, acceptance)
+                with tracing.span("store", **{"mailer.message_id": mail.message_id}):
+                    if acceptance is None:
+                        await self.outbox.add(record)
+                    else:
+                        await self.outbox.add(record, acceptance)
             except IdempotencyHit as hit:
                 self.queue.release()
                 return _repeated(ticket.resolve(hit.entry))
@@ -257,7 +260,12 @@ class AcceptMail:
                 raise
             ticket.accepted(mail.message_id)
             self.board.track(record)
-            self.queue.put_reserved(mail, accepted_at_s=trio.current_time())
+            # The call's span goes with the mail: its attempts are traced under it.
+            self.queue.put_reserved(
+                mail,
+                accepted_at_s=trio.current_time(),
+                traceparent=tracing.current_traceparent(),
+            )
         except OutboxError as exc:
             log.error("cannot store a %s mail: %s", kind, exc)
             raise
