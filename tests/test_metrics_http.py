@@ -32,7 +32,7 @@ async def exchange(port: int, request: bytes) -> tuple[str, dict[str, str], byte
 
 async def start(nursery: trio.Nursery) -> int:
     metrics = Metrics()
-    metrics.mail_finished("delivered")
+    metrics.mail_finished("delivered", 0.5)
     port: int = await nursery.start(serve_metrics, metrics, "127.0.0.1", 0)
     return port
 

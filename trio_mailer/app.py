@@ -46,7 +46,7 @@ from trio_mailer.core.message import MailComposer
 from trio_mailer.core.rendering import MailTemplates, TemplateError
 from trio_mailer.core.retry_policy import ReconnectBackoff, RetryPolicy
 from trio_mailer.delivery.mail_queue import Delivery, MailQueue
-from trio_mailer.delivery.relays import RelayChain
+from trio_mailer.delivery.relays import RelayChain, name_of
 from trio_mailer.delivery.sender import FinishedMail, Sender, no_relay_chain
 from trio_mailer.delivery.session_keeper import Connector, SmtpSession
 from trio_mailer.delivery.smtp_session import (
@@ -162,7 +162,10 @@ class MailerApp:
         self.queue = MailQueue.open(config.queue_size, config.retry_capacity)
         if self.on_finished is not None:
             self.watch_finished(self.on_finished)
-        self.metrics = Metrics()
+        self.metrics = Metrics(
+            ttl_s=config.message_ttl_s,
+            relays=[name_of(host, port) for host, port in config.relay_list],
+        )
         self.metrics.track(
             queue_depth=lambda: self.queue.statistics().queued,
             in_flight=lambda: self.queue.statistics().in_flight,

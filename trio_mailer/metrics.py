@@ -20,7 +20,7 @@ from __future__ import annotations
 import importlib.metadata
 import platform
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from functools import partial
 
 import purerpc
@@ -43,6 +43,10 @@ from trio_mailer.http_server import Request, Response, serve_http
 
 REQUEST_TIMEOUT_S = 5.0
 LATENCY_BUCKETS_S = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600)
+# A mail's life, and each step of it, from 10 ms to the time to live: beyond it a mail is
+# expired, so no finite bound past the TTL is of use (``life_buckets_s``).
+_LIFE_BOUNDS_S = (*LATENCY_BUCKETS_S, 1800, 3600, 7200, 21600, 43200, 86400, 172800, 345600, 604800)
+DEFAULT_TTL_S = 600.0  # MAILER_MESSAGE_TTL_S's default
 # Accepting a mail takes well under 10 ms (one fsync with the file outbox): finer buckets there.
 ACCEPT_BUCKETS_S = (0.0005, 0.001, 0.0025, 0.005, 0.0075, 0.01, 0.025, 0.05, 0.1, 0.25, 1)
 
@@ -122,6 +126,11 @@ _OUTCOME_OF_CODE = {
 SEND_METHODS = frozenset(("Send", "SendPass", "SendRetrieve"))
 
 
+def life_buckets_s(ttl_s: float) -> tuple[float, ...]:
+    """Histogram bounds for a mail's life: 10 ms, 25 ms, ... up to ``ttl_s``, the last one."""
+    return (*(bound for bound in _LIFE_BOUNDS_S if bound < ttl_s), ttl_s)
+
+
 def _code_name(code: int) -> str:
     try:
         return str(purerpc.StatusCode(code).name)
@@ -137,8 +146,13 @@ def _version() -> str:
 
 
 class Metrics:
-    def __init__(self) -> None:
+    def __init__(self, *, ttl_s: float = DEFAULT_TTL_S, relays: Sequence[str] = ()) -> None:
+        """``ttl_s``: the mails' time to live (the largest finite bucket of the latency
+        histograms); ``relays``: the configured relays ("host:port"), pre-created at 0."""
         self._children: dict[tuple[int, str], Counter] = {}
+        self._attempt_children: dict[tuple[str, str], Histogram] = {}
+        self._finished_children: dict[str, Histogram] = {}
+        life = life_buckets_s(ttl_s)
         self.registry = CollectorRegistry()
         r = self.registry
         ProcessCollector(registry=r)
@@ -230,6 +244,28 @@ class Metrics:
             buckets=LATENCY_BUCKETS_S,
             registry=r,
         )
+        self.accepted_to_finished = Histogram(
+            "trio_mailer_accepted_to_finished_seconds",
+            "From acceptance over gRPC to the mail's final state (delivered, failed, expired)",
+            ["outcome"],
+            buckets=life,
+            registry=r,
+        )
+        self.queue_wait = Histogram(
+            "trio_mailer_queue_wait_seconds",
+            "From acceptance to the start of the mail's first attempt (a sender took it and had "
+            "a session)",
+            buckets=life,
+            registry=r,
+        )
+        self.smtp_attempt = Histogram(
+            "trio_mailer_smtp_attempt_seconds",
+            "One attempt on an open session (MAIL to the final reply, or the session lost), by "
+            "relay (host:port) and reply class (2xx, 4xx, 5xx, none: session lost)",
+            ["relay", "code_class"],
+            buckets=life,
+            registry=r,
+        )
         self.queue_depth = Gauge(
             "trio_mailer_queue_depth", "Mails waiting in the queue", registry=r
         )
@@ -243,9 +279,9 @@ class Metrics:
             "1 while the gRPC health status of the server is SERVING, else 0 (NOT_SERVING)",
             registry=r,
         )
-        self._precreate()
+        self._precreate(relays)
 
-    def _precreate(self) -> None:
+    def _precreate(self, relays: Sequence[str]) -> None:
         """A series at 0 for every known label value."""
         for method, outcomes in REQUEST_LABELS.items():
             for outcome in outcomes:
@@ -259,6 +295,12 @@ class Metrics:
             self.connects.labels(result)
         for code_class in REPLY_CLASSES:
             self.smtp_replies.labels(code_class)
+            for relay in relays:
+                self.smtp_attempt.labels(relay, code_class)
+        for relay in relays:
+            self.delivered_by_relay.labels(relay)
+        for outcome in MAIL_OUTCOMES:
+            self.accepted_to_finished.labels(outcome)
 
     def track_outbox(
         self,
@@ -322,8 +364,22 @@ class Metrics:
     def delivered_via(self, relay: str) -> None:
         self._child(self.delivered_by_relay, relay or "unknown").inc()
 
-    def mail_finished(self, outcome: str) -> None:
+    def mail_finished(self, outcome: str, seconds: float) -> None:
+        """A mail reached its final state ``outcome``, ``seconds`` after it was accepted."""
         self._child(self.mails, outcome).inc()
+        child = self._finished_children.get(outcome)
+        if child is None:
+            child = self._finished_children[outcome] = self.accepted_to_finished.labels(outcome)
+        child.observe(seconds)
+
+    def attempt(self, relay: str, code: int | None, seconds: float) -> None:
+        """One SMTP attempt to ``relay`` ended with ``code`` (None: the session was lost)."""
+        code_class = "none" if code is None else f"{code // 100}xx"
+        key = (relay or "unknown", code_class)
+        child = self._attempt_children.get(key)
+        if child is None:
+            child = self._attempt_children[key] = self.smtp_attempt.labels(*key)
+        child.observe(seconds)
 
     def _child(self, family: Counter, label: str) -> Counter:
         """``family.labels(label)``, remembered: the lookup takes a lock and builds a tuple,

@@ -38,8 +38,12 @@ log = logging.getLogger(__name__)
 
 
 def relay_name(settings: RelaySettings) -> str:
-    host = f"[{settings.host}]" if ":" in settings.host else settings.host
-    return f"{host}:{settings.port}"
+    return name_of(settings.host, settings.port)
+
+
+def name_of(host: str, port: int) -> str:
+    """A relay as the logs and the metrics name it: ``host:port``, ``[v6addr]:port``."""
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
 @attrs.define

@@ -146,11 +146,13 @@ class SessionKeeper:
         self._attempts += 1
         self._used = True
         started = trio.current_time()
+        relay = self.relay_name
         try:
             outcome = await session.send(mail)
         except SessionLost as lost:
             self._last_activity = trio.current_time()
             self.metrics.reply(None)
+            self.metrics.attempt(relay, None, self._last_activity - started)
             if lost.closing and self.relay_name:
                 self.on_relay_closing(self.relay_name, lost.reason)
             self._failures += 1
@@ -159,6 +161,7 @@ class SessionKeeper:
         self._last_activity = trio.current_time()
         self.metrics.send_latency.observe(self._last_activity - started)
         self.metrics.reply(outcome.reply.code)
+        self.metrics.attempt(relay, outcome.reply.code, self._last_activity - started)
         if isinstance(outcome, Delivered):
             self._failures = 0
         return outcome

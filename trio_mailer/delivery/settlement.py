@@ -118,8 +118,11 @@ class Settler:
 
     async def record_started(self, delivery: Delivery) -> OutboxError | None:
         """Store ``SENDING`` (``delivery`` counts the attempt); the outbox's error if it could
-        not (then nothing may be sent)."""
-        return await self._report(delivery, MailState.SENDING)
+        not (then nothing may be sent). The first attempt's start ends the mail's queue wait."""
+        error = await self._report(delivery, MailState.SENDING)
+        if error is None and delivery.attempts == 1:
+            self.metrics.queue_wait.observe(trio.current_time() - delivery.accepted_at_s)
+        return error
 
     async def settle(self, queue: MailQueue, settlement: Settlement) -> None:
         """The one place a mail a sender took leaves it (see the module's docstring)."""
@@ -197,9 +200,10 @@ class Settler:
                 finished.reason,
                 extra={"message_id": delivery.message_id},
             )
-        self.metrics.mail_finished(finished.outcome)
+        age_s = trio.current_time() - delivery.accepted_at_s
+        self.metrics.mail_finished(finished.outcome, age_s)
         if finished.delivered:
-            self.metrics.delivery_latency.observe(trio.current_time() - delivery.accepted_at_s)
+            self.metrics.delivery_latency.observe(age_s)
             self.metrics.delivered_via(finished.via)
         self.on_finished(finished)
 
