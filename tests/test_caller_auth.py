@@ -219,3 +219,35 @@ def test_a_certificate_identity_names_every_subject_attribute_in_order() -> None
         "emailAddress=ops@acme.example,serialNumber=42"
     )
     assert certificate_identity(()) is None
+
+
+@pytest.mark.parametrize(
+    ("metadata", "reason"),
+    [
+        ([], "missing"),
+        ([("x-other", "Bearer " + TOKEN)], "missing"),
+        ([("authorization", "Basic dXNlcjpwYXNz")], "bad_scheme"),
+        ([("authorization", "Bearer")], "bad_scheme"),
+        ([("authorization", "Bearer ")], "bad_scheme"),
+        ([("authorization", TOKEN)], "bad_scheme"),
+        ([("authorization", "Bearer not-the-configured-token")], "unknown_token"),
+        ([("Authorization", "bearer not-the-configured-token")], "unknown_token"),
+        ([("authorization", "Basic x"), ("authorization", "Bearer " + TOKEN)], "bad_scheme"),
+        ([("authorization", "Bearer " + TOKEN)], None),
+        ([("x-other", "1"), ("AUTHORIZATION", "BEARER " + TOKEN)], None),
+    ],
+)
+def test_refusal_names_why_a_caller_is_refused(
+    metadata: list[tuple[str, str]], reason: str | None
+) -> None:
+    """None for a configured token, else missing, bad_scheme or unknown_token (the first
+    authorization header decides, as for ``allows``)."""
+    assert TokenSet.parse(TOKEN + "\n").refusal(metadata) == reason
+
+
+def test_the_refusal_reasons_are_the_metric_labels() -> None:
+    from trio_mailer.core import caller_auth
+
+    assert caller_auth.REFUSAL_REASONS == (
+        "missing", "bad_scheme", "unknown_token", "bad_client_certificate",
+    )  # fmt: skip

@@ -84,7 +84,7 @@ class _TestService:
         return service
 
 
-def _authorize(service: str, method: str, metadata: Sequence[tuple[str, str]]) -> bool:
+def _authorize(service: str, method: str, metadata: Sequence[tuple[str, str]], peer: str) -> bool:
     if method != "Guarded":
         return True
     return ("authorization", f"Bearer {GOOD_TOKEN}") in metadata

@@ -36,7 +36,8 @@ import attrs
 import purerpc
 import trio
 
-from trio_mailer.core.caller_auth import is_loopback
+from trio_mailer.auth_events import AuthFailures
+from trio_mailer.core.caller_auth import BAD_CLIENT_CERTIFICATE, is_loopback
 from trio_mailer.core.config import Config, TlsMode
 from trio_mailer.core.errors import InvalidRequest, MailNotFound, OutboxError, ShuttingDown
 from trio_mailer.core.health_decision import SenderStatistics, is_serving
@@ -134,6 +135,7 @@ class MailerApp:
     # The pool, built by ``run`` once the outbox is open (``build_senders``); empty before.
     senders: list[Sender] = attrs.field(init=False, factory=list)
     metrics: Metrics = attrs.field(init=False)
+    auth_failures: AuthFailures = attrs.field(init=False)
     health: HealthState = attrs.field(init=False)
     board: StatusBoard = attrs.field(init=False)
     metrics_port: int | None = attrs.field(init=False, default=None)  # once serving
@@ -172,6 +174,7 @@ class MailerApp:
             retry_waiting=lambda: self.queue.statistics().retry_waiting,
             sessions_up=lambda: self.statistics().sessions_up,
         )
+        self.auth_failures = AuthFailures(self.metrics, time.monotonic)
         self.board = StatusBoard()
         self.metrics.track_outbox(self.board.unfinished)
         self.health = HealthState([MAILER_SERVICE])
@@ -317,16 +320,21 @@ class MailerApp:
         )
         return True
 
-    def authorize(self, service: str, method: str, metadata: Sequence[tuple[str, str]]) -> bool:
-        """Bearer-token check for a call (when tokens are configured); health checks and
-        reflection stay open unless ``MAILER_AUTH_ALL_SERVICES=1``."""
+    def authorize(
+        self, service: str, method: str, metadata: Sequence[tuple[str, str]], peer: str = "?"
+    ) -> bool:
+        """Bearer-token check for a call from ``peer`` (when tokens are configured); health
+        checks and reflection stay open unless ``MAILER_AUTH_ALL_SERVICES=1``. A refusal is
+        counted and logged (``auth_events``)."""
         tokens = self.config.auth_tokens
         if tokens is None:
             return True
         if service in OPEN_SERVICES and not self.config.auth_all_services:
             return True
-        if tokens.allows(metadata):
+        reason = tokens.refusal(metadata)
+        if reason is None:
             return True
+        self.auth_failures.failed(reason, peer)
         self.metrics.unauthenticated(method)
         return False
 
@@ -574,6 +582,7 @@ class MailerApp:
                     max_connections=config.max_connections,
                     limits=Limits(idle_timeout_s=config.grpc_idle_timeout_s),
                     observer=self.metrics,
+                    on_bad_certificate=partial(self.auth_failures.failed, BAD_CLIENT_CERTIFICATE),
                 ),
                 listener,
                 self.grpc_services(),

@@ -38,6 +38,7 @@ from prometheus_client import (
     generate_latest,
 )
 
+from trio_mailer.core.caller_auth import REFUSAL_REASONS
 from trio_mailer.grpc.listener import BindError
 from trio_mailer.http_server import Request, Response, serve_http
 
@@ -266,6 +267,13 @@ class Metrics:
             buckets=life,
             registry=r,
         )
+        self.auth_failures = Counter(
+            "trio_mailer_auth_failures",
+            "Failed authentication by reason (missing, bad_scheme, unknown_token, "
+            "bad_client_certificate)",
+            ["reason"],
+            registry=r,
+        )
         self.queue_depth = Gauge(
             "trio_mailer_queue_depth", "Mails waiting in the queue", registry=r
         )
@@ -301,6 +309,8 @@ class Metrics:
             self.delivered_by_relay.labels(relay)
         for outcome in MAIL_OUTCOMES:
             self.accepted_to_finished.labels(outcome)
+        for reason in REFUSAL_REASONS:
+            self.auth_failures.labels(reason)
 
     def track_outbox(
         self,
@@ -363,6 +373,9 @@ class Metrics:
 
     def delivered_via(self, relay: str) -> None:
         self._child(self.delivered_by_relay, relay or "unknown").inc()
+
+    def auth_failed(self, reason: str) -> None:
+        self._child(self.auth_failures, reason).inc()
 
     def mail_finished(self, outcome: str, seconds: float) -> None:
         """A mail reached its final state ``outcome``, ``seconds`` after it was accepted."""

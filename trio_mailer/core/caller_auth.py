@@ -13,13 +13,19 @@ import hashlib
 import hmac
 import ipaddress
 import re
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 
 import attrs
 
 _SHA256_LINE = re.compile(r"sha256:([0-9a-fA-F]{64})")
 MIN_TOKEN_CHARS = 16
 TOKEN_ID_HEX_DIGITS = 16  # a caller's identity: this much of its token's digest
+# Why a caller was refused (the ``reason`` of ``trio_mailer_auth_failures_total``).
+MISSING = "missing"  # no authorization header
+BAD_SCHEME = "bad_scheme"  # not "Bearer <token>" (Basic, an empty token, ...)
+UNKNOWN_TOKEN = "unknown_token"  # a bearer token that is not configured
+BAD_CLIENT_CERTIFICATE = "bad_client_certificate"  # refused in the TLS handshake (mTLS)
+REFUSAL_REASONS = (MISSING, BAD_SCHEME, UNKNOWN_TOKEN, BAD_CLIENT_CERTIFICATE)
 # Short names for the attributes of a certificate subject.
 _SUBJECT_NAMES = {
     "commonName": "CN",
@@ -71,6 +77,17 @@ class TokenSet:
     def allows(self, metadata: Iterable[tuple[str, str]]) -> bool:
         """True when ``metadata`` carries ``authorization: Bearer <a configured token>``."""
         return self._match(metadata) is not None
+
+    def refusal(self, metadata: Sequence[tuple[str, str]]) -> str | None:
+        """None when ``metadata`` carries a configured token, else why not: ``MISSING``,
+        ``BAD_SCHEME`` or ``UNKNOWN_TOKEN``."""
+        if self._match(metadata) is not None:
+            return None
+        for name, value in metadata:
+            if name.lower() == "authorization":
+                scheme, _, token = value.partition(" ")
+                return UNKNOWN_TOKEN if scheme.lower() == "bearer" and token else BAD_SCHEME
+        return MISSING
 
     def identify(self, metadata: Iterable[tuple[str, str]]) -> str | None:
         """The caller's identity when ``metadata`` carries a configured token:

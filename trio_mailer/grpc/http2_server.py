@@ -52,7 +52,8 @@ __all__ = ["Authorizer", "CallObserver", "Http2Connection", "Limits", "NoObserve
 log = logging.getLogger("trio_mailer.grpc.listener")
 
 # Decides whether a call to ``service``/``method`` with these request headers may proceed.
-Authorizer = Callable[[str, str, Sequence[tuple[str, str]]], bool]
+# The last argument is the peer's address ("host:port"), for the log of a refusal.
+Authorizer = Callable[[str, str, Sequence[tuple[str, str]], str], bool]
 
 _CALLERS = {
     Cardinality.UNARY_UNARY: call_server_unary_unary,
@@ -339,7 +340,7 @@ class Http2Connection:
             raise _CallFailed(
                 GrpcCode.UNIMPLEMENTED, f"method {head.service}/{head.method} is not implemented"
             )
-        if not self._authorizer(head.service, head.method, head.metadata):
+        if not self._authorizer(head.service, head.method, head.metadata, self.peer):
             # Before a byte of the request is inflated or a handler runs.
             raise _CallFailed(
                 GrpcCode.UNAUTHENTICATED,

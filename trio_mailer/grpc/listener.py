@@ -26,7 +26,7 @@ import contextvars
 import errno
 import logging
 import ssl
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
@@ -97,8 +97,22 @@ class BindError(Exception):
     """The listener could not bind (port taken, address not local, ...)."""
 
 
-def _allow_all(service: str, method: str, metadata: object) -> bool:
+def _allow_all(service: str, method: str, metadata: object, peer: str) -> bool:
     return True
+
+
+def _nobody_told(peer: str) -> None:
+    """No one to tell of a client certificate refused in the handshake."""
+
+
+# OpenSSL's reasons for a client certificate refused under mutual TLS (untrusted, expired, none).
+_CLIENT_CERTIFICATE_REASONS = frozenset(
+    ("CERTIFICATE_VERIFY_FAILED", "PEER_DID_NOT_RETURN_A_CERTIFICATE")
+)
+
+
+def _certificate_refused(exc: BaseException | None) -> bool:
+    return isinstance(exc, ssl.SSLError) and exc.reason in _CLIENT_CERTIFICATE_REASONS
 
 
 @attrs.frozen
@@ -177,6 +191,7 @@ class _Accepting:
     max_connections: int
     ssl_context: ssl.SSLContext | None
     observer: CallObserver
+    on_bad_certificate: Callable[[str], None]  # (peer) a client certificate refused
     open_connections: int = 0
     refused: int = 0
     serving: set[Http2Connection] = attrs.Factory(set)
@@ -270,6 +285,8 @@ class _Accepting:
         except (trio.TooSlowError, trio.BrokenResourceError, OSError) as exc:
             await trio.aclose_forcefully(tcp)
             cause = exc.__cause__ if isinstance(exc, trio.BrokenResourceError) else exc
+            if _certificate_refused(cause):
+                self.on_bad_certificate(peer)
             detail = "timed out" if isinstance(exc, trio.TooSlowError) else str(cause or exc)
             log_client_fault(
                 logging.INFO,
@@ -339,12 +356,15 @@ async def serve_grpc(
     max_connections: int = DEFAULT_MAX_CONNECTIONS,
     limits: Limits | None = None,
     observer: CallObserver | None = None,
+    on_bad_certificate: Callable[[str], None] = _nobody_told,
     task_status: trio.TaskStatus[GrpcServer] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Serve ``services`` on ``listener`` until cancelled or drained; closes the listener.
 
     ``authorizer`` is asked before every call; a refused call gets UNAUTHENTICATED.
     ``observer`` is told of each call's start and of the status code it ended with.
+    ``on_bad_certificate(peer)`` is told of each client certificate refused in the TLS
+    handshake (mutual TLS: untrusted, expired or missing).
     Reports a ``GrpcServer`` (for ``drain``) through ``task_status``.
     """
     accepting = _Accepting(
@@ -354,6 +374,7 @@ async def serve_grpc(
         max_connections,
         listener.ssl_context,
         observer or NoObserver(),
+        on_bad_certificate,
     )
     async with trio.open_nursery() as connections:
         with trio.CancelScope() as listeners_scope:
