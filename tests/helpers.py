@@ -14,8 +14,10 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 import attrs
+import grpc
 import trio
 import trustme
+from prometheus_client.parser import text_string_to_metric_families
 
 from trio_mailer.app import MailerApp
 from trio_mailer.core.config import shipped_templates_dir
@@ -33,7 +35,7 @@ from trio_mailer.service.mail_status import MailStatusLookup
 from trio_mailer.store.outbox import MemoryOutbox, Outbox
 from trio_mailer.store.status_board import StatusBoard
 from trio_mailer.v1.mailer_grpc import MailerStub
-from trio_mailer.v1.mailer_pb2 import MsgRequest
+from trio_mailer.v1.mailer_pb2 import MsgReply, MsgRequest
 
 from .fakes.fault_relay import FaultRelay
 
@@ -368,3 +370,66 @@ def mailer_service(
         wall_clock=wall_clock,
     )
     return MailerService(accept, MailStatusLookup(board, outbox, admission), identify, metrics)
+
+
+# ---- what several test files share: /metrics scrapes, stock grpcio calls ----
+
+
+async def http_get(port: int, path: str) -> tuple[str, dict[str, str], str]:
+    """A plain HTTP/1.1 GET; returns (status line, headers, body)."""
+    stream = await trio.open_tcp_stream("127.0.0.1", port)
+    async with stream:
+        await stream.send_all(f"GET {path} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+        data = b""
+        while chunk := await stream.receive_some(65536):
+            data += chunk
+    head, _, body = data.partition(b"\r\n\r\n")
+    status, *lines = head.decode().split("\r\n")
+    headers = dict(line.split(": ", 1) for line in lines)
+    return status, headers, body.decode()
+
+
+async def scrape(h: Harness) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    assert h.app.metrics_port is not None
+    status, headers, body = await http_get(h.app.metrics_port, "/metrics")
+    assert status == "HTTP/1.1 200 OK"
+    assert headers["Content-Type"].startswith("text/plain; version=")
+    samples = {}
+    for family in text_string_to_metric_families(body):
+        for sample in family.samples:
+            samples[(sample.name, tuple(sorted(sample.labels.items())))] = sample.value
+    return samples
+
+
+def value(samples: dict, name: str, **labels: str) -> float:  # type: ignore[type-arg]
+    return samples.get((name, tuple(sorted(labels.items()))), 0.0)
+
+
+def grpcio_call(port: int, credentials: grpc.ChannelCredentials | None) -> MsgReply | str:
+    """One SendPass from a stock grpcio client; the status code's name on failure."""
+    target = f"127.0.0.1:{port}"
+    channel = (
+        grpc.secure_channel(target, credentials)
+        if credentials is not None
+        else grpc.insecure_channel(target)
+    )
+    with channel:
+        call = channel.unary_unary(
+            "/trio_mailer.v1.Mailer/SendPass",
+            request_serializer=MsgRequest.SerializeToString,
+            response_deserializer=MsgReply.FromString,
+        )
+        try:
+            reply: MsgReply = call(MsgRequest(to="user@example.com", code="1"), timeout=5)
+            return reply
+        except grpc.RpcError as exc:
+            return str(exc.code().name)
+
+
+def credentials(pki: Pki, client_pem: Path | None = None) -> grpc.ChannelCredentials:
+    chain = client_pem.read_bytes() if client_pem else None
+    return grpc.ssl_channel_credentials(
+        root_certificates=pki.server_ca.read_bytes(),
+        private_key=chain,  # the PEM holds the key first, then the chain
+        certificate_chain=chain,
+    )

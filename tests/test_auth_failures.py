@@ -15,9 +15,7 @@ from trio_mailer.client import client_ssl_context
 from trio_mailer.metrics import Metrics
 from trio_mailer.v1.mailer_pb2 import MsgRequest
 
-from .helpers import TOKEN, Pki, tls_env
-from .test_grpc_security import credentials, grpcio_call
-from .test_metrics import scrape, value
+from .helpers import TOKEN, Pki, credentials, grpcio_call, scrape, tls_env, value
 
 FAILURES = "trio_mailer_auth_failures_total"
 WRONG_TOKEN = "not-the-token-but-long-enough-0123"

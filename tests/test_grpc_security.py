@@ -6,7 +6,6 @@ import logging
 import sys
 from pathlib import Path
 
-import grpc
 import purerpc
 import pytest
 import trio
@@ -16,7 +15,16 @@ from trio_mailer.core.config import ConfigError, load_config
 from trio_mailer.logs import quiet_secret_bearing_loggers
 from trio_mailer.v1.mailer_pb2 import MsgReply, MsgRequest
 
-from .helpers import HASHED_TOKEN, OTHER_TOKEN, TOKEN, Pki, bearer, tls_env
+from .helpers import (
+    HASHED_TOKEN,
+    OTHER_TOKEN,
+    TOKEN,
+    Pki,
+    bearer,
+    credentials,
+    grpcio_call,
+    tls_env,
+)
 
 
 async def test_calls_need_a_valid_bearer_token(start_harness, tokens_file: Path, caplog) -> None:
@@ -58,36 +66,6 @@ def test_health_and_reflection_stay_open_unless_configured(tokens_file: Path) ->
     strict = MailerApp.from_config(load_config({**env, "MAILER_AUTH_ALL_SERVICES": "1"}))
     assert not strict.authorize("grpc.health.v1.Health", "Check", [])
     assert strict.authorize("grpc.health.v1.Health", "Check", bearer(TOKEN))
-
-
-def grpcio_call(port: int, credentials: grpc.ChannelCredentials | None) -> MsgReply | str:
-    """One SendPass from a stock grpcio client; the status code's name on failure."""
-    target = f"127.0.0.1:{port}"
-    channel = (
-        grpc.secure_channel(target, credentials)
-        if credentials is not None
-        else grpc.insecure_channel(target)
-    )
-    with channel:
-        call = channel.unary_unary(
-            "/trio_mailer.v1.Mailer/SendPass",
-            request_serializer=MsgRequest.SerializeToString,
-            response_deserializer=MsgReply.FromString,
-        )
-        try:
-            reply: MsgReply = call(MsgRequest(to="user@example.com", code="1"), timeout=5)
-            return reply
-        except grpc.RpcError as exc:
-            return str(exc.code().name)
-
-
-def credentials(pki: Pki, client_pem: Path | None = None) -> grpc.ChannelCredentials:
-    chain = client_pem.read_bytes() if client_pem else None
-    return grpc.ssl_channel_credentials(
-        root_certificates=pki.server_ca.read_bytes(),
-        private_key=chain,  # the PEM holds the key first, then the chain
-        certificate_chain=chain,
-    )
 
 
 async def test_tls_port_serves_grpcio_and_refuses_plaintext(

@@ -8,8 +8,7 @@ import trio
 from trio_mailer.metrics import Metrics, life_buckets_s
 
 from .fakes.fault_relay import Fault
-from .helpers import send_pass
-from .test_metrics import scrape, value
+from .helpers import scrape, send_pass, value
 
 FINISHED = "trio_mailer_accepted_to_finished_seconds"
 QUEUE_WAIT = "trio_mailer_queue_wait_seconds"

@@ -11,44 +11,13 @@ from pathlib import Path
 import purerpc
 import pytest
 import trio
-from prometheus_client.parser import text_string_to_metric_families
 
 from trio_mailer.v1.mailer_pb2 import MsgRequest, StatusRequest
 
 from .fakes.fault_relay import Fault
-from .helpers import Harness
+from .helpers import http_get, scrape, value
 
 TOKEN = "metrics-test-token-123456"
-
-
-async def http_get(port: int, path: str) -> tuple[str, dict[str, str], str]:
-    """A plain HTTP/1.1 GET; returns (status line, headers, body)."""
-    stream = await trio.open_tcp_stream("127.0.0.1", port)
-    async with stream:
-        await stream.send_all(f"GET {path} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
-        data = b""
-        while chunk := await stream.receive_some(65536):
-            data += chunk
-    head, _, body = data.partition(b"\r\n\r\n")
-    status, *lines = head.decode().split("\r\n")
-    headers = dict(line.split(": ", 1) for line in lines)
-    return status, headers, body.decode()
-
-
-async def scrape(h: Harness) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
-    assert h.app.metrics_port is not None
-    status, headers, body = await http_get(h.app.metrics_port, "/metrics")
-    assert status == "HTTP/1.1 200 OK"
-    assert headers["Content-Type"].startswith("text/plain; version=")
-    samples = {}
-    for family in text_string_to_metric_families(body):
-        for sample in family.samples:
-            samples[(sample.name, tuple(sorted(sample.labels.items())))] = sample.value
-    return samples
-
-
-def value(samples: dict, name: str, **labels: str) -> float:  # type: ignore[type-arg]
-    return samples.get((name, tuple(sorted(labels.items()))), 0.0)
 
 
 async def test_metrics_count_requests_deliveries_retries_and_latency(
