@@ -21,6 +21,8 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from trio_mailer.v1.mailer_pb2 import MsgRequest
 
+from .helpers import http_get
+
 ROOT = Path(__file__).resolve().parent.parent
 DEPLOY = ROOT / "deploy"
 RULES = DEPLOY / "alerts.yml"
@@ -45,19 +47,6 @@ PROMQL_WORDS = frozenset(
 )
 
 Scrape = dict[str, list[dict[str, str]]]  # sample name -> the label sets it has
-
-
-async def http_get(port: int, path: str) -> str:
-    """A plain HTTP/1.1 GET (one request per connection, as /metrics serves); the body."""
-    stream = await trio.open_tcp_stream("127.0.0.1", port)
-    async with stream:
-        await stream.send_all(f"GET {path} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
-        data = b""
-        while chunk := await stream.receive_some(65536):
-            data += chunk
-    head, _, body = data.partition(b"\r\n\r\n")
-    assert head.startswith(b"HTTP/1.1 200 "), head
-    return body.decode()
 
 
 @attrs.frozen
@@ -213,7 +202,8 @@ async def scrape_a_busy_service(start_harness, tmp_path: Path) -> Scrape:
                 await h.stub.SendPass(MsgRequest(to="user@example.com", code="2"))
             await h.wait_finished(1)
             assert h.app.metrics_port is not None
-            body = await http_get(h.app.metrics_port, "/metrics")
+            status, _headers, body = await http_get(h.app.metrics_port, "/metrics")
+    assert status == "HTTP/1.1 200 OK"
     samples: Scrape = defaultdict(list)
     for family in text_string_to_metric_families(body):
         for sample in family.samples:
@@ -268,7 +258,7 @@ async def test_the_health_gauge_follows_the_health_status(start_harness, free_po
         env = {"MAILER_METRICS_PORT": "0", "MAILER_SHUTDOWN_GRACE_S": "0", **relay_env}
         async with start_harness(env=env) as h:
             assert h.app.metrics_port is not None
-            body = await http_get(h.app.metrics_port, "/metrics")
+            _status, _headers, body = await http_get(h.app.metrics_port, "/metrics")
         [family] = [
             f
             for f in text_string_to_metric_families(body)
