@@ -52,3 +52,22 @@ def test_problems_names_what_moved(monkeypatch) -> None:
     found = internals.problems()
     assert any("_Channel" in p for p in found)
     assert any("_prepare_for_sending" in p for p in found)
+
+
+def test_a_closed_client_ignores_the_servers_drain_ping() -> None:
+    """trio_mailer's purerpc client, closed by its own GOAWAY while a server's drain (GOAWAY,
+    PING) is on its way, reads those frames without a ProtocolError."""
+    import h2.config
+    import h2.connection
+
+    server = h2.connection.H2Connection(h2.config.H2Configuration(client_side=False))
+    client = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True))
+    client.state_machine = internals._GoAwayTolerantStates()
+    client.initiate_connection()
+    server.initiate_connection()
+    server.receive_data(client.data_to_send())
+    client.receive_data(server.data_to_send())
+    client.close_connection()  # the client goes first
+    server.ping(b"drain...")
+    client.receive_data(server.data_to_send())  # stock h2 3.x: ProtocolError here
+    assert client.state_machine.state is h2.connection.ConnectionState.CLOSED

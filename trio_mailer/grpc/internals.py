@@ -196,6 +196,20 @@ class _GoAwayTolerantStates(h2.connection.H2ConnectionStateMachine):  # type: ig
             None,
             h2.connection.ConnectionState.CLIENT_OPEN,
         ),
+        # A client that has closed (its own GOAWAY) while the server's drain PING, SETTINGS or
+        # window updates were on their way: ignored, not a ProtocolError in purerpc's reader.
+        **{
+            (h2.connection.ConnectionState.CLOSED, received): (
+                None,
+                h2.connection.ConnectionState.CLOSED,
+            )
+            for received in (
+                h2.connection.ConnectionInputs.RECV_PING,
+                h2.connection.ConnectionInputs.RECV_SETTINGS,
+                h2.connection.ConnectionInputs.RECV_WINDOW_UPDATE,
+                h2.connection.ConnectionInputs.RECV_PRIORITY,
+            )
+        },
     }
 
 
