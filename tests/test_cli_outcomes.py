@@ -37,8 +37,11 @@ async def cli(*args: str, **env: str) -> trio.CompletedProcess[bytes]:
     )
 
 
-async def interrupt(args: list[str], started: trio.Event) -> tuple[int, str, str]:
-    """Run the CLI, press Ctrl-C (SIGINT) once ``started`` is set; its status and output."""
+async def interrupt(
+    args: list[str], started: trio.Event, *, after_a_line: bool = False
+) -> tuple[int, str, str]:
+    """Run the CLI, press Ctrl-C (SIGINT) once ``started`` is set (and, with ``after_a_line``,
+    once it has printed a whole line); its status and output."""
     process = await trio.lowlevel.open_process(
         [sys.executable, "-m", "trio_mailer", *args],
         env=subprocess_env(),
@@ -47,18 +50,23 @@ async def interrupt(args: list[str], started: trio.Event) -> tuple[int, str, str
         stderr=subprocess.PIPE,
     )
     try:
-        await started.wait()
-        process.send_signal(signal.SIGINT)
         assert process.stdout is not None and process.stderr is not None
         out, err = bytearray(), bytearray()
+        printed = trio.Event()
         async with trio.open_nursery() as nursery:
 
             async def drain(stream: trio.abc.ReceiveStream, into: bytearray) -> None:
                 while chunk := await stream.receive_some():
                     into += chunk
+                    if b"\n" in out:
+                        printed.set()
 
             nursery.start_soon(drain, process.stdout, out)
             nursery.start_soon(drain, process.stderr, err)
+            await started.wait()
+            if after_a_line:
+                await printed.wait()
+            process.send_signal(signal.SIGINT)
         return await process.wait(), out.decode(), err.decode()
     finally:
         with trio.CancelScope(shield=True):
@@ -113,7 +121,7 @@ async def test_ctrl_c_in_status_watch_exits_130_with_one_line(start_harness) -> 
                     first_line.set()
 
                 nursery.start_soon(press_after_the_first_line)
-                status, out, err = await interrupt(watch, first_line)
+                status, out, err = await interrupt(watch, first_line, after_a_line=True)
             h.app.request_shutdown(force=True)
     assert status == INTERRUPTED, err
     assert out.startswith("state=")
