@@ -67,6 +67,22 @@ def test_a_record_just_accepted_is_queued_with_nothing_tried() -> None:
     assert "code 000007" not in repr(accepted)  # the message body is never in a repr (logs)
 
 
+TRACEPARENT = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"
+
+
+def test_the_accepting_calls_trace_context_stays_with_the_record() -> None:
+    """Stored at acceptance ("" without one), kept by every change, never part of the mail."""
+    assert MailRecord.accepted(MAIL, 1.0).traceparent == ""
+    traced = MailRecord.accepted(MAIL, 1.0, traceparent=TRACEPARENT)
+    assert traced == record(accepted_at_unix=1.0, traceparent=TRACEPARENT)
+    assert traced.to_mail() == MAIL
+    sending = apply_change(traced, change(MailState.SENDING, 1))
+    refused = check_change(sending, change(MailState.QUEUED, 0))  # attempts went down
+    assert refused.problem is not None
+    done = apply_change(refused.record, change(MailState.DELIVERED, 1))
+    assert [r.traceparent for r in (sending, refused.record, done)] == [TRACEPARENT] * 3
+
+
 @pytest.mark.parametrize("bad", [math.inf, -math.inf, math.nan])
 def test_times_must_be_finite(bad: float) -> None:
     with pytest.raises(ValueError, match="accepted_at_unix: expected a finite number"):

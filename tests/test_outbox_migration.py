@@ -1,5 +1,6 @@
-"""An outbox file written by the previous version (schema 1, no admission tables) still opens:
-it is upgraded in place, keeps its mail, and takes keys from then on."""
+"""An outbox file written by an earlier version still opens: it is upgraded in place and keeps its
+mail. Schema 1 (no admission tables) takes keys from then on; schema 2 (no stored trace context)
+stores each new mail's traceparent, its old mail reading back with ""."""
 
 from __future__ import annotations
 
@@ -7,9 +8,11 @@ import contextlib
 import sqlite3
 from pathlib import Path
 
+import attrs
 import trio
 
 from trio_mailer.core.mail_lifecycle import MailState
+from trio_mailer.store import admission_tables
 from trio_mailer.store.admission_tables import Acceptance, IdempotencyHit
 from trio_mailer.store.outbox import APPLICATION_ID, SCHEMA_VERSION, SqliteOutbox
 
@@ -99,5 +102,37 @@ async def test_a_schema_1_file_is_upgraded_and_keeps_its_mail(tmp_path: Path) ->
         finally:
             await reopened.aclose()
     assert resumed == old and resumed.state is MailState.QUEUED
-    assert version == SCHEMA_VERSION == 2
+    assert version == SCHEMA_VERSION == 3
     assert {"mail", "idempotency_key", "accept_log", "suppressed"} <= names
+
+
+def write_v2_outbox(path: Path) -> None:
+    """A schema-2 file: schema 1 plus the admission tables, as that version upgraded it."""
+    write_v1_outbox(path)
+    with contextlib.closing(sqlite3.connect(path, isolation_level=None)) as conn:
+        conn.execute("BEGIN IMMEDIATE")
+        admission_tables.migrate_to_2(conn)
+        conn.execute("PRAGMA user_version = 2")
+        conn.execute("COMMIT")
+
+
+async def test_a_schema_2_file_is_upgraded_to_store_the_trace_context(tmp_path: Path) -> None:
+    path = tmp_path / "outbox.sqlite3"
+    write_v2_outbox(path)
+    traceparent = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"
+    new = attrs.evolve(queued(2), traceparent=traceparent)
+    with trio.fail_after(20):
+        outbox = await SqliteOutbox.open(path)
+        try:
+            await outbox.add(new)
+        finally:
+            await outbox.aclose()
+        version, _ = tables(path)
+        reopened = await SqliteOutbox.open(path)
+        try:
+            resumed = await reopened.unfinished()
+        finally:
+            await reopened.aclose()
+    assert version == SCHEMA_VERSION
+    assert resumed == [queued(1), new]
+    assert [r.traceparent for r in resumed] == ["", traceparent]

@@ -8,6 +8,7 @@ import ast
 from collections.abc import AsyncIterator
 from pathlib import Path
 
+import attrs
 import pytest
 import trio
 
@@ -41,6 +42,26 @@ async def test_every_store_answers_every_member(store: Outbox) -> None:
             await nursery.start(store.run, lambda message_id: None)
             assert await store.claim() == []
             nursery.cancel_scope.cancel()
+
+
+TRACEPARENT = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"
+
+
+async def test_every_store_keeps_the_accepting_calls_trace_context(store: Outbox) -> None:
+    """The traceparent stored at acceptance reads back, after status changes too; a mail
+    accepted without one reads back with ""."""
+    traced = attrs.evolve(queued(1), traceparent=TRACEPARENT)
+    plain = queued(2)
+    with trio.fail_after(TIMEOUT_S):
+        await store.add(traced)
+        await store.add(plain)
+        change = StatusChange(traced.message_id, MailState.SENDING, 1, None, "", T0 + 3)
+        await store.record(change)
+        await store.record(attrs.evolve(change, state=MailState.RETRY_WAIT, last_reply_code=451))
+        got = await store.get(traced.message_id)
+        unfinished = await store.unfinished()
+    assert got is not None and got.traceparent == TRACEPARENT and got.attempts == 1
+    assert [r.traceparent for r in unfinished] == [TRACEPARENT, ""]
 
 
 @pytest.mark.parametrize("kind", ["sqlite", "memory"])

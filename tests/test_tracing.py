@@ -28,6 +28,7 @@ from opentelemetry.trace import NonRecordingSpan, SpanContext, TraceFlags
 
 import trio_mailer_client
 from trio_mailer import tracing
+from trio_mailer.core.mail_lifecycle import MailState
 from trio_mailer.logs import JsonFormatter
 from trio_mailer_client import Accepted
 
@@ -37,6 +38,7 @@ from .helpers import Harness
 ROOT = Path(__file__).resolve().parent.parent
 CALLER_TRACE_ID = 0x0AF7651916CD43DD8448EB211C80319C
 CALLER_SPAN_ID = 0xB7AD6B7169203331
+RETRY_WAIT = MailState.RETRY_WAIT
 
 
 class OtlpReceiver:
@@ -220,6 +222,42 @@ async def test_a_retried_attempt_is_traced_under_the_accepting_call(
     assert (second["mailer.outcome"], second["smtp.reply_code"]) == ("delivered", 250)
     assert second["mailer.possible_duplicate"] is True
     assert [s.name for s in spans].count("queue wait") == 1
+
+
+async def test_an_attempt_after_a_restart_is_traced_under_the_accepting_call(
+    start_harness: Callable[..., Any], otlp_receiver: OtlpReceiver, tmp_path: Path
+) -> None:
+    """The trace context is stored with the mail: a run that starts on the same outbox file
+    (the first left the mail waiting for a retry) traces its attempt under the call's span."""
+    env = {
+        "MAILER_OUTBOX": str(tmp_path / "outbox.sqlite3"),
+        "MAILER_RETRY_BASE_S": "30",
+        "MAILER_RETRY_MAX_S": "30",
+    }
+    traces = tracing.start_tracing({"OTEL_EXPORTER_OTLP_ENDPOINT": otlp_receiver.url})
+    try:
+        with trio.fail_after(60):
+            async with start_harness(env=env) as first:
+                first.relay.add_fault(Fault("MAIL", reply="451 4.3.0 try again later", times=-1))
+                message_id = await send_under_caller_span(first)
+                board = first.app.board
+                while (record := board.get(message_id)) is None or record.state is not RETRY_WAIT:
+                    await board.wait_for_change(message_id)  # until the retry is scheduled
+                assert record.attempts == 1
+            async with start_harness(env=env) as second:
+                (finished,) = await second.wait_finished(1)
+                assert (finished.delivery.message_id, finished.outcome) == (message_id, "delivered")
+    finally:
+        await trio.to_thread.run_sync(traces.shutdown)
+    spans = [s for s in otlp_receiver.spans() if span_id(s.trace_id) == CALLER_TRACE_ID]
+    server = next(s for s in spans if s.kind == SpanMessage.SPAN_KIND_SERVER)
+    attempts = [attributes(s) for s in spans if s.name == "smtp attempt"]
+    assert [(a["mailer.attempt"], a["mailer.outcome"]) for a in attempts] == [
+        (1, "retry"),
+        (2, "delivered"),
+    ]
+    assert all(s.parent_span_id == server.span_id for s in spans if s.name == "smtp attempt")
+    assert all(a["mailer.message_id"] == message_id for a in attempts)
 
 
 def test_json_logs_name_the_current_span() -> None:

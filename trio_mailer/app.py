@@ -538,6 +538,7 @@ class MailerApp:
                     # Stopped mid-attempt: the relay may already have it.
                     possible_duplicate=record.possible_duplicate
                     or record.state is MailState.SENDING,
+                    traceparent=record.traceparent,  # traced under the accepting call
                 )
             )
 

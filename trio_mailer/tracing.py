@@ -22,8 +22,9 @@ The spans:
 - ``span``: the use case's steps under it (``compose``, ``store``). Their errors set the
   status to ERROR with the error's class name only: an exception's text may hold an address.
 - The accepting call's context travels with the queued mail (``Delivery.traceparent``, from
-  ``current_traceparent``): each ``smtp attempt`` span, and the ``queue wait`` before the first,
-  is a child of the call's span however much later the sender gets to it.
+  ``current_traceparent``) and is stored with it (``MailRecord.traceparent``): each ``smtp
+  attempt`` span, and the ``queue wait`` before the first, is a child of the call's span however
+  much later the sender gets to it, after a restart or on another replica too.
 
 The pure core (``trio_mailer/core/``) never imports this module nor OpenTelemetry.
 """

@@ -25,7 +25,8 @@ flagged ``possible_duplicate``; its attempt is already counted.
 
 A change carries the sender's whole view (attempts, last reply); only ``possible_duplicate`` is
 sticky, because once the relay may have had the mail that stays true. Besides the table:
-``attempts`` never goes down; ``finished_at_unix`` is set exactly when the state is terminal
+``attempts`` never goes down; the accepting call's ``traceparent`` is kept as it was;
+``finished_at_unix`` is set exactly when the state is terminal
 (``MailRecord`` checks this); ``last_attempt_at_unix`` moves to the change's time when the change
 counts a new attempt.
 
@@ -149,6 +150,9 @@ class MailRecord:
     last_attempt_at_unix: float | None = attrs.field(validator=_finite_or_none)
     finished_at_unix: float | None = attrs.field(validator=_finite_or_none)
     possible_duplicate: bool
+    # The accepting call's span as a W3C traceparent ("": none), so that an attempt made later,
+    # after a restart or by another replica, is traced under that call.
+    traceparent: str = ""
 
     @finished_at_unix.validator
     def _check_finished(self, _: attrs.Attribute[float | None], value: float | None) -> None:
@@ -159,8 +163,11 @@ class MailRecord:
             )
 
     @classmethod
-    def accepted(cls, mail: OutgoingMail, accepted_at_unix: float) -> MailRecord:
-        """The record of a mail just accepted: queued, no attempt yet."""
+    def accepted(
+        cls, mail: OutgoingMail, accepted_at_unix: float, traceparent: str = ""
+    ) -> MailRecord:
+        """The record of a mail just accepted: queued, no attempt yet (``traceparent``: the
+        accepting call's span, "" for none)."""
         return cls(
             message_id=mail.message_id,
             kind=str(mail.kind),
@@ -175,6 +182,7 @@ class MailRecord:
             last_attempt_at_unix=None,
             finished_at_unix=None,
             possible_duplicate=False,
+            traceparent=traceparent,
         )
 
     def to_mail(self) -> OutgoingMail:
@@ -249,6 +257,7 @@ def check_change(record: MailRecord, change: StatusChange) -> Applied:
         ),
         finished_at_unix=change.at_unix if state.terminal else None,
         possible_duplicate=record.possible_duplicate or change.possible_duplicate,
+        traceparent=record.traceparent,
     )
     if not problems:
         return Applied(new)

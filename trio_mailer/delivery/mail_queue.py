@@ -50,7 +50,7 @@ class Delivery:
     last_reply_code: int | None = None  # its code; None when the session broke
     possible_duplicate: bool = False  # a session broke after the final "." once
     # The accepting call's span, W3C traceparent ("": none): its attempts are traced under it.
-    # In memory only: a mail recovered from the outbox is traced without it.
+    # Stored with the mail (MailRecord.traceparent): a mail recovered from the outbox keeps it.
     traceparent: str = ""
 
     @property

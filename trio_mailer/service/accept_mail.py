@@ -236,7 +236,13 @@ class AcceptMail:
                 self.queue.reserve_nowait()
             except trio.WouldBlock:
                 return await self._refuse(order, ticket, None)
-            record = MailRecord.accepted(mail, accepted_at_unix=self.wall_clock())
+            # The call's span goes with the mail, stored: its attempts are traced under it,
+            # even after a restart or on another replica.
+            record = MailRecord.accepted(
+                mail,
+                accepted_at_unix=self.wall_clock(),
+                traceparent=tracing.current_traceparent(),
+            )
             try:
                 # Durable before the caller hears sent=true (with the file outbox); the key and
                 # the rate-limit row are in the same commit.
@@ -260,11 +266,8 @@ class AcceptMail:
                 raise
             ticket.accepted(mail.message_id)
             self.board.track(record)
-            # The call's span goes with the mail: its attempts are traced under it.
             self.queue.put_reserved(
-                mail,
-                accepted_at_s=trio.current_time(),
-                traceparent=tracing.current_traceparent(),
+                mail, accepted_at_s=trio.current_time(), traceparent=record.traceparent
             )
         except OutboxError as exc:
             log.error("cannot store a %s mail: %s", kind, exc)

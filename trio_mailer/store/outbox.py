@@ -106,9 +106,10 @@ log = logging.getLogger(__name__)
 R = TypeVar("R")
 T = TypeVar("T")
 
-SCHEMA_VERSION = 2  # PRAGMA user_version of the files this code writes
-# Versions it opens: 1 (before the admission tables) is upgraded in place at open.
-READABLE_VERSIONS = (1, 2)
+SCHEMA_VERSION = 3  # PRAGMA user_version of the files this code writes
+# Versions it opens, upgraded in place at open: 1 (before the admission tables), 2 (before the
+# mail's stored trace context).
+READABLE_VERSIONS = (1, 2, 3)
 APPLICATION_ID = 0x544D4F42  # PRAGMA application_id ("TMOB"): marks a trio-mailer outbox file
 BUSY_TIMEOUT_S = 1.0  # how long opening waits for another connection's lock on the file
 SQLITE_MAGIC = b"SQLite format 3\x00"  # the first 16 bytes of every SQLite database file
@@ -127,6 +128,7 @@ _COLUMNS = (
     "last_attempt_at_unix",
     "finished_at_unix",
     "possible_duplicate",
+    "traceparent",  # since version 3
 )
 _TERMINAL_SQL = ", ".join(f"'{state.value}'" for state in MailState if state in TERMINAL_STATES)
 _STATES_SQL = ", ".join(f"'{state.value}'" for state in MailState)
@@ -148,6 +150,7 @@ _SCHEMA = (
         last_attempt_at_unix REAL,
         finished_at_unix REAL,
         possible_duplicate INTEGER NOT NULL CHECK (possible_duplicate IN (0, 1)),
+        traceparent TEXT NOT NULL DEFAULT '',
         CHECK ((finished_at_unix IS NOT NULL) = (state IN ({_TERMINAL_SQL})))
     )
     """,
@@ -156,6 +159,8 @@ _SCHEMA = (
     # prune(): the finished rows by age.
     "CREATE INDEX mail_finished ON mail (finished_at_unix) WHERE finished_at_unix IS NOT NULL",
 )
+# Version 3: the accepting call's trace context ("" for the mail stored before).
+_MIGRATE_TO_3 = "ALTER TABLE mail ADD COLUMN traceparent TEXT NOT NULL DEFAULT ''"
 _SELECT = f"SELECT {', '.join(_COLUMNS)} FROM mail"
 _INSERT = f"INSERT INTO mail ({', '.join(_COLUMNS)}) VALUES ({', '.join('?' * len(_COLUMNS))})"
 _UPDATE = (
@@ -245,6 +250,7 @@ def _record_to_row(record: MailRecord) -> tuple[object, ...]:
         record.last_attempt_at_unix,
         record.finished_at_unix,
         int(record.possible_duplicate),
+        record.traceparent,
     )
 
 
@@ -402,9 +408,10 @@ def _check(path: Path) -> None:
                     path=path,
                 )
             columns = tuple(row[1] for row in conn.execute("PRAGMA table_info(mail)"))
-            if columns != _COLUMNS:
+            expected = _COLUMNS if version >= 3 else _COLUMNS[:-1]  # before traceparent
+            if columns != expected:
                 raise OutboxCorrupt(
-                    f"table mail: expected the columns {list(_COLUMNS)}, got {list(columns)}",
+                    f"table mail: expected the columns {list(expected)}, got {list(columns)}",
                     path=path,
                 )
             if version >= 2 and (problem := admission.check_columns(conn)) is not None:
@@ -452,9 +459,12 @@ def _open_read_write(path: Path, max_size_bytes: int | None) -> sqlite3.Connecti
             conn.execute(f"PRAGMA max_page_count = {max(1, max_size_bytes // page_size):d}")
         # Take the write lock now: a second process fails here, not at its first mail.
         conn.execute("BEGIN IMMEDIATE")
-        if conn.execute("PRAGMA user_version").fetchone()[0] < SCHEMA_VERSION:
-            # A file from before the admission tables: upgraded in this one transaction.
-            admission.migrate_to_2(conn)
+        version = conn.execute("PRAGMA user_version").fetchone()[0]
+        if version < SCHEMA_VERSION:
+            # A file an earlier version wrote: upgraded in this one transaction.
+            if version < 2:
+                admission.migrate_to_2(conn)  # the admission tables
+            conn.execute(_MIGRATE_TO_3)  # the mail's trace context
             conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION:d}")
             log.info("outbox %s: upgraded to schema version %d", path, SCHEMA_VERSION)
         conn.execute("COMMIT")

@@ -107,6 +107,7 @@ _COLUMNS = (
     "last_attempt_at_unix",
     "finished_at_unix",
     "possible_duplicate",
+    "traceparent",  # since schema version 3
 )
 LEASE_LOST = "another replica holds the mail now (this replica's lease on it lapsed)"
 
@@ -185,6 +186,7 @@ def _mail_json(record: MailRecord) -> dict[str, Any]:
         "last_attempt_at_unix": record.last_attempt_at_unix,
         "finished_at_unix": record.finished_at_unix,
         "possible_duplicate": record.possible_duplicate,
+        "traceparent": record.traceparent,
     }
 
 

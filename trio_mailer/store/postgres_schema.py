@@ -20,6 +20,9 @@ requires the same answers from every store.
 Version 2 replaces ``trio_mailer_apply_one``: a status change is written only while the row's
 ``owner`` is still the writing replica, and a row another replica holds answers ``lost`` (its
 lease was taken: the writer must not send the mail). See ``_RECORD_V2``.
+
+Version 3 adds ``mail.traceparent`` (the accepting call's W3C trace context, ``''`` for the mail
+stored before) and has an add write it (``_INSERT_V3``); a status change leaves it as it is.
 """
 
 from __future__ import annotations
@@ -232,6 +235,18 @@ BEGIN
             RETURN jsonb_build_object('hit', to_jsonb(hit));
         END IF;
     END IF;
+{insert}    IF a IS NOT NULL AND (a->>'log_for_limits')::boolean THEN
+        INSERT INTO accept_log (message_id, recipient, caller, accepted_at_unix)
+            VALUES (a->>'message_id', a->>'recipient', a->>'caller',
+                    (a->>'accepted_at_unix')::double precision)
+            ON CONFLICT (message_id) DO NOTHING;
+    END IF;
+    RETURN '{"ok": true}';
+END $$;
+"""
+
+# The mail row of an add, as versions 1 and 2 wrote it (shipped; kept as it was).
+_INSERT_V1 = """\
     INSERT INTO mail (message_id, kind, envelope_from, envelope_to, data, accepted_at_unix,
                       state, attempts, last_reply_code, last_reply_text, last_attempt_at_unix,
                       finished_at_unix, possible_duplicate, owner, lease_until)
@@ -242,14 +257,25 @@ BEGIN
             (m->>'finished_at_unix')::double precision, (m->>'possible_duplicate')::boolean,
             CASE WHEN m->>'finished_at_unix' IS NULL THEN me END,
             CASE WHEN m->>'finished_at_unix' IS NULL THEN now_unix + lease_s END);
-    IF a IS NOT NULL AND (a->>'log_for_limits')::boolean THEN
-        INSERT INTO accept_log (message_id, recipient, caller, accepted_at_unix)
-            VALUES (a->>'message_id', a->>'recipient', a->>'caller',
-                    (a->>'accepted_at_unix')::double precision)
-            ON CONFLICT (message_id) DO NOTHING;
-    END IF;
-    RETURN '{"ok": true}';
-END $$;
+"""
+
+# Version 3: the row also stores the accepting call's trace context ("" when the add has none).
+_INSERT_V3 = """\
+    INSERT INTO mail (message_id, kind, envelope_from, envelope_to, data, accepted_at_unix,
+                      state, attempts, last_reply_code, last_reply_text, last_attempt_at_unix,
+                      finished_at_unix, possible_duplicate, traceparent, owner, lease_until)
+    VALUES (m->>'message_id', m->>'kind', m->>'envelope_from', m->>'envelope_to',
+            decode(m->>'data', 'base64'), (m->>'accepted_at_unix')::double precision,
+            m->>'state', (m->>'attempts')::integer, (m->>'last_reply_code')::integer,
+            m->>'last_reply_text', (m->>'last_attempt_at_unix')::double precision,
+            (m->>'finished_at_unix')::double precision, (m->>'possible_duplicate')::boolean,
+            coalesce(m->>'traceparent', ''),
+            CASE WHEN m->>'finished_at_unix' IS NULL THEN me END,
+            CASE WHEN m->>'finished_at_unix' IS NULL THEN now_unix + lease_s END);
+"""
+
+_TRACEPARENT_COLUMN = """
+ALTER TABLE mail ADD COLUMN traceparent text NOT NULL DEFAULT '';
 """
 
 _APPLY = """
@@ -287,13 +313,18 @@ END $$;
 """
 
 
-def _apply_one(create: str, record: str) -> str:
-    return _APPLY_ONE.replace("{create}", create).replace("{record}", record)
+def _apply_one(create: str, record: str, insert: str = _INSERT_V1) -> str:
+    return (
+        _APPLY_ONE.replace("{create}", create)
+        .replace("{record}", record)
+        .replace("{insert}", insert)
+    )
 
 
 # MIGRATIONS[n]: from schema version n to n + 1. Never edit one that has shipped: add the next.
 MIGRATIONS: tuple[str, ...] = (
     _TABLES + _apply_one("CREATE FUNCTION", _RECORD_V1) + _APPLY,
     _apply_one("CREATE OR REPLACE FUNCTION", _RECORD_V2),
+    _TRACEPARENT_COLUMN + _apply_one("CREATE OR REPLACE FUNCTION", _RECORD_V2, _INSERT_V3),
 )
 SCHEMA_VERSION = len(MIGRATIONS)
