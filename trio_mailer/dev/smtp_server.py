@@ -521,14 +521,14 @@ class SMTPServer(abc.ABC):
                 lines.append("250-PIPELINING")
             lines.append("250 HELP")
             normal = "\n".join(lines)
-        reply, takes_effect = _resolve(normal, replacement)
-        if takes_effect:
-            session.greeted = True
-            session.reset_envelope()
-        await self._send(session, reply)
+        await self._greeted(session, normal, replacement)
 
     async def _helo(self, session: Session, argument: str, replacement: str | None) -> None:
         normal = f"250 {self._hostname}" if argument else "501 5.5.4 Syntax: HELO domain"
+        await self._greeted(session, normal, replacement)
+
+    async def _greeted(self, session: Session, normal: str, replacement: str | None) -> None:
+        """Answers EHLO or HELO; a positive answer starts the session afresh."""
         reply, takes_effect = _resolve(normal, replacement)
         if takes_effect:
             session.greeted = True
