@@ -39,7 +39,7 @@ from prometheus_client import (
 )
 
 from trio_mailer.core.caller_auth import REFUSAL_REASONS
-from trio_mailer.grpc.listener import BindError
+from trio_mailer.core.errors import BindError
 from trio_mailer.http_server import Request, Response, serve_http
 
 REQUEST_TIMEOUT_S = 5.0

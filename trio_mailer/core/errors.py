@@ -138,6 +138,11 @@ class OutboxConflict(OutboxError):
     grpc_status = GrpcStatus.INTERNAL
 
 
+class BindError(Exception):
+    """A listening port cannot be bound (taken, or the address is not local); the message names
+    the address (the gRPC port, /metrics, the dev inbox)."""
+
+
 def exception_leaves(group: BaseExceptionGroup[E]) -> list[E]:
     """The exceptions in ``group`` and its nested groups, in order (Trio nurseries nest them)."""
     return [

@@ -36,6 +36,7 @@ import trio
 
 from trio_mailer import tls
 from trio_mailer.core.caller_auth import certificate_identity
+from trio_mailer.core.errors import BindError
 from trio_mailer.core.http2_limits import MAX_MESSAGE_BYTES
 from trio_mailer.core.tls_hello import (
     NO_APPLICATION_PROTOCOL_ALERT,
@@ -91,10 +92,6 @@ ACCEPT_BACKOFF_S = 0.1
 # Connections served at once by default (MAILER_MAX_CONNECTIONS).
 DEFAULT_MAX_CONNECTIONS = 500
 _OUT_OF_RESOURCES = frozenset((errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM))
-
-
-class BindError(Exception):
-    """The listener could not bind (port taken, address not local, ...)."""
 
 
 def _allow_all(service: str, method: str, metadata: object, peer: str) -> bool:
