@@ -331,17 +331,23 @@ print(sorted(n for n in sys.modules if n.startswith("opentelemetry.sdk")
 """
 
 
-def test_off_loads_neither_the_sdk_nor_an_exporter() -> None:
-    """Without OTEL_* variables the service imports the API only: no SDK, no exporter, no
-    span extracted from a caller's traceparent."""
-    result = subprocess.run(
-        [sys.executable, "-c", _OFF_PROBE],
+def _probe(code: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    """``code`` in a fresh interpreter (from the project root)."""
+    return subprocess.run(
+        [sys.executable, "-c", code],
         cwd=ROOT,
         capture_output=True,
         text=True,
         timeout=60,
         check=False,
+        env=env,
     )
+
+
+def test_off_loads_neither_the_sdk_nor_an_exporter() -> None:
+    """Without OTEL_* variables the service imports the API only: no SDK, no exporter, no
+    span extracted from a caller's traceparent."""
+    result = _probe(_OFF_PROBE)
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "[]"
 
@@ -358,15 +364,7 @@ sys.exit(main(["serve"]))
 def test_traces_asked_for_without_the_extra_stop_start_up_naming_it() -> None:
     """OTEL_EXPORTER_OTLP_ENDPOINT without trio-mailer[otel]: exit status 2, the extra named."""
     env = {"OTEL_EXPORTER_OTLP_ENDPOINT": "http://127.0.0.1:9", "PATH": "/usr/bin:/bin"}
-    result = subprocess.run(
-        [sys.executable, "-c", _MISSING_EXTRA_PROBE],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-        env=env,
-    )
+    result = _probe(_MISSING_EXTRA_PROBE, env)
     assert result.returncode == 2, result.stderr
     assert "pip install 'trio-mailer[otel]'" in result.stderr
 
