@@ -770,7 +770,7 @@ EMFILE_SERVER = textwrap.dedent(
 
 async def test_accept_survives_running_out_of_file_descriptors() -> None:
     """RLIMIT_NOFILE 64 and 100 idle connections: the server stays up, serves its open
-    connections during it and new ones after, and logs the EMFILE once."""
+    connections during it and new ones after, and logs the EMFILE once per episode."""
     process = await trio.lowlevel.open_process(
         [sys.executable, "-c", EMFILE_SERVER],
         stdout=subprocess.PIPE,
@@ -805,8 +805,14 @@ async def test_accept_survives_running_out_of_file_descriptors() -> None:
             with trio.fail_after(10):
                 await process.wait()
             stderr = (await process.stderr.receive_some(100_000)).decode()
-            assert stderr.count("accept() failed") == 1, stderr
-            assert "Too many open files" in stderr, stderr
+            # Once per episode: each "failed" line is closed by one "works again" (under load the
+            # freed descriptors can run out again while the backlog drains: a second episode).
+            lines = [line for line in stderr.splitlines() if line.startswith("accept() ") and line]
+            assert lines, stderr
+            assert lines[::2] == [lines[0]] * len(lines[::2]), stderr
+            assert lines[1::2] == ["accept() works again"] * len(lines[1::2]), stderr
+            assert len(lines) % 2 == 0 and len(lines) <= 6, stderr
+            assert "Too many open files" in lines[0], stderr
     finally:
         for stream in idle:
             await stream.aclose()
