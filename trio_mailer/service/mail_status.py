@@ -9,7 +9,6 @@ record, then each change, and ends after a final state.
 
 from __future__ import annotations
 
-import logging
 from collections.abc import AsyncIterator
 
 import attrs
@@ -20,8 +19,6 @@ from trio_mailer.core.mail_lifecycle import MailRecord
 from trio_mailer.service.admission import AdmissionControl
 from trio_mailer.store.outbox import Outbox
 from trio_mailer.store.status_board import StatusBoard
-
-log = logging.getLogger("trio_mailer.grpc.mailer_service")
 
 MAX_MESSAGE_ID_CHARS = 256
 
